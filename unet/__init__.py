@@ -1,5 +1,17 @@
 """unet: an SD-compatible conditional U-Net whose module names are diffusers' weight format."""
+from .checkpoint import (
+    CheckpointError,
+    infer_unet_config,
+    load_unet,
+    read_weights,
+    save_unet,
+    unet_fingerprint,
+    write_safetensors,
+)
 from .config import PRESETS, Stage, UNetConfig
+from .ldm_keys import ldm_key_map
 from .model import Encoder, Features, UNet
 
-__all__ = ["PRESETS", "Stage", "UNetConfig", "UNet", "Encoder", "Features"]
+__all__ = ["PRESETS", "Stage", "UNetConfig", "UNet", "Encoder", "Features",
+           "load_unet", "save_unet", "CheckpointError", "infer_unet_config", "unet_fingerprint",
+           "ldm_key_map", "read_weights", "write_safetensors"]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import geglu, group_norm_silu
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding [cos | sin] of (fractional) timesteps, shape (B,) -> (B, dim), fp32.
@@ -57,9 +59,9 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(group_norm_silu(x, self.norm1))
         h = h + self.time_emb_proj(emb_act)[:, :, None, None]              # (B, C, 1, 1) broadcast
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(group_norm_silu(h, self.norm2))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -98,8 +100,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -151,20 +152,35 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x)
-        if not self.linear_projection:
-            h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)       # (B, HW, C); a view in channels_last
-        if self.linear_projection:
-            h = self.proj_in(h)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)   # (B, HW, C); a view if channels_last
+        h = self._project(self.proj_in, h, H, W)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if self.linear_projection:
-            h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)        # (B, C, H, W)
-        if not self.linear_projection:
-            h = self.proj_out(h)
+        h = self._project(self.proj_out, h, H, W)
+        # Back to (B, C, H, W) in x's memory layout, so the residual add runs on one layout.
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
         return x + h
+
+    def _project(self, proj: nn.Module, tokens: Tensor, H: int, W: int) -> Tensor:
+        """Apply proj_in/proj_out to (B, HW, C) tokens, whether it is a Linear or a 1x1 Conv.
+
+        A 1x1 conv is a linear map over channels: run as one on the token layout it skips the
+        NCHW <-> NHWC transposes cuDNN adds around a conv (as diffusers' Transformer2DModel pays).
+        A conv wrapped by an adapter (peft LoRA) is called as a module on the image layout instead,
+        so its adapter is never bypassed.
+        """
+        if self.linear_projection:
+            return proj(tokens)
+        if type(proj) is nn.Conv2d:
+            return F.linear(tokens, proj.weight.flatten(1), proj.bias)
+        B, _, C = tokens.shape
+        image = tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)               # (B, C, H, W)
+        return proj(image).permute(0, 2, 3, 1).reshape(B, H * W, -1)         # (B, HW, C)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class Downsample(nn.Module):

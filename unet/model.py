@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
-from .layers import (Downsample, ResnetBlock, SpatialTransformer, TimestepEmbedding, Upsample,
-                     timestep_embedding)
+from .layers import (
+    Downsample,
+    ResnetBlock,
+    SpatialTransformer,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
+from .ops import group_norm_silu
 
 
 class Features(NamedTuple):
@@ -197,13 +204,16 @@ class UNet(Encoder):
 
     def decode(self, features: Features, context: Tensor) -> Tensor:
         """Run the decoder on (possibly ControlNet-adjusted) encoder features."""
-        skips, h = list(features.skips), features.mid
+        return self._decode(list(features.skips), features.mid, features.emb, context)
+
+    def _decode(self, skips: list[Tensor], h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        # Pops `skips` as the decoder consumes them, so each is freed as soon as it is used.
         for block in self.up_blocks:
             n = len(block.resnets)
             # The upsampler must reproduce the size of the skip the next block consumes (odd sizes).
             out_size = skips[-n - 1].shape[-2:] if block.upsamplers is not None else None
-            h = block(h, skips, features.emb, context, out_size)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+            h = block(h, skips, emb, context, out_size)
+        return self.conv_out(group_norm_silu(h, self.conv_norm_out))
 
     def forward(self, sample: Tensor, timestep, context: Tensor,
                 down_residuals: tuple[Tensor, ...] | None = None,
@@ -213,14 +223,15 @@ class UNet(Encoder):
         `down_residuals` (one per skip, `config.num_skips` of them) and `mid_residual` are added to
         the encoder features before decoding: the ControlNet interface. They are never modified.
         """
-        f = self.encode(sample, timestep, context)
+        skips, mid, emb = self.encode(sample, timestep, context)
+        skips = list(skips)
         if down_residuals is not None:
-            if len(down_residuals) != len(f.skips):
-                raise ValueError(f"expected {len(f.skips)} down residuals, got {len(down_residuals)}")
-            f = f._replace(skips=tuple(s + r for s, r in zip(f.skips, down_residuals)))
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
         if mid_residual is not None:
-            f = f._replace(mid=f.mid + mid_residual)
-        return self.decode(f, context)
+            mid = mid + mid_residual
+        return self._decode(skips, mid, emb, context)
 
     def clone_encoder(self) -> Encoder:
         """A deep copy of conv_in, time embedding, down blocks and mid block; shares no parameters."""

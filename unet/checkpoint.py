@@ -1,0 +1,602 @@
+"""Reading and writing U-Net weights: diffusers folders, single-file SD checkpoints, opt-in pickles.
+
+`load_unet(path)` accepts
+- a diffusers folder: `config.json` + `diffusion_pytorch_model.safetensors` (or the `.fp16` variant, or
+  a sharded `...safetensors.index.json`), or a pipeline folder that holds one in `unet/`;
+- one `.safetensors` file: a single-file SD checkpoint with LDM names (`model.diffusion_model.*`; the
+  VAE, text encoder, EMA copies and noise schedule of a full checkpoint are ignored), bare LDM U-Net
+  names, or bare diffusers names (`conv_in.weight`, ...);
+- pickles (`.ckpt/.pt/.pth/.bin`) only with `allow_pickle=True`, and then only through
+  `torch.load(weights_only=True)`, which unpickles tensors and plain containers and nothing else.
+
+`save_unet(model, path)` writes a diffusers folder or one LDM-named `.safetensors`, atomically.
+
+Error contract: every problem with a file raises `CheckpointError` naming the file, the problem and
+what to do. Files are classified by content, not extension (shared/research/reliability.md §1.2: an
+LFS pointer, an HTML page and a renamed pickle all read as "header too large" to safetensors), and the
+weights are checked against the config (keys, shapes, finite values) before torch sees them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import PRESETS, Stage, UNetConfig
+from .ldm_keys import LDM_PREFIX, ldm_key_map, ldm_structure, to_ldm_key
+from .model import UNet
+
+
+class CheckpointError(ValueError):
+    """A weights file (or folder) that cannot be loaded as asked; the message says why and what to do."""
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_WEIGHTS = (   # in order of preference, as diffusers' `from_pretrained` looks for them
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+CONFIG_METADATA_KEY = "adapterkit.unet_config"
+_LDM_BARE = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.")
+_DIFFUSERS = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.", "up_blocks.", "conv_out.")
+# Parts of a full single-file checkpoint that are not the U-Net; never read into memory.
+_NOT_UNET = ("first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.", "vae.", "text_encoder.")
+_MAX_HEADER = 100_000_000      # safetensors' own limit on the JSON header
+_INFERRED = "the config inferred from the tensor shapes"
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+def load_unet(path: str | os.PathLike, config: UNetConfig | str | None = None, *,
+              allow_pickle: bool = False, dtype: torch.dtype | None = None,
+              device: str | torch.device = "cpu") -> UNet:
+    """Load a U-Net from a diffusers folder, a pipeline folder or a single weights file.
+
+    config: a `UNetConfig` or preset name; it overrides every other source. Otherwise the config is
+        the folder's `config.json`, else the `adapterkit.unet_config` metadata that `save_unet` writes
+        into LDM files, else inferred from tensor shapes (`infer_unet_config`). Shapes cannot show
+        the head count, so inference applies the SD rule: conv proj_in/out (SD1.x, context 768) means
+        8 heads, linear proj_in/out (SD2.x, context 1024) means heads of width 64; pass `config=`
+        for a model made otherwise.
+    allow_pickle: read `.ckpt/.pt/.pth/.bin` files, with `torch.load(weights_only=True)` only.
+    dtype: parameter dtype; None means float32 whatever the file stores (as diffusers does).
+    device: where the parameters end up.
+
+    Raises CheckpointError for an unreadable file, keys or shapes that do not fit the config, a
+    config that disagrees with the weights, or NaN/inf values.
+    """
+    files, config_json = _locate(Path(path))
+    label = files[0] if len(files) == 1 else files[0].parent
+    tensors, metadata = _read_files(files, allow_pickle)
+    layout, prefix, state = _unet_tensors(tensors, label)
+    cfg, origin = _resolve_config(config, config_json, metadata, state, label)
+    _check_config(cfg, origin, state, label)
+    state = _check_and_rename(state, layout, prefix, cfg, origin, label)
+    dtype = dtype or torch.float32
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):       # no random init of weights that are about to be replaced
+        model = UNet(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device)
+
+
+def infer_unet_config(state_dict: Mapping[str, Tensor]) -> UNetConfig:
+    """The architecture of the U-Net whose tensors are `state_dict`, from key names and shapes.
+
+    Accepts diffusers names, bare LDM names, or a whole single-file checkpoint (`model.diffusion_model.`
+    keys; the rest is ignored). Only shapes are read, so meta tensors work.
+
+    Read from the weights: stage count and channels, which stages have attention, layers per block,
+    transformer depth, context width, linear vs conv proj_in/out, in/out channels.
+    Not in the weights, so set by rule: the head count. Conv proj_in/out (SD1.x, context 768) means
+    8 heads per stage; linear proj_in/out (SD2.x, context 1024) means heads of width 64, i.e.
+    channels // 64 heads. norm_groups (32), norm_eps, sample_size and upcast_attention take the
+    defaults. If everything the weights show equals a preset (tiny, sd15, sd21), that preset is
+    returned, with its heads and sample size. Pass `config=` to `load_unet` for anything else.
+
+    Raises ValueError when the names do not form an SD1.x/2.x U-Net.
+    """
+    _, _, state = _unet_tensors(state_dict, None)
+    return _infer(state)
+
+
+def _infer(state: Mapping[str, Tensor]) -> UNetConfig:
+    if "label_emb.0.0.weight" in state or "add_embedding.linear_1.weight" in state:
+        raise ValueError("this is an SDXL-style U-Net (label_emb / add_embedding: size and crop "
+                         "conditioning); adapterkit supports SD1.x/2.x U-Nets only so far")
+    if any(k.startswith(_LDM_BARE) for k in state):
+        stages, L, attention = ldm_structure(state)
+        up_attention = tuple(reversed(attention))
+        name = lambda k: to_ldm_key(k, L, up_attention)
+    else:
+        down = {int(k.split(".")[1]) for k in state if k.startswith("down_blocks.")}
+        if not down:
+            raise ValueError("no down_blocks.* tensors")
+        stages = max(down) + 1
+        L = len({k.split(".")[3] for k in state if k.startswith("down_blocks.0.resnets.")})
+        attention = tuple(f"down_blocks.{b}.attentions.0.norm.weight" in state for b in range(stages))
+        name = lambda k: k
+
+    def shape(key: str) -> tuple[int, ...]:
+        if name(key) not in state:
+            raise ValueError(f"tensor {name(key)!r} is missing")
+        return tuple(state[name(key)].shape)
+
+    def depth(prefix: str) -> int:
+        k = 0
+        while name(f"{prefix}.transformer_blocks.{k}.norm1.weight") in state:
+            k += 1
+        return k
+
+    channels = [shape(f"down_blocks.{b}.resnets.0.conv1.weight")[0] for b in range(stages)]
+    mid = "mid_block.attentions.0"
+    mid_depth = depth(mid)
+    depths = [depth(f"down_blocks.{b}.attentions.0") if attention[b] else 1 for b in range(stages)]
+    if attention[-1] and depths[-1] != mid_depth:
+        raise ValueError(f"last stage has transformer depth {depths[-1]} but the mid block {mid_depth}; "
+                         "adapterkit's config ties the two")
+    depths[-1] = mid_depth       # the mid block's transformer is configured by the last stage
+    linear = len(shape(f"{mid}.proj_in.weight")) == 2
+    heads = [_heads_by_rule(c, linear, needed=attention[b] or b == stages - 1, stage=b)
+             for b, c in enumerate(channels)]
+    cfg = UNetConfig(
+        stages=tuple(Stage(c, a, h, d) for c, a, h, d in zip(channels, attention, heads, depths)),
+        in_channels=shape("conv_in.weight")[1], out_channels=shape("conv_out.weight")[0],
+        layers_per_block=L, context_dim=shape(f"{mid}.transformer_blocks.0.attn2.to_k.weight")[1],
+        linear_projection=linear)
+    for preset in PRESETS.values():
+        if _visible(preset) == _visible(cfg):
+            return preset
+    return cfg
+
+
+def _heads_by_rule(channels: int, linear: bool, needed: bool, stage: int) -> int:
+    head_width_64 = linear            # SD2.x: num_head_channels=64; SD1.x: num_heads=8
+    if head_width_64 and channels % 64 == 0:
+        return channels // 64
+    if not head_width_64 and channels % 8 == 0:
+        return 8
+    if not needed:
+        return 1                      # a stage without attention never uses its head count
+    rule = "head width 64 (SD2.x rule)" if head_width_64 else "8 heads (SD1.x rule)"
+    raise ValueError(f"stage {stage} has {channels} channels, which {rule} does not divide; the head "
+                     "count is not visible in the weights, so pass config= with the right heads")
+
+
+def _visible(cfg: UNetConfig) -> dict:
+    """The config fields that tensor shapes determine (heads, eps and sample size are not among them)."""
+    last = len(cfg.stages) - 1
+    return {
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "layers_per_block": cfg.layers_per_block, "context_dim": cfg.context_dim,
+        "linear_projection": cfg.linear_projection,
+        "stage channels": tuple(s.channels for s in cfg.stages),
+        "stage attention": tuple(s.attention for s in cfg.stages),
+        "transformer depth": tuple(s.depth if s.attention or i == last else None
+                                   for i, s in enumerate(cfg.stages)),
+    }
+
+
+# --- finding and reading files ---------------------------------------------------------------------
+
+def _locate(path: Path) -> tuple[list[Path], Path | None]:
+    """The weights file(s) to read and the config.json beside them (if any)."""
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist. load_unet expects a diffusers U-Net folder (config.json + "
+            "diffusion_pytorch_model.safetensors), a pipeline folder with unet/ inside, or a weights "
+            "file (.safetensors; .ckpt/.pt/.pth/.bin with allow_pickle=True).")
+    if path.is_file():
+        return [path], None
+    folder = path
+    if not any((path / n).is_file() for n in DIFFUSERS_WEIGHTS) and (path / "unet").is_dir():
+        folder = path / "unet"
+    config_json = folder / "config.json" if (folder / "config.json").is_file() else None
+    for name in DIFFUSERS_WEIGHTS:
+        weights = folder / name
+        if weights.is_file():
+            return (_shards(weights) if name.endswith(".index.json") else [weights]), config_json
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    raise CheckpointError(
+        f"no U-Net weights in folder {folder}: looked for {', '.join(DIFFUSERS_WEIGHTS)}"
+        f"{' and in its unet/ subfolder' if folder == path else ''}; the folder holds "
+        f"{', '.join(found[:12]) or 'nothing'}{' ...' if len(found) > 12 else ''}. "
+        "Pass the diffusers U-Net folder (or the pipeline folder above it) or a weights file.")
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a readable shard index ({e}); download it again") from e
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} lists shards that are not in {index.parent}: {', '.join(missing)}. "
+                              "Download the missing shard files.")
+    return files
+
+
+def read_weights(path: str | os.PathLike, *, allow_pickle: bool = False,
+                 keep: Callable[[str], bool] | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of one file, classified by content first.
+
+    `keep` selects tensors by name before they are read (safetensors reads only those). Pickles need
+    `allow_pickle=True` and are read with `torch.load(weights_only=True)`; a top-level "state_dict"
+    entry is unwrapped and non-tensor entries are dropped. Raises CheckpointError.
+    """
+    path = Path(path)
+    kind = _classify(path)
+    if kind == "safetensors":
+        return _read_safetensors(path, keep)
+    if path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"{path} is named .safetensors but holds a PyTorch pickle ({kind}, as torch.save writes). "
+            "Rename it to .ckpt and, if you trust its source, load it with allow_pickle=True, or convert "
+            "it to real safetensors.")
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle checkpoint ({kind}). Unpickling can run arbitrary code, so "
+            "adapterkit does not read pickles unless asked: if you trust the file's source, pass "
+            "allow_pickle=True (it is then read with torch.load(weights_only=True), tensors only); "
+            "better, convert it to .safetensors once.")
+    return _read_pickle(path, keep), {}
+
+
+def _classify(path: Path) -> str:
+    """'safetensors' (header checked), 'zip pickle' or 'pickle'; raises CheckpointError otherwise."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    text = head.lstrip().lower()
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): a download or copy did not complete. "
+                              "Get the file again.")
+    # safetensors: a u64 header length (text files read as absurd lengths), then the JSON header
+    if len(head) > 8 and head[8:9] in (b"{", b" ") and int.from_bytes(head[:8], "little") <= _MAX_HEADER:
+        _check_safetensors_header(path, size)
+        return "safetensors"
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(
+            f"{path} is a Git LFS pointer ({size} bytes of text), not the weights: the repository was "
+            "cloned without Git LFS. Run `git lfs install && git lfs pull` in the repository, or download "
+            "the file directly.")
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<body")):
+        raise CheckpointError(
+            f"{path} is an HTML page, not weights: the download saved an error or login page (wrong URL, "
+            "missing token, gated model). Download the file again from its direct link.")
+    if head.startswith(b"PK\x03\x04"):
+        return "zip pickle"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:     # pickle protocol 2-5
+        return "pickle"
+    if len(head) <= 8:
+        raise CheckpointError(f"{path} is only {size} bytes: too short for a weights file, probably "
+                              "truncated. Get the file again.")
+    raise CheckpointError(
+        f"{path} is not a safetensors file (nor a PyTorch pickle): it starts with {head[:16]!r}. Check "
+        "that the download completed and that the path names a weights file.")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        raise _DuplicateKey(sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1))
+    return out
+
+
+def _check_safetensors_header(path: Path, size: int) -> None:
+    """Our own pre-parse: the errors safetensors reports for these cases do not name the cause."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+    if len(raw) < n:
+        raise CheckpointError(f"{path} is truncated: its header declares {n} bytes but the file has only "
+                              f"{size}. The download or copy did not complete; get the file again.")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path} names tensors more than once in its header ({e}); the file was "
+                              "written by a broken tool. Re-export it.") from e
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header ({type(e).__name__}: {e}). "
+                              "Get the file again.") from e
+    expected = 8 + n + end
+    if size < expected:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {expected} bytes of data but the file has only "
+            f"{size} ({expected - size} missing). The download or copy did not complete; get the file again.")
+    if size > expected:
+        raise CheckpointError(f"{path} has {size - expected} unexpected bytes after its last tensor "
+                              f"(header describes {expected} bytes, file has {size}); the file is corrupt.")
+
+
+def _read_safetensors(path: Path, keep: Callable[[str], bool] | None
+                      ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path} could not be read as safetensors: {e}. The file is corrupt or uses "
+                              "a dtype this torch lacks; get it again or re-export it.") from e
+
+
+def _read_pickle(path: Path, keep: Callable[[str], bool] | None) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        what = f"it contains Python objects other than tensors ({', '.join(unsafe)})" if unsafe else \
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(
+            f"{path} could not be read with torch.load(weights_only=True): {what}. adapterkit never falls "
+            "back to full unpickling; convert the file to safetensors with a tool you trust, in an "
+            "isolated environment.") from e
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors.")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor) and (keep is None or keep(k))}
+
+
+def _read_files(files: list[Path], allow_pickle: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    tensors, metadata = {}, {}
+    for f in files:
+        part, meta = read_weights(f, allow_pickle=allow_pickle, keep=lambda k: not k.startswith(_NOT_UNET))
+        clash = part.keys() & tensors.keys()
+        if clash:
+            raise CheckpointError(f"{f} repeats tensors of another shard: {_few(sorted(clash))}")
+        tensors.update(part)
+        metadata.update(meta)
+    return tensors, metadata
+
+
+# --- which tensors, which config -------------------------------------------------------------------
+
+def _unet_tensors(tensors: Mapping[str, Tensor], label) -> tuple[str, str, dict[str, Tensor]]:
+    """(layout 'ldm'|'diffusers', stripped prefix, U-Net tensors without the prefix)."""
+    if any(k.startswith(LDM_PREFIX) for k in tensors):
+        return "ldm", LDM_PREFIX, {k[len(LDM_PREFIX):]: v for k, v in tensors.items()
+                                   if k.startswith(LDM_PREFIX)}
+    if any(k.startswith(_LDM_BARE) for k in tensors):
+        return "ldm", "", dict(tensors)
+    if any(k.startswith(_DIFFUSERS) for k in tensors):
+        return "diffusers", "", dict(tensors)
+    names = sorted(tensors)
+    hint = ""
+    if any("lora" in k for k in names):
+        hint = " It looks like a LoRA file: load it as an adapter onto a U-Net instead."
+    elif any(k.startswith(("control_model.", "controlnet_")) for k in names):
+        hint = " It looks like a ControlNet: load it as a ControlNet instead."
+    where = label if label is not None else "the state dict"
+    message = (f"no U-Net tensors found in {where}: expected names under '{LDM_PREFIX}' (single-file SD "
+               f"checkpoint) or diffusers names such as 'conv_in.weight'; it has {len(names)} tensors "
+               f"such as {_few(names, 3) or 'none'}.{hint}")
+    raise CheckpointError(message) if label is not None else ValueError(message)
+
+
+def _resolve_config(config, config_json: Path | None, metadata: dict[str, str],
+                    state: dict[str, Tensor], label: Path) -> tuple[UNetConfig, str]:
+    """The config and a phrase saying where it came from (for messages)."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; choose one of {sorted(PRESETS)} "
+                             "or pass a UNetConfig")
+        return PRESETS[config], f"config={config!r}"
+    if isinstance(config, UNetConfig):
+        return config, "the config= argument"
+    if config is not None:
+        raise TypeError(f"config must be a UNetConfig, a preset name or None, not {type(config).__name__}")
+    if config_json is not None:
+        try:
+            return UNetConfig.from_diffusers(json.loads(config_json.read_text())), str(config_json)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{config_json} is not a usable U-Net config: {e}. Fix or remove it "
+                                  "(the config is then inferred from the weights), or pass config=.") from e
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            return (UNetConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY])),
+                    f"the {CONFIG_METADATA_KEY} metadata of {label}")
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{label}: metadata {CONFIG_METADATA_KEY!r} is not a valid U-Net config "
+                                  f"({e}); pass config= to override it.") from e
+    try:
+        return _infer(state), _INFERRED
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot infer the U-Net config from the tensors in {label}: {e}. Pass "
+                              "config= (a UNetConfig or preset name) if this is an SD1.x/2.x U-Net.") from e
+
+
+def _check_config(cfg: UNetConfig, origin: str, state: dict[str, Tensor], label: Path) -> None:
+    """A config from outside the weights must agree with every field the weights show."""
+    if origin == _INFERRED:
+        return
+    try:
+        found = _visible(_infer(state))
+    except (ValueError, KeyError):
+        return          # not inferable: the key and shape checks will say what is wrong
+    wanted = _visible(cfg)
+    diffs = [f"{field}: config {wanted[field]}, weights {found[field]}"
+             for field in wanted if wanted[field] != found[field]]
+    if diffs:
+        raise CheckpointError(
+            f"the config from {origin} does not match the weights in {label}: {'; '.join(diffs)}. Pass the "
+            "config these weights were made with, or config=None to infer it from the weights.")
+
+
+def _check_and_rename(state: dict[str, Tensor], layout: str, prefix: str, cfg: UNetConfig,
+                      origin: str, label: Path) -> dict[str, Tensor]:
+    """Check names, shapes and values against `cfg`; return the tensors under diffusers names."""
+    key_map = ldm_key_map(cfg)
+    to_file = key_map if layout == "ldm" else {k: k for k in key_map}
+    with torch.device("meta"):
+        expected = {to_file[k]: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()}
+    missing = [prefix + k for k in expected if k not in state]
+    unexpected = [prefix + k for k in state if k not in expected]
+    wrong = [f"{prefix}{k}: expected {list(shape)}, found {list(state[k].shape)}"
+             for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({_few(unexpected)})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors of the wrong shape ({_few(wrong)})")
+    if problems:
+        raise CheckpointError(
+            f"{label} does not fit the U-Net described by {origin}: {'; '.join(problems)}. Check that the "
+            "file is a complete SD1.x/2.x U-Net and that the config matches it (config=None infers it).")
+    bad = []
+    for k, v in state.items():
+        # A sum is NaN/inf if any element is (and, rarely, on overflow): a fast screen, then count.
+        if v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float32)):
+            count = int((~torch.isfinite(v)).sum())
+            if count:
+                bad.append(f"{prefix}{k} ({count} of {v.numel()} values)")
+    if bad:
+        raise CheckpointError(
+            f"{label} has NaN or inf values in {len(bad)} tensors: {_few(bad)}. The weights are corrupt "
+            "(a diverged training run or a bad half-precision conversion); use another copy.")
+    from_file = {f: d for d, f in to_file.items()}
+    return {from_file[k]: v for k, v in state.items()}
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+# --- saving ----------------------------------------------------------------------------------------
+
+def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
+              dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a diffusers folder (layout="diffusers") or one LDM-named .safetensors ("ldm").
+
+    diffusers: `path/config.json` (from `config.to_diffusers()`) + `path/diffusion_pytorch_model.safetensors`.
+    ldm: `path` itself, keys `model.diffusion_model.<LDM name>`, the config as JSON in the
+    `adapterkit.unet_config` metadata (so the head count survives). Both carry `format: pt`.
+    dtype: cast on the way out (e.g. torch.float16); None keeps the model's.
+
+    Every file is written to a temporary name in the same folder, fsynced and renamed over the target,
+    so a failed save leaves the previous file intact. (The two files of a folder are renamed one after
+    the other: a crash between the renames can pair new weights with the old config.json.)
+    Returns the path of the weights file.
+    """
+    if layout not in ("diffusers", "ldm"):
+        raise ValueError(f"layout must be 'diffusers' or 'ldm', not {layout!r}")
+    cfg, state = model.config, model.state_dict()
+    key_map = ldm_key_map(cfg)
+    if state.keys() != key_map.keys():
+        odd = sorted(state.keys() ^ key_map.keys())
+        raise ValueError(f"the model's tensors are not a plain U-Net's ({len(odd)} names differ, e.g. "
+                         f"{_few(odd, 3)}): merge or remove adapter layers before saving")
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+    path = Path(path)
+    if layout == "ldm":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"an LDM single file must end in .safetensors, got {path.name!r}")
+        write_safetensors({LDM_PREFIX + key_map[k]: v for k, v in tensors.items()}, path,
+                          {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict())})
+        return path
+    if path.suffix == ".safetensors":
+        raise ValueError(f"layout='diffusers' writes a folder, not {path.name!r}; "
+                         "use layout='ldm' for a single file")
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / DIFFUSERS_WEIGHTS[0]
+    config_text = json.dumps(cfg.to_diffusers(), indent=2) + "\n"
+    _atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                   (path / "config.json", lambda tmp: tmp.write_text(config_text))])
+    return weights
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                      metadata: Mapping[str, object] | None = None) -> None:
+    """Atomically write a .safetensors file; metadata values that are not str are stored as JSON."""
+    meta = {"format": "pt"}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    tensors, path = dict(tensors), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write([(path, lambda tmp: save_file(tensors, tmp, metadata=meta))])
+
+
+def _atomic_write(items: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write each file to a temp name beside it, fsync all, then rename over the targets."""
+    temps: list[Path] = []
+    try:
+        for final, write in items:
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            temps.append(tmp)
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for (final, _), tmp in zip(items, temps):
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for folder in {final.parent for final, _ in items}:
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:                # makes the rename durable; not possible on every platform (Windows)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- fingerprint -----------------------------------------------------------------------------------
+
+_SAMPLES = 1024
+
+
+def unet_fingerprint(model_or_state_dict: nn.Module | Mapping[str, Tensor]) -> str:
+    """A short stable identity of a U-Net's weights, "<arch>-<weights>" (8 + 16 hex digits).
+
+    arch: SHA-256 of the sorted tensor names and shapes; equal for every model of one architecture.
+    weights: SHA-256 of the names, shapes and up to 1024 evenly strided values of each tensor, taken
+    at fp16 precision, so one set of weights gives one fingerprint whether it is held in fp32 or fp16
+    and on any device (bf16 copies round differently and differ). Adapter files record it to name the
+    base they were made for. It identifies, it does not verify: a change confined to unsampled
+    elements goes unseen. Cost: about 0.7M values for SD1.5, not 860M.
+    Pass a plain U-Net: adapter layers (peft's `base_layer`, `lora_A`) change the names.
+    """
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) \
+        else model_or_state_dict
+    arch, weights = hashlib.sha256(), hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach()
+        line = f"{k}:{list(t.shape)}\n".encode()
+        arch.update(line)
+        weights.update(line)
+        flat = t.reshape(-1)
+        step = max(1, -(-flat.numel() // _SAMPLES))      # ceil: the samples span the whole tensor
+        sample = flat[::step][:_SAMPLES].to("cpu", torch.float16).contiguous()
+        weights.update(sample.view(torch.int16).numpy().tobytes())
+    return f"{arch.hexdigest()[:8]}-{weights.hexdigest()[:16]}"

@@ -1,0 +1,89 @@
+"""Two activation-lean autograd ops for the U-Net's hot spots.
+
+Plain autograd keeps both the input and the output of a normalisation followed by an activation
+(the norm needs its input, the activation its own input). For a frozen base trained through small
+adapters, these saved activations dominate memory: the convolutions and linears save nothing when
+their weights need no gradient. Each op here saves only its input and recomputes the cheap
+elementwise part in the backward pass, the same trade FlashAttention makes for the softmax.
+
+- `group_norm_silu(x)`: GroupNorm then SiLU; saves x (+ per-group mean/rstd), not the normalised x.
+- `geglu(p)`: GEGLU on a projection p = [h | gate]; saves p, not gelu(gate).
+
+Forward values are bit-identical to the unfused ops. Without grad they run the plain ops, and
+ADAPTERKIT_PLAIN_OPS=1 turns both off everywhere (for ablations in benchmarks/).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ENABLED = os.environ.get("ADAPTERKIT_PLAIN_OPS", "") != "1"
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float):
+        # CUDA's GroupNorm kernel takes NCHW only (torch.nn.GroupNorm copies channels_last input too).
+        cl = not x.is_cuda and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        N, C = x.shape[:2]
+        hw = x.numel() // (N * C)
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, N, C, hw, groups, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape = (N, C, hw, groups)
+        return F.silu(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        N, C, hw, groups = ctx.shape
+        # Recompute y = x * scale + shift per channel from the saved statistics: one elementwise
+        # pass that keeps x's memory format (channels_last stays channels_last).
+        shape = (N, C) + (1,) * (x.ndim - 2)
+        mean_c = mean.repeat_interleave(C // groups, dim=1)                     # (N, C)
+        scale = rstd.repeat_interleave(C // groups, dim=1) * weight             # (N, C)
+        shift = bias - mean_c * scale
+        y = torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+        fmt = torch.channels_last if x.ndim == 4 and x.is_contiguous(
+            memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+        dy = torch.ops.aten.silu_backward(grad, y).contiguous(memory_format=fmt)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            dy, x, mean, rstd, weight, N, C, hw, groups, mask)
+        return dx, dw, db, None, None
+
+
+def group_norm_silu(x: Tensor, norm: torch.nn.GroupNorm) -> Tensor:
+    """SiLU(norm(x)) for an affine `nn.GroupNorm`, keeping only x for the backward pass."""
+    if not ENABLED or not torch.is_grad_enabled() or not (x.requires_grad or norm.weight.requires_grad):
+        return F.silu(norm(x))
+    if x.dtype != norm.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return F.silu(norm(x))                # autocast runs GroupNorm in fp32: keep its semantics
+    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+
+
+class _GEGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p: Tensor):
+        h, gate = p.chunk(2, dim=-1)
+        ctx.save_for_backward(p)
+        return h * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (p,) = ctx.saved_tensors
+        h, gate = p.chunk(2, dim=-1)
+        dh = grad * F.gelu(gate)
+        dgate = torch.ops.aten.gelu_backward(grad * h, gate)
+        return torch.cat([dh, dgate], dim=-1)
+
+
+def geglu(p: Tensor) -> Tensor:
+    """h * gelu(gate) for p = [h | gate] along the last dim, keeping only p for the backward pass."""
+    if not ENABLED or not torch.is_grad_enabled() or not p.requires_grad:
+        h, gate = p.chunk(2, dim=-1)
+        return h * F.gelu(gate)
+    return _GEGLU.apply(p)
