@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = (
     "train.demo",
+    "train.lora_commands",
 )
 
 

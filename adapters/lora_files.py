@@ -1,0 +1,502 @@
+"""LoRA files: safetensors in the kohya or the peft/diffusers layout, with their metadata.
+
+Key contract (formats.md §3; names in lora_keys.py):
+
+    kohya (default, for sharing: diffusers, ComfyUI, A1111)
+        lora_unet_<path with _>.lora_down.weight   [r, in] | [r, in, kh, kw]
+        lora_unet_<path with _>.lora_up.weight     [out, r] | [out, r, 1, 1]
+        lora_unet_<path with _>.alpha              0-dim, in the tensors' dtype
+        metadata: ss_* minimum keys, modelspec.*, adapterkit.*
+    peft (diffusers >= 0.34 `load_lora_weights`)
+        unet.<path>.lora_A.weight / unet.<path>.lora_B.weight (no alpha tensors: every key holds "lora")
+        metadata: format=pt, lora_adapter_metadata = JSON LoraConfig with "unet."-prefixed keys
+        (r, lora_alpha, target_modules, rank_pattern, alpha_pattern), modelspec.*, adapterkit.*
+
+Reading auto-detects the layout and also takes kohya files with LDM block names (given the base
+config) and diffusers' `unet.<path>.lora.down.weight` spelling. Nothing is dropped silently: keys
+that name no U-Net layer are kept in `Lora.unplaced` and refused by `fit`/`convert_lora` unless the
+caller opts in. A missing alpha is an error unless the caller opts into alpha = rank (what kohya,
+ComfyUI, A1111 and diffusers do, formats.md §3.2).
+
+Writes are atomic (temp file + os.replace) and verified: the temp file is read back and every
+layer's ΔW compared with the source before it replaces the destination. Our own metadata carries
+nothing personal: no paths, no user names; the base is identified by a weights fingerprint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from unet import UNetConfig, read_weights, unet_fingerprint
+
+from .lora import (
+    Lora,
+    LoraModule,
+    _exact,
+    _list,
+    check_finite,
+    load_lora,
+    lora_from_model,
+    lora_names,
+    lora_spec,
+)
+from .lora_keys import (
+    KOHYA_PREFIX,
+    TEXT_ENCODER_PREFIXES,
+    context_width,
+    guess_base,
+    is_ldm_name,
+    ldm_kohya_table,
+    parse_kohya_diffusers,
+    preset_name,
+    to_kohya,
+)
+
+FORMATS = ("kohya", "peft")           # "diffusers" is accepted as a synonym of "peft"
+FORMAT_VERSION = "1"
+_PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up",
+               ".lora.down.weight": "down", ".lora.up.weight": "up"}     # the second pair: diffusers scripts
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_ATTN_PROJ = (".to_q", ".to_k", ".to_v", ".to_out.0")
+
+
+def _format(fmt: str) -> str:
+    fmt = {"diffusers": "peft"}.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {list(FORMATS)} "
+                         "(or 'diffusers', the same as peft)")
+    return fmt
+
+
+# safetensors in and out ------------------------------------------------------------------------------
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata); unet.read_weights names empty files, LFS pointers, HTML pages, bad headers."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such LoRA file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the .safetensors file inside it")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ValueError(f"{path} is a PyTorch pickle, not safetensors; adapterkit reads LoRA files as "
+                         "safetensors only (unpickling can run code): convert it with a trusted tool")
+    return read_weights(path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
+    """Write to a temp file beside `path` (same filesystem) and return it; the caller replaces."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # clone: safetensors refuses tensors that share storage (e.g. one factor reused by two layers)
+        safetensors.torch.save_file({k: v.detach().cpu().clone() for k, v in tensors.items()},
+                                    tmp, metadata={k: str(v) for k, v in metadata.items()})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+# Reading -------------------------------------------------------------------------------------------------
+
+def detect_format(keys) -> str:
+    """'kohya' or 'peft' from the key names; raises on a file that is neither or both."""
+    keys = list(keys)
+    kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+    peft = any(k.endswith(tuple(_PEFT_PARTS)) for k in keys)
+    if kohya and peft:
+        raise ValueError("the file mixes kohya (lora_unet_*) and peft (*.lora_A/lora_B) keys; "
+                         f"loaders disagree on such files, re-export it in one layout: {_list(keys, 6)}")
+    if not (kohya or peft):
+        raise ValueError(f"not a LoRA: 0 lora_up/lora_down/lora_A/lora_B keys among {len(keys)} keys "
+                         f"(a full model or another adapter type?): {_list(keys, 6)}")
+    return "kohya" if kohya else "peft"
+
+
+def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
+              missing_alpha: str = "error") -> Lora:
+    """Read a kohya or peft/diffusers LoRA file (layout auto-detected).
+
+    base: the U-Net config, needed only to place LDM-named kohya keys (else taken from the file's
+        adapterkit.base_config, else those keys are left unplaced).
+    missing_alpha: "error" (default) refuses modules without an alpha (or alpha 0, which kohya reads as
+        rank but diffusers as 0), naming them; "rank" reads them as alpha = rank (scale 1.0).
+    """
+    if missing_alpha not in ("error", "rank"):
+        raise ValueError(f"missing_alpha must be 'error' or 'rank', got {missing_alpha!r}")
+    path = Path(path)
+    tensors, metadata = _load(path)
+    fmt = detect_format(tensors)
+    if base is None and "adapterkit.base_config" in metadata:
+        base = _config_from_metadata(metadata, path)
+    lora = Lora({}, metadata=metadata, source=f"LoRA file {path.name}", format=fmt)
+    parts: dict[str, dict[str, torch.Tensor]] = {}     # canonical path -> {"down"|"up"|"alpha": tensor}
+    for key, t in tensors.items():
+        placed = (_place_kohya if fmt == "kohya" else _place_peft)(key, base, lora)
+        if placed is not None:
+            path_, part = placed
+            if part in parts.setdefault(path_, {}):
+                raise ValueError(f"{lora.source}: layer {path_} appears twice (e.g. under diffusers and "
+                                 f"LDM names); keys {lora.key(path_)} and {key}")
+            parts[path_][part] = t
+    alphas = _peft_alphas(metadata, lora) if fmt == "peft" else {}
+    broken, missing = [], []
+    for p, d in parts.items():
+        if "down" not in d or "up" not in d:
+            broken.append(f"{lora.key(p)} (has {sorted(d)}, needs lora_down and lora_up)")
+            continue
+        down, up = d["down"], d["up"]
+        if up.ndim != down.ndim or up.ndim not in (2, 4):
+            broken.append(f"{lora.key(p)} (not a linear or conv LoRA: down {tuple(down.shape)}, "
+                          f"up {tuple(up.shape)})")
+            continue
+        if up.shape[1] != down.shape[0]:
+            broken.append(f"{lora.key(p)} (rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)})")
+            continue
+        alpha = d.get("alpha")
+        if alpha is not None:
+            if alpha.numel() != 1:
+                broken.append(f"{lora.key(p)}.alpha (not a scalar: shape {tuple(alpha.shape)})")
+                continue
+            alpha = float(alpha.float().item())
+        elif p in alphas:
+            alpha, rank = alphas[p]
+            if rank != down.shape[0]:      # diffusers would build a layer of the metadata's rank
+                broken.append(f"{lora.key(p)} (lora_adapter_metadata says rank {rank}, tensors have "
+                              f"{down.shape[0]})")
+                continue
+        if alpha is None or alpha == 0:
+            missing.append(lora.key(p))
+            alpha = float(down.shape[0])
+        lora.modules[p] = LoraModule(down, up, alpha)
+    if broken:
+        raise ValueError(f"{lora.source}: {len(broken)} malformed LoRA modules: {_list(broken, 8)}")
+    if missing:
+        if missing_alpha == "error":
+            raise ValueError(
+                f"{lora.source}: {len(missing)} of {len(lora.modules)} modules have no alpha (or alpha 0): "
+                f"{_list(missing)}. kohya, ComfyUI, A1111 and diffusers read a missing alpha as "
+                "alpha = rank (scale 1.0), but diffusers gives modules without one the majority alpha "
+                "when others have one; pass missing_alpha='rank' (--missing-alpha rank) to read them as "
+                "alpha = rank")
+        lora.notes.append(f"alpha read as rank for {len(missing)} modules without one: {_list(missing, 4)}")
+    return lora
+
+
+def _config_from_metadata(metadata: dict[str, str], path: Path) -> UNetConfig:
+    try:
+        return UNetConfig.from_dict(json.loads(metadata["adapterkit.base_config"]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: metadata key adapterkit.base_config is not a valid U-Net config: "
+                         f"{e}") from e
+
+
+def _place_kohya(key: str, base: UNetConfig | None, lora: Lora):
+    stem, _, part = key.partition(".")
+    if key.startswith(TEXT_ENCODER_PREFIXES):
+        lora.unplaced[key] = "text-encoder LoRA; adapterkit adapts only the U-Net"
+        return None
+    if not stem.startswith(KOHYA_PREFIX) or part not in _KOHYA_PARTS:
+        lora.unplaced[key] = f"unsupported key type .{part}" if part else "not a LoRA key"
+        return None
+    name = stem[len(KOHYA_PREFIX):]
+    if is_ldm_name(name):
+        if base is None:
+            lora.unplaced[key] = "LDM block names: pass the base U-Net config (--base) to place them"
+            return None
+        path = ldm_kohya_table(base).get(name)
+        why = "LDM name of no layer in this base"
+    else:
+        path = parse_kohya_diffusers(name)
+        why = "not a U-Net layer name"
+    if path is None:
+        lora.unplaced[key] = why
+        return None
+    lora.names[path] = stem
+    return path, _KOHYA_PARTS[part]
+
+
+def _place_peft(key: str, base: UNetConfig | None, lora: Lora):
+    if key.startswith(TEXT_ENCODER_PREFIXES):
+        lora.unplaced[key] = "text-encoder LoRA; adapterkit adapts only the U-Net"
+        return None
+    suffix = next((s for s in _PEFT_PARTS if key.endswith(s)), None)
+    if suffix is None:
+        lora.unplaced[key] = "not a lora_A/lora_B weight (DoRA magnitude, bias or full weight?)"
+        return None
+    stem = key[:-len(suffix)]
+    path = stem.removeprefix("unet.").removeprefix("base_model.model.")
+    lora.names[path] = stem
+    return path, _PEFT_PARTS[suffix]
+
+
+def _peft_alphas(metadata: dict[str, str], lora: Lora) -> dict[str, tuple[float, int]]:
+    """Per-module (alpha, rank) from `lora_adapter_metadata` (diffusers >= 0.34); {} when absent."""
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        return {}
+    try:
+        cfg = json.loads(raw)
+        cfg = {k.removeprefix("unet."): v for k, v in cfg.items() if k.startswith("unet.")}
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rslora = bool(cfg.get("use_rslora", False))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{lora.source}: metadata key lora_adapter_metadata is not a valid LoRA config "
+                         f"(needs JSON with unet.r and unet.lora_alpha): {e}") from e
+    out = {}
+    for path in lora.names:
+        rank = int(rank_pattern.get(get_pattern_key(list(rank_pattern), path), r))
+        a = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), path), alpha))
+        # rsLoRA scales by alpha/sqrt(r); the file forms here scale by alpha/r.
+        out[path] = (a * math.sqrt(rank) if rslora else a, rank)
+    return out
+
+
+# Metadata -------------------------------------------------------------------------------------------------
+
+def base_fingerprint(model: nn.Module) -> str:
+    """unet_fingerprint of the model's base weights (adapter layers looked through)."""
+    return unet_fingerprint({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+                             if ".lora_" not in k})
+
+
+def base_metadata(cfg: UNetConfig, fingerprint: str | None = None) -> dict[str, str]:
+    """The base-model keys: what A1111 filters by (ss_base_model_version, ss_v2), ModelSpec's
+    architecture and resolution, and our own exact config + weights fingerprint."""
+    name = preset_name(cfg)
+    version, arch = {"sd15": ("sd_v1", "stable-diffusion-v1"),
+                     "sd21": ("sd_v2", "stable-diffusion-v2-768-v" if cfg.sample_size == 96
+                              else "stable-diffusion-v2-512")}.get(name, (f"adapterkit_{name or 'custom'}",
+                                                                          f"adapterkit-{name or 'custom'}"))
+    px = cfg.sample_size * 8
+    md = {"ss_base_model_version": version, "ss_v2": str(version.startswith("sd_v2")),
+          "modelspec.architecture": f"{arch}/lora", "modelspec.resolution": f"{px}x{px}",
+          "adapterkit.base_config": json.dumps(cfg.to_dict(), sort_keys=True)}
+    if fingerprint:
+        md["adapterkit.base_fingerprint"] = fingerprint
+    return md
+
+
+def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
+    """Source metadata + the keys that describe these tensors in this layout (recomputed, never stale)."""
+    md = {k: v for k, v in lora.metadata.items() if k not in ("lora_adapter_metadata", "format")}
+    rank = lora.ranks().most_common(1)[0][0] if lora.modules else 0
+    alpha = lora.alphas().most_common(1)[0][0] if lora.modules else 0.0
+    conv = [m for p, m in lora.modules.items() if m.down.ndim == 4 and m.down.shape[-1] > 1]
+    args = {}
+    if conv:
+        args = {"conv_dim": str(Counter(m.rank for m in conv).most_common(1)[0][0]),
+                "conv_alpha": str(Counter(m.alpha for m in conv).most_common(1)[0][0])}
+    md.update({
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps(args),
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.implementation": "diffusers",
+        "adapterkit.format_version": FORMAT_VERSION, "adapterkit.rank": str(rank),
+        "adapterkit.alpha": str(alpha)})
+    md.setdefault("ss_base_model_version", _version_from_shapes(lora))
+    md.setdefault("ss_v2", str(md["ss_base_model_version"].startswith("sd_v2")))
+    md.setdefault("modelspec.title", "adapterkit LoRA")
+    arch = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+            "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}.get(md["ss_base_model_version"], "unknown")
+    md.setdefault("modelspec.architecture", f"{arch}/lora")
+    if fmt == "peft":
+        md["format"] = "pt"
+        md["lora_adapter_metadata"] = _peft_config_json(lora, rank, alpha)
+    return md
+
+
+def _version_from_shapes(lora: Lora) -> str:
+    """kohya's ss_base_model_version from the cross-attention width; 'unknown' rather than a guess."""
+    width = context_width(lora.shapes())
+    return {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(width, "unknown")
+
+
+def _peft_config_json(lora: Lora, rank: int, alpha: float) -> str:
+    """LoraConfig as diffusers' save_lora_weights writes it: to_dict(), keys prefixed "unet."."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(lora.modules),
+                     rank_pattern={_exact(p): m.rank for p, m in lora.modules.items() if m.rank != rank},
+                     alpha_pattern={_exact(p): m.alpha for p, m in lora.modules.items() if m.alpha != alpha})
+    d = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in cfg.to_dict().items()}
+    return json.dumps(d, indent=2, sort_keys=True, default=str)
+
+
+# Writing -------------------------------------------------------------------------------------------------
+
+def _uniform_attention_alpha(lora: Lora) -> Lora:
+    """diffusers reads one alpha for every to_q/to_k/to_v/to_out.0 module: the file's most frequent
+    one (its alpha_pattern keys for them never match, formats.md P2). Fold any other alpha into lora_up."""
+    if not lora.modules:
+        return lora
+    common = lora.alphas().most_common(1)[0][0]
+    odd = [p for p, m in lora.modules.items() if p.endswith(_ATTN_PROJ) and m.alpha != common]
+    if not odd:
+        return lora
+    modules = dict(lora.modules)
+    for p in odd:
+        m = modules[p]
+        modules[p] = LoraModule(m.down, (m.up.float() * (m.alpha / common)).to(m.up.dtype), common)
+    return Lora(modules, dict(lora.metadata), dict(lora.unplaced), dict(lora.names), lora.source,
+                lora.notes + [f"alpha of {len(odd)} attention modules folded into lora_up (diffusers P2)"],
+                lora.format)
+
+
+def _tensors(lora: Lora, fmt: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, m in sorted(lora.modules.items()):
+        down, up = (m.down.to(dtype), m.up.to(dtype)) if dtype else (m.down, m.up)
+        if fmt == "kohya":
+            k = to_kohya(path)
+            out |= {f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up,
+                    f"{k}.alpha": torch.tensor(m.alpha, dtype=up.dtype)}
+        else:
+            out |= {f"unet.{path}.lora_A.weight": down, f"unet.{path}.lora_B.weight": up}
+    return out
+
+
+def write_lora(path: str | os.PathLike, lora: Lora, fmt: str = "kohya",
+               dtype: torch.dtype | None = None) -> dict:
+    """Write `lora` atomically in `fmt`, verified: the written file is read back and each layer's ΔW
+    must equal the source's (up to the rounding of `dtype` / alpha folding) before it replaces `path`.
+
+    Returns the verification report {"modules", "max_rel_error", "notes"}.
+    """
+    fmt, path = _format(fmt), Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA files are written as .safetensors only; got {path.name}")
+    if not lora.modules:
+        raise ValueError(f"{lora.source}: nothing to write (no U-Net modules)")
+    check_finite(lora)
+    out = _uniform_attention_alpha(lora) if fmt == "kohya" else lora
+    tmp = _atomic_save(_tensors(out, fmt, dtype), _format_metadata(out, fmt), path)
+    try:
+        back = read_lora(tmp)
+        err = delta_error(lora, back, tol=_tolerance(lora, dtype))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return {"modules": len(lora.modules), "max_rel_error": err, "notes": out.notes}
+
+
+def _tolerance(lora: Lora, dtype: torch.dtype | None) -> float:
+    dtypes = {m.up.dtype for m in lora.modules.values()} | ({dtype} if dtype else set())
+    return 8 * max(torch.finfo(d).eps for d in dtypes)
+
+
+def delta_error(a: Lora, b: Lora, tol: float = 0.0) -> float:
+    """Largest relative ΔW difference over layers, ||ΔW_a - ΔW_b|| / ||ΔW_a||; raises naming the layers
+    missing on either side or over `tol`."""
+    if a.modules.keys() != b.modules.keys():
+        lost, extra = sorted(a.modules.keys() - b.modules.keys()), sorted(b.modules.keys() - a.modules.keys())
+        raise ValueError(f"conversion changed the layer set: lost {_list(lost)}; gained {_list(extra)}")
+    worst, bad = 0.0, []
+    for p, m in a.modules.items():
+        da, db = m.delta(), b.modules[p].delta()
+        if torch.equal(da, db):
+            continue
+        err = float((da - db).norm() / da.norm().clamp_min(1e-30))
+        worst = max(worst, err)
+        if err > tol:
+            bad.append(f"{p} ({err:.2e})")
+    if bad:
+        raise ValueError(f"ΔW changed beyond {tol:.1e} in {len(bad)} layers: {_list(bad)}")
+    return worst
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", fmt: str = "kohya",
+              title: str | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Save adapter `name` of `model` with full metadata (adapter config, base config and fingerprint)."""
+    if name not in lora_names(model):
+        raise ValueError(f"no LoRA named {name!r}; adapters: {lora_names(model)}")
+    lora = lora_from_model(model, name)
+    spec = lora_spec(model, name)
+    cfg = getattr(model, "config", None)
+    lora.metadata = {
+        "modelspec.title": title or Path(path).stem,
+        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "adapterkit.adapter": json.dumps(spec.to_dict() if spec else {"targets": "custom"}, sort_keys=True),
+    }
+    if isinstance(cfg, UNetConfig):
+        lora.metadata |= base_metadata(cfg, base_fingerprint(model))
+    return write_lora(path, lora, fmt, dtype)
+
+
+def load_lora_file(model: nn.Module, path: str | os.PathLike, name: str = "default", weight: float = 1.0,
+                   missing_alpha: str = "error", allow_unmatched: bool = False,
+                   trainable: bool = False) -> Lora:
+    """Read a LoRA file against `model`'s config (so LDM-named keys place too) and inject it."""
+    cfg = getattr(model, "config", None)
+    lora = read_lora(path, base=cfg if isinstance(cfg, UNetConfig) else None, missing_alpha=missing_alpha)
+    load_lora(model, lora, name, weight=weight, trainable=trainable, allow_unmatched=allow_unmatched)
+    return lora
+
+
+def convert_lora(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "kohya",
+                 base: UNetConfig | None = None, missing_alpha: str = "error",
+                 allow_unmatched: bool = False, dtype: torch.dtype | None = None) -> dict:
+    """Rewrite a LoRA file in another layout; every layer's ΔW is verified equal after the write.
+
+    Keys that cannot be placed (text encoder, unknown types, LDM names without `base`) fail the
+    conversion, naming them, unless `allow_unmatched`; then they are listed in the report's
+    "unplaced". The source metadata is carried over; the layout keys are recomputed.
+    """
+    lora = read_lora(src, base=base, missing_alpha=missing_alpha)
+    check_finite(lora)
+    if lora.unplaced and not (allow_unmatched and lora.modules):
+        raise ValueError(f"{lora.source}: {len(lora.unplaced)} keys cannot be placed in a U-Net LoRA "
+                         f"({len(lora.modules)} modules can): "
+                         f"{_list(f'{k} ({why})' for k, why in lora.unplaced.items())}"
+                         + ("; pass allow_unmatched=True (--allow-unmatched) to convert the rest"
+                            if lora.modules else ""))
+    report = write_lora(dst, lora, fmt, dtype)
+    return report | {"from": lora.format, "to": _format(fmt), "unplaced": dict(lora.unplaced),
+                     "notes": lora.notes + report["notes"]}
+
+
+def summarize(path: str | os.PathLike, base: UNetConfig | None = None) -> dict:
+    """What `inspect` prints: layout, base, rank/alpha per block, size, problems, metadata."""
+    path = Path(path)
+    lora = read_lora(path, base=base, missing_alpha="rank")
+    blocks: dict[str, dict] = {}
+    for p, m in sorted(lora.modules.items()):
+        block = _block_of(p)
+        b = blocks.setdefault(block, {"modules": 0, "ranks": Counter(), "alphas": Counter()})
+        b["modules"] += 1
+        b["ranks"][m.rank] += 1
+        b["alphas"][m.alpha] += 1
+    nonfinite = sum(int((~torch.isfinite(t)).sum()) for m in lora.modules.values() for t in (m.down, m.up))
+    return {
+        "file": path.name, "bytes": path.stat().st_size, "format": lora.format,
+        "modules": len(lora.modules),
+        "parameters": sum(m.down.numel() + m.up.numel() for m in lora.modules.values()),
+        "dtypes": sorted({str(m.up.dtype).removeprefix("torch.") for m in lora.modules.values()}),
+        "base": guess_base(lora.shapes(), lora.metadata, lora.unplaced) or "unknown",
+        "blocks": blocks, "unplaced": lora.unplaced, "notes": lora.notes,
+        "nonfinite_values": nonfinite, "metadata": lora.metadata,
+    }
+
+
+def _block_of(path: str) -> str:
+    p = path.split(".")
+    if p[0] in ("down_blocks", "up_blocks"):
+        return ".".join(p[:4]) if p[2] != "downsamplers" and p[2] != "upsamplers" else ".".join(p[:3])
+    if p[0] == "mid_block":
+        return ".".join(p[:3])
+    return p[0]

@@ -1,0 +1,64 @@
+"""A complete, tiny StableDiffusionPipeline built offline from random weights (DESIGN.md §8).
+
+`build_tiny_pipeline(dir, unet_cfg)` writes a diffusers pipeline folder whose U-Net has the
+architecture of `unet_cfg` (through `UNetConfig.to_diffusers()`), a one-layer CLIP text encoder of
+width `unet_cfg.context_dim`, a small VAE and a character-level CLIP tokenizer, and returns its
+path. Load it with `StableDiffusionPipeline.from_pretrained(path)` under HF_HUB_OFFLINE=1. It is the
+fixture for "loads in diffusers" tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """vocab.json of single characters (+ their </w> word-final forms) and the two specials;
+    merges.txt with no merges: every word is spelled out character by character."""
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    merges.write_text("#version: 0.2\n")
+    return vocab, merges
+
+
+def build_tiny_pipeline(dir: str | os.PathLike, unet_cfg, seed: int = 0,
+                        unet_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save a tiny random StableDiffusionPipeline under `dir`/pipeline and return that path.
+
+    unet_state_dict: weights for the U-Net (diffusers names = ours); default random (seeded).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(dir) / "pipeline"
+    torch.manual_seed(seed)
+    vocab, merges = _write_tokenizer_files(Path(dir) / "tokenizer_src")
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+    width = unet_cfg.context_dim              # the text encoder's hidden size is the U-Net's context
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=width))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=unet_cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(**{k: v for k, v in unet_cfg.to_diffusers().items() if not k.startswith("_")})
+    if unet_state_dict is not None:
+        unet.load_state_dict(unet_state_dict, strict=True)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
