@@ -1,0 +1,153 @@
+"""Samplers for the training previews: DDIM and Euler, with classifier-free guidance.
+
+    model_fn = lambda x, t, context: unet(x, t, context)     # a ControlNet wraps this, nothing else
+    latents = ddim_sample(model_fn, schedule, (4, 4, 64, 64), steps=30, generator=g,
+                          cond=text_emb, uncond=empty_emb, guidance_scale=7.5)
+
+`model_fn(x, t, context)` gets fp32 `x` (N, C, H, W), int64 timesteps `t` (N,) and the context, and returns
+the schedule's prediction (eps or v) of x's shape; it casts to its own dtype itself. With guidance it is
+called once per step on a doubled batch: the first half is unconditional, the second conditional, in
+that order (diffusers' layout, so a wrapper that tiles a control hint needs no more than `cat([h, h])`).
+
+Both samplers match diffusers' DDIMScheduler / EulerDiscreteScheduler stepping loops to fp32 rounding
+(tests/test_sampling.py), except where diffusers' arithmetic drifts from the algorithm:
+- DDIM steps from each listed timestep to the next one listed (the DDIM paper's sub-sequence); diffusers
+  steps to t - T // steps, which differs for "trailing" spacing when `steps` does not divide T.
+- Euler starts from noise x sqrt(sigma_max^2 + 1), the std of x_T in sigma space, for every spacing;
+  diffusers uses that for "leading" only and sigma_max for "trailing"/"linspace".
+- "trailing" gives exactly `steps` timesteps; diffusers' float arange adds a t = -1 for some counts (61).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .schedule import NoiseSchedule
+
+ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+# diffusers' EulerDiscreteScheduler floors a_T at the smallest fp16 subnormal so that a zero-terminal-SNR
+# schedule's first sigma is finite (sqrt(2^24) = 4096) instead of infinite.
+_MIN_ALPHA_CUMPROD = 2.0**-24
+
+
+def spaced_timesteps(schedule: NoiseSchedule, steps: int) -> Tensor:
+    """The `steps` training timesteps a sampler visits, noisiest first (int64); diffusers' `set_timesteps`.
+
+    "leading" (SD's default): k * (T // steps) + steps_offset for k = steps-1..0, so 50 steps start at 981
+    and never reach T-1. "trailing": round(T - k T / steps) - 1 for k = 0..steps-1, starting at T-1 —
+    the spacing a zero-terminal-SNR model needs to begin from pure noise (Lin et al. 2024,
+    arXiv:2305.08891, §3.3 and Table 2).
+    """
+    T = schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T} (num_train_timesteps), got {steps}")
+    if schedule.timestep_spacing == "leading":
+        t = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (T // steps) + schedule.steps_offset
+        if t[0] >= T:
+            raise ValueError(f"{steps} 'leading' steps with steps_offset={schedule.steps_offset} would start "
+                             f"at timestep {int(t[0])}, past the last trained one ({T - 1}); use fewer steps")
+    elif schedule.timestep_spacing == "trailing":
+        # diffusers' numpy arithmetic to the last bit, since ties (937.5) round half-to-even: a float
+        # arange realises its step as (T - T/steps) - T. We stop at k = steps - 1, where diffusers' arange
+        # sometimes yields one more value (t = -1, for steps = 61, 103, ...).
+        step = (T - T / steps) - T
+        t = torch.round(T + torch.arange(steps, dtype=torch.float64) * step).to(torch.int64) - 1
+    else:
+        raise ValueError(f"timestep_spacing={schedule.timestep_spacing!r} is not supported by our samplers; "
+                         "use 'leading' or 'trailing' (dataclasses.replace(schedule, timestep_spacing=...))")
+    return t
+
+
+@torch.no_grad()
+def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int], steps: int,
+                generator: torch.Generator | None = None, eta: float = 0.0, *, cond: Tensor,
+                uncond: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 and 16) from fresh noise.
+
+    eta=0 is the deterministic sampler; eta=1 has DDPM's posterior variance. Noise (the start, then one
+    draw per step when eta > 0) comes from `generator` in diffusers' order. Returns fp32 latents.
+    """
+    ts = spaced_timesteps(schedule, steps)
+    a = schedule.alphas_cumprod
+    if schedule.prediction_type == "epsilon" and a[ts[0]] == 0:
+        raise ValueError("an epsilon model cannot denoise from SNR 0 (x0 = (x - eps) / 0); zero-terminal-SNR "
+                         "schedules need v_prediction (Lin et al. 2024 §3.2) or 'leading' spacing")
+    final = 1.0 if schedule.set_alpha_to_one else a[0].item()
+    x = _noise(shape, generator, cond.device)
+    ts = ts.tolist()
+    for i, t in enumerate(ts):
+        a_t = a[t].item()
+        a_prev = a[ts[i + 1]].item() if i + 1 < len(ts) else final
+        out = _guided(model_fn, x, t, cond, uncond, guidance_scale)
+        x0, eps = _split(out, x, a_t, schedule.prediction_type)
+        if schedule.clip_sample:
+            x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        # sigma_t(eta) of eq. 16: eta x the std of DDPM's posterior q(x_prev | x_t, x0).
+        std = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - std**2) * eps
+        if eta > 0:
+            x = x + std * _noise(shape, generator, cond.device)
+    return x
+
+
+@torch.no_grad()
+def euler_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int], steps: int,
+                 generator: torch.Generator | None = None, *, cond: Tensor, uncond: Tensor | None = None,
+                 guidance_scale: float = 1.0) -> Tensor:
+    """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, "EDM", Algorithm 2
+    with S_churn = 0 and without the second-order correction), as diffusers' EulerDiscreteScheduler.
+
+    The VP sample x_t is x / sqrt(sigma^2 + 1) with sigma = sqrt((1 - a_t) / a_t); each step moves x along
+    d = (x - x0_hat) / sigma to the next sigma, and the last one to sigma = 0. Returns fp32 latents.
+    """
+    ts = spaced_timesteps(schedule, steps)
+    a = schedule.alphas_cumprod.clamp(min=_MIN_ALPHA_CUMPROD)
+    sigmas = (((1 - a) / a).sqrt()[ts]).tolist() + [0.0]
+    x = _noise(shape, generator, cond.device) * math.sqrt(sigmas[0] ** 2 + 1)
+    for i, t in enumerate(ts.tolist()):
+        sigma, c_in = sigmas[i], 1 / math.sqrt(sigmas[i] ** 2 + 1)
+        out = _guided(model_fn, x * c_in, t, cond, uncond, guidance_scale)
+        if schedule.prediction_type == "epsilon":
+            x0 = x - sigma * out
+        else:
+            # x0 = sqrt(a) x_t - sqrt(1 - a) v with x_t = c_in x, sqrt(a) = c_in, sqrt(1 - a) = sigma c_in.
+            x0 = x * c_in**2 - out * (sigma * c_in)
+        # The Euler step x + (sigma' - sigma) d with d = (x - x0) / sigma, written as the same number
+        # without cancelling two O(sigma) terms (sigma_max = 4096 under zero-terminal SNR).
+        x = x0 + (sigmas[i + 1] / sigma) * (x - x0)
+    return x
+
+
+def _guided(model_fn: ModelFn, x: Tensor, t: int, cond: Tensor, uncond: Tensor | None,
+            scale: float) -> Tensor:
+    # Classifier-free guidance (Ho & Salimans 2022): out_u + s (out_c - out_u), on the raw prediction
+    # (eps or v), as diffusers' pipelines do. One model call on [uncond; cond].
+    if len(cond) != len(x):
+        raise ValueError(f"cond has batch {len(cond)}, the latents {len(x)}")
+    if scale == 1.0:
+        return model_fn(x, torch.full((len(x),), t, dtype=torch.int64, device=x.device), cond).float()
+    if uncond is None:
+        raise ValueError(f"guidance_scale={scale} needs an unconditional context (uncond)")
+    if uncond.shape != cond.shape:
+        raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} differ in shape")
+    t2 = torch.full((2 * len(x),), t, dtype=torch.int64, device=x.device)
+    out_u, out_c = model_fn(torch.cat([x, x]), t2, torch.cat([uncond, cond])).float().chunk(2)
+    return out_u + scale * (out_c - out_u)
+
+
+def _split(out: Tensor, x: Tensor, a_t: float, prediction_type: str) -> tuple[Tensor, Tensor]:
+    # (x0_hat, eps_hat) from the model output at x_t = sqrt(a) x0 + sqrt(1 - a) eps.
+    sa, sb = math.sqrt(a_t), math.sqrt(1 - a_t)
+    if prediction_type == "epsilon":
+        return (x - sb * out) / sa, out
+    return sa * x - sb * out, sa * out + sb * x          # v = sa eps - sb x0 (Salimans & Ho 2022, §4)
+
+
+def _noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    # Drawn on the generator's device and moved, so a CPU generator gives the same image on any device.
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
