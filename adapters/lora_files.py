@@ -421,8 +421,11 @@ def delta_error(a: Lora, b: Lora, tol: float = 0.0) -> float:
 
 
 def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", fmt: str = "kohya",
-              title: str | None = None, dtype: torch.dtype | None = None) -> dict:
-    """Save adapter `name` of `model` with full metadata (adapter config, base config and fingerprint)."""
+              title: str | None = None, dtype: torch.dtype | None = None,
+              extra_metadata: dict[str, str] | None = None) -> dict:
+    """Save adapter `name` of `model` with full metadata (adapter config, base config and fingerprint).
+
+    extra_metadata: more header strings, e.g. the training config (`adapterkit.training_config`)."""
     if name not in lora_names(model):
         raise ValueError(f"no LoRA named {name!r}; adapters: {lora_names(model)}")
     lora = lora_from_model(model, name)
@@ -435,6 +438,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
     }
     if isinstance(cfg, UNetConfig):
         lora.metadata |= base_metadata(cfg, base_fingerprint(model))
+    lora.metadata |= extra_metadata or {}
     return write_lora(path, lora, fmt, dtype)
 
 

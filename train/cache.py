@@ -249,7 +249,8 @@ class LatentCache:
     def latents(self, base: BaseModel, batch: Mapping, data: DataConfig,
                 generator: torch.Generator | None = None, device: str | torch.device | None = None) -> Tensor:
         """Scaled latents (B, C, h, w) for a collated batch of the dataset configured by `data` (keys
-        sha256, crop, pixel_values), drawn from the cached moments with `generator`
+        sha256, crop, pixel_values: a tensor, or a callable returning it), drawn from the cached moments
+        with `generator`
         (base.moments_to_latents). Entries that are missing or corrupt are encoded from the batch's
         pixels and stored."""
         self._check_base(base)
@@ -261,7 +262,9 @@ class LatentCache:
             if entries[j] is None:
                 todo.append((j, key, what))
         if todo:
-            mean, logvar = encode_moments(base, batch["pixel_values"][[j for j, _, _ in todo]])
+            pixels = batch["pixel_values"]
+            pixels = pixels() if callable(pixels) else pixels    # a trainer may load pixels only on a miss
+            mean, logvar = encode_moments(base, pixels[[j for j, _, _ in todo]])
             for n, (j, key, what) in enumerate(todo):
                 entries[j] = {"mean": mean[n]} if logvar is None else {"mean": mean[n], "logvar": logvar[n]}
                 _check_finite(entries[j], batch["path"][j] if "path" in batch else key)

@@ -13,6 +13,8 @@ import sys
 COMMAND_MODULES = (
     "train.demo",
     "train.lora_commands",
+    "train.train_commands",
+    "train.canny",
 )
 
 
@@ -32,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors carry the what-and-how-to-fix; a traceback would bury it.
         print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not getattr(e, "user_facing", False):       # a bug: keep the traceback
+            raise
+        print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from train.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, transform_pair
+from train.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, plan_crop
 
 logger = logging.getLogger(__name__)
 
@@ -523,20 +523,27 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
                                 background=self.cfg.alpha_background)
         return image
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+    def describe(self, key: int | tuple[int, int]) -> dict:
+        """Sample `key` without its pixels: caption, crop and identity. What a trainer that reads
+        latents from a cache needs; `__getitem__` adds the pixels with the same crop."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rec, cfg = self.records[index], self.cfg
         rng = np.random.default_rng([cfg.seed, 1, epoch, index])   # stream 1: samples (0: order)
-        image, _, crop = transform_pair(self.load_image(index), None, self.bucket_of[index], rng,
-                                        random_crop=cfg.random_crop, flip_prob=0.5 if cfg.flip else 0.0)
+        crop = plan_crop(rec.size, self.bucket_of[index], rng, random_crop=cfg.random_crop,
+                         flip_prob=0.5 if cfg.flip else 0.0)
         return {
-            "pixel_values": to_tensor(image),                        # (3, bh, bw) in [-1, 1]
             "caption": build_caption(rec.caption, cfg.trigger, cfg.caption_dropout, rng),
             "sha256": rec.sha256,
             "path": str(rec.path),
             "size": rec.size,
             "crop": crop,
         }
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        sample = self.describe(key)
+        index = key[1] if isinstance(key, tuple) else key
+        sample["pixel_values"] = to_tensor(sample["crop"].apply(self.load_image(index)))  # (3, bh, bw)
+        return sample
 
     def batch_sampler(self, batch_size: int, *, shuffle: bool = True,
                       drop_last: bool = False) -> BucketBatchSampler:

@@ -1,0 +1,189 @@
+"""LoRA training end to end on a tiny random pipeline: the file loads in diffusers and changes its
+output; resume == uninterrupted; divergence and dead adapters stop the run clearly."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import train.lora_train as lt
+from tests.sd_fixtures import build_tiny_pipeline
+from train.config import load_config
+from train.lora_train import LoraRecipe, main
+from unet import PRESETS
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("base"), PRESETS["tiny"])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """16 captioned 64x64 images of coloured shapes (and one 96x64 for a second bucket)."""
+    root = tmp_path_factory.mktemp("images")
+    for i in range(16):
+        name, color = list(COLORS.items())[i % 4]
+        size = (96, 64) if i == 15 else (64, 64)
+        img = Image.new("RGB", size, (240, 240, 240) if i % 2 else (20, 20, 20))
+        d = ImageDraw.Draw(img)
+        x = 8 + 3 * i
+        (d.ellipse if i % 3 else d.rectangle)((x, 12, x + 30, 42), fill=color, outline=(0, 0, 0), width=3)
+        img.save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a {name} shape")
+    return root
+
+
+def recipe(pipeline, images, out, **overrides) -> LoraRecipe:
+    cfg = {
+        "model": {"base": str(pipeline)},
+        "data": {"root": str(images), "resolution": 32, "bucket_step": 8, "min_side": 32, "trigger": "sks"},
+        "lora": {"rank": 4, "alpha": 4, "targets": "attn"},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 4, "batch_size": 4, "min_snr_gamma": 5.0},
+        "output": {"dir": str(out), "checkpoint_every": 2, "log_every": 1},
+    }
+    return load_config(cfg, LoraRecipe, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_trains_a_file_that_loads_in_diffusers_and_changes_its_output(pipeline, images, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = main(recipe(pipeline, images, tmp_path / "run"))
+    kohya, peft = out / "lora.safetensors", out / "lora.peft.safetensors"
+    assert kohya.is_file() and peft.is_file()
+    assert (out / "loss.png").is_file()
+    losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in losses)
+    from safetensors import safe_open
+    with safe_open(str(kohya), "pt") as f:
+        meta = f.metadata()
+    trained_with = json.loads(meta["adapterkit.training_config"])
+    assert trained_with["train"]["steps"] == 4 and trained_with["data"]["root"] == images.name
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 8, PRESETS["tiny"].context_dim, generator=g)
+    with torch.no_grad():
+        before = pipe.unet(x, 500, ctx).sample
+        pipe.load_lora_weights(str(kohya))
+        after = pipe.unet(x, 500, ctx).sample
+    assert (after - before).abs().max() > 1e-4
+
+
+def _adapter(out: Path) -> dict:
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(ckpt / "adapter_state.safetensors"))
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(pipeline, images, tmp_path, monkeypatch):
+    straight = main(recipe(pipeline, images, tmp_path / "straight", **{"train.grad_accum": 2}))
+
+    real_step, calls = lt.train_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:                      # steps 1-3 done and step 2's checkpoint written
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(lt, "train_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(recipe(pipeline, images, tmp_path / "resumed", **{"train.grad_accum": 2}))
+    monkeypatch.setattr(lt, "train_step", real_step)
+    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **{"train.grad_accum": 2}))
+
+    a, b = _adapter(straight), _adapter(resumed)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    rows = lambda out: [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in rows(resumed)] == [1, 2, 3, 4]
+    for x, y in zip(rows(straight), rows(resumed)):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(pipeline, images, tmp_path, monkeypatch):
+    real_loss, calls = lt.diffusion_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(lt, "diffusion_loss", nan_at_step_3)
+    cfg = recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 1})
+    with pytest.raises(lt.TrainingDiverged, match=r"became nan at step 3.*step-000002"):
+        main(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-000001", "step-000002"]
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert not (tmp_path / "run" / "lora.safetensors").exists()
+
+
+def test_an_adapter_that_gets_no_gradient_stops_the_run(pipeline, images, tmp_path, monkeypatch):
+    real_add = lt.add_lora
+
+    def add_and_bypass_one_layer(model, spec, *args, **kwargs):
+        real_add(model, spec, *args, **kwargs)
+        layer = next(m for n, m in model.named_modules() if n.endswith("attn1.to_q"))
+        layer.forward = lambda x, *a, **k: layer.base_layer(x)       # the LoRA branch never runs
+
+    monkeypatch.setattr(lt, "add_lora", add_and_bypass_one_layer)
+    with pytest.raises(RuntimeError, match=r"got no gradient at step 1.*attn1\.to_q\.lora_B"):
+        main(recipe(pipeline, images, tmp_path / "run"))
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(pipeline, images, tmp_path):
+    main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 2}))
+    with pytest.raises(ValueError, match=r"different run.*lora\.rank: 4 -> 8"):
+        main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 4, "lora.rank": 8}))
+
+
+def test_cli_trains_from_yaml_with_overrides(pipeline, images, tmp_path):
+    import yaml
+
+    from train.cli import main as cli
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"base": str(pipeline)},
+                                   "data": {"root": str(images), "resolution": 32, "bucket_step": 8,
+                                            "min_side": 32},
+                                   "lora": {"rank": 2, "alpha": 2, "targets": "attn"},
+                                   "train": {"steps": 2, "batch_size": 4}}))
+    out = tmp_path / "cli"
+    assert cli(["train", "lora", str(cfg), f"output.dir={out}", "output.name=style"]) == 0
+    assert (out / "style.safetensors").is_file()
+    assert cli(["train", "lora", str(cfg), "train.stepz=3"]) == 2       # unknown key: clear error
+
+
+def test_two_processes_with_accelerate_launch_train_one_adapter(pipeline, images, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine: two gloo processes."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    cfg = tmp_path / "lora.yaml"
+    out = tmp_path / "ddp"
+    cfg.write_text(yaml.safe_dump({"model": {"base": str(pipeline)},
+                                   "data": {"root": str(images), "resolution": 32, "bucket_step": 8,
+                                            "min_side": 32},
+                                   "lora": {"rank": 2, "alpha": 2, "targets": "attn"},
+                                   "train": {"steps": 2, "batch_size": 2},
+                                   "output": {"dir": str(out), "checkpoint_every": 2}}))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", "--main_process_port", "29517",
+                          "-m", "train.cli", "train", "lora", str(cfg)],
+                         cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["processes"] == 2
+    assert (out / "lora.safetensors").is_file()
+    assert run.stdout.count("done:") == 2          # both processes finished
