@@ -187,3 +187,35 @@ def test_two_processes_with_accelerate_launch_train_one_adapter(pipeline, images
     assert state["processes"] == 2
     assert (out / "lora.safetensors").is_file()
     assert run.stdout.count("done:") == 2          # both processes finished
+
+
+def test_bf16_base_trains_with_fp32_master_weights_and_resumes_exactly(pipeline, images, tmp_path,
+                                                                        monkeypatch):
+    """A bf16 base: the LoRA branch computes in bf16, the optimizer holds fp32 masters; the checkpoint
+    and the exported file carry the fp32 values, and a resume continues exactly."""
+    over = {"model.dtype": "bf16", "train.grad_accum": 1}
+    straight = main(recipe(pipeline, images, tmp_path / "straight", **over))
+    real_step, calls = lt.train_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(lt, "train_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(recipe(pipeline, images, tmp_path / "resumed", **over))
+    monkeypatch.setattr(lt, "train_step", real_step)
+    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **over))
+
+    a, b = _adapter(straight), _adapter(resumed)
+    assert all(v.dtype == torch.float32 for v in a.values())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # The exported file holds the masters, not their bf16 roundings.
+    exported = load_file(str(straight / "lora.peft.safetensors"))
+    key = next(k for k in exported if "lora_B" in k)
+    name = key.removeprefix("unet.").replace("lora_B.weight", "lora_B.default.weight")
+    assert exported[key].dtype == torch.float32
+    assert torch.equal(exported[key], a[name])
+    assert not torch.equal(a[name], a[name].bfloat16().float())

@@ -35,6 +35,7 @@ from train.cache import LatentCache
 from train.checkpoints import latest_checkpoint, read_state, write_checkpoint
 from train.config import to_dict
 from train.data import CaptionedImageFolder, DataConfig
+from train.precision import MasterWeights
 from train.sampling import ddim_sample, euler_sample
 from train.schedule import NoiseSchedule, diffusion_loss, offset_noise
 
@@ -83,6 +84,10 @@ class LoopConfig:
     min_snr_gamma: float | None = 5.0               # Hang et al. 2023; None = plain MSE
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
+    # The adapter branch computes in the base's dtype with fp32 master weights in the optimizer
+    # ("base", the default when the base is bf16/fp16), or in fp32 throughout ("fp32", peft's default:
+    # 1.2x slower and 37% more memory at SD1.5, see README).
+    adapter_compute: Literal["base", "fp32"] = "base"
 
 
 @dataclass(frozen=True)
@@ -147,12 +152,13 @@ def main(cfg: LoraRecipe) -> Path:
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    master = adapter_master_weights(params, unet.conv_in.weight.dtype, cfg.train.adapter_compute)
+    optimizer = torch.optim.AdamW(master.params if master else params, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
     model, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
-    register_adapter_state_hooks(accelerator, unet)
+    register_adapter_state_hooks(accelerator, unet, master)
 
     start = resume(accelerator, out, cfg)
     schedule = NoiseSchedule.from_config(base.scheduler_config)
@@ -161,7 +167,7 @@ def main(cfg: LoraRecipe) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers("lora", config=_flat(to_dict(cfg)))
     losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
-    export = Exporter(cfg, unet, fingerprint)
+    export = Exporter(cfg, unet, fingerprint, master)
 
     step = start
     with StopSignals() as stop, _progress(accelerator, start, cfg.train.steps) as bar:
@@ -173,8 +179,12 @@ def main(cfg: LoraRecipe) -> Path:
                     f"the loss became {loss} at step {step + 1}; stopped without saving. The last good "
                     f"checkpoint is {latest_checkpoint(out / 'checkpoints') or 'none (no checkpoint yet)'}."
                     " Lower optim.lr, keep max_grad_norm on, or use bf16 instead of fp16.")
-            clip(accelerator, params, cfg.optim.max_grad_norm)
+            if master:
+                master.grads_to_master()
+            clip(accelerator, master.params if master else params, cfg.optim.max_grad_norm)
             optimizer.step()
+            if master:
+                master.master_to_model()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -228,29 +238,48 @@ def lr_lambda(cfg: OptimConfig, total: int):
     return factor
 
 
-def adapter_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in unet.named_parameters() if ".lora_" in n}
+def adapter_master_weights(params: list[torch.nn.Parameter], base_dtype: torch.dtype,
+                           compute: str) -> MasterWeights | None:
+    """With a bf16/fp16 base and adapter_compute="base": the adapter tensors drop to the base dtype
+    (no fp32 copies of every activation in the LoRA branch) and fp32 masters go to the optimizer."""
+    if compute == "fp32" or base_dtype == torch.float32:
+        return None
+    for p in params:
+        p.data = p.data.to(base_dtype)
+    return MasterWeights(params)
 
 
-def register_adapter_state_hooks(accelerator: Accelerator, unet: torch.nn.Module) -> None:
+def adapter_state(unet: torch.nn.Module, master: MasterWeights | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors by name, at full precision (the fp32 masters when there are some)."""
+    state = {n: p for n, p in unet.named_parameters() if ".lora_" in n}
+    if master:
+        by_id = {id(p): m for p, m in zip(master.model_params, master.params)}
+        state = {n: by_id.get(id(p), p) for n, p in state.items()}
+    return {n: p.detach().contiguous() for n, p in state.items()}
+
+
+def register_adapter_state_hooks(accelerator: Accelerator, unet: torch.nn.Module,
+                                 master: MasterWeights | None) -> None:
     """Make accelerate's save_state/load_state keep only the adapter weights, not the frozen base
     (1.7 GB of SD1.5 per checkpoint otherwise)."""
     def save_hook(models, weights, output_dir):
         weights.clear()
         models.clear()
-        save_file(adapter_state(unet), str(Path(output_dir) / "adapter_state.safetensors"))
+        save_file(adapter_state(unet, master), str(Path(output_dir) / "adapter_state.safetensors"))
 
     def load_hook(models, input_dir):
         models.clear()
         state = load_file(str(Path(input_dir) / "adapter_state.safetensors"))
-        own = dict(unet.named_parameters())
-        missing = set(adapter_state(unet)) - set(state)
-        if missing or set(state) - set(own):
+        own = adapter_state(unet, master)          # detached views of the live tensors
+        missing, unknown = set(own) - set(state), set(state) - set(own)
+        if missing or unknown:
             raise ValueError(f"{input_dir}: the checkpoint's adapter does not match this run's LoRA config "
-                             f"({len(missing)} tensors missing, {len(set(state) - set(own))} unknown)")
+                             f"({len(missing)} tensors missing, {len(unknown)} unknown)")
         with torch.no_grad():
             for name, value in state.items():
                 own[name].copy_(value)
+        if master:
+            master.master_to_model()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -350,8 +379,9 @@ def clip(accelerator: Accelerator, params, max_norm: float) -> None:
 class Exporter:
     """Writes the adapter in each configured format with the training config in its metadata."""
 
-    def __init__(self, cfg: LoraRecipe, unet: torch.nn.Module, fingerprint: str):
-        self.cfg, self.unet = cfg, unet
+    def __init__(self, cfg: LoraRecipe, unet: torch.nn.Module, fingerprint: str,
+                 master: MasterWeights | None):
+        self.cfg, self.unet, self.master = cfg, unet, master
         recipe = to_dict(cfg)
         recipe["data"]["root"] = Path(str(recipe["data"]["root"])).name   # nothing personal: no full path
         recipe["model"]["base"] = Path(str(recipe["model"]["base"])).name
@@ -366,7 +396,8 @@ class Exporter:
             suffix = "" if fmt == "kohya" else f".{fmt}"
             path = Path(folder) / f"{self.cfg.output.name}{suffix}.safetensors"
             meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
-            save_lora(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)
+            with self.master.full_precision() if self.master else nullcontext():
+                save_lora(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)
             written.append(path)
         return written
 

@@ -1,0 +1,145 @@
+"""A LoRA training step, ours vs diffusers + peft (the peer in shared/bench/diffusers_peft_baseline.py),
+on identical weights in one process.
+
+Step = forward, loss, backward, AdamW step on LoRA r=16 over to_q/to_k/to_v/to_out.0, from cached
+latents (random tensors here: the VAE is not part of the step), batch 32, 64x64, 77x768 context, bf16.
+
+- peer: UNet2DConditionModel in bf16 + `unet.add_adapter(LoraConfig(...))`, LoRA params fp32,
+  the step under torch.autocast(bf16): exactly the baseline script's step.
+- ours: our U-Net in bf16 + `adapters.lora.add_lora` (peft), fp32 LoRA params, no autocast; the
+  activation-lean ops on. `ours-bf16-lora` runs the LoRA branch in bf16 with fp32 master weights in the
+  optimizer (train.precision.MasterWeights).
+
+    python benchmarks/lora_step.py                 # eager rows
+    python benchmarks/lora_step.py --compile       # + torch.compile rows
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.unet_speed import measure, sync  # noqa: E402
+from unet import PRESETS, UNet  # noqa: E402
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def peer(cfg, state, device):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    unet = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})
+    unet.load_state_dict(state)
+    unet.to(device, torch.bfloat16).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=TARGETS))
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(lora, lr=1e-4)
+
+    def forward(x, t, c):
+        return unet(x, t, c).sample
+    return unet, forward, opt, lora, True
+
+
+def ours(cfg, state, device, bf16_lora: bool):
+    from adapters.lora import LoraSpec, add_lora
+    unet = UNet(cfg)
+    unet.load_state_dict(state)
+    unet.to(device, torch.bfloat16).requires_grad_(False)
+    torch.manual_seed(0)
+    add_lora(unet, LoraSpec(rank=16, alpha=16, targets="attn"))
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    if bf16_lora:
+        from train.precision import MasterWeights
+        for p in lora:
+            p.data = p.data.to(torch.bfloat16)
+        master = MasterWeights(lora)
+        opt = master.wrap(torch.optim.AdamW(master.params, lr=1e-4))
+    else:
+        opt = torch.optim.AdamW(lora, lr=1e-4)
+    return unet, unet, opt, lora, False
+
+
+def make_step(model_fn, opt, autocast: bool, data):
+    x, t, c, noise = data
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            pred = model_fn(x, t, c)
+            loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="sd15", choices=list(PRESETS))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    ap.add_argument("--only-compile", action="store_true", help="skip the eager rows")
+    ap.add_argument("--variants", default="peer,ours,ours-bf16-lora")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "lora_step.json"))
+    args = ap.parse_args()
+    device, cfg, H = args.device, PRESETS[args.preset], args.size
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        state = UNet(cfg).state_dict()
+    g = torch.Generator(device).manual_seed(0)
+    B = args.batch
+    data = (torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16),
+            torch.randint(0, 1000, (B,), device=device, generator=g),
+            torch.randn(B, 77, cfg.context_dim, device=device, generator=g, dtype=torch.bfloat16),
+            torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
+    builders = {"peer": lambda: peer(cfg, state, device), "ours": lambda: ours(cfg, state, device, False),
+                "ours-bf16-lora": lambda: ours(cfg, state, device, True)}
+    names = args.variants.split(",")
+    built = {n: builders[n]() for n in names}
+    rows = []
+    for mode in ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else []):
+        steps, first = {}, {}
+        for n, (_, fn, opt, _, autocast) in built.items():
+            f = torch.compile(fn) if mode == "compile" else fn
+            steps[n] = make_step(f, opt, autocast, data)
+            t0 = time.perf_counter()
+            steps[n]()
+            sync(device)
+            first[n] = time.perf_counter() - t0
+        res = measure(steps, device, args.iters, args.warmup)
+        row = {"mode": mode}
+        for n, r in res.items():
+            row[n] = {"img_s": B / r["s"], "peak_gb": r["peak_gb"], "first_step_s": first[n]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nLoRA r16 attn training step, {args.preset}, batch {B}, {H}x{H} latents, 77x{cfg.context_dim} "
+          f"context, bf16, {torch.cuda.get_device_name() if device == 'cuda' else device}")
+    print(f"{'mode':8} {'variant':16} {'img/s':>8} {'vs peer':>8} {'peak GB':>8} {'first step s':>13}")
+    for r in rows:
+        if "peer" not in r:
+            continue
+        for n in names:
+            v = r[n]
+            print(f"{r['mode']:8} {n:16} {v['img_s']:8.1f} {v['img_s'] / r['peer']['img_s']:7.2f}x "
+                  f"{v['peak_gb']:8.2f} {v['first_step_s']:13.1f}")
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
