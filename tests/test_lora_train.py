@@ -219,3 +219,16 @@ def test_bf16_base_trains_with_fp32_master_weights_and_resumes_exactly(pipeline,
     assert exported[key].dtype == torch.float32
     assert torch.equal(exported[key], a[name])
     assert not torch.equal(a[name], a[name].bfloat16().float())
+
+
+def test_sample_command_writes_a_grid_with_and_without_the_lora(pipeline, images, tmp_path):
+    from PIL import Image as PILImage
+
+    from train.cli import main as cli
+    out = main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 2}))
+    grid = tmp_path / "grid.png"
+    assert cli(["sample", "--base", str(pipeline), "--lora", f"{out / 'lora.safetensors'}:0.8",
+                "--prompt", "a red shape", "--seed", "0", "--seed", "1", "--steps", "3",
+                "--size", "32", "--compare", "-o", str(grid)]) == 0
+    img = PILImage.open(grid)
+    assert img.width > 2 * 32 and img.height > 2 * 32       # 2 rows (seeds) x 2 columns (+ labels)

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "train.lora_commands",
     "train.train_commands",
     "train.canny",
+    "train.sample_commands",
 )
 
 
