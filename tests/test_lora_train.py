@@ -232,3 +232,36 @@ def test_sample_command_writes_a_grid_with_and_without_the_lora(pipeline, images
                 "--size", "32", "--compare", "-o", str(grid)]) == 0
     img = PILImage.open(grid)
     assert img.width > 2 * 32 and img.height > 2 * 32       # 2 rows (seeds) x 2 columns (+ labels)
+
+
+def test_sigint_writes_a_final_checkpoint_and_the_run_resumes_from_it(pipeline, images, tmp_path,
+                                                                      monkeypatch):
+    import os
+    import signal
+
+    real_step, calls = lt.train_step, []
+
+    def interrupt_during_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)          # as Ctrl-C would, mid-step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(lt, "train_step", interrupt_during_step_2)
+    cfg = recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 0})
+    main(cfg)                                             # returns normally after the signal
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "lora.safetensors").is_file()
+    assert not (tmp_path / "run" / "lora.safetensors").exists()      # the run did not finish
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+    monkeypatch.setattr(lt, "train_step", real_step)
+    main(cfg)
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
+def test_sample_grids_are_written_during_and_after_training(pipeline, images, tmp_path):
+    main(recipe(pipeline, images, tmp_path / "run", **{
+        "sample.prompts": "a red shape,a blue shape", "sample.every": 2, "sample.steps": 2,
+        "sample.lora_scales": "0,1"}))
+    samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert samples == ["final.png", "step-000002.png", "step-000004.png"]
