@@ -55,6 +55,7 @@ from train.data import (
     BadImage,
     DataConfig,
     decode_image,
+    file_lines,
 )
 from train.images import write_png
 
@@ -203,10 +204,7 @@ class CannyReport:
         for key, found in self.entries.items():
             action, what = POLICY.get(key, ("skip", "two inputs map to one output name; first kept"))
             lines.append(f"  {action:6} {len(found):5}  {key}: {what}")
-            for rel, detail in found[:names]:
-                lines.append(f"                 {rel}" + (f": {detail}" if detail else ""))
-            if len(found) > names:
-                lines.append(f"                 ... and {len(found) - names} more")
+            lines += file_lines(found, names)
         return "\n".join(lines)
 
     __str__ = summary

@@ -194,13 +194,18 @@ class ScanReport:
                 what += ("; skipped" if self.missing_caption == "skip"
                          else "; trained on the trigger word alone (empty if there is none)")
             lines.append(f"  {self.action(key):6} {len(found):5}  {key}: {what}")
-            for rel, detail in found[:names]:
-                lines.append(f"                 {rel}" + (f": {detail}" if detail else ""))
-            if len(found) > names:
-                lines.append(f"                 ... and {len(found) - names} more")
+            lines += file_lines(found, names)
         return "\n".join(lines)
 
     __str__ = summary
+
+
+def file_lines(found: list[tuple[str, str]], names: int) -> list[str]:
+    """The first `names` (file, detail) entries of a report row, indented, and a count of the rest."""
+    lines = [f"                 {rel}" + (f": {detail}" if detail else "") for rel, detail in found[:names]]
+    if len(found) > names:
+        lines.append(f"                 ... and {len(found) - names} more")
+    return lines
 
 
 class BadImage(ValueError):

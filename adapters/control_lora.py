@@ -1,0 +1,224 @@
+"""Control-LoRA: a ControlNet stored as low-rank differences from its base U-Net's encoder.
+
+File layout (Stability's, formats.md §4.5: written by stability-ComfyUI-nodes `control_lora_create.py`,
+read by ComfyUI `ControlLora` and diffusers >= 0.37 `load_lora_adapter`). Names are lllyasviel
+ControlNet names without `control_model.`:
+
+    lora_controlnet                          empty tensor: the marker readers detect the format by
+    <name without .weight>.up / .down        for a >= 2-D encoder weight W: W_cn - W_base ~= up @ down,
+                                             up [out, r] | [out, r, 1, 1], down [r, in] | [r, in, kh, kw]
+    <name>                                   every 1-D encoder tensor (biases, norms), in full
+    input_hint_block.*, zero_convs.*, middle_block_out.*   the layers a ControlNet adds, in full
+
+Reading follows ComfyUI (the reference consumer): start from the base U-Net's encoder, then
+W = W_base + (up.flatten(1) @ down.flatten(1)).reshape(W.shape), and full tensors replace the
+base's. (diffusers drops the biases of LoRA-adapted layers, formats.md §4.5 [V] deviation.)
+
+Where this writer deviates from Stability's extractor, on purpose, so that full rank is exact:
+- rank cap min(rank, out, in*kh*kw), the matrix rank; Stability caps at min(rank, in, out), which
+  loses part of every 3x3 conv that raises the channel count;
+- no clamping of the factors to their 0.99 quantile;
+- weights equal to the base's are left out (no up/down pair): both readers use the base for them.
+Factors come from the SVD of the flattened difference: up = U_r diag(S_r), down = Vh_r.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from unet import CheckpointError, UNetConfig, read_weights, write_safetensors
+
+from .controlnet import (
+    _ENCODER_PARTS,
+    ControlNet,
+    base_encoder_state,
+    check_base,
+    same_architecture,
+)
+from .controlnet_files import _attach_metadata, _hint_geometry, controlnet_key_map, controlnet_metadata
+from .lora_files import base_fingerprint
+from .lora_keys import describe_config
+
+MARKER = "lora_controlnet"
+
+
+@dataclass
+class ControlLoraReport:
+    """What a Control-LoRA holds and what it lost, per layer and in total."""
+    rank: int
+    parameters: int                 # tensors written (factors + full tensors)
+    full_parameters: int            # the full ControlNet's
+    bytes: int                      # of the tensors at the written dtype
+    full_bytes: int                 # of the full ControlNet at the same dtype
+    low_rank: int = 0               # weights stored as up/down
+    unchanged: int = 0              # weights equal to the base: not stored
+    errors: dict[str, float] = field(default_factory=dict)   # ||ΔW - up@down|| / ||ΔW|| per weight
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller than the full ControlNet."""
+        return self.full_bytes / max(self.bytes, 1)
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+def control_lora_tensors(cn: ControlNet, unet: nn.Module, rank: int, dtype: torch.dtype | None = torch.float16
+                         ) -> tuple[dict[str, Tensor], ControlLoraReport]:
+    """The Control-LoRA tensors of `cn` relative to `unet`'s base encoder, and the report.
+
+    `unet` must be the base `cn` was made from (`check_base`). dtype: of the stored tensors
+    (Stability's files are fp16); None keeps fp32 factors and the ControlNet's dtype.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    check_base(cn, unet)
+    base = base_encoder_state(unet)
+    names = controlnet_key_map(cn.config, cn.hint_widths)
+    out: dict[str, Tensor] = {MARKER: torch.tensor([])}
+    report = ControlLoraReport(rank, 0, 0, 0, 0)
+    for key, w in cn.state_dict().items():
+        w = w.detach()
+        report.full_parameters += w.numel()
+        report.full_bytes += w.numel() * _itemsize(dtype or w.dtype)
+        name = names[key]
+        if not key.startswith(_ENCODER_PARTS) or w.ndim < 2:
+            out[name] = w.to("cpu", dtype or w.dtype).contiguous()   # new layers, biases, norms: in full
+            continue
+        delta = w.float() - base[key].to(w.device).float()
+        if not delta.any():
+            report.unchanged += 1
+            continue
+        up, down, err = _factors(delta, rank)
+        stem = name.removesuffix(".weight")
+        for part, t in (("up", up), ("down", down)):
+            out[f"{stem}.{part}"] = t.to("cpu", dtype or t.dtype).contiguous()
+        report.low_rank += 1
+        report.errors[key] = err
+    for t in out.values():
+        report.parameters += t.numel()
+        report.bytes += t.numel() * t.element_size()
+    return out, report
+
+
+def _factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """up [out, r(, 1, 1)], down [r, in(, kh, kw)] with up @ down ~= delta (flattened), rel. error."""
+    flat = delta.flatten(1)                                             # [out, in*kh*kw]
+    U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
+    r = min(rank, *flat.shape)
+    up, down = U[:, :r] * S[:r], Vh[:r].clone()                         # [out, r], [r, in*kh*kw]
+    err = float(S[r:].norm() / S.norm().clamp_min(1e-30))
+    if delta.ndim == 4:
+        return up[:, :, None, None], down.reshape(r, *delta.shape[1:]), err
+    return up, down, err
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def save_control_lora(cn: ControlNet, unet: nn.Module, path: str | os.PathLike, rank: int = 128,
+                      dtype: torch.dtype | None = torch.float16, metadata: dict | None = None,
+                      title: str | None = None) -> ControlLoraReport:
+    """Write `cn` as a Control-LoRA relative to its base `unet` (one .safetensors, atomic)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"a Control-LoRA is one .safetensors file, got {path.name!r}")
+    reserved = sorted(k for k in (metadata or {}) if k.startswith("adapterkit."))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are written by adapterkit itself")
+    tensors, report = control_lora_tensors(cn, unet, rank, dtype)
+    md = controlnet_metadata(cn, "control-lora", title)
+    md["modelspec.architecture"] = md["modelspec.architecture"].replace("/controlnet", "/control-lora")
+    md["modelspec.implementation"] = "https://github.com/Stability-AI/stability-ComfyUI-nodes"
+    md["adapterkit.adapter"] = json.dumps({**json.loads(md["adapterkit.adapter"]), "type": "control-lora",
+                                           "rank": rank})
+    md |= {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    write_safetensors(tensors, path, md)
+    return report
+
+
+def load_control_lora(path: str | os.PathLike, unet: nn.Module, allow_other_base: bool = False) -> ControlNet:
+    """Read a Control-LoRA (ours or Stability's) onto the base `unet`; returns a full ControlNet (fp32)."""
+    path = Path(path)
+    tensors, metadata = read_weights(path)
+    if MARKER not in tensors:
+        raise CheckpointError(f"{path} is not a Control-LoRA: it lacks the {MARKER!r} marker tensor")
+    return control_lora_from_tensors(tensors, metadata, unet, path, allow_other_base)
+
+
+def control_lora_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module,
+                              label: Path | str, allow_other_base: bool = False) -> ControlNet:
+    """Rebuild the full ControlNet from Control-LoRA tensors and the base `unet` (ComfyUI semantics).
+
+    Every file key must find its place and every layer the ControlNet adds must be in the file;
+    otherwise CheckpointError, naming the keys. Fails, naming both, on another base.
+    """
+    cfg: UNetConfig = unet.config
+    if "adapterkit.base_config" in metadata:
+        try:
+            made_for = UNetConfig.from_dict(json.loads(metadata["adapterkit.base_config"]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{label}: metadata adapterkit.base_config is not a valid U-Net config: "
+                                  f"{e}") from e
+        if not same_architecture(made_for, cfg):
+            raise CheckpointError(f"{label} is a Control-LoRA for {describe_config(made_for)}, but the U-Net "
+                                  f"is {describe_config(cfg)}")
+    hint_channels, widths = _hint_geometry(tensors, "lllyasviel", label)
+    cn = ControlNet.from_unet(unet, hint_channels, widths)
+    _attach_metadata(cn, metadata, label)             # hint contract, recorded base, carried keys
+    check_base(cn, unet, allow_other_base)
+    if cn.base_fingerprint is None:
+        cn.base_fingerprint = base_fingerprint(unet)     # it is a delta from this base, whatever it was
+
+    names = controlnet_key_map(cfg, widths)                          # ours -> lllyasviel
+    to_ours = {ldm: ours for ours, ldm in names.items()}
+    state = {k: v.detach().clone() for k, v in cn.state_dict().items()}
+    pairs: dict[str, dict[str, Tensor]] = {}
+    unplaced, wrong, full = [], [], set()
+    for key, t in tensors.items():
+        if key == MARKER:
+            continue
+        stem, _, part = key.rpartition(".")
+        if part in ("up", "down") and f"{stem}.weight" in to_ours:
+            pairs.setdefault(to_ours[f"{stem}.weight"], {})[part] = t
+        elif key in to_ours:
+            ours = to_ours[key]
+            if tuple(t.shape) != tuple(state[ours].shape):
+                wrong.append(f"{key}: expected {list(state[ours].shape)}, found {list(t.shape)}")
+            else:
+                state[ours] = t.float()
+                full.add(ours)
+        else:
+            unplaced.append(key)
+    for ours, d in pairs.items():
+        name = names[ours].removesuffix(".weight")
+        w = state[ours]
+        if set(d) != {"up", "down"}:
+            wrong.append(f"{name}: has only .{next(iter(d))}")
+            continue
+        up, down = d["up"].float().flatten(1), d["down"].float().flatten(1)    # [out, r], [r, in*kh*kw]
+        if up.shape[1] != down.shape[0] or up.shape[0] != w.shape[0] or down.shape[1] != w[0].numel():
+            wrong.append(f"{name}: up {list(d['up'].shape)} / down {list(d['down'].shape)} do not fit "
+                         f"a weight of shape {list(w.shape)}")
+            continue
+        state[ours] = w.float() + (up @ down).reshape(w.shape)
+    added = [k for k in state if not k.startswith(_ENCODER_PARTS) and k not in full]
+    problems = [f"{len(items)} {what} ({', '.join(items[:5])}{' ...' if len(items) > 5 else ''})"
+                for what, items in (("keys that name no ControlNet tensor", unplaced),
+                                    ("malformed or wrong-shape tensors", wrong),
+                                    ("ControlNet layers missing from the file",
+                                     [names[k] for k in added])) if items]
+    if problems:
+        raise CheckpointError(f"{label} does not fit a ControlNet on this U-Net: {'; '.join(problems)}")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{label} gives NaN/inf weights in {len(bad)} tensors: {', '.join(bad[:5])}")
+    cn.load_state_dict(state, strict=True)
+    return cn
