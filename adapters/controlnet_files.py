@@ -31,14 +31,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from unet import CheckpointError, UNetConfig, infer_unet_config, ldm_key_map, read_weights
+from unet import CheckpointError, UNetConfig, atomic_write, infer_unet_config, ldm_key_map, read_weights
 from unet import write_safetensors as _write_safetensors
 
 from .controlnet import _ENCODER_PARTS, HINT_WIDTHS, ControlNet, HintSpec, check_base, same_architecture
@@ -190,16 +189,7 @@ def save_controlnet(cn: ControlNet, path: str | os.PathLike, layout: str = "diff
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write([(path, lambda tmp: tmp.write_text(text))])
 
 
 # --- loading ------------------------------------------------------------------------------------------

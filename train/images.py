@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from unet import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +72,7 @@ def write_png(image: Image.Image, path: str | os.PathLike, *, text: dict[str, st
         for k, v in text.items():
             info.add_text(k, v)
     # A dot name: a leftover temp file is "hidden" to train.data's scan, never trained on.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write([(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))])
     return path
 
 

@@ -1,6 +1,7 @@
 """unet: an SD-compatible conditional U-Net whose module names are diffusers' weight format."""
 from .checkpoint import (
     CheckpointError,
+    atomic_write,
     infer_unet_config,
     load_unet,
     read_weights,
@@ -14,4 +15,4 @@ from .model import Encoder, Features, UNet
 
 __all__ = ["PRESETS", "Stage", "UNetConfig", "UNet", "Encoder", "Features",
            "load_unet", "save_unet", "CheckpointError", "infer_unet_config", "unet_fingerprint",
-           "ldm_key_map", "read_weights", "write_safetensors"]
+           "ldm_key_map", "read_weights", "write_safetensors", "atomic_write"]

@@ -523,7 +523,7 @@ def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
     path.mkdir(parents=True, exist_ok=True)
     weights = path / DIFFUSERS_WEIGHTS[0]
     config_text = json.dumps(cfg.to_diffusers(), indent=2) + "\n"
-    _atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+    atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
                    (path / "config.json", lambda tmp: tmp.write_text(config_text))])
     return weights
 
@@ -535,11 +535,16 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     tensors, path = dict(tensors), Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write([(path, lambda tmp: save_file(tensors, tmp, metadata=meta))])
+    atomic_write([(path, lambda tmp: save_file(tensors, tmp, metadata=meta))])
 
 
-def _atomic_write(items: list[tuple[Path, Callable[[Path], None]]]) -> None:
-    """Write each file to a temp name beside it, fsync all, then rename over the targets."""
+def atomic_write(items: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write each file to a temp name beside it, fsync all, then rename over the targets.
+
+    `items` pairs a final path with `write(tmp_path)`. The temp names start with a dot, so a leftover
+    from a killed process is hidden from folder scans. On any error no target is touched (except the
+    renames already done when several files are written: each file is replaced atomically, the set not).
+    """
     temps: list[Path] = []
     try:
         for final, write in items:
