@@ -80,6 +80,34 @@ def make_step(model_fn, opt, autocast: bool, data):
     return step
 
 
+def profile(name: str, step) -> None:
+    """Kernel time of one step, by kernel and by kind (GEMM, conv, attention, norm, elementwise, copy)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    for _ in range(2):
+        step()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        step()
+        torch.cuda.synchronize()
+    kinds = {"attention": ("sdpa", "flash", "fmha", "attention"),
+             "conv": ("conv", "xmma", "implicit", "dgrad", "wgrad"),
+             "gemm": ("gemm", "nvjet", "cutlass", "sm90_"), "norm": ("norm", "Norm"),
+             "layout copy": ("nchwToNhwc", "nhwcToNchw", "copy", "Copy", "cat"),
+             "elementwise": ("elementwise",)}
+    totals, total = {}, 0.0
+    for e in p.key_averages():
+        t = e.self_device_time_total
+        if t <= 0:
+            continue
+        total += t
+        kind = next((k for k, keys in kinds.items() if any(s in e.key for s in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + t
+    print(f"--- {name}: {total / 1e3:.1f} ms of kernels in one step")
+    for k, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:12} {t / 1e3:8.1f} ms  {100 * t / total:5.1f}%")
+    print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=90))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="sd15", choices=list(PRESETS))
@@ -91,6 +119,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
     ap.add_argument("--only-compile", action="store_true", help="skip the eager rows")
     ap.add_argument("--variants", default="peer,ours,ours-bf16-lora")
+    ap.add_argument("--profile", action="store_true", help="print each variant's top CUDA kernels, then stop")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "lora_step.json"))
     args = ap.parse_args()
     device, cfg, H = args.device, PRESETS[args.preset], args.size
@@ -111,6 +140,10 @@ def main():
                 "ours-bf16-lora": lambda: ours(cfg, state, device, True)}
     names = args.variants.split(",")
     built = {n: builders[n]() for n in names}
+    if args.profile:
+        for n, (_, fn, opt, _, autocast) in built.items():
+            profile(n, make_step(fn, opt, autocast, data))
+        return
     rows = []
     for mode in ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else []):
         steps, first = {}, {}
