@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from adapters.lora_files import load_lora_file
     from train.base import encode_prompts, load_base
     from train.images import save_grid
-    from train.lora_train import decode
+    from train.loop import decode
     from train.sampling import ddim_sample, euler_sample
     from train.schedule import NoiseSchedule
 

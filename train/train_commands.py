@@ -13,6 +13,7 @@ from train.config import load_config
 # job -> (module, recipe class); imported only when that job runs.
 JOBS = {
     "lora": ("train.lora_train", "LoraRecipe"),
+    "controlnet": ("train.controlnet_train", "ControlNetRecipe"),
 }
 
 

@@ -1,0 +1,377 @@
+"""ControlNet training end to end on a tiny pipeline whose VAE downsamples 8x (as SD's; the hint
+encoder needs it): the exported folder loads in diffusers and steers its U-Net; hints pair by path or
+name and are cropped exactly like their targets; resume == uninterrupted; the zero convs' gradient
+onsets are what the health check expects; NaN, dead tensors and signals stop the run cleanly."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import train.controlnet_train as ct
+from adapters.controlnet import HintSpec
+from adapters.controlnet_files import load_controlnet
+from tests.sd_fixtures import build_tiny_pipeline
+from train.canny import edge_map_tensor, write_png
+from train.config import ConfigError, load_config
+from train.controlnet_train import ControlConfig, ControlNetRecipe, PairedFolder, gradient_onset, main
+from train.data import DataConfig
+from train.images import tensor_to_pil
+from train.loop import TrainingDiverged
+from unet import PRESETS
+
+COLORS = [(220, 30, 30), (30, 60, 220), (30, 180, 60), (230, 210, 40)]
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The tiny fixture pipeline with its 2x VAE replaced by a 4-level (8x) one."""
+    from diffusers import AutoencoderKL
+    path = build_tiny_pipeline(tmp_path_factory.mktemp("base"), PRESETS["tiny"])
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=1, norm_num_groups=8, sample_size=64).save_pretrained(path / "vae")
+    return path
+
+
+def shape_image(i: int, size=(64, 64)) -> Image.Image:
+    img = Image.new("RGB", size, (240, 240, 240) if i % 2 else (20, 20, 20))
+    d = ImageDraw.Draw(img)
+    x = 6 + 2 * i
+    (d.ellipse if i % 3 else d.rectangle)((x, 10, x + 30, 44), fill=COLORS[i % 4], outline=(0, 0, 0), width=3)
+    return img
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """12 captioned images of coloured shapes: 11 of 64x64 and one 96x64 (a second bucket)."""
+    root = tmp_path_factory.mktemp("images")
+    for i in range(12):
+        shape_image(i, (96, 64) if i == 11 else (64, 64)).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a shape number {i}")
+    return root
+
+
+def recipe(pipeline, images, out, **overrides) -> ControlNetRecipe:
+    cfg = {
+        "model": {"base": str(pipeline)},
+        "data": {"root": str(images), "resolution": 64, "bucket_step": 16, "min_side": 32,
+                 "caption_dropout": 0.5},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 4, "batch_size": 4},
+        "output": {"dir": str(out), "checkpoint_every": 2, "log_every": 1},
+    }
+    return load_config(cfg, ControlNetRecipe, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def state(out: Path) -> dict:
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(ckpt / "adapter_state.safetensors"))
+
+
+def test_trains_a_controlnet_that_loads_in_diffusers_and_steers_its_unet(pipeline, images, tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors import safe_open
+
+    out = main(recipe(pipeline, images, tmp_path / "run", **{
+        "output.formats": "diffusers,diffusers-file", "control.control_lora_rank": 4,
+        "sample.prompts": "a red shape", "sample.steps": 2, "sample.num_hints": 1}))
+    folder = out / "controlnet"
+    assert (folder / "config.json").is_file() and (out / "controlnet.safetensors").is_file()
+    assert [r["step"] for r in rows(out / "loss.jsonl")] == [1, 2, 3, 4]
+    assert (out / "loss.png").is_file() and (out / "samples" / "final.png").is_file()
+    assert (out / "checkpoints" / "step-000002" / "controlnet" / "config.json").is_file()
+
+    # the preprocessing contract and the base travel in the file; the recipe too, without full paths
+    cn = load_controlnet(folder)
+    assert cn.hint == HintSpec("canny", "like-target", 100, 200)
+    from train.base import load_base
+    assert cn.base_fingerprint == load_base(pipeline).fingerprint.unet
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        recipe_meta = json.loads(f.metadata()[ct.RECIPE_KEY])
+    assert recipe_meta["data"]["root"] == images.name and recipe_meta["train"]["steps"] == 4
+    single = load_controlnet(out / "controlnet.safetensors").state_dict()
+    assert all(torch.equal(v, single[k]) for k, v in cn.state_dict().items())
+
+    # diffusers: the folder loads, gives our residuals, and they change its U-Net's output
+    theirs = ControlNetModel.from_pretrained(folder).eval()
+    d_unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 8, PRESETS["tiny"].context_dim, generator=g)
+    hint = (torch.rand(1, 3, 64, 64, generator=g) > 0.9).float()          # an edge-like map in {0, 1}
+    with torch.no_grad():
+        down, mid = theirs(x, 500, ctx, hint, return_dict=False)
+        ours = cn(x, 500, ctx, hint)
+        plain = d_unet(x, 500, ctx).sample
+        steered = d_unet(x, 500, ctx, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+    for a, b in zip([*ours.down, ours.mid], [*down, mid]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (steered - plain).abs().max() > 1e-4
+
+    # the Control-LoRA export and the edge fidelity of the samples, in the JSONL and TensorBoard
+    assert (out / "controlnet.control-lora.safetensors").stat().st_size < \
+        (out / "controlnet.safetensors").stat().st_size / 2
+    scores = rows(out / "edge_fidelity.jsonl")
+    assert [r["step"] for r in scores] == [4]
+    assert set(scores[0]["edge_f1"]) == {"0", "1"} and all(0 <= v <= 1 for v in scores[0]["edge_f1"].values())
+    events = b"".join(p.read_bytes() for p in (out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"edge_f1/control_x1" in events and b"loss" in events
+
+
+def test_hints_pair_by_path_or_name_and_the_rest_is_reported(images, tmp_path):
+    cond = tmp_path / "cond"
+    (cond / "sub").mkdir(parents=True)
+    for i in range(12):
+        edges = Image.fromarray(np.asarray(edge_map_tensor(shape_image(i, (96, 64) if i == 11 else (64, 64)))
+                                           .permute(1, 2, 0).mul(255).byte()))
+        if i == 0:
+            edges.save(cond / "sub" / "img00.jpg")                 # by name, another extension and folder
+        elif i == 3:
+            continue                                               # missing
+        elif i == 5:
+            edges.save(cond / "img05.png")
+            edges.save(cond / "img05.bmp")                         # one path, two files: ambiguous
+        elif i == 7:
+            edges.resize((32, 32)).save(cond / "img07.png")        # half size: resized before the crop
+        else:
+            write_png(edges, cond / f"img{i:02d}.png", text={"adapterkit.canny": json.dumps(
+                {"low": 100, "high": 200, "blur": None})})
+    Image.new("RGB", (64, 64)).save(cond / "stray.png")             # no image uses it; blank too
+    data = DataConfig(root=str(images), resolution=64, bucket_step=16, min_side=32)
+    ds = PairedFolder.scan(data, ControlConfig(folder=str(cond)))
+    assert len(ds) == 10
+    found = {k: [rel for rel, _ in v] for k, v in ds.pairs.entries.items()}
+    assert found == {"missing": ["img03.png"], "ambiguous": ["img05.png"], "resized": ["img07.png"],
+                     "orphan": ["stray.png"]}
+    summary = ds.summary()
+    assert "10 of 12 images paired" in summary and "img03.png" in summary and "img05.bmp" in summary
+    # the JPEG found by name is img00's hint; mixed settings (one JPEG, one resized PNG): none recorded
+    i = next(i for i, r in enumerate(ds.records) if r.rel == "img00.png")
+    assert (ds[i]["hint"] - edge_map_tensor(shape_image(0))).abs().mean() < 0.05
+    assert ds.hint_spec == HintSpec("canny", "like-target")
+
+    # a folder made by `adapterkit canny` pairs completely and its thresholds go into the contract
+    from train.canny import canny_folder
+    canny_folder(images, tmp_path / "made", low=50, high=150)
+    made = PairedFolder.scan(data, ControlConfig(folder=str(tmp_path / "made")))
+    assert len(made) == 12 and not made.pairs.entries
+    assert made.hint_spec == HintSpec("canny", "like-target", 50, 150)
+
+    with pytest.raises(ValueError, match="none of the 12 training images has a usable conditioning image"):
+        PairedFolder.scan(data, ControlConfig(folder=str(_empty(tmp_path / "other"))))
+    with pytest.raises(ValueError, match="overlap"):
+        PairedFolder.scan(data, ControlConfig(folder=str(images)))
+
+
+def _empty(folder: Path) -> Path:
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(folder / "unrelated.png")
+    return folder
+
+
+def test_the_hint_is_cropped_exactly_like_its_target(tmp_path):
+    """A 150x100 image in an 80x48 bucket, random crops and flips: the conditioning image (the very
+    same pixels) comes out identical to the target; an automatic Canny map is the Canny of the crop."""
+    root, cond = tmp_path / "images", tmp_path / "cond"
+    root.mkdir()
+    cond.mkdir()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8))
+    ImageDraw.Draw(image).rectangle((20, 20, 90, 70), fill=(250, 250, 250))
+    image.save(root / "a.png")
+    (root / "a.txt").write_text("noise")
+    image.save(cond / "a.png")
+    data = DataConfig(root=str(root), resolution=64, bucket_step=16, min_side=32, random_crop=True, flip=True)
+    paired = PairedFolder.scan(data, ControlConfig(folder=str(cond)))
+    auto = PairedFolder.scan(data, ControlConfig(canny_low=50, canny_high=150))
+    assert paired.bucket_of[0] == (80, 48)
+    crops = []
+    for epoch in range(8):
+        s, a = paired[(epoch, 0)], auto[(epoch, 0)]
+        crops.append(s["crop"])
+        assert s["hint"].shape == s["pixel_values"].shape == (3, 48, 80)
+        torch.testing.assert_close(s["hint"] * 2 - 1, s["pixel_values"], atol=1e-6, rtol=0)
+        assert torch.equal(paired.hint((epoch, 0)), s["hint"])              # what train_step uses
+        target = tensor_to_pil(a["pixel_values"])                           # the cropped target itself
+        assert torch.equal(a["hint"], edge_map_tensor(target, 50, 150))
+        assert torch.equal(auto.hint((epoch, 0), a["crop"]), a["hint"])
+    assert {c.flip for c in crops} == {True, False} and len({c.box for c in crops}) == 8
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(pipeline, images, tmp_path, monkeypatch):
+    over = {"train.grad_accum": 2}
+    straight = main(recipe(pipeline, images, tmp_path / "straight", **over))
+    real_step, calls = ct.train_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:                      # steps 1-2 done and step 2's checkpoint written
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ct, "train_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(recipe(pipeline, images, tmp_path / "resumed", **over))
+    monkeypatch.setattr(ct, "train_step", real_step)
+    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **over))
+
+    a, b = state(straight), state(resumed)
+    assert a.keys() == b.keys() and len(a) == len(load_controlnet(straight / "controlnet").state_dict())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [r["step"] for r in rows(resumed / "loss.jsonl")] == [1, 2, 3, 4]
+    for x, y in zip(rows(straight / "loss.jsonl"), rows(resumed / "loss.jsonl")):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+
+
+def test_gradients_arrive_where_the_zero_convs_let_them(pipeline, images, tmp_path, monkeypatch):
+    """Step 1: only the zero convs; step 2: + the encoder clone and the hint conv_out; step 3: all
+    (gradient_onset). Everything else is exactly zero until then."""
+    real, seen = ct.check_controlnet_gradients, []
+
+    def record(cn, step, hinted):
+        seen.append({n for n, p in cn.named_parameters() if p.grad is not None and p.grad.any()})
+        real(cn, step, hinted)
+
+    monkeypatch.setattr(ct, "check_controlnet_gradients", record)
+    main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 3, "output.checkpoint_every": 0}))
+    from adapters.controlnet import ControlNet
+    with torch.device("meta"):
+        names = [n for n, _ in ControlNet(PRESETS["tiny"]).named_parameters()]
+    for step, nonzero in enumerate(seen, start=1):
+        assert nonzero == {n for n in names if gradient_onset(n) <= step}, step
+    assert {gradient_onset(n) for n in names} == {1, 2, 3}
+
+
+def test_a_controlnet_tensor_without_gradient_stops_the_run(pipeline, images, tmp_path, monkeypatch):
+    real = ct.ControlNet.from_unet
+
+    def with_a_bypassed_zero_conv(unet, *args, **kwargs):
+        cn = real(unet, *args, **kwargs)
+        cn.controlnet_down_blocks[2].forward = lambda x: torch.zeros_like(x)   # its weights never used
+        return cn
+
+    monkeypatch.setattr(ct.ControlNet, "from_unet", staticmethod(with_a_bypassed_zero_conv))
+    with pytest.raises(RuntimeError, match=r"got no gradient at step 1.*controlnet_down_blocks\.2\.weight"):
+        main(recipe(pipeline, images, tmp_path / "run"))
+
+
+def test_a_base_whose_vae_is_not_8x_is_refused_before_any_work(images, tmp_path):
+    two_x = build_tiny_pipeline(tmp_path / "base", PRESETS["tiny"])       # the shared fixture's 2x VAE
+    with pytest.raises(ValueError, match="VAE downsamples 2x but the ControlNet hint encoder 8x"):
+        main(recipe(two_x, images, tmp_path / "run"))
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(pipeline, images, tmp_path, monkeypatch):
+    real_loss, calls = ct.diffusion_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(ct, "diffusion_loss", nan_at_step_3)
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 3.*step-000002"):
+        main(recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 1}))
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-000001", "step-000002"]
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert not (tmp_path / "run" / "controlnet").exists()
+
+
+def test_sigint_writes_a_final_checkpoint_and_the_run_resumes_from_it(pipeline, images, tmp_path,
+                                                                      monkeypatch):
+    real_step, calls = ct.train_step, []
+
+    def interrupt_during_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)          # as Ctrl-C would, mid-step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ct, "train_step", interrupt_during_step_2)
+    cfg = recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 0, "train.steps": 3})
+    main(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "controlnet" / "config.json").is_file()
+    assert not (tmp_path / "run" / "controlnet").exists()
+    monkeypatch.setattr(ct, "train_step", real_step)
+    main(cfg)
+    assert (tmp_path / "run" / "controlnet" / "config.json").is_file()
+    assert [r["step"] for r in rows(tmp_path / "run" / "loss.jsonl")] == [1, 2, 3]
+
+
+def test_trains_against_a_loraed_base_and_samples_lora_by_control_scales(pipeline, images, tmp_path):
+    from adapters.lora import LoraSpec, add_lora
+    from adapters.lora_files import save_lora
+    from unet import load_unet
+    unet = load_unet(pipeline / "unet")
+    add_lora(unet, LoraSpec(rank=2, alpha=2, targets="attn"))
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_lora(unet, tmp_path / "style.safetensors")
+    hint = tmp_path / "hint.png"
+    tensor_to_pil(edge_map_tensor(shape_image(1)), (0.0, 1.0)).save(hint)
+
+    one_step = {"train.steps": 1, "output.checkpoint_every": 0}
+    plain = main(recipe(pipeline, images, tmp_path / "plain", **one_step))
+    out = main(recipe(pipeline, images, tmp_path / "lora", **one_step, **{
+        "control.lora": f"{tmp_path / 'style.safetensors'}:0.8", "sample.prompts": "a shape",
+        "sample.hints": str(hint), "sample.steps": 2, "sample.lora_scales": "0,1",
+        "sample.control_scales": "0,0.5,1"}))
+    assert rows(plain / "loss.jsonl")[0]["loss"] != rows(out / "loss.jsonl")[0]["loss"]   # the LoRA acts
+    grid = Image.open(out / "samples" / "final.png")
+    assert grid.width > 4 * 64 and 2 * 64 < grid.height < 3 * 64       # 2 rows (LoRA x0, x1) x 4 columns
+    assert set(rows(out / "edge_fidelity.jsonl")[0]["edge_f1"]) == {"0", "0.5", "1"}
+    # the file is made for the base: the LoRA was looked through
+    assert load_controlnet(out / "controlnet").base_fingerprint == \
+        load_controlnet(plain / "controlnet").base_fingerprint
+
+
+def test_bf16_base_with_fp32_masters_or_an_fp32_controlnet(pipeline, images, tmp_path):
+    for compute in ("base", "fp32"):
+        out = main(recipe(pipeline, images, tmp_path / compute, **{
+            "model.dtype": "bf16", "train.adapter_compute": compute, "train.steps": 2}))
+        trained = state(out)
+        assert all(v.dtype == torch.float32 for v in trained.values())
+        exported = load_controlnet(out / "controlnet").state_dict()
+        assert all(torch.equal(exported[k], trained[k]) for k in trained)    # the fp32 values, not bf16
+        moved = trained["controlnet_mid_block.weight"]
+        assert moved.any() and not torch.equal(moved, moved.bfloat16().float())
+
+
+def test_cli_trains_from_yaml_with_overrides_and_the_shipped_recipe_loads(pipeline, images, tmp_path, capsys):
+    import yaml
+
+    from train.cli import main as cli
+    cfg = tmp_path / "controlnet.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"base": str(pipeline)},
+                                   "data": {"root": str(images), "resolution": 64, "bucket_step": 16,
+                                            "min_side": 32},
+                                   "train": {"steps": 1, "batch_size": 4}}))
+    out = tmp_path / "cli"
+    assert cli(["train", "controlnet", str(cfg), f"output.dir={out}", "output.name=edges",
+                "control.conditioning_scale=0.5", "output.formats=diffusers-file"]) == 0
+    assert (out / "edges.safetensors").is_file()
+    assert cli(["train", "controlnet", str(cfg), "control.canny_lo=50"]) == 2
+    assert "did you mean 'canny_low'" in capsys.readouterr().err
+
+    shipped = load_config(CONFIGS / "sd15_controlnet.yaml", ControlNetRecipe,
+                          [f"model.base={tmp_path}", f"data.root={tmp_path}"])
+    assert shipped.control.kind == "canny" and shipped.train.steps > 0
+    with pytest.raises(ConfigError, match="did you mean 'conditioning_scale'"):
+        load_config(CONFIGS / "sd15_controlnet.yaml", ControlNetRecipe, ["control.conditioning_scal=1"])

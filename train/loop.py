@@ -1,0 +1,425 @@
+"""The machinery every training job shares: one copy, used by `lora_train` and `controlnet_train`.
+
+A job's `main(cfg)` owns its model, its step (forward + loss) and its exports; everything around that
+lives here:
+
+    make_accelerator(out)                 devices, `accelerate launch`, TensorBoard under out/
+    open_base / frozen_dtype              the base model in fp32, then the U-Net's training dtype
+    adapter_master_weights                bf16/fp16 compute with fp32 masters in the optimizer
+    register_state_hooks                  save_state/load_state keep only the trained tensors
+    resume                                the newest complete checkpoint, refused if the run differs
+    BatchPlan, noisy_batch                which images a micro-batch gets, and its noised latents
+    check_finite_loss, optimizer_step     the NaN guard, then clip -> step -> schedule -> zero_grad
+    save_checkpoint                       atomic, rotated (train/checkpoints.py), exports inside
+    LossLog / JsonlLog, ProgressBar       what a person watches
+    StopSignals                           SIGINT/SIGTERM finish the step and write a checkpoint
+
+Exact resume rests on three rules the pieces keep: the batch order is a pure function of
+(seed, epoch) (BatchPlan), every random draw of step s comes from a generator seeded by
+(seed, s, micro-batch, process) (BatchPlan.seed), and accelerate's checkpoint carries the optimizer,
+the LR schedule and every RNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from train.base import BaseModel, load_base
+from train.cache import LatentCache
+from train.checkpoints import latest_checkpoint, read_state, write_checkpoint
+from train.config import to_dict
+from train.data import CaptionedImageFolder
+from train.precision import MasterWeights
+from train.schedule import NoiseSchedule, offset_noise
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STATE_FILE = "adapter_state.safetensors"        # the trained tensors inside a checkpoint
+
+
+# --- recipe sections every job has ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str                                       # local diffusers pipeline folder or single .safetensors
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # frozen U-Net; auto = bf16 on GPU, fp32 on CPU
+    tokenizer: str | None = None                    # single-file checkpoints carry none
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0                      # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int = 1000
+    batch_size: int = 4                             # per process, per micro-batch
+    grad_accum: int = 1
+    seed: int = 0
+    min_snr_gamma: float | None = 5.0               # Hang et al. 2023; None = plain MSE
+    noise_offset: float = 0.0
+    gradient_checkpointing: bool = False
+    # The adapter branch computes in the base's dtype with fp32 master weights in the optimizer
+    # ("base", the default when the base is bf16/fp16), or in fp32 throughout ("fp32", peft's default:
+    # 1.2x slower and 37% more memory at SD1.5, see README).
+    adapter_compute: Literal["base", "fp32"] = "base"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the checkpoints on disk are the last good state."""
+    user_facing = True
+
+
+# --- setting up -----------------------------------------------------------------------------------
+
+def make_accelerator(out: Path) -> Accelerator:
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),      # CPU processes of `accelerate launch --multi_gpu`: gloo
+        gradient_accumulation_steps=1,          # accumulation is explicit in each job's step (exact resume)
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)))
+
+
+def open_base(cfg: ModelConfig, device: torch.device) -> BaseModel:
+    """The base in fp32 (VAE and text encoder stay fp32: they only fill the cache)."""
+    return load_base(cfg.base, dtype=torch.float32, device=device, allow_pickle=cfg.allow_pickle,
+                     tokenizer=cfg.tokenizer, prediction_type=cfg.prediction_type)
+
+
+def frozen_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    return DTYPES[cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")]
+
+
+def load_frozen_base(cfg: ModelConfig, device: torch.device) -> tuple[BaseModel, str]:
+    """The base (`open_base`), the U-Net then cast to its training dtype and frozen. Returns the base
+    and the U-Net fingerprint taken before the cast, which is what the adapter file records (a bf16
+    copy would fingerprint differently)."""
+    base = open_base(cfg, device)
+    base.unet.to(frozen_dtype(cfg, device))
+    base.unet.requires_grad_(False)
+    return base, base.fingerprint.unet
+
+
+def lr_lambda(cfg: OptimConfig, total: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+    return factor
+
+
+def make_optimizer(cfg: OptimConfig, params: Sequence[torch.nn.Parameter], steps: int):
+    """AdamW over `params` and its LR schedule (warmup, then constant / cosine / linear)."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+
+
+def adapter_master_weights(params: list[torch.nn.Parameter], base_dtype: torch.dtype,
+                           compute: str) -> MasterWeights | None:
+    """With a bf16/fp16 base and adapter_compute="base": the adapter tensors drop to the base dtype
+    (no fp32 copies of every activation in the adapter branch) and fp32 masters go to the optimizer."""
+    if compute == "fp32" or base_dtype == torch.float32:
+        return None
+    for p in params:
+        p.data = p.data.to(base_dtype)
+    return MasterWeights(params)
+
+
+def full_precision_state(named: dict[str, torch.nn.Parameter],
+                         master: MasterWeights | None) -> dict[str, Tensor]:
+    """The trained tensors by name at full precision (the fp32 masters when there are some), as
+    detached views of the live tensors (copy_ into them to load)."""
+    if master:
+        by_id = {id(p): m for p, m in zip(master.model_params, master.params)}
+        named = {n: by_id.get(id(p), p) for n, p in named.items()}
+    return {n: p.detach().contiguous() for n, p in named.items()}
+
+
+def register_state_hooks(accelerator: Accelerator, state: Callable[[], dict[str, Tensor]],
+                         master: MasterWeights | None, what: str) -> None:
+    """Make accelerate's save_state/load_state keep only the trained tensors (`state()`), not the
+    frozen base (1.7 GB of SD1.5 per checkpoint otherwise). `what` names them in errors."""
+    def save_hook(models, weights, output_dir):
+        weights.clear()
+        models.clear()
+        save_file(state(), str(Path(output_dir) / STATE_FILE))
+
+    def load_hook(models, input_dir):
+        models.clear()
+        saved = load_file(str(Path(input_dir) / STATE_FILE))
+        own = state()                              # detached views of the live tensors
+        missing, unknown = set(own) - set(saved), set(saved) - set(own)
+        if missing or unknown:
+            raise ValueError(f"{input_dir}: the checkpoint's adapter does not match this run's {what} "
+                             f"({len(missing)} tensors missing, {len(unknown)} unknown)")
+        with torch.no_grad():
+            for name, value in saved.items():
+                own[name].copy_(value)
+        if master:
+            master.master_to_model()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+MUTABLE = ("train.steps", "output.", "sample.")   # what may change between a run and its resume
+
+
+def resume(accelerator: Accelerator, out: Path, cfg: Any, mutable: Sequence[str] = MUTABLE) -> int:
+    """Load the newest complete checkpoint under out/checkpoints; returns the step to continue from.
+
+    A checkpoint made with another base, data, adapter or loss setup is refused rather than continued
+    (only the keys, or key prefixes ending in ".", in `mutable` may change)."""
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is None:
+        return 0
+    state = read_state(ckpt)
+    before, now = flat_dict(state["config"]), flat_dict(to_dict(cfg))
+    exact = {m for m in mutable if not m.endswith(".")}
+    prefixes = tuple(m for m in mutable if m.endswith("."))
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k) and k not in exact and not k.startswith(prefixes))
+    if changed:
+        raise ValueError(f"{out} holds a checkpoint of a different run ({ckpt.name}): "
+                         + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+                         + ". Use another output.dir, or delete its checkpoints/ to start over.")
+    accelerator.load_state(str(ckpt))
+    if accelerator.is_main_process:
+        print(f"resuming from {ckpt} (step {state['step']})", flush=True)
+    return int(state["step"])
+
+
+# --- the step -------------------------------------------------------------------------------------
+
+class BatchPlan:
+    """Which dataset keys micro-batch (step, micro) of process `rank` gets: global micro-batch
+    n = (step * accum + micro) * world + rank walks the epochs' batch lists in order."""
+
+    def __init__(self, dataset: CaptionedImageFolder, batch_size: int, accum: int, world: int, rank: int):
+        self.sampler = dataset.batch_sampler(batch_size)
+        self.per_epoch = len(self.sampler)
+        self.accum, self.world, self.rank = accum, world, rank
+        self._epoch, self._batches = -1, []
+
+    def keys(self, step: int, micro: int) -> list[tuple[int, int]]:
+        n = (step * self.accum + micro) * self.world + self.rank
+        epoch, i = divmod(n, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self.sampler.epoch_batches(epoch)
+        return [(epoch, index) for index in self._batches[i]]
+
+    def seed(self, base_seed: int, step: int, micro: int) -> int:
+        return int(np.random.SeedSequence([base_seed, step, micro, self.rank]).generate_state(1)[0])
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, ready for the model: latents are fp32, `noisy` and `context` in `dtype`."""
+    keys: list[tuple[int, int]]
+    samples: list[dict]                # dataset.describe(key) of each: caption, crop, identity
+    latents: Tensor                    # (B, C, h, w) clean
+    context: Tensor                    # (B, L, D)
+    noise: Tensor
+    t: Tensor                          # (B,) int64
+    noisy: Tensor
+
+
+def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCache, base: BaseModel,
+                schedule: NoiseSchedule, loop: LoopConfig, step: int, micro: int, device: torch.device,
+                dtype: torch.dtype) -> MicroBatch:
+    """Micro-batch `micro` of `step`: latents and caption embeddings from the cache, then noise and
+    timesteps, every draw from the (seed, step, micro, process) generator in a fixed order."""
+    keys = plan.keys(step, micro)
+    samples = [dataset.describe(k) for k in keys]
+    batch = {k: [s[k] for s in samples] for k in samples[0]}
+    batch["pixel_values"] = lambda keys=keys: torch.stack([dataset[k]["pixel_values"] for k in keys])
+    g = torch.Generator(device).manual_seed(plan.seed(loop.seed, step, micro))
+    latents = cache.latents(base, batch, dataset.cfg, generator=g, device=device).float()
+    context = cache.embeddings(base, batch["caption"], device=device).to(dtype)
+    noise = offset_noise(latents.shape, loop.noise_offset, g, device)
+    t = schedule.sample_timesteps(len(latents), g, device)
+    noisy = schedule.add_noise(latents, noise, t).to(dtype)
+    return MicroBatch(keys, samples, latents, context, noise, t, noisy)
+
+
+def check_finite_loss(loss: float, step: int, out: Path) -> None:
+    """The NaN guard: stop before the optimizer sees the step; nothing is saved."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"the loss became {loss} at step {step + 1}; stopped without saving. The last good "
+            f"checkpoint is {latest_checkpoint(out / 'checkpoints') or 'none (no checkpoint yet)'}."
+            " Lower optim.lr, keep max_grad_norm on, or use bf16 instead of fp16.")
+
+
+def optimizer_step(accelerator: Accelerator, optimizer, lr_schedule, params: Sequence[torch.nn.Parameter],
+                   master: MasterWeights | None, max_grad_norm: float) -> None:
+    """Gradients to the masters, clip, step, masters back into the model, schedule, zero_grad."""
+    if master:
+        master.grads_to_master()
+    clip(accelerator, master.params if master else params, max_grad_norm)
+    optimizer.step()
+    if master:
+        master.master_to_model()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def clip(accelerator: Accelerator, params, max_norm: float) -> None:
+    if max_norm > 0:
+        accelerator.clip_grad_norm_(params, max_norm)
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, cfg: Any,
+                    export: Callable[[Path, int], Any]) -> None:
+    """An atomic checkpoint with the resumable state and the adapter files as of this step."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        def fill(folder: Path) -> None:
+            accelerator.save_state(str(folder))
+            export(folder, step)
+        write_checkpoint(out / "checkpoints", step, fill,
+                         {"step": step, "processes": accelerator.num_processes, "config": to_dict(cfg)},
+                         keep=cfg.output.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def public_recipe(cfg: Any, paths: Sequence[str] = ("data.root", "model.base", "output.dir")) -> dict:
+    """The recipe as a dict for a shared file's metadata: each dotted key in `paths` cut to its last
+    path component (nothing personal: no full path)."""
+    recipe = to_dict(cfg)
+    for dotted in paths:
+        *parents, key = dotted.split(".")
+        d = recipe
+        for p in parents:
+            d = d.get(p) or {}
+        if d.get(key) is not None:
+            d[key] = Path(str(d[key])).name
+    return recipe
+
+
+def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (pixel-space models return their samples)."""
+    if base.vae is None:
+        return latents.clamp(-1, 1)
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    z = latents / base.vae.config.scaling_factor + shift
+    return base.vae.decode(z.to(base.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+class JsonlLog:
+    """A JSON-lines file of rows keyed by "step", truncated to the resume step so a resumed run has
+    one history. Only the main process (`active`) writes."""
+
+    def __init__(self, path: Path, start: int, active: bool):
+        self.path, self.active = path, active
+        self.rows = []
+        if active and path.exists():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start]
+        if active:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        if self.active:
+            self.rows.append(row)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class LossLog(JsonlLog):
+    """loss.jsonl: one line per step."""
+
+    def add(self, step: int, loss: float, lr: float) -> None:
+        self.write({"step": step, "loss": loss, "lr": lr})
+
+    def plot(self, path: Path) -> None:
+        from train.images import loss_curve_png
+        if self.rows:
+            loss_curve_png([r["step"] for r in self.rows], [r["loss"] for r in self.rows], path,
+                           title="training loss")
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step and write a final checkpoint; a
+    second signal stops at once."""
+
+    def __enter__(self):
+        self.requested, self._old = None, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:          # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, then writing a checkpoint (again to abort)",
+              flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class ProgressBar:
+    """A tqdm bar with loss and images/s on the main process; nothing elsewhere."""
+
+    def __init__(self, accelerator: Accelerator, start: int, total: int, desc: str):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, initial=start, disable=not accelerator.is_local_main_process,
+                        desc=desc, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def update(self, loss: float, images_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+        self.bar.update(1)
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b": value}; non-scalars as strings (TensorBoard's hparams take scalars and
+    strings only)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flat_dict(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
