@@ -22,7 +22,7 @@ from train.config import ConfigError, load_config
 from train.controlnet_train import ControlConfig, ControlNetRecipe, PairedFolder, gradient_onset, main
 from train.data import DataConfig
 from train.images import tensor_to_pil
-from train.loop import TrainingDiverged
+from train.loop import TrainingDiverged, TrainingInterrupted
 from unet import PRESETS
 
 COLORS = [(220, 30, 30), (30, 60, 220), (30, 180, 60), (230, 210, 40)]
@@ -303,7 +303,9 @@ def test_sigint_writes_a_final_checkpoint_and_the_run_resumes_from_it(pipeline, 
 
     monkeypatch.setattr(ct, "train_step", interrupt_during_step_2)
     cfg = recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 0, "train.steps": 3})
-    main(cfg)
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 2") as stopped:
+        main(cfg)
+    assert stopped.value.exit_code == 130
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "controlnet" / "config.json").is_file()
     assert not (tmp_path / "run" / "controlnet").exists()

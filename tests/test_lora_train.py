@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import train.lora_train as lt
 from tests.sd_fixtures import build_tiny_pipeline
 from train.config import load_config
+from train.loop import TrainingOutOfMemory
 from train.lora_train import LoraRecipe, main
 from unet import PRESETS
 
@@ -249,7 +250,9 @@ def test_sigint_writes_a_final_checkpoint_and_the_run_resumes_from_it(pipeline, 
 
     monkeypatch.setattr(lt, "train_step", interrupt_during_step_2)
     cfg = recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 0})
-    main(cfg)                                             # returns normally after the signal
+    with pytest.raises(lt.TrainingInterrupted, match="SIGINT at step 2") as stopped:
+        main(cfg)                                         # after the final checkpoint
+    assert stopped.value.exit_code == 130
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "lora.safetensors").is_file()
     assert not (tmp_path / "run" / "lora.safetensors").exists()      # the run did not finish
@@ -265,3 +268,34 @@ def test_sample_grids_are_written_during_and_after_training(pipeline, images, tm
         "sample.lora_scales": "0,1"}))
     samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
     assert samples == ["final.png", "step-000002.png", "step-000004.png"]
+
+
+def test_out_of_memory_names_the_sizes_to_change_and_keeps_the_checkpoint(pipeline, images, tmp_path,
+                                                                         monkeypatch):
+    real_step, calls = lt.train_step, []
+
+    def oom_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(lt, "train_step", oom_at_step_3)
+    with pytest.raises(TrainingOutOfMemory, match=r"step 3 with batch_size=4 at resolution 32.*step-000002"):
+        main(recipe(pipeline, images, tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
+def test_a_damaged_checkpoint_is_refused_not_restarted(pipeline, images, tmp_path):
+    main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 2}))
+    (tmp_path / "run" / "checkpoints" / "step-000002" / "optimizer.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"step-000002 is damaged: empty optimizer\.bin"):
+        main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 4}))
+
+
+def test_an_unwritable_output_folder_fails_before_loading_anything(pipeline, images, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(lt, "load_frozen_base", lambda *a: pytest.fail("loaded a model first"))
+    with pytest.raises(ValueError, match="is not writable"):
+        main(recipe(pipeline, images, blocker / "run"))

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "user_facing", False):       # a bug: keep the traceback
             raise
         print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)
-        return 3
+        return getattr(e, "exit_code", 3)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ from train.loop import (
     OptimConfig,
     ProgressBar,
     StopSignals,
+    TrainingInterrupted,
     adapter_master_weights,
     check_finite_loss,
     decode,
@@ -94,6 +95,7 @@ from train.loop import (
     noisy_batch,
     open_base,
     optimizer_step,
+    out_of_memory_explained,
     public_recipe,
     register_state_hooks,
     resume,
@@ -234,7 +236,8 @@ def main(cfg: ControlNetRecipe) -> Path:
     with StopSignals() as stop, ProgressBar(accelerator, start, cfg.train.steps, "controlnet") as bar:
         while step < cfg.train.steps and not stop.requested:
             t0 = time.perf_counter()
-            loss = train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step)
+            with out_of_memory_explained(cfg, step, out):
+                loss = train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step)
             check_finite_loss(loss, step, out)
             optimizer_step(accelerator, optimizer, lr_schedule, params, master, cfg.optim.max_grad_norm)
             step += 1
@@ -248,16 +251,15 @@ def main(cfg: ControlNetRecipe) -> Path:
                 save_checkpoint(accelerator, out, step, cfg, export)
             if hints and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.steps:
                 sample_and_score(step, f"step-{step:06d}.png")
-    if stop.requested:
-        print(f"stopped by {stop.requested} at step {step}; checkpoint and ControlNet files written. Run "
-              "the same command again to resume.", flush=True)
-    elif accelerator.is_main_process:
+    if not stop.requested and accelerator.is_main_process:
         export(out)
         if hints:
             sample_and_score(step, "final.png")
         losses.plot(out / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if stop.requested:
+        raise TrainingInterrupted(stop.requested, step, "ControlNet")
     return out
 
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +40,7 @@ from torch import Tensor
 
 from train.base import BaseModel, load_base
 from train.cache import LatentCache
-from train.checkpoints import latest_checkpoint, read_state, write_checkpoint
+from train.checkpoints import MARKER, latest_checkpoint, read_state, write_checkpoint
 from train.config import to_dict
 from train.data import CaptionedImageFolder
 from train.precision import MasterWeights
@@ -90,9 +92,51 @@ class TrainingDiverged(RuntimeError):
     user_facing = True
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """A step did not fit in device memory; the checkpoints on disk are the last good state."""
+    user_facing = True
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped the run after a final checkpoint; exit status 128 + the signal number."""
+    user_facing = True
+
+    def __init__(self, signal_name: str, step: int, what: str):
+        self.exit_code = 128 + int(getattr(signal, signal_name))
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint and {what} files written. "
+                         "Run the same command again to resume.")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any model is loaded when the output folder cannot be written (reliability C10)."""
+    probe = out / f".write-probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output.dir {out} is not writable ({e.strerror or e}); choose another "
+                         "output.dir") from None
+
+
+@contextmanager
+def out_of_memory_explained(cfg: Any, step: int, out: Path):
+    """Turn a device OOM in a step into a message with the sizes to change (reliability C5)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise TrainingOutOfMemory(
+            f"out of device memory at step {step + 1} with batch_size={cfg.train.batch_size} at "
+            f"resolution {cfg.data.resolution} ({str(e).splitlines()[0][:160]}). Lower train.batch_size "
+            "(raise train.grad_accum to keep the effective batch), set train.gradient_checkpointing=true, "
+            f"or lower data.resolution. Last good checkpoint: "
+            f"{latest_checkpoint(out / 'checkpoints') or 'none yet'}.") from None
+
+
 # --- setting up -----------------------------------------------------------------------------------
 
 def make_accelerator(out: Path) -> Accelerator:
+    check_writable(out)
     return Accelerator(
         cpu=not torch.cuda.is_available(),      # CPU processes of `accelerate launch --multi_gpu`: gloo
         gradient_accumulation_steps=1,          # accumulation is explicit in each job's step (exact resume)
@@ -209,10 +253,29 @@ def resume(accelerator: Accelerator, out: Path, cfg: Any, mutable: Sequence[str]
         raise ValueError(f"{out} holds a checkpoint of a different run ({ckpt.name}): "
                          + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
                          + ". Use another output.dir, or delete its checkpoints/ to start over.")
-    accelerator.load_state(str(ckpt))
+    check_checkpoint_files(ckpt)
+    try:
+        accelerator.load_state(str(ckpt))
+    except (OSError, RuntimeError, EOFError, KeyError) as e:
+        raise ValueError(f"{ckpt} could not be loaded ({type(e).__name__}: {e}); move it away to resume "
+                         "from the previous checkpoint, or delete checkpoints/ to start over") from None
     if accelerator.is_main_process:
         print(f"resuming from {ckpt} (step {state['step']})", flush=True)
     return int(state["step"])
+
+
+def check_checkpoint_files(ckpt: Path) -> None:
+    """Refuse a checkpoint missing a state file or holding an empty one (reliability C1): resuming
+    from it would silently restart the optimizer or the RNG."""
+    files = {p.name: p.stat().st_size for p in ckpt.iterdir() if p.is_file()}
+    needed = [STATE_FILE, "optimizer.bin", "random_states_0.pkl"]
+    missing = [n for n in needed if n not in files]
+    empty = [n for n, size in files.items() if size == 0 and n != MARKER]
+    if missing or empty:
+        raise ValueError(f"{ckpt} is damaged: " + "; ".join(
+            part for part in (f"missing {', '.join(missing)}" if missing else "",
+                              f"empty {', '.join(empty)}" if empty else "") if part)
+            + ". Move it away to resume from the previous checkpoint, or delete checkpoints/ to start over.")
 
 
 # --- the step -------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from train.loop import (
     ProgressBar,
     StopSignals,
     TrainingDiverged,  # noqa: F401  (raised by check_finite_loss; callers catch it here)
+    TrainingInterrupted,
     adapter_master_weights,
     check_finite_loss,
     decode,
@@ -49,6 +50,7 @@ from train.loop import (
     make_optimizer,
     noisy_batch,
     optimizer_step,
+    out_of_memory_explained,
     public_recipe,
     register_state_hooks,
     resume,
@@ -145,7 +147,8 @@ def main(cfg: LoraRecipe) -> Path:
     with StopSignals() as stop, ProgressBar(accelerator, start, cfg.train.steps, "lora") as bar:
         while step < cfg.train.steps and not stop.requested:
             t0 = time.perf_counter()
-            loss = train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule, step, params)
+            with out_of_memory_explained(cfg, step, out):
+                loss = train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule, step, params)
             check_finite_loss(loss, step, out)
             optimizer_step(accelerator, optimizer, lr_schedule, params, master, cfg.optim.max_grad_norm)
             step += 1
@@ -159,16 +162,15 @@ def main(cfg: LoraRecipe) -> Path:
                 save_checkpoint(accelerator, out, step, cfg, export)
             if cfg.sample.prompts and cfg.sample.every and step % cfg.sample.every == 0:
                 sample_grid(cfg, accelerator, unet, base, out / "samples" / f"step-{step:06d}.png")
-    if stop.requested:
-        print(f"stopped by {stop.requested} at step {step}; checkpoint and adapter files written. Run the "
-              "same command again to resume.", flush=True)
-    elif accelerator.is_main_process:
+    if not stop.requested and accelerator.is_main_process:
         export(out)
         if cfg.sample.prompts:
             sample_grid(cfg, accelerator, unet, base, out / "samples" / "final.png")
         losses.plot(out / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if stop.requested:
+        raise TrainingInterrupted(stop.requested, step, "adapter")
     return out
 
 
