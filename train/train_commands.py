@@ -14,6 +14,7 @@ from train.config import load_config
 JOBS = {
     "lora": ("train.lora_train", "LoraRecipe"),
     "controlnet": ("train.controlnet_train", "ControlNetRecipe"),
+    "pretrain": ("train.pretrain", "PretrainRecipe"),
 }
 
 
