@@ -1,0 +1,133 @@
+"""A ControlNet training step, ours vs diffusers' ControlNetModel + UNet2DConditionModel (the peer of
+shared/bench/diffusers_peft_baseline.py: 58 img/s, 15.7 GB on an H200), identical weights, one process.
+
+Step = ControlNet forward on a 512x512 hint, frozen U-Net forward with its residuals, MSE, backward
+into the ControlNet only, AdamW. sd15, batch 8, 64x64 latents, 77x768 context, bf16.
+
+- peer: U-Net bf16 frozen, ControlNet fp32 params, the step under torch.autocast(bf16) (the baseline).
+- ours: our U-Net bf16 frozen; `ours` = ControlNet fp32 params, no autocast; `ours-bf16-cn` = the
+  ControlNet computing in bf16 with fp32 master weights (train.precision.MasterWeights), as
+  `adapterkit train controlnet` does on a bf16 base.
+
+    python benchmarks/controlnet_step.py [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.unet_speed import measure, sync  # noqa: E402
+from unet import PRESETS, UNet  # noqa: E402
+
+
+def peer(cfg, state, device):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    unet = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})
+    unet.load_state_dict(state)
+    cn = ControlNetModel.from_unet(unet).to(device, torch.float32).train()
+    unet.to(device, torch.bfloat16).requires_grad_(False)
+    opt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
+
+    def forward(x, t, c, hint):
+        down, mid = cn(x, t, c, controlnet_cond=hint, return_dict=False)
+        return unet(x, t, c, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    return forward, opt, True
+
+
+def ours(cfg, state, device, bf16_cn: bool):
+    from adapters.controlnet import ControlNet
+    unet = UNet(cfg)
+    unet.load_state_dict(state)
+    cn = ControlNet.from_unet(unet).to(device).train()
+    unet.to(device, torch.bfloat16).requires_grad_(False)
+    params = list(cn.parameters())
+    if bf16_cn:
+        from train.precision import MasterWeights
+        cn.to(torch.bfloat16)
+        master = MasterWeights(params)
+        opt = master.wrap(torch.optim.AdamW(master.params, lr=1e-5))
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5)
+    dtype = torch.bfloat16 if bf16_cn else torch.float32
+
+    def forward(x, t, c, hint):
+        res = cn(x.to(dtype), t, c.to(dtype), hint.to(dtype))
+        return unet(x, t, c, tuple(r.to(torch.bfloat16) for r in res.down), res.mid.to(torch.bfloat16))
+    return forward, opt, False
+
+
+def make_step(fn, opt, autocast: bool, data):
+    x, t, c, hint, noise = data
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.mse_loss(fn(x, t, c, hint).float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="sd15", choices=list(PRESETS))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=64, help="latent side; the hint is 8x")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--variants", default="peer,ours,ours-bf16-cn")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "controlnet_step.json"))
+    args = ap.parse_args()
+    device, cfg, H, B = args.device, PRESETS[args.preset], args.size, args.batch
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    state = UNet(cfg).state_dict()
+    g = torch.Generator(device).manual_seed(0)
+    data = (torch.randn(B, cfg.in_channels, H, H, device=device, generator=g, dtype=torch.bfloat16),
+            torch.randint(0, 1000, (B,), device=device, generator=g),
+            torch.randn(B, 77, cfg.context_dim, device=device, generator=g, dtype=torch.bfloat16),
+            torch.rand(B, 3, 8 * H, 8 * H, device=device, generator=g),
+            torch.randn(B, cfg.out_channels, H, H, device=device, generator=g, dtype=torch.bfloat16))
+    builders = {"peer": lambda: peer(cfg, state, device), "ours": lambda: ours(cfg, state, device, False),
+                "ours-bf16-cn": lambda: ours(cfg, state, device, True)}
+    names = args.variants.split(",")
+    built = {n: builders[n]() for n in names}
+    rows = []
+    for mode in ["eager"] + (["compile"] if args.compile else []):
+        steps, first = {}, {}
+        for n, (fn, opt, autocast) in built.items():
+            steps[n] = make_step(torch.compile(fn) if mode == "compile" else fn, opt, autocast, data)
+            t0 = time.perf_counter()
+            steps[n]()
+            sync(device)
+            first[n] = time.perf_counter() - t0
+        res = measure(steps, device, args.iters, args.warmup)
+        row = {"mode": mode} | {n: {"img_s": B / r["s"], "peak_gb": r["peak_gb"], "first_step_s": first[n]}
+                                for n, r in res.items()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nControlNet training step, {args.preset}, batch {B}, {H}x{H} latents, {8 * H}px hints, bf16, "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else device}")
+    print(f"{'mode':8} {'variant':14} {'img/s':>8} {'vs first':>9} {'peak GB':>8}")
+    for r in rows:
+        for n in names:
+            v = r[n]
+            print(f"{r['mode']:8} {n:14} {v['img_s']:8.1f} {v['img_s'] / r[names[0]]['img_s']:8.2f}x "
+                  f"{v['peak_gb']:8.2f}")
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
