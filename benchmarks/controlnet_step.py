@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.unet_speed import measure, sync  # noqa: E402
+from benchmarks.unet_speed import compare_steps, print_step_table  # noqa: E402
 from unet import PRESETS, UNet  # noqa: E402
 
 
@@ -103,28 +102,14 @@ def main():
                 "ours-bf16-cn": lambda: ours(cfg, state, device, True)}
     names = args.variants.split(",")
     built = {n: builders[n]() for n in names}
-    rows = []
-    for mode in ["eager"] + (["compile"] if args.compile else []):
-        steps, first = {}, {}
-        for n, (fn, opt, autocast) in built.items():
-            steps[n] = make_step(torch.compile(fn) if mode == "compile" else fn, opt, autocast, data)
-            t0 = time.perf_counter()
-            steps[n]()
-            sync(device)
-            first[n] = time.perf_counter() - t0
-        res = measure(steps, device, args.iters, args.warmup)
-        row = {"mode": mode} | {n: {"img_s": B / r["s"], "peak_gb": r["peak_gb"], "first_step_s": first[n]}
-                                for n, r in res.items()}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\nControlNet training step, {args.preset}, batch {B}, {H}x{H} latents, {8 * H}px hints, bf16, "
-          f"{torch.cuda.get_device_name() if device == 'cuda' else device}")
-    print(f"{'mode':8} {'variant':14} {'img/s':>8} {'vs first':>9} {'peak GB':>8}")
-    for r in rows:
-        for n in names:
-            v = r[n]
-            print(f"{r['mode']:8} {n:14} {v['img_s']:8.1f} {v['img_s'] / r[names[0]]['img_s']:8.2f}x "
-                  f"{v['peak_gb']:8.2f}")
+    make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast:
+                make_step(torch.compile(fn) if compiled else fn, opt, autocast, data))
+            for n, (fn, opt, autocast) in built.items()}
+    rows = compare_steps(make, ["eager"] + (["compile"] if args.compile else []), B, device,
+                         args.iters, args.warmup)
+    print_step_table(rows, names, f"ControlNet training step, {args.preset}, batch {B}, {H}x{H} latents, "
+                     f"{8 * H}px hints, bf16, "
+                     f"{torch.cuda.get_device_name() if device == 'cuda' else device}")
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
 

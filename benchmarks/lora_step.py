@@ -19,13 +19,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.unet_speed import measure, sync  # noqa: E402
+from benchmarks.unet_speed import compare_steps, print_step_table  # noqa: E402
 from unet import PRESETS, UNet  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -144,32 +143,14 @@ def main():
         for n, (_, fn, opt, _, autocast) in built.items():
             profile(n, make_step(fn, opt, autocast, data))
         return
-    rows = []
-    for mode in ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else []):
-        steps, first = {}, {}
-        for n, (_, fn, opt, _, autocast) in built.items():
-            f = torch.compile(fn) if mode == "compile" else fn
-            steps[n] = make_step(f, opt, autocast, data)
-            t0 = time.perf_counter()
-            steps[n]()
-            sync(device)
-            first[n] = time.perf_counter() - t0
-        res = measure(steps, device, args.iters, args.warmup)
-        row = {"mode": mode}
-        for n, r in res.items():
-            row[n] = {"img_s": B / r["s"], "peak_gb": r["peak_gb"], "first_step_s": first[n]}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\nLoRA r16 attn training step, {args.preset}, batch {B}, {H}x{H} latents, 77x{cfg.context_dim} "
-          f"context, bf16, {torch.cuda.get_device_name() if device == 'cuda' else device}")
-    print(f"{'mode':8} {'variant':16} {'img/s':>8} {'vs peer':>8} {'peak GB':>8} {'first step s':>13}")
-    for r in rows:
-        if "peer" not in r:
-            continue
-        for n in names:
-            v = r[n]
-            print(f"{r['mode']:8} {n:16} {v['img_s']:8.1f} {v['img_s'] / r['peer']['img_s']:7.2f}x "
-                  f"{v['peak_gb']:8.2f} {v['first_step_s']:13.1f}")
+    make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast:
+                make_step(torch.compile(fn) if compiled else fn, opt, autocast, data))
+            for n, (_, fn, opt, _, autocast) in built.items()}
+    modes = ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else [])
+    rows = compare_steps(make, modes, B, device, args.iters, args.warmup)
+    print_step_table(rows, names, f"LoRA r16 attn training step, {args.preset}, batch {B}, {H}x{H} latents, "
+                     f"77x{cfg.context_dim} context, bf16, "
+                     f"{torch.cuda.get_device_name() if device == 'cuda' else device}")
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
 

@@ -70,6 +70,42 @@ def measure(steps: dict, device: str, iters: int, warmup: int) -> dict:
     return out
 
 
+def compare_steps(make: dict, modes: list[str], batch: int, device: str, iters: int,
+                  warmup: int) -> list[dict]:
+    """Time training-step variants against each other, per mode ("eager" / "compile").
+
+    make: name -> callable(compiled: bool) returning that variant's step. Returns one row per mode:
+    {"mode", name: {"img_s", "peak_gb", "first_step_s"}}, printed as JSON as it completes.
+    """
+    rows = []
+    for mode in modes:
+        steps, first = {}, {}
+        for name, build in make.items():
+            steps[name] = build(mode == "compile")
+            t0 = time.perf_counter()
+            steps[name]()
+            sync(device)
+            first[name] = time.perf_counter() - t0
+        res = measure(steps, device, iters, warmup)
+        row = {"mode": mode} | {n: {"img_s": batch / r["s"], "peak_gb": r["peak_gb"],
+                                    "first_step_s": first[n]} for n, r in res.items()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_step_table(rows: list[dict], names: list[str], title: str) -> None:
+    """The rows of `compare_steps` as a table; speed relative to the first variant (the peer)."""
+    print(f"\n{title}")
+    print(f"{'mode':8} {'variant':16} {'img/s':>8} {'vs ' + names[0]:>10} {'peak GB':>8} "
+          f"{'first step s':>13}")
+    for r in rows:
+        for n in names:
+            v = r[n]
+            print(f"{r['mode']:8} {n:16} {v['img_s']:8.1f} {v['img_s'] / r[names[0]]['img_s']:9.2f}x "
+                  f"{v['peak_gb']:8.2f} {v['first_step_s']:13.1f}")
+
+
 def make_steps(model, call, x, t, ctx, task: str, channels_last: bool):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
