@@ -136,6 +136,16 @@ class HintEncoder(nn.Module):
         return self.conv_out(h)                                             # (B, C0, h, w)
 
 
+def hint_widths_for(latent_scale: int) -> tuple[int, ...]:
+    """The hint encoder widths for a base whose latents are `latent_scale` x smaller than its
+    pictures: the first log2(latent_scale) + 1 of `HINT_WIDTHS`, one stride-2 conv between each
+    pair (SD's VAE, 8x: all four; the tiny base folding 2 x 2 pixel patches: (16, 32))."""
+    n = int(math.log2(latent_scale)) if latent_scale >= 1 else -1
+    if n < 0 or 2**n != latent_scale or n >= len(HINT_WIDTHS):
+        raise ValueError(f"no hint encoder for a latent scale of {latent_scale}: it must be 1, 2, 4 or 8")
+    return HINT_WIDTHS[:n + 1]
+
+
 def _zero(conv: nn.Conv2d) -> nn.Conv2d:
     with torch.no_grad():
         for p in conv.parameters():

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train.controlnet_train as ct
-from adapters.controlnet import HintSpec
+from adapters.controlnet import ControlNet, HintSpec, hint_widths_for
 from adapters.controlnet_files import load_controlnet
 from tests.sd_fixtures import build_tiny_pipeline
 from train.canny import edge_map_tensor, write_png
@@ -22,6 +22,7 @@ from train.config import ConfigError, load_config
 from train.controlnet_train import ControlConfig, ControlNetRecipe, PairedFolder, gradient_onset, main
 from train.data import DataConfig
 from train.images import tensor_to_pil
+from train.base import load_base
 from train.loop import TrainingDiverged, TrainingInterrupted
 from unet import PRESETS
 
@@ -267,11 +268,18 @@ def test_a_controlnet_tensor_without_gradient_stops_the_run(pipeline, images, tm
         main(recipe(pipeline, images, tmp_path / "run"))
 
 
-def test_a_base_whose_vae_is_not_8x_is_refused_before_any_work(images, tmp_path):
+def test_a_base_whose_vae_is_2x_gets_a_hint_encoder_that_downsamples_2x(images, tmp_path):
     two_x = build_tiny_pipeline(tmp_path / "base", PRESETS["tiny"])       # the shared fixture's 2x VAE
-    with pytest.raises(ValueError, match="VAE downsamples 2x but the ControlNet hint encoder 8x"):
-        main(recipe(two_x, images, tmp_path / "run"))
-    assert not (tmp_path / "run" / "cache").exists()
+    out = main(recipe(two_x, images, tmp_path / "run", **{"train.steps": 1, "sample.prompts": "[]"}))
+    config = json.loads((out / "controlnet" / "config.json").read_text())
+    assert config["conditioning_embedding_out_channels"] == [16, 32]     # one stride-2 conv
+
+
+def test_a_controlnet_whose_hint_encoder_does_not_fit_the_base_is_refused(pipeline):
+    base = load_base(pipeline)
+    cn = ControlNet.from_unet(base.unet, hint_widths=hint_widths_for(2))
+    with pytest.raises(ValueError, match=r"latents are 8x smaller .* downsamples 2x"):
+        ct.check_scale(base, cn)
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(pipeline, images, tmp_path, monkeypatch):

@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 
 import train.pretrain as pt
 from train import world
-from train.base import encode_prompts, load_base
+from train.base import encode_images, encode_prompts, load_base
+from train.loop import decode
 from train.config import load_config
+from unet.checkpoint import CheckpointError
 from train.pretrain import PretrainRecipe, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +51,12 @@ def test_a_short_run_writes_a_pipeline_folder_that_load_base_reads(tmp_path, cap
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
 
     base = load_base(folder)
-    assert base.vae is None and base.family == "tiny" and base.latent_channels == 3
-    assert base.unet.config.sample_size == 16 and base.unet.config.context_dim == 32
+    assert base.vae is None and base.family == "tiny" and base.pixel_patch == 2
+    assert base.latent_channels == 12 and base.latent_scale == 2
+    assert base.unet.config.sample_size == 8 and base.unet.config.context_dim == 32
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1              # the fold is exact both ways
+    latents = encode_images(base, pixels)
+    assert latents.shape == (2, 12, 8, 8) and torch.equal(decode(base, latents), pixels)
     assert base.scheduler_config["beta_schedule"] == "scaled_linear"
     # the trained weights are what was exported (to fp16 rounding)
     trained = _state(out)
@@ -59,8 +65,23 @@ def test_a_short_run_writes_a_pipeline_folder_that_load_base_reads(tmp_path, cap
     context = encode_prompts(base, ["a red circle on a blue background", ""])
     assert context.shape == (2, 77, 32)
     with torch.no_grad():
-        y = base.unet(torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), context)
-    assert y.shape == (2, 3, 16, 16) and torch.isfinite(y).all()
+        y = base.unet(torch.randn(2, 12, 8, 8), torch.tensor([10, 900]), context)
+    assert y.shape == (2, 12, 8, 8) and torch.isfinite(y).all()
+
+
+def test_a_folded_base_without_its_patch_size_is_refused(tmp_path):
+    out = main(recipe(tmp_path / "run", **{"train.steps": 1, "sample.prompts": "[]"}))
+    index_file = out / "base" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    del index["_adapterkit_pixel_patch"]               # 12 channels read as plain RGB: must not load
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="12-channel latents.*_adapterkit_pixel_patch"):
+        load_base(out / "base")
+
+
+def test_pixel_patch_must_fit_the_image():
+    with pytest.raises(ValueError, match="pixel_patch must be one of"):
+        pt.make_unet(pt.PretrainModelConfig(image_size=24, pixel_patch=2))
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch):

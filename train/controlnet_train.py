@@ -50,7 +50,7 @@ from PIL import Image
 from torch import Tensor
 
 from adapters.control_lora import ControlLoraReport, save_control_lora
-from adapters.controlnet import ControlNet, HintSpec
+from adapters.controlnet import ControlNet, HintSpec, hint_widths_for
 from adapters.controlnet_files import save_controlnet
 from adapters.lora import set_lora_weights
 from adapters.lora_files import load_lora_file
@@ -188,7 +188,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     base = open_base(cfg.model, accelerator.device)
     unet = base.unet
     set_seed(cfg.train.seed)                 # the hint encoder's random init: the same in every run
-    cn = ControlNet.from_unet(unet)          # an fp32 copy of the fp32 base encoder
+    cn = ControlNet.from_unet(unet, hint_widths=hint_widths_for(base.latent_scale))   # fp32 copy of the fp32 encoder
     check_scale(base, cn)
     dataset = PairedFolder.scan(cfg.data, cfg.control)
     cn.hint = dataset.hint_spec
@@ -495,13 +495,14 @@ def unit_tensor(image: Image.Image) -> Tensor:
 # --- the pieces, in the order main uses them ---------------------------------------------------------
 
 def check_scale(base: BaseModel, cn: ControlNet) -> None:
-    """The hint is given at pixel size and the hint encoder shrinks it by its strides (8), so the VAE
-    must downsample by the same factor."""
+    """The hint is given at pixel size and the hint encoder shrinks it by its strides, so the base's
+    latents must be smaller than its pictures by the same factor (8 for SD's VAE)."""
     f, g = base.latent_scale, cn.controlnet_cond_embedding.downscale
     if f != g:
-        raise ValueError(f"the base's VAE downsamples {f}x but the ControlNet hint encoder {g}x (three "
-                         "stride-2 convs), so hints at pixel size cannot line up with the latents. Use a "
-                         "base with an SD-style VAE (4 levels, 8x).")
+        raise ValueError(f"the base's latents are {f}x smaller than its pictures but the ControlNet's hint "
+                         f"encoder downsamples {g}x, so hints at pixel size cannot line up with the "
+                         f"latents. Use a ControlNet made for this base (hint widths "
+                         f"{list(hint_widths_for(f)) if f in (1, 2, 4, 8) else '?'}).")
 
 
 def attach_lora(unet: torch.nn.Module, spec: str | None) -> float | None:

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -389,9 +390,9 @@ def public_recipe(cfg: Any, paths: Sequence[str] = ("data.root", "model.base", "
 
 
 def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [-1, 1] (pixel-space models return their samples)."""
+    """Latents -> images in [-1, 1] (pixel-space models unfold their samples: `BaseModel.pixel_patch`)."""
     if base.vae is None:
-        return latents.clamp(-1, 1)
+        return torch.nn.functional.pixel_shuffle(latents, base.pixel_patch).clamp(-1, 1)
     shift = getattr(base.vae.config, "shift_factor", None) or 0.0
     z = latents / base.vae.config.scaling_factor + shift
     return base.vae.decode(z.to(base.vae.dtype)).sample.float().clamp(-1, 1)
@@ -418,10 +419,15 @@ class JsonlLog:
 
 
 class LossLog(JsonlLog):
-    """loss.jsonl: one line per step."""
+    """loss.jsonl: one line per step; "seconds" is the wall time since this process began logging
+    (a resumed run starts again from 0), for speed and time-to-loss plots."""
+
+    def __init__(self, path: Path, start: int, active: bool):
+        super().__init__(path, start, active)
+        self.t0 = time.perf_counter()
 
     def add(self, step: int, loss: float, lr: float) -> None:
-        self.write({"step": step, "loss": loss, "lr": lr})
+        self.write({"step": step, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - self.t0, 3)})
 
     def plot(self, path: Path) -> None:
         from train.images import loss_curve_png

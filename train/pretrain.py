@@ -4,8 +4,10 @@
                 character-level tokenizer -> (resume) -> loop: step, guard, log, checkpoint
                 -> export a diffusers-style pipeline folder `output.dir/base/` that `load_base` reads
 
-The model works on 3-channel pixels in [-1, 1] (no VAE): our U-Net with the `tiny` preset's stages,
-`in_channels = out_channels = 3`, attending to the text encoder's last hidden state. Both are trained
+The model works on pixels in [-1, 1] (no VAE), each `model.pixel_patch` x `pixel_patch` patch folded
+into channels (`F.pixel_unshuffle`: a 64 px picture is a 32 x 32 x 12 "latent"; train.base explains
+why): our U-Net with the `tiny` preset's stages at its native 32 x 32, attending to the text
+encoder's last hidden state. Both are trained
 jointly (AdamW, fp32 weights; bf16 autocast on CUDA). The loss is epsilon MSE under the SD1 noise
 schedule (train.schedule PRESETS["tiny"]), optionally min-SNR weighted. Captions come from
 `train.world.caption` (plain style only) and are dropped to "" with `data.caption_dropout` so the
@@ -35,10 +37,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from train import world
-from train.base import default_scheduler_config
+from train.base import PIXEL_PATCH_KEY, PIXEL_PATCHES, default_scheduler_config
 from train.config import to_dict
 from train.loop import (
     MUTABLE,
@@ -73,7 +76,8 @@ CHARS = string.ascii_lowercase + string.digits + string.punctuation
 
 @dataclass(frozen=True)
 class PretrainModelConfig:
-    image_size: int = world.SIZE                  # pixels per side (the U-Net's sample_size)
+    image_size: int = world.SIZE                  # pixels per side
+    pixel_patch: int = 2                          # p x p pixels per U-Net position (3 p^2 channels)
     text_layers: int = 2
     text_width: int = 64                          # also the U-Net's context_dim
     text_heads: int = 2
@@ -153,8 +157,12 @@ def make_text_encoder(cfg: PretrainModelConfig, vocab_size: int):
 
 
 def make_unet(cfg: PretrainModelConfig) -> UNet:
-    return UNet(PRESETS["tiny"].replace(in_channels=3, out_channels=3, sample_size=cfg.image_size,
-                                        context_dim=cfg.text_width))
+    p = cfg.pixel_patch
+    if p not in PIXEL_PATCHES or cfg.image_size % (p * 8):
+        raise ValueError(f"model.pixel_patch must be one of {PIXEL_PATCHES} and model.image_size a multiple "
+                         f"of 8 x pixel_patch, got pixel_patch={p}, image_size={cfg.image_size}")
+    return UNet(PRESETS["tiny"].replace(in_channels=3 * p * p, out_channels=3 * p * p,
+                                        sample_size=cfg.image_size // p, context_dim=cfg.text_width))
 
 
 # --- the data ----------------------------------------------------------------------------------------
@@ -271,7 +279,8 @@ def main(cfg: PretrainRecipe) -> Path:
     losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
 
     def export(folder: Path, step: int | None = None) -> Path:
-        return export_pipeline(Path(folder) / "base", unet, text_encoder, tokenizer, scheduler_config)
+        return export_pipeline(Path(folder) / "base", unet, text_encoder, tokenizer, scheduler_config,
+                               pixel_patch=cfg.model.pixel_patch)
 
     step = start
     with StopSignals() as stop, ProgressBar(accelerator, start, cfg.train.steps, "pretrain") as bar:
@@ -316,7 +325,7 @@ def train_step(cfg: PretrainRecipe, accelerator, model, text_model, data: Shapes
     from a generator seeded by (train.seed, step, process)."""
     device, rank = accelerator.device, accelerator.process_index
     pixels, captions = data.batch(step, rank)
-    pixels = pixels.to(device)
+    pixels = F.pixel_unshuffle(pixels.to(device), cfg.model.pixel_patch)
     seed = int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0])
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(pixels.shape, generator=g, device=device)
@@ -342,15 +351,16 @@ def sample_grid(cfg: PretrainRecipe, unet: UNet, text_encoder, tokens: Tokens, s
     unet.eval()
     text_encoder.eval()
     uncond = text_encoder(tokens([""], device))[0]
-    size, cells = cfg.model.image_size, []
+    p, cells = cfg.model.pixel_patch, []
+    shape = (1, 3 * p * p, cfg.model.image_size // p, cfg.model.image_size // p)
     for prompt in cfg.sample.prompts:
         cond = text_encoder(tokens([prompt], device))[0]
         for seed in cfg.sample.seeds:
             g = torch.Generator(device).manual_seed(seed)
-            x = ddim_sample(lambda x, t, c: unet(x, t, c).float(), schedule, (1, 3, size, size),
+            x = ddim_sample(lambda x, t, c: unet(x, t, c).float(), schedule, shape,
                             cfg.sample.steps, g, cond=cond, uncond=uncond,
                             guidance_scale=cfg.sample.guidance)
-            cells.append(x[0].clamp(-1, 1).cpu())
+            cells.append(F.pixel_shuffle(x, p)[0].clamp(-1, 1).cpu())
     unet.train(was[0])
     text_encoder.train(was[1])
     return save_grid(cells, len(cfg.sample.prompts), len(cfg.sample.seeds), path,
@@ -361,10 +371,10 @@ def sample_grid(cfg: PretrainRecipe, unet: UNet, text_encoder, tokens: Tokens, s
 # --- the export --------------------------------------------------------------------------------------
 
 def export_pipeline(folder: Path, unet: UNet, text_encoder, tokenizer, scheduler_config: dict,
-                    dtype: torch.dtype = torch.float16) -> Path:
+                    dtype: torch.dtype = torch.float16, pixel_patch: int = 1) -> Path:
     """A diffusers-style pipeline folder without a VAE (pixel space) that `train.base.load_base`
-    reads: model_index.json, unet/ (diffusers layout), text_encoder/, tokenizer/, scheduler/.
-    Weights are stored in `dtype` (fp16 keeps the shipped model small)."""
+    reads: model_index.json (with the pixel patch), unet/ (diffusers layout), text_encoder/,
+    tokenizer/, scheduler/. Weights are stored in `dtype` (fp16 keeps the shipped model small)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_unet(unet, folder / "unet", layout="diffusers", dtype=dtype)
@@ -374,6 +384,7 @@ def export_pipeline(folder: Path, unet: UNet, text_encoder, tokenizer, scheduler
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
     index = {"_class_name": "StableDiffusionPipeline", "_adapterkit_note": "pixel-space: no vae",
+             PIXEL_PATCH_KEY: pixel_patch,
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
