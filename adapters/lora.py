@@ -1,7 +1,8 @@
 """LoRA on the U-Net through peft: target presets, named adapters with weights, and the `Lora` record.
 
 Injection is peft's (`LoraConfig` + `inject_adapter_in_model`); nothing here re-implements a LoRA
-layer. For one adapted layer with base weight W (formats.md §3):
+layer's state. Linear targets get peft's `lora.Linear` subclass `FusedLinear` (lora_fused.py), whose
+forward folds the adapter into the GEMMs. For one adapted layer with base weight W (formats.md §3):
 
     y = W x + weight · (alpha / rank) · B(A x)      A = lora_A = kohya lora_down: [r, in] or [r, in, kh, kw]
                                                     B = lora_B = kohya lora_up:   [out, r] or [out, r, 1, 1]
@@ -26,6 +27,7 @@ from peft.functional import cast_adapter_dtype, delete_adapter, set_adapter
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from . import lora_fused
 from .lora_keys import describe_config, guess_base, layer_paths
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -240,6 +242,7 @@ def _inject(model: nn.Module, config: LoraConfig, name: str, trainable: bool) ->
                          "attribute name")
     grads = {p: p.requires_grad for p in model.parameters()}
     active = [n for n in lora_names(model) if n in _active(model)]
+    lora_fused.register(config)             # nn.Linear targets become FusedLinear (lora_fused.py)
     try:
         with _quiet_peft():
             inject_adapter_in_model(config, model, adapter_name=name)

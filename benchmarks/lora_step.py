@@ -9,9 +9,15 @@ latents (random tensors here: the VAE is not part of the step), batch 32, 64x64,
 - ours: our U-Net in bf16 + `adapters.lora.add_lora` (peft), fp32 LoRA params, no autocast; the
   activation-lean ops on. `ours-bf16-lora` runs the LoRA branch in bf16 with fp32 master weights in the
   optimizer (train.precision.MasterWeights).
+- ours-bf16-lora-* : the same model and step with some of the pass-saving switches off (SWITCHES), so
+  one run measures old and new code side by side: `-before` is the code path before the fused LoRA
+  Linear (adapters/lora_fused.py) and the in-place GEGLU (unet/ops.py); `-peft` turns off only the
+  fused LoRA Linear; `-fused-compiled` also uses the fused LoRA Linear under torch.compile (by
+  default compiled graphs trace peft's forward; in eager it equals `ours-bf16-lora`).
 
     python benchmarks/lora_step.py                 # eager rows
     python benchmarks/lora_step.py --compile       # + torch.compile rows
+    python benchmarks/lora_step.py --preset tiny --device cpu --batch 2 --size 16 --iters 2 --warmup 1
 """
 from __future__ import annotations
 
@@ -28,6 +34,13 @@ from benchmarks.unet_speed import compare_steps, print_step_table  # noqa: E402
 from unet import PRESETS, UNet  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+# Variant -> module switches set while its step runs (module, attribute, value); the rest keep defaults.
+SWITCHES = {
+    "ours-bf16-lora-before": [("adapters.lora_fused", "ENABLED", False), ("unet.ops", "IN_PLACE", False)],
+    "ours-bf16-lora-peft": [("adapters.lora_fused", "ENABLED", False)],
+    "ours-bf16-lora-fused-compiled": [("adapters.lora_fused", "COMPILED", True)],
+}
 
 
 def peer(cfg, state, device):
@@ -66,16 +79,33 @@ def ours(cfg, state, device, bf16_lora: bool):
     return unet, unet, opt, lora, False
 
 
-def make_step(model_fn, opt, autocast: bool, data):
+def make_step(model_fn, opt, autocast: bool, data, switches=(), sdpa: str = "default"):
+    """One training step; `switches` (module, attribute, value) and the SDPA backend choice
+    (torch.nn.attention.SDPBackend name, or "default") hold only while it runs."""
+    import contextlib
+    import importlib
     x, t, c, noise = data
+    switches = [(importlib.import_module(m), a, v) for m, a, v in switches]
+    if sdpa == "default":
+        backend = contextlib.nullcontext
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = lambda: sdpa_kernel(getattr(SDPBackend, sdpa.upper()))
 
     def step():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            pred = model_fn(x, t, c)
-            loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        saved = [(m, a, getattr(m, a)) for m, a, _ in switches]
+        for m, a, v in switches:
+            setattr(m, a, v)
+        try:
+            with backend(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+                pred = model_fn(x, t, c)
+                loss = F.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            for m, a, v in saved:
+                setattr(m, a, v)
     return step
 
 
@@ -117,7 +147,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
     ap.add_argument("--only-compile", action="store_true", help="skip the eager rows")
-    ap.add_argument("--variants", default="peer,ours,ours-bf16-lora")
+    ap.add_argument("--variants", default="peer,ours-bf16-lora-before,ours-bf16-lora",
+                    help="comma-separated, first is the reference: peer, ours, ours-bf16-lora, "
+                         + ", ".join(SWITCHES))
+    ap.add_argument("--sdpa", default="default",
+                    choices=["default", "flash_attention", "efficient_attention", "cudnn_attention", "math"],
+                    help="force one SDPA backend in our variants (the peer keeps PyTorch's choice)")
     ap.add_argument("--profile", action="store_true", help="print each variant's top CUDA kernels, then stop")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "lora_step.json"))
     args = ap.parse_args()
@@ -137,14 +172,20 @@ def main():
             torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
     builders = {"peer": lambda: peer(cfg, state, device), "ours": lambda: ours(cfg, state, device, False),
                 "ours-bf16-lora": lambda: ours(cfg, state, device, True)}
+    builders |= {n: builders["ours-bf16-lora"] for n in SWITCHES}
     names = args.variants.split(",")
+    unknown = [n for n in names if n not in builders]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(builders)}")
     built = {n: builders[n]() for n in names}
+    sdpa = lambda n: args.sdpa if n.startswith("ours") else "default"
     if args.profile:
         for n, (_, fn, opt, _, autocast) in built.items():
-            profile(n, make_step(fn, opt, autocast, data))
+            profile(n, make_step(fn, opt, autocast, data, SWITCHES.get(n, ()), sdpa(n)))
         return
-    make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast:
-                make_step(torch.compile(fn) if compiled else fn, opt, autocast, data))
+    make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast, n=n:
+                make_step(torch.compile(fn) if compiled else fn, opt, autocast, data, SWITCHES.get(n, ()),
+                          sdpa(n)))
             for n, (_, fn, opt, _, autocast) in built.items()}
     modes = ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else [])
     rows = compare_steps(make, modes, B, device, args.iters, args.warmup)

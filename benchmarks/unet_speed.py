@@ -96,13 +96,14 @@ def compare_steps(make: dict, modes: list[str], batch: int, device: str, iters: 
 
 def print_step_table(rows: list[dict], names: list[str], title: str) -> None:
     """The rows of `compare_steps` as a table; speed relative to the first variant (the peer)."""
+    w = max(16, *map(len, names))
     print(f"\n{title}")
-    print(f"{'mode':8} {'variant':16} {'img/s':>8} {'vs ' + names[0]:>10} {'peak GB':>8} "
+    print(f"{'mode':8} {'variant':{w}} {'img/s':>8} {'vs ' + names[0]:>10} {'peak GB':>8} "
           f"{'first step s':>13}")
     for r in rows:
         for n in names:
             v = r[n]
-            print(f"{r['mode']:8} {n:16} {v['img_s']:8.1f} {v['img_s'] / r[names[0]]['img_s']:9.2f}x "
+            print(f"{r['mode']:8} {n:{w}} {v['img_s']:8.1f} {v['img_s'] / r[names[0]]['img_s']:9.2f}x "
                   f"{v['peak_gb']:8.2f} {v['first_step_s']:13.1f}")
 
 

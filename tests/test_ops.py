@@ -63,3 +63,24 @@ def test_geglu_matches_plain_ops(dtype, tol):
         results.append((out, pi.grad))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.allclose(results[0][1].float(), results[1][1].float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "expanded"])
+def test_geglu_in_place_is_bitwise_the_allocating_version(dtype, grad_layout, monkeypatch):
+    import unet.ops
+    torch.manual_seed(0)
+    p = torch.randn(2, 9, 24, dtype=dtype)
+    g = torch.randn(2, 9, 12, dtype=dtype) if grad_layout == "contiguous" else \
+        torch.randn(1, 1, 12, dtype=dtype).expand(2, 9, 12)
+    results = []
+    for in_place in (False, True):
+        monkeypatch.setattr(unet.ops, "IN_PLACE", in_place)
+        pi = p.clone().requires_grad_(True)
+        out = geglu(pi)
+        out.backward(g)
+        with torch.no_grad():
+            no_grad = geglu(p)
+        results.append((out, pi.grad, no_grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
