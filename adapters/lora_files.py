@@ -442,6 +442,18 @@ def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
     return write_lora(path, lora, fmt, dtype)
 
 
+def split_lora_spec(spec: str) -> tuple[str, float]:
+    """A "FILE[:WEIGHT]" argument: "file.safetensors:0.8" -> ("file.safetensors", 0.8); without a
+    (numeric) suffix -> (spec, 1.0), so "C:\\x.safetensors" and "a:b.safetensors" stay whole."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def load_lora_file(model: nn.Module, path: str | os.PathLike, name: str = "default", weight: float = 1.0,
                    missing_alpha: str = "error", allow_unmatched: bool = False,
                    trainable: bool = False) -> Lora:

@@ -62,3 +62,30 @@ def build_tiny_pipeline(dir: str | os.PathLike, unet_cfg, seed: int = 0,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
+
+
+def build_pixel_base(dir: str | os.PathLike, image_size: int = 16, pixel_patch: int = 2,
+                     seed: int = 0) -> Path:
+    """A tiny random pixel-space base (no VAE) as `train.pretrain.export_pipeline` writes it, under
+    `dir`/base: a two-stage U-Net (8, 16 channels) on `image_size` px pictures folded into
+    `pixel_patch` x `pixel_patch` patches (latents (3 p^2, image_size / p, ...)), a one-layer
+    16-wide text encoder and the pretrain job's character-level tokenizer. Seconds to build and
+    milliseconds per U-Net call; fp32 weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from train.base import default_scheduler_config
+    from train.pretrain import export_pipeline, make_tokenizer
+    from unet import Stage, UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    c = 3 * pixel_patch**2
+    unet = UNet(UNetConfig(stages=(Stage(8, False, 2, 1), Stage(16, True, 2, 1)), in_channels=c,
+                           out_channels=c, layers_per_block=1, context_dim=16, norm_groups=4,
+                           sample_size=image_size // pixel_patch))
+    return export_pipeline(Path(dir) / "base", unet, text_encoder, tok, default_scheduler_config("tiny"),
+                           dtype=torch.float32, pixel_patch=pixel_patch)

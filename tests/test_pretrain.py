@@ -57,7 +57,8 @@ def test_a_short_run_writes_a_pipeline_folder_that_load_base_reads(tmp_path, cap
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1              # the fold is exact both ways
     latents = encode_images(base, pixels)
     assert latents.shape == (2, 12, 8, 8) and torch.equal(decode(base, latents), pixels)
-    assert base.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert base.scheduler_config == pt.scheduler_config_named("tiny-pixel")     # what it trained with
+    assert base.prediction_type == "v_prediction" and base.scheduler_config["rescale_betas_zero_snr"]
     # the trained weights are what was exported (to fp16 rounding)
     trained = _state(out)
     for name, value in base.unet.state_dict().items():

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "train.train_commands",
     "train.canny",
     "train.sample_commands",
+    "train.quality_commands",
 )
 
 

@@ -13,9 +13,9 @@ resolution (B, 3, H, W). Images without a usable conditioning image are skipped 
 (`PAIR_POLICY`); no pair at all is an error. Hints are computed per batch (a decode and a crop, or a
 Canny, per image: cheap next to the U-Net); latents and caption embeddings come from the cache.
 
-The loop is the LoRA trainer's (train/loop.py): the U-Net is frozen (bf16 on a GPU, fp32 on a CPU),
-the ControlNet (`ControlNet.from_unet`, cloned from the fp32 base before the cast) trains in fp32, or
-in the base's dtype with fp32 masters (`train.adapter_compute`). Prompt dropout is
+The loop is every job's (`train.loop.run_steps`): the U-Net is frozen (bf16 on a GPU, fp32 on a
+CPU), the ControlNet (`ControlNet.from_unet`, cloned from the fp32 base before the cast) trains in
+fp32, or in the base's dtype with fp32 masters (`train.adapter_compute`). Prompt dropout is
 `data.caption_dropout` (lllyasviel's ControlNet used 50%: an empty prompt makes the network read the
 hint). Exact resume, atomic rotated checkpoints holding only the ControlNet, SIGINT checkpoints and
 the NaN guard are shared with the LoRA trainer; the gradient health check follows the zero convs
@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import os
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -53,8 +52,8 @@ from adapters.control_lora import ControlLoraReport, save_control_lora
 from adapters.controlnet import ControlNet, HintSpec, hint_widths_for
 from adapters.controlnet_files import save_controlnet
 from adapters.lora import set_lora_weights
-from adapters.lora_files import load_lora_file
-from train.base import BaseModel, encode_prompts
+from adapters.lora_files import load_lora_file, split_lora_spec
+from train.base import BaseModel
 from train.buckets import RESAMPLE, Crop, assign_bucket, plan_crop
 from train.cache import LatentCache
 from train.canny import SETTINGS_KEY, edge_fidelity, edge_map_tensor
@@ -72,21 +71,16 @@ from train.data import (
     scan_folder,
     to_tensor,
 )
+from train.generate import check_controlnet, controlled_prediction, generate, to_images
 from train.loop import (
     DTYPES,
     MUTABLE,
     BatchPlan,
     JsonlLog,
     LoopConfig,
-    LossLog,
     ModelConfig,
     OptimConfig,
-    ProgressBar,
-    StopSignals,
-    TrainingInterrupted,
     adapter_master_weights,
-    check_finite_loss,
-    decode,
     flat_dict,
     frozen_dtype,
     full_precision_state,
@@ -94,15 +88,12 @@ from train.loop import (
     make_optimizer,
     noisy_batch,
     open_base,
-    optimizer_step,
-    out_of_memory_explained,
     public_recipe,
     register_state_hooks,
     resume,
-    save_checkpoint,
+    run_steps,
 )
 from train.precision import MasterWeights
-from train.sampling import ddim_sample, euler_sample
 from train.schedule import NoiseSchedule, diffusion_loss
 
 LORA_NAME = "lora"                  # the frozen LoRA of control.lora, as an adapter name on the U-Net
@@ -110,6 +101,7 @@ HINT_BACKGROUND = (0, 0, 0)         # transparent pixels of a conditioning image
 # File names per output format, relative to the output (or checkpoint) folder, and their layout.
 FORMATS = {"diffusers": ("{name}", "diffusers"), "diffusers-file": ("{name}.safetensors", "diffusers"),
            "lllyasviel": ("{name}.lllyasviel.safetensors", "lllyasviel")}
+SAMPLE_BATCH = 4                    # images per U-Net call of the samples (next to the training state)
 # save_controlnet reserves "adapterkit.*" header keys for what it computes itself; the recipe goes here.
 RECIPE_KEY = "adapterkit_training_config"
 
@@ -188,8 +180,8 @@ def main(cfg: ControlNetRecipe) -> Path:
     base = open_base(cfg.model, accelerator.device)
     unet = base.unet
     set_seed(cfg.train.seed)                 # the hint encoder's random init: the same in every run
-    cn = ControlNet.from_unet(unet, hint_widths=hint_widths_for(base.latent_scale))   # fp32 copy of the fp32 encoder
-    check_scale(base, cn)
+    cn = ControlNet.from_unet(unet, hint_widths=hint_widths_for(base.latent_scale))   # fp32 encoder copy
+    check_controlnet(base, cn)
     dataset = PairedFolder.scan(cfg.data, cfg.control)
     cn.hint = dataset.hint_spec
     if accelerator.is_main_process:
@@ -222,44 +214,21 @@ def main(cfg: ControlNetRecipe) -> Path:
                      accelerator.num_processes, accelerator.process_index)
     if accelerator.is_main_process:
         accelerator.init_trackers("tensorboard", config=flat_dict(to_dict(cfg)))
-    losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
     fidelity = JsonlLog(out / "edge_fidelity.jsonl", start, accelerator.is_main_process)
-    export = Exporter(cfg, cn, master, reference)
 
-    def sample_and_score(step: int, name: str) -> None:
-        scores = sample_grid(cfg, accelerator, unet, cn, base, hints, out / "samples" / name)
+    def sample_and_score(step: int, path: Path) -> None:
+        scores = sample_grid(cfg, cn, base, hints, path)
         if scores:
             fidelity.write({"step": step, "edge_f1": {f"{s:g}": f for s, f in scores.items()}})
             accelerator.log({f"edge_f1/control_x{s:g}": f for s, f in scores.items()}, step=step)
 
-    step = start
-    with StopSignals() as stop, ProgressBar(accelerator, start, cfg.train.steps, "controlnet") as bar:
-        while step < cfg.train.steps and not stop.requested:
-            t0 = time.perf_counter()
-            with out_of_memory_explained(cfg, step, out):
-                loss = train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step)
-            check_finite_loss(loss, step, out)
-            optimizer_step(accelerator, optimizer, lr_schedule, params, master, cfg.optim.max_grad_norm)
-            step += 1
-            losses.add(step, loss, lr_schedule.get_last_lr()[0])
-            if step % cfg.output.log_every == 0 or step == cfg.train.steps:
-                accelerator.log({"loss": loss, "lr": lr_schedule.get_last_lr()[0]}, step=step)
-            bar.update(loss, cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-                       / (time.perf_counter() - t0))
-            every = cfg.output.checkpoint_every
-            if (every and step % every == 0) or stop.requested or step == cfg.train.steps:
-                save_checkpoint(accelerator, out, step, cfg, export)
-            if hints and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.steps:
-                sample_and_score(step, f"step-{step:06d}.png")
-    if not stop.requested and accelerator.is_main_process:
-        export(out)
-        if hints:
-            sample_and_score(step, "final.png")
-        losses.plot(out / "loss.png")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if stop.requested:
-        raise TrainingInterrupted(stop.requested, step, "ControlNet")
+    run_steps(accelerator, cfg, out, start,
+              step=lambda step: train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule,
+                                           step),
+              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master,
+              export=Exporter(cfg, cn, master, reference), sample=sample_and_score if hints else None,
+              images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
+              name="controlnet", what="ControlNet")
     return out
 
 
@@ -494,46 +463,14 @@ def unit_tensor(image: Image.Image) -> Tensor:
 
 # --- the pieces, in the order main uses them ---------------------------------------------------------
 
-def check_scale(base: BaseModel, cn: ControlNet) -> None:
-    """The hint is given at pixel size and the hint encoder shrinks it by its strides, so the base's
-    latents must be smaller than its pictures by the same factor (8 for SD's VAE)."""
-    f, g = base.latent_scale, cn.controlnet_cond_embedding.downscale
-    if f != g:
-        raise ValueError(f"the base's latents are {f}x smaller than its pictures but the ControlNet's hint "
-                         f"encoder downsamples {g}x, so hints at pixel size cannot line up with the "
-                         f"latents. Use a ControlNet made for this base (hint widths "
-                         f"{list(hint_widths_for(f)) if f in (1, 2, 4, 8) else '?'}).")
-
-
 def attach_lora(unet: torch.nn.Module, spec: str | None) -> float | None:
     """Load control.lora ("file[:weight]") onto the U-Net, frozen, as adapter `LORA_NAME`; returns
     its weight (None without one). The ControlNet then learns to steer the LoRA'd U-Net."""
     if spec is None:
         return None
-    path, weight = split_weight(spec)
+    path, weight = split_lora_spec(spec)
     load_lora_file(unet, path, name=LORA_NAME, weight=weight)
     return weight
-
-
-def split_weight(spec: str) -> tuple[str, float]:
-    """"file.safetensors:0.8" -> (file, 0.8); no (numeric) suffix -> (spec, 1.0). "C:\\x" stays whole."""
-    head, sep, tail = spec.rpartition(":")
-    try:
-        return (head, float(tail)) if sep and head else (spec, 1.0)
-    except ValueError:
-        return spec, 1.0
-
-
-def controlled_prediction(unet: torch.nn.Module, controlnet: torch.nn.Module, x: Tensor, t: Tensor,
-                          context: Tensor, hint: Tensor, scale: float) -> Tensor:
-    """The U-Net's prediction steered by the ControlNet's residuals. Each runs in its own dtype (an
-    fp32 ControlNet beside a bf16 U-Net); scale 0 is the plain U-Net, exactly."""
-    dtype = unet.conv_in.weight.dtype
-    if scale == 0:
-        return unet(x.to(dtype), t, context.to(dtype))
-    cn_dtype = next(controlnet.parameters()).dtype
-    down, mid = controlnet(x.to(cn_dtype), t, context.to(cn_dtype), hint, scale)
-    return unet(x.to(dtype), t, context.to(dtype), tuple(d.to(dtype) for d in down), mid.to(dtype))
 
 
 def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: ControlNet, base: BaseModel,
@@ -651,49 +588,42 @@ def sample_hints(cfg: ControlNetRecipe, dataset: PairedFolder) -> list[tuple[str
 
 
 @torch.no_grad()
-def sample_grid(cfg: ControlNetRecipe, accelerator: Accelerator, unet: torch.nn.Module, cn: ControlNet,
-                base: BaseModel, hints: Sequence[tuple[str, Tensor]], path: Path) -> dict[float, float]:
+def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: Sequence[tuple[str, Tensor]],
+                path: Path) -> dict[float, float]:
     """Rows: hint x prompt x seed (x LoRA scale, with control.lora); columns: the control image, then a
-    sample per control scale, the same noise in every cell of a row. Returns the mean edge F1 of the
-    samples against their hints per control scale (`train.canny.edge_fidelity`, the hint's own Canny
-    thresholds); empty on processes other than the main one."""
-    if not accelerator.is_main_process or not hints:
-        return {}
+    sample per control scale (`train.generate.generate`: the same noise in every cell of a row).
+    Returns the mean edge F1 of the samples against their hints per control scale
+    (`train.canny.edge_fidelity`, the hint's own Canny thresholds)."""
     from train.images import save_grid, tensor_to_pil
-    schedule = NoiseSchedule.from_config(base.scheduler_config)
-    sampler = ddim_sample if cfg.sample.sampler == "ddim" else euler_sample
-    dtype, device, f = unet.conv_in.weight.dtype, accelerator.device, base.latent_scale
     low, high = (cn.hint.canny_low, cn.hint.canny_high) if cn.hint.canny_low is not None \
         else (cfg.control.canny_low, cfg.control.canny_high)
-    lora_weight = split_weight(cfg.control.lora)[1] if cfg.control.lora else None
+    lora_weight = split_lora_spec(cfg.control.lora)[1] if cfg.control.lora else None
     lora_scales = cfg.sample.lora_scales if lora_weight is not None else (None,)
-    was_training = cn.training
-    cn.eval()
-    uncond = encode_prompts(base, [""]).to(dtype)
+    pairs = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
     cells, rows, scores = [], [], {s: [] for s in cfg.sample.control_scales}
     for label, hint in hints:
-        hint_image, batch_hint = tensor_to_pil(hint, (0.0, 1.0)), hint[None].to(device)   # (1, 3, H, W)
-        shape = (1, base.latent_channels, hint.shape[1] // f, hint.shape[2] // f)
-        for prompt in cfg.sample.prompts:
-            cond = encode_prompts(base, [prompt]).to(dtype)
-            for seed in cfg.sample.seeds:
-                for lora_scale in lora_scales:
-                    if lora_scale is not None:
-                        set_lora_weights(unet, {LORA_NAME: lora_scale})
-                    lora = [f"LoRA x{lora_scale:g}"] if lora_scale is not None else []   # first: cut last
-                    rows.append(" / ".join([*lora, label, f"seed {seed}", prompt[:30]]))
-                    cells.append(hint_image)
-                    for scale in cfg.sample.control_scales:
-                        g = torch.Generator(device).manual_seed(seed)
-                        latents = sampler(lambda x, t, c, s=scale, h=batch_hint: controlled_prediction(
-                            unet, cn, x, t, c, h, s).float(), schedule, shape,
-                            cfg.sample.steps, g, cond=cond, uncond=uncond, guidance_scale=cfg.sample.guidance)
-                        image = tensor_to_pil(decode(base, latents)[0])
-                        scores[scale].append(edge_fidelity(image, hint, low, high)["f1"])
-                        cells.append(image)
+        images = {}                                       # (LoRA scale, control scale) -> one per pair
+        for lora_scale in lora_scales:
+            if lora_scale is not None:
+                set_lora_weights(base.unet, {LORA_NAME: lora_scale})
+            for scale in cfg.sample.control_scales:
+                images[lora_scale, scale] = to_images(generate(
+                    base, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
+                    guidance=cfg.sample.guidance, sampler=cfg.sample.sampler, size=tuple(hint.shape[1:]),
+                    controlnet=cn, hints=hint.expand(len(pairs), -1, -1, -1), control_scale=scale,
+                    batch_size=SAMPLE_BATCH))
+        hint_image = tensor_to_pil(hint, (0.0, 1.0))
+        for i, (prompt, seed) in enumerate(pairs):
+            for lora_scale in lora_scales:
+                lora = [f"LoRA x{lora_scale:g}"] if lora_scale is not None else []     # first: cut last
+                rows.append(" / ".join([*lora, label, f"seed {seed}", prompt[:30]]))
+                cells.append(hint_image)
+                for scale in cfg.sample.control_scales:
+                    image = images[lora_scale, scale][i]
+                    scores[scale].append(edge_fidelity(image, hint, low, high)["f1"])
+                    cells.append(image)
     if lora_weight is not None:
-        set_lora_weights(unet, {LORA_NAME: lora_weight})
-    cn.train(was_training)
+        set_lora_weights(base.unet, {LORA_NAME: lora_weight})
     cols = ["hint"] + [f"control x{s:g}" for s in cfg.sample.control_scales]
     save_grid(cells, len(rows), len(cols), path, row_labels=rows, col_labels=cols)
     return {s: float(np.mean(v)) for s, v in scores.items()}

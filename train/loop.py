@@ -1,7 +1,8 @@
-"""The machinery every training job shares: one copy, used by `lora_train` and `controlnet_train`.
+"""The machinery every training job shares: one copy, used by `lora_train`, `controlnet_train` and
+`pretrain`.
 
-A job's `main(cfg)` owns its model, its step (forward + loss) and its exports; everything around that
-lives here:
+A job's `main(cfg)` owns its model, its step (forward + loss), its exports and its samples; it sets
+them up and hands them to `run_steps`, the one training loop. Everything around them lives here:
 
     make_accelerator(out)                 devices, `accelerate launch`, TensorBoard under out/
     open_base / frozen_dtype              the base model in fp32, then the U-Net's training dtype
@@ -13,6 +14,8 @@ lives here:
     save_checkpoint                       atomic, rotated (train/checkpoints.py), exports inside
     LossLog / JsonlLog, ProgressBar       what a person watches
     StopSignals                           SIGINT/SIGTERM finish the step and write a checkpoint
+    run_steps                             the loop: step -> guard -> optimizer -> logs -> checkpoint
+                                          -> samples, then the final export, loss plot and samples
 
 Exact resume rests on three rules the pieces keep: the batch order is a pure function of
 (seed, epoch) (BatchPlan), every random draw of step s comes from a generator seeded by
@@ -27,7 +30,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -357,6 +360,67 @@ def optimizer_step(accelerator: Accelerator, optimizer, lr_schedule, params: Seq
 def clip(accelerator: Accelerator, params, max_norm: float) -> None:
     if max_norm > 0:
         accelerator.clip_grad_norm_(params, max_norm)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
+              step: Callable[[int], float], optimizer, lr_schedule, params: Sequence[torch.nn.Parameter],
+              master: MasterWeights | None, export: Callable[..., Any],
+              sample: Callable[[int, Path], Any] | None, images_per_step: int, name: str, what: str,
+              explain_oom: Callable[[Any, int, Path], AbstractContextManager] = out_of_memory_explained,
+              ) -> int:
+    """Train from step `start` to `cfg.train.steps`; returns the last step done.
+
+    Each step: `step(s)` (forward + backward of step s, 0-based; returns the loss averaged over the
+    processes) inside `explain_oom(cfg, s, out)`, the NaN guard (`check_finite_loss`), the optimizer
+    (`optimizer_step` with `params`, `master` and `cfg.optim.max_grad_norm`), loss.jsonl (every
+    step), the trackers (every `cfg.output.log_every` steps and the last), the progress bar
+    (`images_per_step` images a step, all processes together), a checkpoint (every
+    `cfg.output.checkpoint_every` steps, the last step, and on a signal; `export(folder, step)` writes
+    the job's files into it).
+
+    Samples: `sample(step, path)` (None: no samples) runs on the main process only, at every step
+    s < cfg.train.steps that `cfg.sample.every` divides (to out/samples/step-<s>.png), and once at the
+    end (out/samples/final.png). The last step is sampled only as final.png (not twice), and a run
+    stopped by a signal writes no final samples.
+
+    At the end (main process, not after a signal): `export(out)`, out/loss.png, the final samples.
+    SIGINT/SIGTERM (`StopSignals`) finish the current step, write a checkpoint and raise
+    `TrainingInterrupted` naming `what`; a second signal stops at once. `name` labels the progress bar.
+    """
+    steps = cfg.train.steps
+    losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
+    done = start
+    with StopSignals() as stop, ProgressBar(accelerator, start, steps, name) as bar:
+        while done < steps and not stop.requested:
+            t0 = time.perf_counter()
+            with explain_oom(cfg, done, out):
+                loss = step(done)
+            check_finite_loss(loss, done, out)
+            optimizer_step(accelerator, optimizer, lr_schedule, params, master, cfg.optim.max_grad_norm)
+            done += 1
+            lr = lr_schedule.get_last_lr()[0]
+            losses.add(done, loss, lr)
+            if done % cfg.output.log_every == 0 or done == steps:
+                accelerator.log({"loss": loss, "lr": lr}, step=done)
+            bar.update(loss, images_per_step / (time.perf_counter() - t0))
+            every = cfg.output.checkpoint_every
+            if (every and done % every == 0) or stop.requested or done == steps:
+                save_checkpoint(accelerator, out, done, cfg, export)
+            if (sample and cfg.sample.every and done % cfg.sample.every == 0 and done < steps
+                    and accelerator.is_main_process):
+                sample(done, out / "samples" / f"step-{done:06d}.png")
+    if not stop.requested and accelerator.is_main_process:
+        export(out)
+        losses.plot(out / "loss.png")
+        if sample:
+            sample(done, out / "samples" / "final.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if stop.requested:
+        raise TrainingInterrupted(stop.requested, done, what)
+    return done
 
 
 # --- outputs --------------------------------------------------------------------------------------

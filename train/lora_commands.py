@@ -27,6 +27,7 @@ from adapters.lora_files import (
     base_metadata,
     convert_lora,
     read_lora,
+    split_lora_spec,
     summarize,
     write_lora,
 )
@@ -101,7 +102,7 @@ def register(subparsers) -> None:
 def _merge(args) -> int:
     """Merge LoRAs (each with an optional ratio, `file:0.7`) into a base U-Net, saved as a diffusers
     folder or single file, or (without --base) into one LoRA file. Ratios multiply alpha/rank."""
-    items = [_lora_and_ratio(s) for s in args.loras]
+    items = [split_lora_spec(s) for s in args.loras]
     if args.base is None:
         loras = [(read_lora(p, missing_alpha=args.missing_alpha), r) for p, r in items]
         lora, report = combine_loras(loras, rank=args.rank)
@@ -205,16 +206,6 @@ def _inspect(args) -> int:
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-def _lora_and_ratio(spec: str) -> tuple[str, float]:
-    path, sep, ratio = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(ratio)
-        except ValueError:
-            pass
-    return spec, 1.0
-
 
 def _counts(c) -> str:
     """'4' when all layers agree, else '2 (x2), 4 (x1)': value (number of layers)."""

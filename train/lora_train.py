@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,41 +25,34 @@ from accelerate.utils import set_seed
 
 from adapters.lora import LoraSpec, add_lora, set_lora_weights
 from adapters.lora_files import save_lora
-from train.base import BaseModel, encode_prompts
+from train.base import BaseModel
 from train.cache import LatentCache
 from train.config import to_dict
 from train.data import CaptionedImageFolder, DataConfig
-from train.loop import (
+from train.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: callers catch them here)
     BatchPlan,
     LoopConfig,
-    LossLog,
     ModelConfig,
     OptimConfig,
-    ProgressBar,
-    StopSignals,
-    TrainingDiverged,  # noqa: F401  (raised by check_finite_loss; callers catch it here)
+    TrainingDiverged,
     TrainingInterrupted,
     adapter_master_weights,
-    check_finite_loss,
-    decode,
     flat_dict,
     full_precision_state,
     load_frozen_base,
     make_accelerator,
     make_optimizer,
     noisy_batch,
-    optimizer_step,
-    out_of_memory_explained,
     public_recipe,
     register_state_hooks,
     resume,
-    save_checkpoint,
+    run_steps,
 )
 from train.precision import MasterWeights
-from train.sampling import ddim_sample, euler_sample
 from train.schedule import NoiseSchedule, diffusion_loss
 
 logger = logging.getLogger(__name__)
+SAMPLE_BATCH = 4                # images per U-Net call of the samples (next to the training state)
 
 
 # --- the recipe --------------------------------------------------------------------------------------
@@ -140,37 +132,15 @@ def main(cfg: LoraRecipe) -> Path:
                      accelerator.num_processes, accelerator.process_index)
     if accelerator.is_main_process:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
-    losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
-    export = Exporter(cfg, unet, fingerprint, master)
 
-    step = start
-    with StopSignals() as stop, ProgressBar(accelerator, start, cfg.train.steps, "lora") as bar:
-        while step < cfg.train.steps and not stop.requested:
-            t0 = time.perf_counter()
-            with out_of_memory_explained(cfg, step, out):
-                loss = train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule, step, params)
-            check_finite_loss(loss, step, out)
-            optimizer_step(accelerator, optimizer, lr_schedule, params, master, cfg.optim.max_grad_norm)
-            step += 1
-            losses.add(step, loss, lr_schedule.get_last_lr()[0])
-            if step % cfg.output.log_every == 0 or step == cfg.train.steps:
-                accelerator.log({"loss": loss, "lr": lr_schedule.get_last_lr()[0]}, step=step)
-            bar.update(loss, cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-                       / (time.perf_counter() - t0))
-            every = cfg.output.checkpoint_every
-            if (every and step % every == 0) or stop.requested or step == cfg.train.steps:
-                save_checkpoint(accelerator, out, step, cfg, export)
-            if cfg.sample.prompts and cfg.sample.every and step % cfg.sample.every == 0:
-                sample_grid(cfg, accelerator, unet, base, out / "samples" / f"step-{step:06d}.png")
-    if not stop.requested and accelerator.is_main_process:
-        export(out)
-        if cfg.sample.prompts:
-            sample_grid(cfg, accelerator, unet, base, out / "samples" / "final.png")
-        losses.plot(out / "loss.png")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if stop.requested:
-        raise TrainingInterrupted(stop.requested, step, "adapter")
+    run_steps(accelerator, cfg, out, start,
+              step=lambda step: train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule,
+                                           step, params),
+              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master,
+              export=Exporter(cfg, unet, fingerprint, master),
+              sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
+              images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
+              name="lora", what="adapter")
     return out
 
 
@@ -243,32 +213,21 @@ class Exporter:
 
 
 @torch.no_grad()
-def sample_grid(cfg: LoraRecipe, accelerator: Accelerator, unet: torch.nn.Module, base: BaseModel,
-                path: Path) -> Path | None:
-    """Prompts x seeds (rows) by LoRA scales (columns), fixed seeds: the same noise in every cell."""
-    if not accelerator.is_main_process:
-        return None
+def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
+    """Prompts x seeds (rows) by LoRA scales (columns), fixed seeds: the same noise in every cell
+    (`train.generate.generate_columns`)."""
+    from train.generate import generate_columns
     from train.images import save_grid
-    schedule = NoiseSchedule.from_config(base.scheduler_config)
-    sampler = ddim_sample if cfg.sample.sampler == "ddim" else euler_sample
-    dtype = unet.conv_in.weight.dtype
+    unet = base.unet
     was_training = unet.training
     unet.eval()
-    uncond = encode_prompts(base, [""]).to(dtype)
-    size = cfg.data.resolution // base.latent_scale
-    cells, rows = [], []
-    for prompt in cfg.sample.prompts:
-        cond = encode_prompts(base, [prompt]).to(dtype)
-        for seed in cfg.sample.seeds:
-            rows.append(f"{prompt[:40]} / seed {seed}")
-            for scale in cfg.sample.lora_scales:
-                set_lora_weights(unet, {"default": scale})
-                g = torch.Generator(accelerator.device).manual_seed(seed)
-                latents = sampler(lambda x, t, c: unet(x.to(dtype), t, c).float(), schedule,
-                                  (1, base.latent_channels, size, size), cfg.sample.steps, g,
-                                  cond=cond, uncond=uncond, guidance_scale=cfg.sample.guidance)
-                cells.append(decode(base, latents)[0])
+    rows = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
+    f = base.latent_scale
+    cells = generate_columns(base, rows, [{"default": s} for s in cfg.sample.lora_scales],
+                             steps=cfg.sample.steps, guidance=cfg.sample.guidance, sampler=cfg.sample.sampler,
+                             size=cfg.data.resolution // f * f, batch_size=SAMPLE_BATCH)
     set_lora_weights(unet, {"default": 1.0})
     unet.train(was_training)
-    return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path, row_labels=rows,
+    return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path,
+                     row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
                      col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales])

@@ -8,8 +8,9 @@ The model works on pixels in [-1, 1] (no VAE), each `model.pixel_patch` x `pixel
 into channels (`F.pixel_unshuffle`: a 64 px picture is a 32 x 32 x 12 "latent"; train.base explains
 why): our U-Net with the `tiny` preset's stages at its native 32 x 32, attending to the text
 encoder's last hidden state. Both are trained
-jointly (AdamW, fp32 weights; bf16 autocast on CUDA). The loss is epsilon MSE under the SD1 noise
-schedule (train.schedule PRESETS["tiny"]), optionally min-SNR weighted. Captions come from
+jointly (AdamW, fp32 weights; bf16 autocast on CUDA). The loss is the MSE of the prediction the
+schedule names (`model.scheduler`, a file in configs/schedulers/; "tiny-pixel": v-prediction under
+a zero-terminal-SNR linear schedule, its note says why), optionally min-SNR weighted. Captions come from
 `train.world.caption` (plain style only) and are dropped to "" with `data.caption_dropout` so the
 model supports classifier-free guidance.
 
@@ -30,7 +31,7 @@ import string
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,29 +42,23 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from train import world
-from train.base import PIXEL_PATCH_KEY, PIXEL_PATCHES, default_scheduler_config
+from train.base import CONFIGS, PIXEL_PATCH_KEY, PIXEL_PATCHES, BaseModel, Fingerprint
 from train.config import to_dict
-from train.loop import (
+from train.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: callers catch them here)
     MUTABLE,
-    LossLog,
     OptimConfig,
-    ProgressBar,
-    StopSignals,
-    TrainingDiverged,  # noqa: F401  (raised by check_finite_loss; callers catch it here)
+    TrainingDiverged,
     TrainingInterrupted,
     TrainingOutOfMemory,
-    check_finite_loss,
     check_writable,
     flat_dict,
     full_precision_state,
     make_accelerator,
     make_optimizer,
-    optimizer_step,
     register_state_hooks,
     resume,
-    save_checkpoint,
+    run_steps,
 )
-from train.sampling import ddim_sample
 from train.schedule import NoiseSchedule, diffusion_loss
 from unet import PRESETS, UNet, save_unet
 
@@ -78,6 +73,7 @@ CHARS = string.ascii_lowercase + string.digits + string.punctuation
 class PretrainModelConfig:
     image_size: int = world.SIZE                  # pixels per side
     pixel_patch: int = 2                          # p x p pixels per U-Net position (3 p^2 channels)
+    scheduler: str = "tiny-pixel"                 # configs/schedulers/<name>.json: the noise schedule
     text_layers: int = 2
     text_width: int = 64                          # also the U-Net's context_dim
     text_heads: int = 2
@@ -154,6 +150,15 @@ def make_text_encoder(cfg: PretrainModelConfig, vocab_size: int):
         vocab_size=vocab_size, hidden_size=w, intermediate_size=4 * w, num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads, max_position_embeddings=MAX_LENGTH, projection_dim=w,
         bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+
+def scheduler_config_named(name: str) -> dict:
+    """configs/schedulers/<name>.json, the schedule the base is trained with and ships with."""
+    path = CONFIGS / "schedulers" / f"{name}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise ValueError(f"model.scheduler={name!r}: no {path}; one of {have}")
+    return json.loads(path.read_text())
 
 
 def make_unet(cfg: PretrainModelConfig) -> UNet:
@@ -267,7 +272,7 @@ def main(cfg: PretrainRecipe) -> Path:
 
     start = resume(accelerator, out, cfg, (*MUTABLE, "data.workers"))
     tokens = Tokens(tokenizer)
-    scheduler_config = default_scheduler_config("tiny")
+    scheduler_config = scheduler_config_named(cfg.model.scheduler)
     schedule = NoiseSchedule.from_config(scheduler_config)
     if accelerator.is_main_process:
         n_unet = sum(p.numel() for p in unet.parameters())
@@ -276,47 +281,34 @@ def main(cfg: PretrainRecipe) -> Path:
               f"{cfg.model.image_size}px, batch {cfg.train.batch_size} x {accelerator.num_processes}",
               flush=True)
         accelerator.init_trackers("pretrain", config=flat_dict(to_dict(cfg)))
-    losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
+    base = as_base(cfg, unet, text_encoder, tokenizer, scheduler_config)     # for the samples
 
     def export(folder: Path, step: int | None = None) -> Path:
-        return export_pipeline(Path(folder) / "base", unet, text_encoder, tokenizer, scheduler_config,
+        path = export_pipeline(Path(folder) / "base", unet, text_encoder, tokenizer, scheduler_config,
                                pixel_patch=cfg.model.pixel_patch)
+        if step is None:                                                   # the final export
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+            print(f"base model: {path} ({size:.1f} MB)", flush=True)
+        return path
 
-    step = start
-    with StopSignals() as stop, ProgressBar(accelerator, start, cfg.train.steps, "pretrain") as bar:
-        while step < cfg.train.steps and not stop.requested:
-            t0 = time.perf_counter()
-            try:
-                loss = train_step(cfg, accelerator, model, text_model, data, tokens, schedule, step)
-            except torch.OutOfMemoryError as e:
-                raise TrainingOutOfMemory(
-                    f"out of device memory at step {step + 1} with batch_size={cfg.train.batch_size} "
-                    f"({str(e).splitlines()[0][:160]}). Lower train.batch_size.") from None
-            check_finite_loss(loss, step, out)
-            optimizer_step(accelerator, optimizer, lr_schedule, params, None, cfg.optim.max_grad_norm)
-            step += 1
-            losses.add(step, loss, lr_schedule.get_last_lr()[0])
-            if step % cfg.output.log_every == 0 or step == cfg.train.steps:
-                accelerator.log({"loss": loss, "lr": lr_schedule.get_last_lr()[0]}, step=step)
-            bar.update(loss, cfg.train.batch_size * accelerator.num_processes / (time.perf_counter() - t0))
-            every = cfg.output.checkpoint_every
-            if (every and step % every == 0) or stop.requested or step == cfg.train.steps:
-                save_checkpoint(accelerator, out, step, cfg, export)
-            if cfg.sample.every and step % cfg.sample.every == 0 and accelerator.is_main_process:
-                sample_grid(cfg, unet, text_encoder, tokens, schedule,
-                            out / "samples" / f"step-{step:06d}.png")
-    if not stop.requested and accelerator.is_main_process:
-        folder = export(out)
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
-        print(f"base model: {folder} ({size:.1f} MB)", flush=True)
-        losses.plot(out / "loss.png")
-        if cfg.sample.prompts:
-            sample_grid(cfg, unet, text_encoder, tokens, schedule, out / "samples" / "final.png")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if stop.requested:
-        raise TrainingInterrupted(stop.requested, step, "base model")
+    run_steps(accelerator, cfg, out, start,
+              step=lambda step: train_step(cfg, accelerator, model, text_model, data, tokens, schedule, step),
+              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=None, export=export,
+              sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
+              images_per_step=cfg.train.batch_size * accelerator.num_processes, name="pretrain",
+              what="base model", explain_oom=explain_oom)
     return out
+
+
+@contextmanager
+def explain_oom(cfg: PretrainRecipe, step: int, out: Path):
+    """A device OOM in a step -> TrainingOutOfMemory naming the batch size (run_steps' `explain_oom`)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise TrainingOutOfMemory(
+            f"out of device memory at step {step + 1} with batch_size={cfg.train.batch_size} "
+            f"({str(e).splitlines()[0][:160]}). Lower train.batch_size.") from None
 
 
 def train_step(cfg: PretrainRecipe, accelerator, model, text_model, data: ShapesData, tokens: Tokens,
@@ -341,31 +333,32 @@ def train_step(cfg: PretrainRecipe, accelerator, model, text_model, data: Shapes
     return accelerator.reduce(loss.detach(), reduction="mean").item()
 
 
+def as_base(cfg: PretrainRecipe, unet: UNet, text_encoder, tokenizer, scheduler_config: dict) -> BaseModel:
+    """The models being trained as the BaseModel that `load_base` gives of their export (no VAE: pixels
+    folded into channels), for `train.generate`. Its fingerprint is a placeholder: no cache keys on it."""
+    return BaseModel(unet=unet, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+                     scheduler_config=scheduler_config, family="tiny",
+                     fingerprint=Fingerprint(unet="training", vae=None, text_encoder="training"),
+                     pixel_patch=cfg.model.pixel_patch)
+
+
 @torch.no_grad()
-def sample_grid(cfg: PretrainRecipe, unet: UNet, text_encoder, tokens: Tokens, schedule: NoiseSchedule,
-                path: Path) -> Path:
-    """DDIM samples with classifier-free guidance: one row per prompt, one column per seed."""
+def sample_grid(cfg: PretrainRecipe, base: BaseModel, path: Path) -> Path:
+    """DDIM samples with classifier-free guidance (`train.generate.generate`): one row per prompt,
+    one column per seed."""
+    from train.generate import generate
     from train.images import save_grid
-    device = next(unet.parameters()).device
-    was = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    uncond = text_encoder(tokens([""], device))[0]
-    p, cells = cfg.model.pixel_patch, []
-    shape = (1, 3 * p * p, cfg.model.image_size // p, cfg.model.image_size // p)
-    for prompt in cfg.sample.prompts:
-        cond = text_encoder(tokens([prompt], device))[0]
-        for seed in cfg.sample.seeds:
-            g = torch.Generator(device).manual_seed(seed)
-            x = ddim_sample(lambda x, t, c: unet(x, t, c).float(), schedule, shape,
-                            cfg.sample.steps, g, cond=cond, uncond=uncond,
-                            guidance_scale=cfg.sample.guidance)
-            cells.append(F.pixel_shuffle(x, p)[0].clamp(-1, 1).cpu())
-    unet.train(was[0])
-    text_encoder.train(was[1])
-    return save_grid(cells, len(cfg.sample.prompts), len(cfg.sample.seeds), path,
-                     row_labels=[p[:40] for p in cfg.sample.prompts],
-                     col_labels=[f"seed {s}" for s in cfg.sample.seeds])
+    models = (base.unet, base.text_encoder)
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    prompts, seeds = cfg.sample.prompts, cfg.sample.seeds
+    cells = generate(base, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
+                     steps=cfg.sample.steps, guidance=cfg.sample.guidance, size=cfg.model.image_size)
+    for m, training in zip(models, was):
+        m.train(training)
+    return save_grid(list(cells), len(prompts), len(seeds), path, row_labels=[p[:40] for p in prompts],
+                     col_labels=[f"seed {s}" for s in seeds])
 
 
 # --- the export --------------------------------------------------------------------------------------

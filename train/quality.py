@@ -12,6 +12,9 @@ randomness: the same image always gets the same answer.
 - `quality_report(...)` gathers these for one set of samples; `format_report` prints one report or a
   {row label: report} mapping as a table (e.g. base vs base + LoRA).
 - `calibrate(n, seed)` measures all of it on rendered ground truth, clean and `degrade`d.
+- `evaluate(base, n, seed, ...)` generates n scenes' captions with a base model (and LoRAs, a
+  ControlNet) through train.generate and measures the pictures, one report per row (base,
+  base + LoRA, + ControlNet); `adapterkit quality` (train/quality_commands.py) prints it.
 
 Calibration, `python -m train.quality 400 0` (= `calibrate(n=400, seed=0)`, 64 x 64): 400 scenes,
 each drawn plain and in each style; "degraded" = `degrade` with `DEGRADATIONS["degraded"]`
@@ -78,7 +81,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from train.canny import edge_fidelity
-from train.world import COLOURS, OUTLINE_WIDTH, SIZE, STYLES, Scene, canny_map, render, sample_scenes
+from train.world import COLOURS, OUTLINE_WIDTH, SIZE, STYLES, Scene, canny_map, caption, render, sample_scenes
 
 MASK_DELTA_E = 16.0            # shape pixels differ from the background by more than this (CIE76)
 UPSAMPLE = 4                   # contour analysis at 4x
@@ -425,6 +428,118 @@ def calibrate(n: int = 400, seed: int = 0, size: int = SIZE,
             report["edge_other"] = edge_f1_score(images, hints[1:] + hints[:1])
             table[f"{style or 'plain'} {condition}"] = report
     return table
+
+
+# -- a model measured ------------------------------------------------------------------------------
+
+ROW_BASE, ROW_LORA = "base", "base + LoRA"
+ROW_CONTROL, ROW_LORA_CONTROL = "base + ControlNet", "base + LoRA + ControlNet"
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured: {row label: quality_report} in `reports` (for `format_report`), the
+    pictures of each row in `samples`, and what they were asked for (scenes, prompts, noise seeds,
+    ControlNet hints; `settings` the sampling arguments)."""
+    scenes: list[Scene]
+    prompts: list[str]
+    seeds: list[int]
+    hints: list[Image.Image] | None
+    reports: dict[str, dict[str, float]]
+    samples: dict[str, list[Image.Image]]
+    settings: dict
+
+    def table(self) -> str:
+        return format_report(self.reports)
+
+    def to_json(self) -> dict:
+        """JSON-ready: settings, rows (the reports), and per scene its Scene, prompt and seed."""
+        return {"settings": self.settings, "rows": self.reports,
+                "scenes": [{"scene": s.to_dict(), "prompt": p, "seed": z}
+                           for s, p, z in zip(self.scenes, self.prompts, self.seeds)]}
+
+    def grid(self, rows: int = 8) -> tuple[list[Image.Image], list[str], list[str]]:
+        """The first `rows` scenes as grid cells (row-major), row labels and column labels: the
+        target render, the hint (with a ControlNet), then one column per row of the report."""
+        k = min(rows, len(self.scenes))
+        size = next(iter(self.samples.values()))[0].width
+        cols = ["target"] + (["hint"] if self.hints is not None else []) + list(self.samples)
+        cells = []
+        for i in range(k):
+            cells.append(render(self.scenes[i], size))
+            if self.hints is not None:
+                cells.append(self.hints[i])
+            cells += [images[i] for images in self.samples.values()]
+        return cells, [self.prompts[i][:40] for i in range(k)], cols
+
+
+def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trigger: str | None = None,
+             loras: Mapping[str, float] | None = None, controlnet=None, control_scale: float = 1.0,
+             steps: int = 30, guidance: float = 3.0, sampler: str = "ddim", size: int | None = None,
+             batch_size: int = 16) -> Evaluation:
+    """Generate the world's scenes with a base model and measure the pictures (`quality_report`).
+
+    n scenes from `seed` (`sample_scenes(n, seed, style)`), prompted with `caption(scene, trigger)`;
+    image i's noise seed is `SeedSequence([seed, 1]).generate_state(n)[i]`, the same in every row,
+    and the first k scenes and seeds of n are those of k. Rows (each a `quality_report` against the
+    scenes, both style columns shown):
+      "base"                       the LoRAs named in `loras` at weight 0, no ControlNet;
+      "base + LoRA"                with `loras` ({adapter name: weight}, already loaded on
+                                   base.unet, e.g. by `load_lora_file`);
+      "base + ControlNet"          with `controlnet`, hints the Canny maps of the scenes drawn plain
+                                   (`canny_map`, at the image size): "edge_f1" in every row, and in
+                                   the ControlNet rows "edge_ratio" = edge_f1 / that of the same row
+                                   without the ControlNet;
+      "base + LoRA + ControlNet"   both.
+    `style` only decides how the scenes' targets are drawn (`Evaluation.grid`); the prompts carry
+    the trigger, never the style's name. The LoRA weights are restored afterwards. The measures are
+    calibrated at 64 px and up (see the module docstring); smaller models get rougher figures.
+    """
+    from train.generate import check_controlnet, generate, to_images
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if style is not None and style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
+    if controlnet is not None:
+        check_controlnet(base, controlnet)
+    loras = dict(loras or {})
+    size = size or base.unet.config.sample_size * base.latent_scale
+    scenes = sample_scenes(n, seed, style)
+    prompts = [caption(s, trigger) for s in scenes]
+    seeds = [int(z) for z in np.random.SeedSequence([seed, 1]).generate_state(n)]
+    hints = [canny_map(replace(s, style=None), size) for s in scenes] if controlnet is not None else None
+
+    def run(cn) -> list[Image.Image]:
+        return to_images(generate(base, prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
+                                  size=size, controlnet=cn, hints=hints if cn is not None else None,
+                                  control_scale=control_scale, batch_size=batch_size))
+
+    settings = {"n": n, "seed": seed, "style": style, "trigger": trigger, "loras": loras,
+                "control_scale": control_scale if controlnet is not None else None, "steps": steps,
+                "guidance": guidance, "sampler": sampler, "size": size}
+    rows = [(ROW_BASE, False, False)] + ([(ROW_LORA, True, False)] if loras else [])
+    if controlnet is not None:
+        rows += [(ROW_CONTROL, False, True)] + ([(ROW_LORA_CONTROL, True, True)] if loras else [])
+    samples: dict[str, list[Image.Image]] = {}
+    if loras:
+        from adapters.lora import lora_weights, set_lora_weights
+        before = lora_weights(base.unet)
+    try:
+        for label, with_lora, with_cn in sorted(rows, key=lambda r: r[1]):    # LoRAs off, then on
+            if loras:
+                set_lora_weights(base.unet, loras if with_lora else {k: 0.0 for k in loras})
+            samples[label] = run(controlnet if with_cn else None)
+    finally:
+        if loras and before:
+            set_lora_weights(base.unet, before)
+    samples = {label: samples[label] for label, _, _ in rows}
+    reports = {label: quality_report(images, scenes, hints) for label, images in samples.items()}
+    for label, plain in ((ROW_CONTROL, ROW_BASE), (ROW_LORA_CONTROL, ROW_LORA)):
+        if label in reports:
+            without = reports[plain]["edge_f1"]
+            reports[label]["edge_ratio"] = reports[label]["edge_f1"] / without if without > 0 else None
+    return Evaluation(scenes, prompts, seeds, hints, reports, samples, settings)
 
 
 if __name__ == "__main__":              # python -m train.quality [n] [seed]: print the calibration

@@ -2,10 +2,11 @@
 
     adapterkit sample --base BASE [--lora FILE[:WEIGHT] ...] --prompt "..." [--prompt ...]
                       [--seed 0 --seed 1] [--steps 25] [--guidance 7.5] [--sampler ddim|euler]
-                      [--size 512] [--compare] -o grid.png
+                      [--size 512] [--compare] [--batch-size 4] -o grid.png
 
 Rows are prompt x seed; with --compare a first column shows the base alone (the same noise), so
-what the LoRAs change is visible side by side.
+what the LoRAs change is visible side by side. Sampling is train.generate's: each image's noise comes
+from its own seed (on the CPU), so neither the batch size nor the device changes the pictures.
 """
 from __future__ import annotations
 
@@ -16,61 +17,54 @@ import torch
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapters.lora import set_lora_weights
-    from adapters.lora_files import load_lora_file
-    from train.base import encode_prompts, load_base
+    from train.generate import generate_columns
     from train.images import save_grid
-    from train.loop import decode
-    from train.sampling import ddim_sample, euler_sample
-    from train.schedule import NoiseSchedule
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = load_base(args.base, dtype=torch.float32, device=device, tokenizer=args.tokenizer)
-    base.unet.to(dtype)
-    weights = {}
-    for i, spec in enumerate(args.lora):
-        path, _, w = spec.rpartition(":") if _has_weight(spec) else (spec, "", "1")
-        name = f"lora{i}"
-        load_lora_file(base.unet, path, name=name, weight=float(w))
-        weights[name] = float(w)
-        print(f"{name}: {Path(path).name} x{float(w):g}")
+    base, _, _ = open_base(args.base, args.device, args.tokenizer)
+    weights = load_loras(base.unet, args.lora)
     columns = ([("base", {k: 0.0 for k in weights})] if args.compare and weights else []) + \
         [("with LoRAs" if weights else "base", weights)]
-
-    schedule = NoiseSchedule.from_config(base.scheduler_config)
-    sampler = ddim_sample if args.sampler == "ddim" else euler_sample
-    size = (args.size or base.unet.config.sample_size * base.latent_scale) // base.latent_scale
-    uncond = encode_prompts(base, [""]).to(dtype)
-    cells, rows = [], []
-    with torch.no_grad():
-        for prompt in args.prompt:
-            cond = encode_prompts(base, [prompt]).to(dtype)
-            for seed in args.seed or [0]:
-                rows.append(f"{prompt[:40]} / seed {seed}")
-                for _, w in columns:
-                    if w:
-                        set_lora_weights(base.unet, w)
-                    g = torch.Generator(device).manual_seed(seed)
-                    latents = sampler(lambda x, t, c: base.unet(x.to(dtype), t, c).float(), schedule,
-                                      (1, base.latent_channels, size, size), args.steps, g,
-                                      cond=cond, uncond=uncond, guidance_scale=args.guidance)
-                    cells.append(decode(base, latents)[0])
-    save_grid(cells, len(rows), len(columns), args.output, row_labels=rows,
+    seeds = args.seed or [0]
+    rows = [(prompt, seed) for prompt in args.prompt for seed in seeds]
+    cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
+                             sampler=args.sampler, size=args.size, batch_size=args.batch_size)
+    save_grid(cells, len(rows), len(columns), args.output,
+              row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
               col_labels=[name for name, _ in columns])
     print(f"wrote {args.output} ({len(cells)} images)")
     return 0
 
 
-def _has_weight(spec: str) -> bool:
-    head, sep, tail = spec.rpartition(":")
-    if not sep or not head:
-        return False
-    try:
-        float(tail)
-        return True
-    except ValueError:
-        return False
+def open_base(path, device: str | None = None, tokenizer=None, controlnet=None):
+    """`load_base` for sampling: on CUDA (the default when there is one) the U-Net in bf16, the rest
+    fp32; on CPU all fp32. With `controlnet` (a path), that ControlNet too, checked against the
+    base's fp32 weights before the cast (their fingerprint is taken at fp16 precision, which bf16
+    copies do not keep) and cast alike. Returns (base, the U-Net's dtype, the ControlNet or None)."""
+    from train.base import load_base
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = load_base(path, dtype=torch.float32, device=device, tokenizer=tokenizer)
+    cn = None
+    if controlnet is not None:
+        from adapters.controlnet_files import load_controlnet
+        cn = load_controlnet(controlnet, unet=base.unet, device=device).to(dtype)
+    base.unet.to(dtype)
+    return base, dtype, cn
+
+
+def load_loras(unet: torch.nn.Module, specs: list[str]) -> dict[str, float]:
+    """Load each "FILE[:WEIGHT]" onto the U-Net as adapter lora0, lora1, ...; returns {name: weight}."""
+    from adapters.lora_files import load_lora_file, split_lora_spec
+
+    weights = {}
+    for i, spec in enumerate(specs):
+        path, w = split_lora_spec(spec)
+        name = f"lora{i}"
+        load_lora_file(unet, path, name=name, weight=w)
+        weights[name] = w
+        print(f"{name}: {Path(path).name} x{w:g}")
+    return weights
 
 
 def register(sub) -> None:
@@ -86,6 +80,7 @@ def register(sub) -> None:
     p.add_argument("--sampler", choices=["ddim", "euler"], default="ddim")
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
     p.add_argument("--compare", action="store_true", help="add a column with the base alone")
+    p.add_argument("--batch-size", type=int, default=4, help="images per U-Net batch (default 4)")
     p.add_argument("--device")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=run)

@@ -65,11 +65,13 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int) -> Tensor:
 @torch.no_grad()
 def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int], steps: int,
                 generator: torch.Generator | None = None, eta: float = 0.0, *, cond: Tensor,
-                uncond: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
+                uncond: Tensor | None = None, guidance_scale: float = 1.0,
+                noise: Tensor | None = None) -> Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 and 16) from fresh noise.
 
     eta=0 is the deterministic sampler; eta=1 has DDPM's posterior variance. Noise (the start, then one
-    draw per step when eta > 0) comes from `generator` in diffusers' order. Returns fp32 latents.
+    draw per step when eta > 0) comes from `generator` in diffusers' order; `noise` (of `shape`) gives
+    the start instead (e.g. one seed per image: train.generate). Returns fp32 latents.
     """
     ts = spaced_timesteps(schedule, steps)
     a = schedule.alphas_cumprod
@@ -77,7 +79,7 @@ def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int]
         raise ValueError("an epsilon model cannot denoise from SNR 0 (x0 = (x - eps) / 0); zero-terminal-SNR "
                          "schedules need v_prediction (Lin et al. 2024 §3.2) or 'leading' spacing")
     final = 1.0 if schedule.set_alpha_to_one else a[0].item()
-    x = _noise(shape, generator, cond.device)
+    x = _start(shape, generator, cond.device, noise)
     ts = ts.tolist()
     for i, t in enumerate(ts):
         a_t = a[t].item()
@@ -97,17 +99,18 @@ def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int]
 @torch.no_grad()
 def euler_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int], steps: int,
                  generator: torch.Generator | None = None, *, cond: Tensor, uncond: Tensor | None = None,
-                 guidance_scale: float = 1.0) -> Tensor:
+                 guidance_scale: float = 1.0, noise: Tensor | None = None) -> Tensor:
     """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, "EDM", Algorithm 2
     with S_churn = 0 and without the second-order correction), as diffusers' EulerDiscreteScheduler.
 
     The VP sample x_t is x / sqrt(sigma^2 + 1) with sigma = sqrt((1 - a_t) / a_t); each step moves x along
-    d = (x - x0_hat) / sigma to the next sigma, and the last one to sigma = 0. Returns fp32 latents.
+    d = (x - x0_hat) / sigma to the next sigma, and the last one to sigma = 0. The start is unit noise
+    from `generator`, or `noise` (of `shape`) when given, times sqrt(sigma_max^2 + 1). Returns fp32 latents.
     """
     ts = spaced_timesteps(schedule, steps)
     a = schedule.alphas_cumprod.clamp(min=_MIN_ALPHA_CUMPROD)
     sigmas = (((1 - a) / a).sqrt()[ts]).tolist() + [0.0]
-    x = _noise(shape, generator, cond.device) * math.sqrt(sigmas[0] ** 2 + 1)
+    x = _start(shape, generator, cond.device, noise) * math.sqrt(sigmas[0] ** 2 + 1)
     for i, t in enumerate(ts.tolist()):
         sigma, c_in = sigmas[i], 1 / math.sqrt(sigmas[i] ** 2 + 1)
         out = _guided(model_fn, x * c_in, t, cond, uncond, guidance_scale)
@@ -145,6 +148,16 @@ def _split(out: Tensor, x: Tensor, a_t: float, prediction_type: str) -> tuple[Te
     if prediction_type == "epsilon":
         return (x - sb * out) / sa, out
     return sa * x - sb * out, sa * out + sb * x          # v = sa eps - sb x0 (Salimans & Ho 2022, §4)
+
+
+def _start(shape: Sequence[int], generator: torch.Generator | None, device: torch.device,
+           noise: Tensor | None) -> Tensor:
+    # The starting unit noise: drawn from the generator, or the caller's own.
+    if noise is None:
+        return _noise(shape, generator, device)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, the sample {tuple(shape)}")
+    return noise.to(device, torch.float32)
 
 
 def _noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
