@@ -17,12 +17,12 @@ import train.controlnet_train as ct
 from adapters.controlnet import ControlNet, HintSpec, hint_widths_for
 from adapters.controlnet_files import load_controlnet
 from tests.sd_fixtures import build_tiny_pipeline
+from train.base import load_base
 from train.canny import edge_map_tensor, write_png
 from train.config import ConfigError, load_config
 from train.controlnet_train import ControlConfig, ControlNetRecipe, PairedFolder, gradient_onset, main
 from train.data import DataConfig
 from train.images import tensor_to_pil
-from train.base import load_base
 from train.loop import TrainingDiverged, TrainingInterrupted
 from unet import PRESETS
 

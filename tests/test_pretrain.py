@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 import train.pretrain as pt
 from train import world
 from train.base import encode_images, encode_prompts, load_base
-from train.loop import decode
 from train.config import load_config
-from unet.checkpoint import CheckpointError
+from train.loop import TrainingOutOfMemory, decode
 from train.pretrain import PretrainRecipe, main
+from unet.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,15 @@ def test_a_folded_base_without_its_patch_size_is_refused(tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="12-channel latents.*_adapterkit_pixel_patch"):
         load_base(out / "base")
+
+
+def test_out_of_memory_names_what_to_lower(tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(pt, "train_step", oom)
+    with pytest.raises(TrainingOutOfMemory, match=r"step 1 with batch_size=2 \(CUDA out of memory.*"
+                                                  r"Lower train.batch_size\. Last good checkpoint: none yet"):
+        main(recipe(tmp_path / "run"))
 
 
 def test_pixel_patch_must_fit_the_image():

@@ -137,7 +137,9 @@ class BaseModel:
     @property
     def latent_scale(self) -> int:
         """Pixels per latent pixel along each side (8 for SD; `pixel_patch` without a VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else self.pixel_patch
+        if self.vae is None:
+            return self.pixel_patch
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
@@ -174,7 +176,8 @@ def load_base(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                               "(with model_index.json) or a single-file SD checkpoint (.safetensors).")
     patch = 1
     if path.is_dir():
-        unet, vae, text_encoder, tok, scheduler, patch = _from_pipeline_folder(path, allow_pickle, dtype, device)
+        unet, vae, text_encoder, tok, scheduler, patch = _from_pipeline_folder(path, allow_pickle, dtype,
+                                                                               device)
     else:
         unet, vae, text_encoder, tok, scheduler = _from_single_file(
             path, allow_pickle, dtype, device, tokenizer, prediction_type,

@@ -125,16 +125,23 @@ def check_writable(out: Path) -> None:
 
 @contextmanager
 def out_of_memory_explained(cfg: Any, step: int, out: Path):
-    """Turn a device OOM in a step into a message with the sizes to change (reliability C5)."""
+    """Turn a device OOM in a step into a message with the sizes to change (reliability C5), naming
+    only the settings the recipe has (the pretrain recipe has no resolution or accumulation)."""
     try:
         yield
     except torch.OutOfMemoryError as e:
+        resolution = getattr(cfg.data, "resolution", None)
+        remedies = ["lower train.batch_size" + (" (raise train.grad_accum to keep the effective batch)"
+                                                if hasattr(cfg.train, "grad_accum") else "")]
+        if hasattr(cfg.train, "gradient_checkpointing"):
+            remedies.append("set train.gradient_checkpointing=true")
+        if resolution is not None:
+            remedies.append("lower data.resolution")
         raise TrainingOutOfMemory(
-            f"out of device memory at step {step + 1} with batch_size={cfg.train.batch_size} at "
-            f"resolution {cfg.data.resolution} ({str(e).splitlines()[0][:160]}). Lower train.batch_size "
-            "(raise train.grad_accum to keep the effective batch), set train.gradient_checkpointing=true, "
-            f"or lower data.resolution. Last good checkpoint: "
-            f"{latest_checkpoint(out / 'checkpoints') or 'none yet'}.") from None
+            f"out of device memory at step {step + 1} with batch_size={cfg.train.batch_size}"
+            + (f" at resolution {resolution}" if resolution is not None else "")
+            + f" ({str(e).splitlines()[0][:160]}). " + ", ".join(remedies).capitalize()
+            + f". Last good checkpoint: {latest_checkpoint(out / 'checkpoints') or 'none yet'}.") from None
 
 
 # --- setting up -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import string
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -49,7 +49,6 @@ from train.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: 
     OptimConfig,
     TrainingDiverged,
     TrainingInterrupted,
-    TrainingOutOfMemory,
     check_writable,
     flat_dict,
     full_precision_state,
@@ -296,19 +295,8 @@ def main(cfg: PretrainRecipe) -> Path:
               optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=None, export=export,
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * accelerator.num_processes, name="pretrain",
-              what="base model", explain_oom=explain_oom)
+              what="base model")
     return out
-
-
-@contextmanager
-def explain_oom(cfg: PretrainRecipe, step: int, out: Path):
-    """A device OOM in a step -> TrainingOutOfMemory naming the batch size (run_steps' `explain_oom`)."""
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        raise TrainingOutOfMemory(
-            f"out of device memory at step {step + 1} with batch_size={cfg.train.batch_size} "
-            f"({str(e).splitlines()[0][:160]}). Lower train.batch_size.") from None
 
 
 def train_step(cfg: PretrainRecipe, accelerator, model, text_model, data: ShapesData, tokens: Tokens,

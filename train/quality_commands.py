@@ -57,13 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from train.sample_commands import add_model_arguments
     from train.world import STYLES
 
     p = sub.add_parser("quality", help="measure a base (+ LoRAs, ControlNet) on the shapes world",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="local diffusers pipeline folder or single-file checkpoint")
-    p.add_argument("--tokenizer", help="tokenizer folder (single-file checkpoints carry none)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    add_model_arguments(p)
     p.add_argument("--controlnet", metavar="PATH", help="a ControlNet made for this base")
     p.add_argument("--control-scale", type=float, default=1.0)
     p.add_argument("--style", choices=STYLES,

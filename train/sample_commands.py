@@ -67,12 +67,17 @@ def load_loras(unet: torch.nn.Module, specs: list[str]) -> dict[str, float]:
     return weights
 
 
-def register(sub) -> None:
-    p = sub.add_parser("sample", help="generate a PNG grid from a base model and LoRAs",
-                       description=__doc__.splitlines()[0])
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--base, --tokenizer, --lora: what `open_base` and `load_loras` read (also `adapterkit quality`)."""
     p.add_argument("--base", required=True, help="local diffusers pipeline folder or single-file checkpoint")
     p.add_argument("--tokenizer", help="tokenizer folder (single-file checkpoints carry none)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="generate a PNG grid from a base model and LoRAs",
+                       description=__doc__.splitlines()[0])
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--seed", action="append", type=int, default=None)
     p.add_argument("--steps", type=int, default=25)
