@@ -14,6 +14,7 @@ from train.base import encode_images, encode_prompts, load_base
 from train.config import load_config
 from train.loop import TrainingOutOfMemory, decode
 from train.pretrain import PretrainRecipe, main
+from unet import PRESETS
 from unet.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,15 @@ def test_out_of_memory_names_what_to_lower(tmp_path, monkeypatch):
     with pytest.raises(TrainingOutOfMemory, match=r"step 1 with batch_size=2 \(CUDA out of memory.*"
                                                   r"Lower train.batch_size\. Last good checkpoint: none yet"):
         main(recipe(tmp_path / "run"))
+
+
+def test_stage_widths_are_a_recipe_setting():
+    unet = pt.make_unet(pt.PretrainModelConfig(channels=(96, 64, 128)))
+    assert [s.channels for s in unet.config.stages] == [96, 64, 128]
+    assert [s.attention for s in unet.config.stages] == [s.attention for s in PRESETS["tiny"].stages]
+    assert unet.conv_in.out_channels == 96 and unet.conv_in.in_channels == 12
+    with pytest.raises(ValueError, match="3 stage widths, each a multiple of 32"):
+        pt.make_unet(pt.PretrainModelConfig(channels=(48, 64, 128)))
 
 
 def test_pixel_patch_must_fit_the_image():

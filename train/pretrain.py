@@ -32,7 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +73,7 @@ class PretrainModelConfig:
     image_size: int = world.SIZE                  # pixels per side
     pixel_patch: int = 2                          # p x p pixels per U-Net position (3 p^2 channels)
     scheduler: str = "tiny-pixel"                 # configs/schedulers/<name>.json: the noise schedule
+    channels: tuple[int, ...] = (32, 64, 128)     # the `tiny` preset's stage widths (attention, heads kept)
     text_layers: int = 2
     text_width: int = 64                          # also the U-Net's context_dim
     text_heads: int = 2
@@ -165,8 +166,13 @@ def make_unet(cfg: PretrainModelConfig) -> UNet:
     if p not in PIXEL_PATCHES or cfg.image_size % (p * 8):
         raise ValueError(f"model.pixel_patch must be one of {PIXEL_PATCHES} and model.image_size a multiple "
                          f"of 8 x pixel_patch, got pixel_patch={p}, image_size={cfg.image_size}")
-    return UNet(PRESETS["tiny"].replace(in_channels=3 * p * p, out_channels=3 * p * p,
-                                        sample_size=cfg.image_size // p, context_dim=cfg.text_width))
+    tiny = PRESETS["tiny"]
+    if len(cfg.channels) != len(tiny.stages) or any(c % tiny.norm_groups for c in cfg.channels):
+        raise ValueError(f"model.channels must give {len(tiny.stages)} stage widths, each a multiple of "
+                         f"{tiny.norm_groups} (the GroupNorm groups), got {list(cfg.channels)}")
+    stages = tuple(replace(stage, channels=c) for stage, c in zip(tiny.stages, cfg.channels))
+    return UNet(tiny.replace(stages=stages, in_channels=3 * p * p, out_channels=3 * p * p,
+                             sample_size=cfg.image_size // p, context_dim=cfg.text_width))
 
 
 # --- the data ----------------------------------------------------------------------------------------
