@@ -385,3 +385,95 @@ def test_cli_trains_from_yaml_with_overrides_and_the_shipped_recipe_loads(pipeli
     assert shipped.control.kind == "canny" and shipped.train.steps > 0
     with pytest.raises(ConfigError, match="did you mean 'conditioning_scale'"):
         load_config(CONFIGS / "sd15_controlnet.yaml", ControlNetRecipe, ["control.conditioning_scal=1"])
+
+
+PROBE = '''"""`adapterkit train` under a probe: records, per process, the dataset keys each step trained on
+and the ControlNet's weights at the end, then exits with the CLI's code."""
+import json, os, sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+import train.controlnet_train as ct
+from train.cli import main
+
+probe, rank = Path(os.environ["PROBE_DIR"]), int(os.environ["RANK"])
+seen, nets = [], []
+real_step = ct.train_step
+
+
+def train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step):
+    seen.append([list(k) for m in range(cfg.train.grad_accum) for k in plan.keys(step, m)])
+    nets.append(cn)
+    return real_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step)
+
+
+ct.train_step = train_step
+code = main(sys.argv[1:])
+(probe / f"keys-{rank}.json").write_text(json.dumps(seen))
+save_file({k: v.detach().cpu().contiguous() for k, v in nets[-1].state_dict().items()},
+          str(probe / f"weights-{rank}.safetensors"))
+sys.exit(code)
+'''
+
+
+def test_two_processes_with_accelerate_launch_train_one_controlnet(pipeline, images, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine (two gloo processes), as
+    LoRA training's test: each process trains on its own images, DDP keeps the two copies equal, and
+    the main process alone writes the checkpoints, loss.jsonl and one exported ControlNet."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+    cfg, out, probe = tmp_path / "controlnet.yaml", tmp_path / "ddp", tmp_path / "probe"
+    probe.mkdir()
+    (tmp_path / "probe.py").write_text(PROBE)
+    cfg.write_text(yaml.safe_dump({"model": {"base": str(pipeline)},
+                                   "data": {"root": str(images), "resolution": 64, "bucket_step": 16,
+                                            "min_side": 32},
+                                   "train": {"steps": 2, "batch_size": 2},
+                                   "output": {"dir": str(out), "checkpoint_every": 1,
+                                              "formats": ["diffusers"]}}))
+    with socket.socket() as s:                   # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PROBE_DIR": str(probe),
+                        "PYTHONPATH": str(Path(__file__).parent.parent)}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", "--main_process_port", str(port),
+                          str(tmp_path / "probe.py"), "train", "controlnet", str(cfg)],
+                         cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done:") == 2                      # both processes finished
+
+    # the main process alone wrote: one checkpoint a step, one loss row a step, one ControlNet
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-000001", "step-000002"]
+    last = out / "checkpoints" / "step-000002"
+    assert json.loads((last / "trainer_state.json").read_text())["processes"] == 2
+    assert [r["step"] for r in rows(out / "loss.jsonl")] == [1, 2]
+    exported = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                      if p.is_file() and "checkpoints" not in p.parts and "cache" not in p.parts
+                      and "tensorboard" not in p.parts)
+    assert exported == ["controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
+                        "edge_fidelity.jsonl", "loss.jsonl", "loss.png"], exported
+    assert (out / "edge_fidelity.jsonl").read_text() == ""             # no sample prompts: no scores
+    assert sorted(p.name for p in last.rglob("config.json")) == ["config.json"]  # one ControlNet in it
+
+    # the two processes trained on different images (no image twice in this first epoch) ...
+    keys = [json.loads((probe / f"keys-{r}.json").read_text()) for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 2 and all(keys[0]) and all(keys[1])
+    every = [tuple(k) for r in keys for batch in r for k in batch]
+    assert len(every) == len(set(every)) and {e for e, _ in every} == {0}
+    # ... and ended with the very same weights: the exported ones, the last checkpoint's, trained ones
+    final = [load_file(str(probe / f"weights-{r}.safetensors")) for r in (0, 1)]
+    folder = load_controlnet(out / "controlnet").state_dict()
+    ckpt = state(out)
+    assert folder.keys() == ckpt.keys() == final[0].keys() == final[1].keys()
+    for k in folder:
+        assert torch.equal(final[0][k], final[1][k]), k
+        assert torch.equal(folder[k], ckpt[k]) and torch.equal(folder[k], final[0][k]), k
+    assert (folder["controlnet_mid_block.weight"] != 0).any()          # zero at init: it trained
