@@ -211,6 +211,25 @@ def test_the_hint_is_cropped_exactly_like_its_target(tmp_path):
     assert {c.flip for c in crops} == {True, False} and len({c.box for c in crops}) == 8
 
 
+def test_hints_are_cached_in_memory_exactly_and_within_their_budget(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for name, box in (("a", (10, 12, 50, 44)), ("b", (8, 20, 40, 56))):
+        image = Image.new("RGB", (64, 64), (20, 40, 200))
+        ImageDraw.Draw(image).ellipse(box, fill=(240, 220, 40))
+        image.save(root / f"{name}.png")
+    data = DataConfig(root=str(root), resolution=64, bucket_step=64, min_side=32)
+    cached = PairedFolder.scan(data, ControlConfig())
+    uncached = PairedFolder.scan(data, ControlConfig(hint_cache_mb=0))
+    first = cached.hint(0)
+    assert torch.equal(first, uncached.hint(0)) and first.any()
+    (root / "a.png").unlink()                              # a cached hint needs no file
+    assert torch.equal(cached.hint(0), first)
+    with pytest.raises(OSError):
+        uncached.hint(0)
+    assert len(cached._hints) == 2 and not uncached._hints   # both images' hints, from the scan's check
+
+
 def test_resume_after_a_crash_equals_the_uninterrupted_run(pipeline, images, tmp_path, monkeypatch):
     over = {"train.grad_accum": 2}
     straight = main(recipe(pipeline, images, tmp_path / "straight", **over))

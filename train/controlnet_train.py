@@ -117,6 +117,7 @@ class ControlConfig:
     conditioning_scale: float = 1.0         # residual scale while training (and the samples' default)
     lora: str | None = None                 # "file.safetensors[:weight]": a LoRA on the frozen U-Net
     control_lora_rank: int | None = None    # also export a Control-LoRA of this rank
+    hint_cache_mb: int = 1024               # hints kept in memory per (image, crop), uint8; 0 = none
 
     def __post_init__(self):
         if not 0 <= self.canny_low <= self.canny_high:
@@ -127,6 +128,8 @@ class ControlConfig:
                              "automatically")
         if self.control_lora_rank is not None and self.control_lora_rank < 1:
             raise ValueError(f"control_lora_rank must be >= 1 (or null), got {self.control_lora_rank}")
+        if self.hint_cache_mb < 0:
+            raise ValueError(f"hint_cache_mb must be >= 0 (0 = no cache), got {self.hint_cache_mb}")
         if self.conditioning_scale <= 0:
             raise ValueError(f"conditioning_scale must be > 0 (at 0 the ControlNet has no effect and gets no "
                              f"gradient), got {self.conditioning_scale}")
@@ -208,7 +211,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     register_state_hooks(accelerator, lambda: full_precision_state(dict(cn.named_parameters()), master),
                          master, "ControlNet")
 
-    start = resume(accelerator, out, cfg, (*MUTABLE, "control.control_lora_rank"))
+    start = resume(accelerator, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
                      accelerator.num_processes, accelerator.process_index)
@@ -297,6 +300,9 @@ class PairedFolder(CaptionedImageFolder):
                  pairs: PairReport | None = None):
         super().__init__(records, cfg, report)
         self.control, self.conditions = control, conditions
+        # (index, crop) -> the hint as uint8 (3, h, w): exact (hints are k/255), 4x smaller than float.
+        self._hints: dict[tuple[int, Crop], Tensor] = {}
+        self._hint_room = control.hint_cache_mb * 2**20
         self.pairs = pairs or PairReport(None, (control.canny_low, control.canny_high), len(records),
                                          len(records))
 
@@ -345,18 +351,25 @@ class PairedFolder(CaptionedImageFolder):
         sample's own, from `describe`)."""
         index = key[1] if isinstance(key, tuple) else key
         crop = crop or self.describe(key)["crop"]
+        cached = self._hints.get((index, crop))
+        if cached is not None:                   # decoding + Canny every step starves a fast GPU
+            return cached.float().div_(255.0)
         if self.conditions is None:
-            return edge_map_tensor(crop.apply(self.load_image(index)), self.control.canny_low,
+            hint = edge_map_tensor(crop.apply(self.load_image(index)), self.control.canny_low,
                                    self.control.canny_high)
-        return unit_tensor(crop.apply(self.load_conditioning(index)))
+        else:
+            hint = unit_tensor(crop.apply(self.load_conditioning(index)))
+        if hint.numel() <= self._hint_room:
+            self._hints[(index, crop)] = hint.mul(255.0).round_().to(torch.uint8)
+            self._hint_room -= hint.numel()
+        return hint
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         sample = self.describe(key)
         index = key[1] if isinstance(key, tuple) else key
         target = sample["crop"].apply(self.load_image(index))
         sample["pixel_values"] = to_tensor(target)                                  # (3, bh, bw) [-1, 1]
-        sample["hint"] = (edge_map_tensor(target, self.control.canny_low, self.control.canny_high)
-                          if self.conditions is None else self.hint(key, sample["crop"]))  # [0, 1]
+        sample["hint"] = self.hint(key, sample["crop"])                             # [0, 1]
         return sample
 
 
