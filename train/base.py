@@ -208,6 +208,16 @@ def detect_family(cfg: UNetConfig) -> str:
     return "tiny"
 
 
+def scheduler_config_named(name: str) -> dict:
+    """configs/schedulers/<name>.json: a noise schedule shipped with adapterkit (a family's default,
+    or one a recipe names, e.g. the tiny pretrain's "tiny-pixel")."""
+    path = CONFIGS / "schedulers" / f"{name}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise ValueError(f"no noise schedule named {name!r}: {path} does not exist; shipped: {have}")
+    return json.loads(path.read_text())
+
+
 def default_scheduler_config(family: str, prediction_type: str | None = None) -> dict:
     """The family's noise schedule shipped in configs/schedulers/, with `prediction_type` applied.
     SD2 has two (512-base: epsilon, 768-v: v_prediction), so it needs the prediction type."""
@@ -220,7 +230,7 @@ def default_scheduler_config(family: str, prediction_type: str | None = None) ->
         name = "sd2-v" if prediction_type == "v_prediction" else "sd2"
     else:
         name = family
-    cfg = json.loads((CONFIGS / "schedulers" / f"{name}.json").read_text())
+    cfg = scheduler_config_named(name)
     if prediction_type is not None:
         cfg["prediction_type"] = prediction_type
     return cfg

@@ -35,7 +35,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -72,6 +72,7 @@ from train.data import (
     to_tensor,
 )
 from train.generate import check_controlnet, controlled_prediction, generate, to_images
+from train.images import unit_tensor
 from train.loop import (
     DTYPES,
     MUTABLE,
@@ -351,12 +352,16 @@ class PairedFolder(CaptionedImageFolder):
         sample's own, from `describe`)."""
         index = key[1] if isinstance(key, tuple) else key
         crop = crop or self.describe(key)["crop"]
+        return self._hint(index, crop, lambda: crop.apply(self.load_image(index)))
+
+    def _hint(self, index: int, crop: Crop, target: Callable[[], Image.Image]) -> Tensor:
+        """The hint of record `index` through `crop`, from the cache or made and cached; `target`
+        gives the cropped training image (read only for automatic Canny maps)."""
         cached = self._hints.get((index, crop))
         if cached is not None:                   # decoding + Canny every step starves a fast GPU
             return cached.float().div_(255.0)
         if self.conditions is None:
-            hint = edge_map_tensor(crop.apply(self.load_image(index)), self.control.canny_low,
-                                   self.control.canny_high)
+            hint = edge_map_tensor(target(), self.control.canny_low, self.control.canny_high)
         else:
             hint = unit_tensor(crop.apply(self.load_conditioning(index)))
         if hint.numel() <= self._hint_room:
@@ -369,7 +374,7 @@ class PairedFolder(CaptionedImageFolder):
         index = key[1] if isinstance(key, tuple) else key
         target = sample["crop"].apply(self.load_image(index))
         sample["pixel_values"] = to_tensor(target)                                  # (3, bh, bw) [-1, 1]
-        sample["hint"] = self.hint(key, sample["crop"])                             # [0, 1]
+        sample["hint"] = self._hint(index, sample["crop"], lambda: target)          # [0, 1]
         return sample
 
 
@@ -466,12 +471,6 @@ def _conditioning(path: Path, crel: str, rec: ImageRecord, data: DataConfig,
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def unit_tensor(image: Image.Image) -> Tensor:
-    """RGB image -> float32 (3, H, W) in [0, 1] (uint8 / 255, the hint range)."""
-    a = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))   # (H, W, 3)
-    return a.permute(2, 0, 1).float().div_(255.0)                                    # (3, H, W)
 
 
 # --- the pieces, in the order main uses them ---------------------------------------------------------

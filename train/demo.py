@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from train.base import load_base
     from train.config import load_config, to_dict
     from train.images import save_grid
-    from train.lora_train import LoraRecipe
+    from train.lora_train import LoraRecipe, adapter_files
     from train.lora_train import main as train_lora
     from train.quality import ROW_BASE, ROW_CONTROL, ROW_LORA, ROW_LORA_CONTROL, evaluate, format_report
     from train.world import STYLES, render, render_folder
@@ -230,9 +230,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n3. the style LoRA: {cfg.lora.targets} rank {cfg.lora.rank}, lr {cfg.optim.lr:g}, "
           f"{cfg.train.steps} steps of batch {cfg.train.batch_size} ({config.name})", flush=True)
     lora_dir = train_lora(cfg)
-    stem = cfg.output.name
-    files = {fmt: lora_dir / f"{stem}{'' if fmt == 'kohya' else '.' + fmt}.safetensors"
-             for fmt in cfg.output.formats}
+    files = adapter_files(cfg.output, lora_dir)
+    lora_file = files.get("kohya", next(iter(files.values())))
     sizes = {fmt: p.stat().st_size for fmt, p in files.items()}
     for fmt, p in files.items():
         print(f"   {fmt:5} {p} ({sizes[fmt] / 1e3:.1f} kB)")
@@ -243,14 +242,14 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\n4. {scenes} scenes (seed {EVAL_SEED}) with and without the LoRA and the ControlNet, "
           f"{steps} DDIM steps, guidance {args.guidance:g}", flush=True)
-    load_lora_file(base.unet, files.get("kohya", next(iter(files.values()))), name="style")
+    load_lora_file(base.unet, lora_file, name="style")
     controlnet = load_controlnet(canny_dir, base.unet)
     ev = evaluate(base, scenes, EVAL_SEED, style=args.style, trigger=args.trigger, loras={"style": 1.0},
                   controlnet=controlnet, steps=steps, guidance=args.guidance, batch_size=args.batch_size)
     clock.lap("sample")
 
     print("\n5. merge the LoRA into the base")
-    merge = merge_check(base_dir, files.get("kohya", next(iter(files.values()))), base.unet)
+    merge = merge_check(base_dir, lora_file, base.unet)
     clock.lap("merge")
 
     cols = {"target": None, "base": ROW_BASE, "base + LoRA": ROW_LORA, "ControlNet": ROW_CONTROL,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -160,8 +159,8 @@ def _hints(base, controlnet, hints, n: int, size: tuple[int, int]) -> Tensor | N
 
 def _hint_tensor(h) -> Tensor:
     if isinstance(h, Image.Image):
-        a = np.asarray(h.convert("RGB"), dtype=np.float32) / 255.0                # (H, W, 3)
-        return torch.from_numpy(a).permute(2, 0, 1)                              # (3, H, W)
+        from train.images import unit_tensor
+        return unit_tensor(h)
     if not isinstance(h, Tensor):
         raise TypeError(f"a hint must be a (3, H, W) tensor or a PIL image, not {type(h).__name__}")
     return h

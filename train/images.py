@@ -39,6 +39,12 @@ ImageLike = Image.Image | torch.Tensor | np.ndarray
 # -- conversion and writing -----------------------------------------------------------------------
 
 
+def unit_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 (3, H, W) in [0, 1] (uint8 / 255, the ControlNet hint range)."""
+    a = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))   # (H, W, 3)
+    return a.permute(2, 0, 1).float().div_(255.0)                                    # (3, H, W)
+
+
 def tensor_to_pil(t: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Image.Image:
     """(3, H, W) -> RGB, (1, H, W) or (H, W) -> L; a leading batch dim of 1 is dropped.
     Float values map linearly from `value_range` to 0..255 (rounded, clipped); uint8 is taken as is."""

@@ -190,6 +190,13 @@ def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
                            "layer); please report it with your config.")
 
 
+def adapter_files(output: OutputConfig, folder: Path) -> dict[str, Path]:
+    """{format: path} of the adapter files a run writes into `folder`: <name>.safetensors (kohya),
+    <name>.<format>.safetensors otherwise."""
+    return {fmt: Path(folder) / f"{output.name}{'' if fmt == 'kohya' else '.' + fmt}.safetensors"
+            for fmt in output.formats}
+
+
 class Exporter:
     """Writes the adapter in each configured format with the training config in its metadata."""
 
@@ -202,9 +209,7 @@ class Exporter:
 
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
         written = []
-        for fmt in self.cfg.output.formats:
-            suffix = "" if fmt == "kohya" else f".{fmt}"
-            path = Path(folder) / f"{self.cfg.output.name}{suffix}.safetensors"
+        for fmt, path in adapter_files(self.cfg.output, folder).items():
             meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
             with self.master.full_precision() if self.master else nullcontext():
                 save_lora(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)

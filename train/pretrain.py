@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from train import world
-from train.base import CONFIGS, PIXEL_PATCH_KEY, PIXEL_PATCHES, BaseModel, Fingerprint
+from train.base import PIXEL_PATCH_KEY, PIXEL_PATCHES, BaseModel, Fingerprint, scheduler_config_named
 from train.config import to_dict
 from train.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: callers catch them here)
     MUTABLE,
@@ -150,15 +150,6 @@ def make_text_encoder(cfg: PretrainModelConfig, vocab_size: int):
         vocab_size=vocab_size, hidden_size=w, intermediate_size=4 * w, num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads, max_position_embeddings=MAX_LENGTH, projection_dim=w,
         bos_token_id=0, eos_token_id=1, pad_token_id=1))
-
-
-def scheduler_config_named(name: str) -> dict:
-    """configs/schedulers/<name>.json, the schedule the base is trained with and ships with."""
-    path = CONFIGS / "schedulers" / f"{name}.json"
-    if not path.is_file():
-        have = sorted(p.stem for p in path.parent.glob("*.json"))
-        raise ValueError(f"model.scheduler={name!r}: no {path}; one of {have}")
-    return json.loads(path.read_text())
 
 
 def make_unet(cfg: PretrainModelConfig) -> UNet:
