@@ -105,7 +105,7 @@ def test_pixel_patch_must_fit_the_image():
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    kw = {"train.steps": 4, "data.pool_size": 32}
+    kw = {"train.steps": 4, "data.pool_size": 32, "train.ema_decay": 0.9}
     straight = main(recipe(tmp_path / "straight", **kw))
 
     real_step, calls = pt.train_step, []
@@ -124,11 +124,24 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
 
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    assert any(k.startswith("ema.unet.") for k in a)             # the average resumes too
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     rows = lambda out: [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["step"] for r in rows(resumed)] == [1, 2, 3, 4]
     for x, y in zip(rows(straight), rows(resumed)):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+
+
+def test_the_export_holds_the_ema_and_the_checkpoint_both(tmp_path):
+    out = main(recipe(tmp_path / "run", **{"train.ema_decay": 0.5, "optim.lr": 1e-2}))
+    state = _state(out)
+    exported = load_file(str(out / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
+    name = "conv_in.weight"
+    ema, live = state[f"ema.unet.{name}"], state[f"unet.{name}"]
+    assert (ema - live).abs().max() > 1e-3                       # the average lags the weights
+    assert torch.equal(exported[name], ema.half())
+    ckpt_unet = sorted((out / "checkpoints").glob("step-*"))[-1] / "base" / "unet"
+    assert torch.equal(load_file(str(ckpt_unet / "diffusion_pytorch_model.safetensors"))[name], ema.half())
 
 
 def test_the_tokenizer_accepts_any_text():

@@ -376,12 +376,13 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
               master: MasterWeights | None, export: Callable[..., Any],
               sample: Callable[[int, Path], Any] | None, images_per_step: int, name: str, what: str,
               explain_oom: Callable[[Any, int, Path], AbstractContextManager] = out_of_memory_explained,
-              ) -> int:
+              after_step: Callable[[int], Any] | None = None) -> int:
     """Train from step `start` to `cfg.train.steps`; returns the last step done.
 
     Each step: `step(s)` (forward + backward of step s, 0-based; returns the loss averaged over the
     processes) inside `explain_oom(cfg, s, out)`, the NaN guard (`check_finite_loss`), the optimizer
-    (`optimizer_step` with `params`, `master` and `cfg.optim.max_grad_norm`), loss.jsonl (every
+    (`optimizer_step` with `params`, `master` and `cfg.optim.max_grad_norm`), `after_step(s)` if given
+    (e.g. an EMA update), loss.jsonl (every
     step), the trackers (every `cfg.output.log_every` steps and the last), the progress bar
     (`images_per_step` images a step, all processes together), a checkpoint (every
     `cfg.output.checkpoint_every` steps, the last step, and on a signal; `export(folder, step)` writes
@@ -406,6 +407,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
                 loss = step(done)
             check_finite_loss(loss, done, out)
             optimizer_step(accelerator, optimizer, lr_schedule, params, master, cfg.optim.max_grad_norm)
+            if after_step:
+                after_step(done)
             done += 1
             lr = lr_schedule.get_last_lr()[0]
             losses.add(done, loss, lr)

@@ -8,7 +8,9 @@ The model works on pixels in [-1, 1] (no VAE), each `model.pixel_patch` x `pixel
 into channels (`F.pixel_unshuffle`: a 64 px picture is a 32 x 32 x 12 "latent"; train.base explains
 why): our U-Net with the `tiny` preset's stages at its native 32 x 32, attending to the text
 encoder's last hidden state. Both are trained
-jointly (AdamW, fp32 weights; bf16 autocast on CUDA). The loss is the MSE of the prediction the
+jointly (AdamW, fp32 weights; bf16 autocast on CUDA; `train.compile` compiles the U-Net), and with
+`train.ema_decay` set, the exported model, the samples and the checkpoints' `base/` hold an
+exponential moving average of the weights (train/ema.py; the checkpoint keeps both). The loss is the MSE of the prediction the
 schedule names (`model.scheduler`, a file in configs/schedulers/; "tiny-pixel": v-prediction under
 a zero-terminal-SNR linear schedule, its note says why), optionally min-SNR weighted. Captions come from
 `train.world.caption` (plain style only) and are dropped to "" with `data.caption_dropout` so the
@@ -44,6 +46,7 @@ from accelerate.utils import set_seed
 from train import world
 from train.base import PIXEL_PATCH_KEY, PIXEL_PATCHES, BaseModel, Fingerprint, scheduler_config_named
 from train.config import to_dict
+from train.ema import EMA
 from train.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: callers catch them here)
     MUTABLE,
     OptimConfig,
@@ -94,6 +97,8 @@ class PretrainLoopConfig:
     seed: int = 0                                 # initial weights and per-step noise
     min_snr_gamma: float | None = 5.0             # None = plain MSE
     mixed_precision: Literal["bf16", "no"] = "bf16"   # autocast on CUDA only; CPU runs fp32
+    ema_decay: float | None = None                # export/sample an EMA of the weights (None: the weights)
+    compile: bool = False                         # torch.compile the U-Net's training steps
 
 
 @dataclass(frozen=True)
@@ -263,8 +268,12 @@ def main(cfg: PretrainRecipe) -> Path:
     optimizer, lr_schedule = make_optimizer(cfg.optim, params, cfg.train.steps)
     model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
-    register_state_hooks(accelerator, lambda: full_precision_state(named, None), None,
-                         "pretrain model config")
+    ema = EMA(named, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+    averaged = ema.applied if ema else nullcontext
+    register_state_hooks(accelerator, lambda: full_precision_state(named, None) | (ema.state() if ema else {}),
+                         None, "pretrain model config")
+    if cfg.train.compile and accelerator.device.type == "cuda":
+        model = torch.compile(model)
 
     start = resume(accelerator, out, cfg, (*MUTABLE, "data.workers"))
     tokens = Tokens(tokenizer)
@@ -280,8 +289,9 @@ def main(cfg: PretrainRecipe) -> Path:
     base = as_base(cfg, unet, text_encoder, tokenizer, scheduler_config)     # for the samples
 
     def export(folder: Path, step: int | None = None) -> Path:
-        path = export_pipeline(Path(folder) / "base", unet, text_encoder, tokenizer, scheduler_config,
-                               pixel_patch=cfg.model.pixel_patch)
+        with averaged():
+            path = export_pipeline(Path(folder) / "base", unet, text_encoder, tokenizer, scheduler_config,
+                                   pixel_patch=cfg.model.pixel_patch)
         if step is None:                                                   # the final export
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
             print(f"base model: {path} ({size:.1f} MB)", flush=True)
@@ -290,9 +300,9 @@ def main(cfg: PretrainRecipe) -> Path:
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, text_model, data, tokens, schedule, step),
               optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=None, export=export,
-              sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
+              sample=(lambda step, path: sample_grid(cfg, base, path, averaged)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * accelerator.num_processes, name="pretrain",
-              what="base model")
+              what="base model", after_step=ema.update if ema else None)
     return out
 
 
@@ -328,9 +338,9 @@ def as_base(cfg: PretrainRecipe, unet: UNet, text_encoder, tokenizer, scheduler_
 
 
 @torch.no_grad()
-def sample_grid(cfg: PretrainRecipe, base: BaseModel, path: Path) -> Path:
+def sample_grid(cfg: PretrainRecipe, base: BaseModel, path: Path, weights=nullcontext) -> Path:
     """DDIM samples with classifier-free guidance (`train.generate.generate`): one row per prompt,
-    one column per seed."""
+    one column per seed, drawn inside the `weights()` context (e.g. the EMA's)."""
     from train.generate import generate
     from train.images import save_grid
     models = (base.unet, base.text_encoder)
@@ -338,8 +348,9 @@ def sample_grid(cfg: PretrainRecipe, base: BaseModel, path: Path) -> Path:
     for m in models:
         m.eval()
     prompts, seeds = cfg.sample.prompts, cfg.sample.seeds
-    cells = generate(base, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
-                     steps=cfg.sample.steps, guidance=cfg.sample.guidance, size=cfg.model.image_size)
+    with weights():
+        cells = generate(base, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
+                         steps=cfg.sample.steps, guidance=cfg.sample.guidance, size=cfg.model.image_size)
     for m, training in zip(models, was):
         m.train(training)
     return save_grid(list(cells), len(prompts), len(seeds), path, row_labels=[p[:40] for p in prompts],
