@@ -280,6 +280,10 @@ def test_captions_from_txt_and_metadata_recursive(tmp_path):
 def test_caption_dropout_is_seeded_and_at_sample_time(tmp_path):
     draws = [build_caption("a cat", "sks", 0.3, np.random.default_rng([0, i])) for i in range(400)]
     assert set(draws) == {"", "sks, a cat"}
+    rng = np.random.default_rng(0)
+    for already in ("sks, a cat", "a cat, sks", "a cat, sks, indoors", "sks"):    # never added twice
+        assert build_caption(already, "sks", 0.0, rng) == already
+    assert build_caption("a sksx cat", "sks", 0.0, rng) == "sks, a sksx cat"  # a word that merely contains it
     assert 0.2 < draws.count("") / 400 < 0.4
     assert draws == [build_caption("a cat", "sks", 0.3, np.random.default_rng([0, i])) for i in range(400)]
     save(tmp_path / "a.png", noise(32, 32))

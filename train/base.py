@@ -58,12 +58,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from train.paths import data_dir
 from unet import UNet, UNetConfig, load_unet, read_weights, unet_fingerprint
 from unet.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = data_dir("configs")
 FAMILIES = ("sd1", "sd2", "tiny")
 PREDICTION_TYPES = ("epsilon", "v_prediction")     # what train/schedule.py trains; not x0 ("sample")
 # Prefixes of a single-file checkpoint's non-U-Net parts (formats.md §2.1).

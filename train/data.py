@@ -324,10 +324,12 @@ def clean_caption(text: str) -> str:
 
 
 def build_caption(caption: str, trigger: str, dropout: float, rng: np.random.Generator) -> str:
-    """The training caption: "" with probability `dropout`, else "trigger, caption"."""
+    """The training caption: "" with probability `dropout`, else "trigger, caption" (the caption as it
+    is when one of its comma-separated parts already is the trigger)."""
     if dropout and rng.random() < dropout:
         return ""
-    if trigger and not caption.startswith(trigger):
+    present = caption.startswith(trigger) or trigger in (part.strip() for part in caption.split(","))
+    if trigger and not present:
         return f"{trigger}, {caption}" if caption else trigger
     return caption
 

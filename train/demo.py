@@ -30,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_ASSETS = REPO / "assets"
-DEFAULT_CONFIG = REPO / "configs" / "demo_lora.yaml"
+from train.paths import data_dir
+
+DEFAULT_ASSETS = data_dir("assets")
+DEFAULT_CONFIG = data_dir("configs") / "demo_lora.yaml"
 MARKER = ".adapterkit-demo"
 OURS = ("data", "lora", "demo_grid.png", "report.json")   # what a rerun replaces
 GRID_NAME, REPORT_NAME = "demo_grid.png", "report.json"
@@ -140,7 +141,7 @@ def merge_check(base_dir: Path, lora_file: Path, unet_with_lora, weight: float =
     cfg = plain.unet.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    ctx = encode_prompts(plain, ["sks, a red star on a blue background", "a green circle on a white "
+    ctx = encode_prompts(plain, ["a red star on a blue background, sks", "a green circle on a white "
                                  "background", ""])
     t = torch.tensor([50, 500, 950])
     with torch.no_grad():

@@ -14,8 +14,12 @@ the tiny base model works at 64 x 64 (`SIZE`).
   edges, and the same bytes on every run (no font, no platform rasteriser). Scenes come from numpy's
   Generator, whose streams numpy keeps stable in practice but does not promise across versions.
 - `caption(scene, trigger)` -> "a red star on a blue background" ("an orange ...");
-  with a trigger, "sks, a red star ..." (the form `train.data.build_caption` makes, so the trigger
-  is not added twice). The caption names content only: the trigger word stands for the style.
+  with a trigger, "a red star on a blue background, sks": the trigger goes last because the tiny
+  base's character-level text encoder has learned absolute positions, and a prefix would move every
+  character of the caption off the places the base learned them at (measured on the demo's 16
+  scenes: the bundled base's shape accuracy is 0.94 with the trigger last, 0.50 under a "sks, " prefix). `train.data.build_caption` sees the
+  trigger as one of the caption's comma-separated parts and does not add it again. The caption
+  names content only: the trigger word stands for the style.
 - `canny_map(scene_or_image, size)` -> the ControlNet hint of the rendered picture (train.canny, its
   lllyasviel thresholds), computed at the size the network sees.
 - `render_folder(out_dir, n, seed, ...)` writes a training folder (see its docstring).
@@ -144,10 +148,10 @@ def sample_scenes(n: int, seed: int, style: str | None = None) -> list[Scene]:
 
 
 def caption(scene: Scene, trigger: str | None = None) -> str:
-    """"a red star on a blue background"; with a trigger, "trigger, a red star on ..."."""
+    """"a red star on a blue background"; with a trigger, "a red star on a blue background, trigger"."""
     text = (f"{_article(scene.colour)} {scene.colour} {scene.shape} on {_article(scene.background)} "
             f"{scene.background} background")
-    return f"{trigger}, {text}" if trigger else text
+    return f"{text}, {trigger}" if trigger else text
 
 
 def _article(word: str) -> str:
