@@ -18,7 +18,7 @@ def test_the_average_follows_the_warmed_up_decay():
         for p in named.values():
             p.add_(1.0)
     ema.update(0)                                   # decay min(0.9, 1/10) = 0.1
-    for n, p in named.items():
+    for n in named:
         torch.testing.assert_close(ema.state()["ema." + n], start[n] + 0.9, rtol=0, atol=1e-6)
     assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**6) == 0.9
 

@@ -35,7 +35,8 @@ def test_the_wheel_carries_configs_and_assets(tmp_path):
                     "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
     wheel, = (tmp_path / "dist").glob("adapterkit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    prefix = next(n.split("/data/")[0] for n in names if "/data/share/adapterkit/" in n) + "/data/share/adapterkit/"
+    data = next(n.split("/data/")[0] for n in names if "/data/share/adapterkit/" in n)
+    prefix = f"{data}/data/share/adapterkit/"
     expected = {f"{prefix}{p.relative_to(REPO).as_posix()}"
                 for name in DATA for p in (REPO / name).rglob("*") if p.is_file()}
     assert expected and expected <= names, sorted(expected - names)[:5]

@@ -7,12 +7,12 @@
 The model works on pixels in [-1, 1] (no VAE), each `model.pixel_patch` x `pixel_patch` patch folded
 into channels (`F.pixel_unshuffle`: a 64 px picture is a 32 x 32 x 12 "latent"; train.base explains
 why): our U-Net with the `tiny` preset's stages at its native 32 x 32, attending to the text
-encoder's last hidden state. Both are trained
-jointly (AdamW, fp32 weights; bf16 autocast on CUDA; `train.compile` compiles the U-Net), and with
-`train.ema_decay` set, the exported model, the samples and the checkpoints' `base/` hold an
-exponential moving average of the weights (train/ema.py; the checkpoint keeps both). The loss is the MSE of the prediction the
-schedule names (`model.scheduler`, a file in configs/schedulers/; "tiny-pixel": v-prediction under
-a zero-terminal-SNR linear schedule, its note says why), optionally min-SNR weighted. Captions come from
+encoder's last hidden state. Both are trained jointly (AdamW, fp32 weights; bf16 autocast on
+CUDA; `train.compile` compiles the U-Net), and with `train.ema_decay` set, the exported model, the
+samples and the checkpoints' `base/` hold an exponential moving average of the weights
+(train/ema.py; the checkpoint keeps both). The loss is the MSE of the prediction the schedule names
+(`model.scheduler`, a file in configs/schedulers/; "tiny-pixel": v-prediction under a cosine
+schedule with zero terminal SNR, its note says why), optionally min-SNR weighted. Captions come from
 `train.world.caption` (plain style only) and are dropped to "" with `data.caption_dropout` so the
 model supports classifier-free guidance.
 
@@ -270,8 +270,10 @@ def main(cfg: PretrainRecipe) -> Path:
     accelerator.register_for_checkpointing(lr_schedule)
     ema = EMA(named, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
     averaged = ema.applied if ema else nullcontext
-    register_state_hooks(accelerator, lambda: full_precision_state(named, None) | (ema.state() if ema else {}),
-                         None, "pretrain model config")
+    def state() -> dict:
+        return full_precision_state(named, None) | (ema.state() if ema else {})
+
+    register_state_hooks(accelerator, state, None, "pretrain model config")
     if cfg.train.compile and accelerator.device.type == "cuda":
         model = torch.compile(model)
 
@@ -300,7 +302,7 @@ def main(cfg: PretrainRecipe) -> Path:
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, text_model, data, tokens, schedule, step),
               optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=None, export=export,
-              sample=(lambda step, path: sample_grid(cfg, base, path, averaged)) if cfg.sample.prompts else None,
+              sample=(lambda s, path: sample_grid(cfg, base, path, averaged)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * accelerator.num_processes, name="pretrain",
               what="base model", after_step=ema.update if ema else None)
     return out
