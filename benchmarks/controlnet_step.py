@@ -14,7 +14,6 @@ into the ControlNet only, AdamW. sd15, batch 8, 64x64 latents, 77x768 context, b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.unet_speed import compare_steps, print_step_table  # noqa: E402
+from benchmarks.unet_speed import compare_steps, json_writer, print_step_table  # noqa: E402
 from unet import PRESETS, UNet  # noqa: E402
 
 
@@ -106,12 +105,10 @@ def main():
                 make_step(torch.compile(fn) if compiled else fn, opt, autocast, data))
             for n, (fn, opt, autocast) in built.items()}
     rows = compare_steps(make, ["eager"] + (["compile"] if args.compile else []), B, device,
-                         args.iters, args.warmup)
+                         args.iters, args.warmup, json_writer(args.json, args))
     print_step_table(rows, names, f"ControlNet training step, {args.preset}, batch {B}, {H}x{H} latents, "
                      f"{8 * H}px hints, bf16, "
                      f"{torch.cuda.get_device_name() if device == 'cuda' else device}")
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ latents (random tensors here: the VAE is not part of the step), batch 32, 64x64,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.unet_speed import compare_steps, print_step_table  # noqa: E402
+from benchmarks.unet_speed import compare_steps, json_writer, print_step_table  # noqa: E402
 from unet import PRESETS, UNet  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -188,12 +187,10 @@ def main():
                           sdpa(n)))
             for n, (_, fn, opt, _, autocast) in built.items()}
     modes = ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else [])
-    rows = compare_steps(make, modes, B, device, args.iters, args.warmup)
+    rows = compare_steps(make, modes, B, device, args.iters, args.warmup, json_writer(args.json, args))
     print_step_table(rows, names, f"LoRA r16 attn training step, {args.preset}, batch {B}, {H}x{H} latents, "
                      f"77x{cfg.context_dim} context, bf16, "
                      f"{torch.cuda.get_device_name() if device == 'cuda' else device}")
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

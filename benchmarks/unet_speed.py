@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -71,11 +72,12 @@ def measure(steps: dict, device: str, iters: int, warmup: int) -> dict:
 
 
 def compare_steps(make: dict, modes: list[str], batch: int, device: str, iters: int,
-                  warmup: int) -> list[dict]:
+                  warmup: int, save: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time training-step variants against each other, per mode ("eager" / "compile").
 
     make: name -> callable(compiled: bool) returning that variant's step. Returns one row per mode:
-    {"mode", name: {"img_s", "peak_gb", "first_step_s"}}, printed as JSON as it completes.
+    {"mode", name: {"img_s", "peak_gb", "first_step_s"}}, printed as JSON as it completes and passed
+    with the rows before it to `save` (so a run cut off while compiling keeps its eager rows).
     """
     rows = []
     for mode in modes:
@@ -91,7 +93,17 @@ def compare_steps(make: dict, modes: list[str], batch: int, device: str, iters: 
                                     "first_step_s": first[n]} for n, r in res.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if save:
+            save(rows)
     return rows
+
+
+def json_writer(path: str, args) -> Callable[[list[dict]], None]:
+    """A `compare_steps(save=...)` callback: the rows so far, with the arguments and torch version."""
+    def save(rows: list[dict]) -> None:
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return save
 
 
 def print_step_table(rows: list[dict], names: list[str], title: str) -> None:
