@@ -41,7 +41,7 @@ EVAL_SEED = 1                 # the measured scenes: not the training pictures (
 GRID_ROWS = 8
 
 # (full, --quick): pictures to train on, scenes to measure, DDIM steps, and recipe overrides.
-FULL = {"images": 32, "scenes": 16, "sample_steps": 20, "overrides": []}
+FULL = {"images": 48, "scenes": 16, "sample_steps": 20, "overrides": []}
 QUICK = {"images": 4, "scenes": 2, "sample_steps": 2,
          "overrides": ["train.steps=2", "train.batch_size=2", "output.log_every=1"]}
 
