@@ -8,7 +8,8 @@
 The average starts equal to the initial weights and its decay warms up as min(decay, (1 + n) / (10 + n))
 after n updates (the schedule of diffusers' EMAModel and of Nichol & Dhariwal's code), so the first
 steps' random weights fade quickly. The average is kept in fp32 whatever the parameters' dtype.
-`state()` names the averaged tensors "ema.<name>" for a checkpoint; `load` copies a saved state back.
+`state()` names the averaged tensors "ema.<name>" for a checkpoint, as views of the average: a saved
+state loads by copying into them (train.loop.register_state_hooks does).
 """
 from __future__ import annotations
 

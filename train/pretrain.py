@@ -270,6 +270,7 @@ def main(cfg: PretrainRecipe) -> Path:
     accelerator.register_for_checkpointing(lr_schedule)
     ema = EMA(named, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
     averaged = ema.applied if ema else nullcontext
+
     def state() -> dict:
         return full_precision_state(named, None) | (ema.state() if ema else {})
 
