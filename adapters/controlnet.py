@@ -261,6 +261,8 @@ class ControlNet(Encoder):
         if not hint.is_floating_point():
             raise ValueError(f"hint values must be floats in [0, 1]; found dtype {hint.dtype} "
                              "(divide uint8 images by 255)")
+        if hint.is_cuda and torch.cuda.is_current_stream_capturing():
+            return               # a CUDA graph being captured (train.graphs) cannot read values back
         lo, hi = (float(v) for v in torch.aminmax(hint.detach()))
         if not (HINT_RANGE[0] <= lo and hi <= HINT_RANGE[1]):
             advice = ""

@@ -408,7 +408,8 @@ def delta_error(a: Lora, b: Lora, tol: float = 0.0) -> float:
         raise ValueError(f"conversion changed the layer set: lost {_list(lost)}; gained {_list(extra)}")
     worst, bad = 0.0, []
     for p, m in a.modules.items():
-        da, db = m.delta(), b.modules[p].delta()
+        da = m.delta()
+        db = b.modules[p].delta().to(da.device)          # a file read back is on the CPU; a model may not be
         if torch.equal(da, db):
             continue
         err = float((da - db).norm() / da.norm().clamp_min(1e-30))

@@ -7,7 +7,10 @@ into the ControlNet only, AdamW. sd15, batch 8, 64x64 latents, 77x768 context, b
 - peer: U-Net bf16 frozen, ControlNet fp32 params, the step under torch.autocast(bf16) (the baseline).
 - ours: our U-Net bf16 frozen; `ours` = ControlNet fp32 params, no autocast; `ours-bf16-cn` = the
   ControlNet computing in bf16 with fp32 master weights (train.precision.MasterWeights), as
-  `adapterkit train controlnet` does on a bf16 base.
+  `adapterkit train controlnet` does on a bf16 base. Both run channels-last with the Triton kernels
+  of unet/kernels.py; `ours-bf16-cn-nchw` is `ours-bf16-cn` in NCHW without them (the code before);
+  `ours-bf16-cn-graphs` is the training job's step (train.controlnet_train.ControlledUNet through
+  train.graphs.GraphedStep: forward and backward replayed from CUDA graphs).
 
     python benchmarks/controlnet_step.py [--compile]
 """
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.unet_speed import compare_steps, json_writer, print_step_table  # noqa: E402
+from benchmarks.unet_speed import add_graph_memory, compare_steps, json_writer, print_step_table  # noqa: E402
 from unet import PRESETS, UNet  # noqa: E402
 
 
@@ -39,12 +42,15 @@ def peer(cfg, state, device):
     return forward, opt, True
 
 
-def ours(cfg, state, device, bf16_cn: bool):
+def ours(cfg, state, device, bf16_cn: bool, channels_last: bool = True, graphs: bool = False):
     from adapters.controlnet import ControlNet
     unet = UNet(cfg)
     unet.load_state_dict(state)
     cn = ControlNet.from_unet(unet).to(device).train()
     unet.to(device, torch.bfloat16).requires_grad_(False)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        cn.to(memory_format=torch.channels_last)
     params = list(cn.parameters())
     if bf16_cn:
         from train.precision import MasterWeights
@@ -54,6 +60,10 @@ def ours(cfg, state, device, bf16_cn: bool):
     else:
         opt = torch.optim.AdamW(params, lr=1e-5)
     dtype = torch.bfloat16 if bf16_cn else torch.float32
+    if graphs:                              # the training job's step: train.controlnet_train + train.graphs
+        from train.controlnet_train import ControlledUNet
+        from train.graphs import GraphedStep
+        return GraphedStep(ControlledUNet(unet, cn, 1.0)), opt, False
 
     def forward(x, t, c, hint):
         res = cn(x.to(dtype), t, c.to(dtype), hint.to(dtype))
@@ -61,15 +71,20 @@ def ours(cfg, state, device, bf16_cn: bool):
     return forward, opt, False
 
 
-def make_step(fn, opt, autocast: bool, data):
+def make_step(fn, opt, autocast: bool, data, kernels: bool = True):
+    import unet.ops
     x, t, c, hint, noise = data
 
     def step():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = F.mse_loss(fn(x, t, c, hint).float(), noise.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        unet.ops.KERNELS = kernels
+        try:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = F.mse_loss(fn(x, t, c, hint).float(), noise.float())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            unet.ops.KERNELS = True
     return step
 
 
@@ -82,7 +97,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--variants", default="peer,ours,ours-bf16-cn")
+    ap.add_argument("--variants", default="peer,ours-bf16-cn-nchw,ours-bf16-cn,ours-bf16-cn-graphs")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "controlnet_step.json"))
     args = ap.parse_args()
     device, cfg, H, B = args.device, PRESETS[args.preset], args.size, args.batch
@@ -98,14 +113,17 @@ def main():
             torch.rand(B, 3, 8 * H, 8 * H, device=device, generator=g),
             torch.randn(B, cfg.out_channels, H, H, device=device, generator=g, dtype=torch.bfloat16))
     builders = {"peer": lambda: peer(cfg, state, device), "ours": lambda: ours(cfg, state, device, False),
-                "ours-bf16-cn": lambda: ours(cfg, state, device, True)}
+                "ours-bf16-cn": lambda: ours(cfg, state, device, True),
+                "ours-bf16-cn-nchw": lambda: ours(cfg, state, device, True, channels_last=False),
+                "ours-bf16-cn-graphs": lambda: ours(cfg, state, device, True, graphs=True)}
     names = args.variants.split(",")
     built = {n: builders[n]() for n in names}
-    make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast:
-                make_step(torch.compile(fn) if compiled else fn, opt, autocast, data))
+    make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast, n=n:
+                make_step(torch.compile(fn) if compiled else fn, opt, autocast, data, not n.endswith("nchw")))
             for n, (fn, opt, autocast) in built.items()}
     rows = compare_steps(make, ["eager"] + (["compile"] if args.compile else []), B, device,
                          args.iters, args.warmup, json_writer(args.json, args))
+    add_graph_memory(rows, {n: built[n][0] for n in built}, json_writer(args.json, args))
     print_step_table(rows, names, f"ControlNet training step, {args.preset}, batch {B}, {H}x{H} latents, "
                      f"{8 * H}px hints, bf16, "
                      f"{torch.cuda.get_device_name() if device == 'cuda' else device}")

@@ -6,14 +6,17 @@ latents (random tensors here: the VAE is not part of the step), batch 32, 64x64,
 
 - peer: UNet2DConditionModel in bf16 + `unet.add_adapter(LoraConfig(...))`, LoRA params fp32,
   the step under torch.autocast(bf16): exactly the baseline script's step.
-- ours: our U-Net in bf16 + `adapters.lora.add_lora` (peft), fp32 LoRA params, no autocast; the
-  activation-lean ops on. `ours-bf16-lora` runs the LoRA branch in bf16 with fp32 master weights in the
-  optimizer (train.precision.MasterWeights).
+- ours: our U-Net in bf16, channels-last + `adapters.lora.add_lora` (peft), fp32 LoRA params, no
+  autocast; the activation-lean ops and the Triton kernels (unet/kernels.py) on. `ours-bf16-lora`
+  runs the LoRA branch in bf16 with fp32 master weights in the optimizer (train.precision.MasterWeights).
 - ours-bf16-lora-* : the same model and step with some of the pass-saving switches off (SWITCHES), so
   one run measures old and new code side by side: `-before` is the code path before the fused LoRA
   Linear (adapters/lora_fused.py) and the in-place GEGLU (unet/ops.py); `-peft` turns off only the
   fused LoRA Linear; `-fused-compiled` also uses the fused LoRA Linear under torch.compile (by
-  default compiled graphs trace peft's forward; in eager it equals `ours-bf16-lora`).
+  default compiled graphs trace peft's forward; in eager it equals `ours-bf16-lora`); `-nchw` is the
+  U-Net in NCHW without the Triton kernels (the code before them), `-nokernels` channels-last without them;
+  `-graphs` replays the U-Net's forward and backward from CUDA graphs (train.graphs.GraphedStep, as the
+  training job does: no Python or launch cost per kernel; the optimizer step stays eager).
 
     python benchmarks/lora_step.py                 # eager rows
     python benchmarks/lora_step.py --compile       # + torch.compile rows
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.unet_speed import compare_steps, json_writer, print_step_table  # noqa: E402
+from benchmarks.unet_speed import add_graph_memory, compare_steps, json_writer, print_step_table  # noqa: E402
 from unet import PRESETS, UNet  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -39,7 +42,11 @@ SWITCHES = {
     "ours-bf16-lora-before": [("adapters.lora_fused", "ENABLED", False), ("unet.ops", "IN_PLACE", False)],
     "ours-bf16-lora-peft": [("adapters.lora_fused", "ENABLED", False)],
     "ours-bf16-lora-fused-compiled": [("adapters.lora_fused", "COMPILED", True)],
+    "ours-bf16-lora-nchw": [("unet.ops", "KERNELS", False)],
+    "ours-bf16-lora-nokernels": [("unet.ops", "KERNELS", False)],
+    "ours-bf16-lora-graphs": [],
 }
+NCHW = {"ours-bf16-lora-nchw"}         # built without channels_last: the U-Net as before unet/kernels.py
 
 
 def peer(cfg, state, device):
@@ -59,11 +66,13 @@ def peer(cfg, state, device):
     return unet, forward, opt, lora, True
 
 
-def ours(cfg, state, device, bf16_lora: bool):
+def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True):
     from adapters.lora import LoraSpec, add_lora
     unet = UNet(cfg)
     unet.load_state_dict(state)
     unet.to(device, torch.bfloat16).requires_grad_(False)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     torch.manual_seed(0)
     add_lora(unet, LoraSpec(rank=16, alpha=16, targets="attn"))
     lora = [p for p in unet.parameters() if p.requires_grad]
@@ -171,7 +180,8 @@ def main():
             torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
     builders = {"peer": lambda: peer(cfg, state, device), "ours": lambda: ours(cfg, state, device, False),
                 "ours-bf16-lora": lambda: ours(cfg, state, device, True)}
-    builders |= {n: builders["ours-bf16-lora"] for n in SWITCHES}
+    builders |= {n: (lambda n=n: ours(cfg, state, device, True, channels_last=n not in NCHW))
+                 for n in SWITCHES}
     names = args.variants.split(",")
     unknown = [n for n in names if n not in builders]
     if unknown:
@@ -182,12 +192,17 @@ def main():
         for n, (_, fn, opt, _, autocast) in built.items():
             profile(n, make_step(fn, opt, autocast, data, SWITCHES.get(n, ()), sdpa(n)))
         return
+    for n in [n for n in built if n.endswith("-graphs")]:      # the training job's step (train.graphs)
+        from train.graphs import GraphedStep
+        unet, fn, *rest = built[n]
+        built[n] = (unet, GraphedStep(fn), *rest)
     make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast, n=n:
                 make_step(torch.compile(fn) if compiled else fn, opt, autocast, data, SWITCHES.get(n, ()),
                           sdpa(n)))
             for n, (_, fn, opt, _, autocast) in built.items()}
     modes = ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else [])
     rows = compare_steps(make, modes, B, device, args.iters, args.warmup, json_writer(args.json, args))
+    add_graph_memory(rows, {n: built[n][1] for n in built}, json_writer(args.json, args))
     print_step_table(rows, names, f"LoRA r16 attn training step, {args.preset}, batch {B}, {H}x{H} latents, "
                      f"77x{cfg.context_dim} context, bf16, "
                      f"{torch.cuda.get_device_name() if device == 'cuda' else device}")

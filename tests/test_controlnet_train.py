@@ -421,10 +421,10 @@ seen, nets = [], []
 real_step = ct.train_step
 
 
-def train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step):
+def train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step, *rest):
     seen.append([list(k) for m in range(cfg.train.grad_accum) for k in plan.keys(step, m)])
     nets.append(cn)
-    return real_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step)
+    return real_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step, *rest)
 
 
 ct.train_step = train_step
@@ -496,3 +496,21 @@ def test_two_processes_with_accelerate_launch_train_one_controlnet(pipeline, ima
         assert torch.equal(final[0][k], final[1][k]), k
         assert torch.equal(folder[k], ckpt[k]) and torch.equal(folder[k], final[0][k]), k
     assert (folder["controlnet_mid_block.weight"] != 0).any()          # zero at init: it trained
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_train_what_the_eager_step_trains(pipeline, images, tmp_path, monkeypatch, capsys):
+    """On a GPU the job replays its steps from CUDA graphs (train.graphs, ControlledUNet): the same
+    losses and ControlNet as without them."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)       # fp32, no TF32: sums' order only
+    # eps = 1 makes AdamW's step ~ lr * gradient (see the LoRA job's test of the same name).
+    over = {"train.steps": 4, "optim.lr": 1.0, "optim.eps": 1.0, "optim.weight_decay": 0.0,
+            "sample.prompts": "[]", "data.caption_dropout": 0.0, "model.dtype": "fp32"}
+    graphed = main(recipe(pipeline, images, tmp_path / "graphs", **over, **{"train.cuda_graphs": True}))
+    assert "CUDA graphs: on" in capsys.readouterr().out
+    eager = main(recipe(pipeline, images, tmp_path / "eager", **over, **{"train.cuda_graphs": False}))
+    assert [r["loss"] for r in rows(graphed / "loss.jsonl")] == pytest.approx(
+        [r["loss"] for r in rows(eager / "loss.jsonl")], rel=1e-4)
+    a, b = state(graphed), state(eager)
+    assert max((a[k] - b[k]).abs().max().item() / (b[k].abs().max().item() + 1e-6) for k in a) <= 1e-4

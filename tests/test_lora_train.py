@@ -301,3 +301,23 @@ def test_an_unwritable_output_folder_fails_before_loading_anything(pipeline, ima
     monkeypatch.setattr(lt, "load_frozen_base", lambda *a: pytest.fail("loaded a model first"))
     with pytest.raises(ValueError, match="is not writable"):
         main(recipe(pipeline, images, blocker / "run"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_train_what_the_eager_step_trains(pipeline, images, tmp_path, monkeypatch, capsys):
+    """On a GPU the job replays its steps from CUDA graphs (train.graphs): the same losses and adapter
+    as without them. A large learning rate makes a graph that read stale weights show at once."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)       # fp32, no TF32: sums' order only
+    # eps = 1 makes AdamW's step ~ lr * gradient: no sign-like steps that turn rounding noise in a
+    # near-zero gradient into a full step (graphed and eager kernels sum in different orders).
+    over = {"train.steps": 5, "optim.lr": 1.0, "optim.eps": 1.0, "optim.weight_decay": 0.0,
+            "output.checkpoint_every": 0, "model.dtype": "fp32"}
+    graphed = main(recipe(pipeline, images, tmp_path / "graphs", **over, **{"train.cuda_graphs": True}))
+    assert "CUDA graphs: on" in capsys.readouterr().out
+    eager = main(recipe(pipeline, images, tmp_path / "eager", **over, **{"train.cuda_graphs": False}))
+    losses = lambda out: [json.loads(r)["loss"] for r in (out / "loss.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(graphed) == pytest.approx(losses(eager), rel=1e-4)
+    assert len(set(losses(graphed))) == 5                      # the steps differ: the weights moved
+    a, b = _adapter(graphed), _adapter(eager)
+    assert max((a[k] - b[k]).abs().max().item() / (b[k].abs().max().item() + 1e-6) for k in a) <= 1e-4

@@ -72,6 +72,7 @@ from train.data import (
     to_tensor,
 )
 from train.generate import check_controlnet, controlled_prediction, generate, to_images
+from train.graphs import GraphedStep, channels_last
 from train.images import unit_tensor
 from train.loop import (
     DTYPES,
@@ -202,6 +203,8 @@ def main(cfg: ControlNetRecipe) -> Path:
     attach_lora(unet, cfg.control.lora)
     unet.to(dtype).requires_grad_(False).eval()
     for m in (unet, cn):
+        channels_last(m, accelerator.device)
+    for m in (unet, cn):
         m.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     cn.train()
     params = list(cn.parameters())
@@ -211,6 +214,12 @@ def main(cfg: ControlNetRecipe) -> Path:
     accelerator.register_for_checkpointing(lr_schedule)
     register_state_hooks(accelerator, lambda: full_precision_state(dict(cn.named_parameters()), master),
                          master, "ControlNet")
+
+    forward = GraphedStep.for_training(ControlledUNet(unet, model, cfg.control.conditioning_scale),
+                                       cfg.train.cuda_graphs, accelerator.device, accelerator.num_processes,
+                                       cfg.train.gradient_checkpointing)
+    if accelerator.is_main_process and accelerator.device.type == "cuda":
+        print(forward.describe(), flush=True)
 
     start = resume(accelerator, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
     schedule = NoiseSchedule.from_config(base.scheduler_config)
@@ -228,7 +237,7 @@ def main(cfg: ControlNetRecipe) -> Path:
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule,
-                                           step),
+                                           step, forward),
               optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master,
               export=Exporter(cfg, cn, master, reference), sample=sample_and_score if hints else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
@@ -485,10 +494,23 @@ def attach_lora(unet: torch.nn.Module, spec: str | None) -> float | None:
     return weight
 
 
+class ControlledUNet(torch.nn.Module):
+    """The frozen U-Net steered by the ControlNet in training, as one module (one CUDA graph a step)."""
+
+    def __init__(self, unet: torch.nn.Module, controlnet: torch.nn.Module, scale: float):
+        super().__init__()
+        self.unet, self.controlnet, self.scale = unet, controlnet, scale
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor) -> Tensor:
+        return controlled_prediction(self.unet, self.controlnet, x, t, context, hint, self.scale)
+
+
 def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: ControlNet, base: BaseModel,
                cache: LatentCache, dataset: PairedFolder, plan: BatchPlan, schedule: NoiseSchedule,
-               step: int) -> float:
-    """Forward and backward over the step's micro-batches; returns the mean loss (all processes)."""
+               step: int, forward: GraphedStep | None = None) -> float:
+    """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
+    `forward(x, t, context, hint)` is the controlled U-Net (a GraphedStep); None calls it directly."""
+    forward = forward or ControlledUNet(base.unet, model, cfg.control.conditioning_scale)
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
     total = torch.zeros((), device=device)
     hinted = False
@@ -498,8 +520,7 @@ def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: Contr
         hinted |= bool(hint.any())                                             # (B, 3, H, W) in [0, 1]
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            pred = controlled_prediction(base.unet, model, b.noisy, b.t, b.context, hint,
-                                         cfg.control.conditioning_scale)
+            pred = forward(b.noisy, b.t, b.context, hint)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
             accelerator.backward(loss / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum

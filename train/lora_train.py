@@ -29,6 +29,7 @@ from train.base import BaseModel
 from train.cache import LatentCache
 from train.config import to_dict
 from train.data import CaptionedImageFolder, DataConfig
+from train.graphs import GraphedStep, channels_last
 from train.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: callers catch them here)
     BatchPlan,
     LoopConfig,
@@ -114,7 +115,7 @@ def main(cfg: LoraRecipe) -> Path:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()
 
-    unet = base.unet
+    unet = channels_last(base.unet, accelerator.device)
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run
     add_lora(unet, LoraSpec(**to_dict(cfg.lora)))
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
@@ -125,6 +126,10 @@ def main(cfg: LoraRecipe) -> Path:
     model, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
     register_adapter_state_hooks(accelerator, unet, master)
+    forward = GraphedStep.for_training(model, cfg.train.cuda_graphs, accelerator.device,
+                                       accelerator.num_processes, cfg.train.gradient_checkpointing)
+    if accelerator.is_main_process and accelerator.device.type == "cuda":
+        print(forward.describe(), flush=True)
 
     start = resume(accelerator, out, cfg)
     schedule = NoiseSchedule.from_config(base.scheduler_config)
@@ -135,7 +140,7 @@ def main(cfg: LoraRecipe) -> Path:
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule,
-                                           step, params),
+                                           step, forward),
               optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master,
               export=Exporter(cfg, unet, fingerprint, master),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
@@ -159,15 +164,16 @@ def register_adapter_state_hooks(accelerator: Accelerator, unet: torch.nn.Module
 
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,
                dataset: CaptionedImageFolder, plan: BatchPlan, schedule: NoiseSchedule, step: int,
-               params: list[torch.nn.Parameter]) -> float:
-    """Forward and backward over the step's micro-batches; returns the mean loss (all processes)."""
+               forward: GraphedStep | None = None) -> float:
+    """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
+    `forward` runs the model (a GraphedStep around it); None calls `model` directly."""
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
     total = torch.zeros((), device=device)
     for micro in range(cfg.train.grad_accum):
         b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype)
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            pred = model(b.noisy, b.t, b.context)
+            pred = (forward or model)(b.noisy, b.t, b.context)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
             accelerator.backward(loss / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum

@@ -20,14 +20,21 @@ class MasterWeights:
         self.params = [nn.Parameter(p.detach().float().clone()) for p in self.model_params]
 
     def grads_to_master(self) -> None:
-        for m, p in zip(self.params, self.model_params):
-            m.grad = None if p.grad is None else p.grad.float()
+        # One foreach copy (casting) for all tensors, not a cast per tensor: a LoRA has hundreds.
+        pairs = [(m, p) for m, p in zip(self.params, self.model_params) if p.grad is not None]
+        for m in self.params:
+            m.grad = None
+        for m, _ in pairs:
+            m.grad = torch.empty_like(m)
+        if pairs:
+            torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
+        for p in self.model_params:
             p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:
-        for m, p in zip(self.params, self.model_params):
-            p.copy_(m)
+        if self.params:
+            torch._foreach_copy_(self.model_params, self.params)
 
     @contextmanager
     def full_precision(self):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import geglu, group_norm_silu
+from .ops import geglu, group_norm, group_norm_silu
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -152,7 +152,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)   # (B, HW, C); a view if channels_last
+        h = group_norm(x, self.norm).permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view if channels_last
         h = self._project(self.proj_in, h, H, W)
         for block in self.transformer_blocks:
             h = block(h, context)

@@ -12,6 +12,11 @@ elementwise part in the backward pass, the same trade FlashAttention makes for t
 Forward values are bit-identical to the unfused ops. Without grad they run the plain ops, and
 ADAPTERKIT_PLAIN_OPS=1 turns both off everywhere (for ablations in benchmarks/).
 
+On CUDA both go to the Triton kernels of unet/kernels.py instead (same saved tensors, fp32 math,
+not bit-identical): GroupNorm for channels-last input (also `group_norm`, without the SiLU), GEGLU
+for any contiguous input, with or without grad. KERNELS = False (ADAPTERKIT_NO_KERNELS=1) turns them
+off; torch.compile and autocast always use the PyTorch ops.
+
 `geglu` also writes in place: gelu(gate) is multiplied into its own buffer in the forward pass, and the
 backward pass writes both halves of the gradient straight into one (.., 2 * inner) tensor instead of
 concatenating two temporaries (two fewer passes over the widest activation of the block, and no
@@ -26,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 ENABLED = os.environ.get("ADAPTERKIT_PLAIN_OPS", "") != "1"
+KERNELS = os.environ.get("ADAPTERKIT_NO_KERNELS", "") != "1"
 IN_PLACE = os.environ.get("ADAPTERKIT_NO_IN_PLACE", "") != "1"
 
 
@@ -65,11 +73,25 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 def group_norm_silu(x: Tensor, norm: torch.nn.GroupNorm) -> Tensor:
     """SiLU(norm(x)) for an affine `nn.GroupNorm`, keeping only x for the backward pass."""
+    if _nhwc_kernel(x, norm):
+        return kernels.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=True)
     if not ENABLED or not torch.is_grad_enabled() or not (x.requires_grad or norm.weight.requires_grad):
         return F.silu(norm(x))
     if x.dtype != norm.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return F.silu(norm(x))                # autocast runs GroupNorm in fp32: keep its semantics
     return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+
+
+def group_norm(x: Tensor, norm: torch.nn.GroupNorm) -> Tensor:
+    """norm(x); channels-last CUDA x goes through the NHWC kernel instead of a copy to NCHW."""
+    if _nhwc_kernel(x, norm):
+        return kernels.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=False)
+    return norm(x)
+
+
+def _nhwc_kernel(x: Tensor, norm: torch.nn.GroupNorm) -> bool:
+    return (not torch.compiler.is_compiling() and KERNELS and norm.affine and kernels.supports(x)
+            and x.dtype == norm.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
 
 class _GEGLU(torch.autograd.Function):
@@ -110,6 +132,9 @@ def _geglu(p: Tensor) -> Tensor:
 
 def geglu(p: Tensor) -> Tensor:
     """h * gelu(gate) for p = [h | gate] along the last dim, keeping only p for the backward pass."""
+    if (not torch.compiler.is_compiling() and KERNELS and p.is_cuda and p.is_contiguous()
+            and kernels.available() and not torch.is_autocast_enabled("cuda")):
+        return kernels.geglu(p)
     if not ENABLED or not torch.is_grad_enabled() or not p.requires_grad:
         if torch.is_grad_enabled() and p.requires_grad:
             h, gate = p.chunk(2, dim=-1)

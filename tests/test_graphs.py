@@ -1,0 +1,112 @@
+"""train.graphs: when a step is replayed from CUDA graphs, and that it computes the eager step.
+
+CPU: the switch's conditions and its plain path. GPU (marked): a LoRA'd U-Net's step graphed vs eager,
+the weights an optimizer updates between replays, the shape limit. The training jobs' own graphed
+runs are tested in test_lora_train.py and test_controlnet_train.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.graphs import GraphedStep, channels_last
+from train.loop import MUTABLE, LoopConfig
+from unet import PRESETS, UNet
+
+CPU = torch.device("cpu")
+
+
+def test_graphs_are_opt_in_and_may_change_on_resume():
+    assert LoopConfig().cuda_graphs is False
+    assert "train.cuda_graphs" in MUTABLE
+
+
+@pytest.mark.parametrize("wanted, device, processes, checkpointing, reason", [
+    (False, "cuda", 1, False, "train.cuda_graphs is off"),
+    (True, "cpu", 1, False, "the device is cpu, not CUDA"),
+    (True, "cuda", 2, False, "2 processes"),
+    (True, "cuda", 1, True, "gradient checkpointing"),
+])
+def test_graphs_say_why_they_are_off(wanted, device, processes, checkpointing, reason):
+    step = GraphedStep.for_training(torch.nn.Identity(), wanted, torch.device(device), processes,
+                                    checkpointing)
+    assert not step.enabled and reason in step.why_not and reason in step.describe()
+
+
+def test_a_disabled_step_is_the_plain_call():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    step = GraphedStep.for_training(model, True, CPU, 1, False)
+    x = torch.randn(4, 3)
+    assert torch.equal(step(x), model(x)) and not step.graphs
+
+
+def test_channels_last_leaves_cpu_models_alone():
+    model = UNet(PRESETS["tiny"])
+    channels_last(model, CPU)
+    assert model.conv_in.weight.is_contiguous()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _lora_unet(dtype=torch.float32):
+    from adapters.lora import LoraSpec, add_lora
+    torch.manual_seed(0)
+    model = UNet(PRESETS["tiny"]).cuda().to(dtype).requires_grad_(False)
+    channels_last(model, torch.device("cuda"))
+    add_lora(model, LoraSpec(rank=4, alpha=4, targets="attn-ff"))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float().normal_(0, 0.02).to(dtype)   # B != 0: outputs depend on A and B
+    return model
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_steps_follow_the_optimizer(monkeypatch):
+    """Three SGD steps, graphed and eager, from the same start: same losses, same weights (fp32, no
+    TF32: the two differ only by the order of floating-point sums)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    cfg = PRESETS["tiny"]
+    g = torch.Generator("cuda").manual_seed(0)
+    batches = [(torch.randn(2, cfg.in_channels, 16, 16, device="cuda", generator=g),
+                torch.randint(0, 1000, (2,), device="cuda", generator=g),
+                torch.randn(2, 7, cfg.context_dim, device="cuda", generator=g))
+               for _ in range(3)]
+
+    def train(graphs: bool):
+        model = _lora_unet()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1.0)
+        fwd = GraphedStep(model, enabled=graphs)
+        losses = []
+        for x, t, c in batches:
+            loss = fwd(x, t, c).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses, [p.detach().float().clone() for p in params], fwd
+
+    kept = [tuple(t.clone() for t in b) for b in batches]
+    (l_graph, w_graph, fwd), (l_eager, w_eager, _) = train(True), train(False)
+    assert all(torch.equal(a, b) for x, y in zip(kept, batches) for a, b in zip(x, y))   # inputs untouched
+    assert len(fwd.graphs) == 1 and fwd.reserved_bytes > 0
+    assert l_graph == pytest.approx(l_eager, rel=1e-4)
+    assert len(set(l_graph)) == 3
+    assert max((a - b).abs().max().item() for a, b in zip(w_graph, w_eager)) <= 1e-5
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_more_shapes_than_the_limit_run_eagerly():
+    model = _lora_unet()
+    cfg = model.config
+    fwd = GraphedStep(model, max_graphs=1)
+    for side in (16, 24):
+        x = torch.randn(1, cfg.in_channels, side, side, device="cuda")
+        c = torch.randn(1, 5, cfg.context_dim, device="cuda")
+        out = fwd(x, torch.tensor([5], device="cuda"), c)
+        out.float().mean().backward()
+    assert len(fwd.graphs) == 1 and "more than 1 input shapes" in fwd.why_not
