@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests (Triton kernels, CUDA graphs, the LoRA and ControlNet jobs with graphs),
-# then the ControlNet step table at sd15 (NCHW before the kernels, channels-last, + CUDA graphs).
+# One device call: the GPU tests (Triton kernels, CUDA graphs, the LoRA and ControlNet jobs graphed vs
+# eager), then the LoRA step's eager and compiled rows at sd15 (peer, ours before the kernels, ours) and
+# the ControlNet step table (NCHW, channels-last + kernels, + CUDA graphs). Results land in $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "kept in float32\|lru_cache\|originates\|is_torch_version\|warn_once\|AccumulateGrad\|run_backward\|^$"; }
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=line -W ignore::UserWarning tests/test_kernels.py tests/test_graphs.py \
-    tests/test_lora_train.py tests/test_controlnet_train.py 2>&1 | grep -v "^\[\|Loading\|lora:\|controlnet:" | tail -25
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -W ignore::UserWarning tests/test_kernels.py \
+    tests/test_graphs.py tests/test_lora_train.py tests/test_controlnet_train.py 2>&1 | grep -v "^\[\|Loading\|lora:\|controlnet:" | tail -30
 timeout 150 python3 benchmarks/controlnet_step.py --iters 8 --json $OUT/controlnet_step_eager.json 2>&1 | quiet | tail -8
+timeout 280 python3 benchmarks/lora_step.py --compile --iters 6 --variants peer,ours-bf16-lora --json $OUT/lora_step_compile.json 2>&1 | quiet | tail -6
