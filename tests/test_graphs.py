@@ -41,6 +41,29 @@ def test_a_disabled_step_is_the_plain_call():
     assert torch.equal(step(x), model(x)) and not step.graphs
 
 
+def test_captures_copies_per_shape_and_stops_at_the_limit(monkeypatch, capsys):
+    """The wrapper's bookkeeping, with the capture replaced by a recorder (CPU): one capture per input
+    shape, on copies of the inputs (a replay copies each batch into the captured tensors: they must
+    not be the caller's), then plain calls past `max_graphs`, said once."""
+    captured = []
+
+    def fake_capture(module, args, allow_unused_input=False):
+        captured.append(args)
+        return module
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 0)
+    model = torch.nn.Linear(3, 2)
+    step = GraphedStep(model, enabled=True, max_graphs=2)
+    a, b, c = torch.randn(4, 3), torch.randn(5, 3), torch.randn(6, 3)
+    for x in (a, a.clone(), b, c, c):
+        assert torch.equal(step(x), model(x))
+    assert len(captured) == 2 and len(step.graphs) == 2
+    assert captured[0][0] is not a and torch.equal(captured[0][0], a)          # a copy of the input
+    assert "more than 2 input shapes" in step.why_not
+    assert capsys.readouterr().out.count("more than 2 input shapes") == 1
+
+
 def test_channels_last_leaves_cpu_models_alone():
     model = UNet(PRESETS["tiny"])
     channels_last(model, CPU)

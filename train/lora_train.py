@@ -115,9 +115,10 @@ def main(cfg: LoraRecipe) -> Path:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()
 
-    unet = channels_last(base.unet, accelerator.device)
+    unet = base.unet
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run
     add_lora(unet, LoraSpec(**to_dict(cfg.lora)))
+    channels_last(unet, accelerator.device)  # after add_lora: LoRA convs too; before the optimizer sees them
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
