@@ -12,7 +12,9 @@ Two things make a small-batch step on a fast GPU slower than its kernels:
   (torch.cuda.make_graphed_callables) and replays them: one launch each.
 
 `GraphedStep(module, enabled)` is a drop-in for `module(*args)` in a training step. The graphed pair
-computes exactly what the module computes (same kernels, replayed); gradients still accumulate into
+computes what the module computes (its kernels, replayed; libraries may pick other algorithms while
+capturing, so sums can round differently); the capture takes copies of the first inputs, and each
+replay copies its inputs into them. Gradients still accumulate into
 `.grad` through autograd, so gradient accumulation, clipping, the optimizer and the gradient checks
 are unchanged. It falls back to the plain call (and says why, once) when graphs cannot work: not
 CUDA, several processes (DDP hooks run per step), gradient checkpointing, no grad, or more input
@@ -21,7 +23,8 @@ multiply it).
 
 The caller keeps the rules of CUDA graphs: parameters are updated in place (optimizers, and
 `train.precision.MasterWeights` do) and never replaced; the module has no data-dependent control
-flow or host synchronisation in its forward (our U-Net and ControlNet have none).
+flow or host synchronisation in its forward (our U-Net has none; the ControlNet's hint check skips
+its value test while a graph is being captured).
 """
 from __future__ import annotations
 
