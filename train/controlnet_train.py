@@ -204,7 +204,6 @@ def main(cfg: ControlNetRecipe) -> Path:
     unet.to(dtype).requires_grad_(False).eval()
     for m in (unet, cn):
         channels_last(m, accelerator.device)
-    for m in (unet, cn):
         m.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     cn.train()
     params = list(cn.parameters())
@@ -215,11 +214,8 @@ def main(cfg: ControlNetRecipe) -> Path:
     register_state_hooks(accelerator, lambda: full_precision_state(dict(cn.named_parameters()), master),
                          master, "ControlNet")
 
-    forward = GraphedStep.for_training(ControlledUNet(unet, model, cfg.control.conditioning_scale),
-                                       cfg.train.cuda_graphs, accelerator.device, accelerator.num_processes,
-                                       cfg.train.gradient_checkpointing)
-    if accelerator.is_main_process and accelerator.device.type == "cuda":
-        print(forward.describe(), flush=True)
+    forward = GraphedStep.for_job(ControlledUNet(unet, model, cfg.control.conditioning_scale), cfg.train,
+                                  accelerator)
 
     start = resume(accelerator, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
     schedule = NoiseSchedule.from_config(base.scheduler_config)

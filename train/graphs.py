@@ -80,6 +80,16 @@ class GraphedStep:
         step.why_not = reason
         return step
 
+    @classmethod
+    def for_job(cls, module: nn.Module, train, accelerator) -> GraphedStep:
+        """`for_training` with a job's LoopConfig and Accelerator; on CUDA the main process says
+        whether graphs are on and, if not, why."""
+        step = cls.for_training(module, train.cuda_graphs, accelerator.device, accelerator.num_processes,
+                                train.gradient_checkpointing)
+        if accelerator.is_main_process and accelerator.device.type == "cuda":
+            print(step.describe(), flush=True)
+        return step
+
     def __call__(self, *args: Tensor) -> Tensor:
         if not self.enabled or not torch.is_grad_enabled():
             return self.module(*args)

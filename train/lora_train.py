@@ -127,10 +127,7 @@ def main(cfg: LoraRecipe) -> Path:
     model, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
     register_adapter_state_hooks(accelerator, unet, master)
-    forward = GraphedStep.for_training(model, cfg.train.cuda_graphs, accelerator.device,
-                                       accelerator.num_processes, cfg.train.gradient_checkpointing)
-    if accelerator.is_main_process and accelerator.device.type == "cuda":
-        print(forward.describe(), flush=True)
+    forward = GraphedStep.for_job(model, cfg.train, accelerator)
 
     start = resume(accelerator, out, cfg)
     schedule = NoiseSchedule.from_config(base.scheduler_config)

@@ -22,10 +22,8 @@ class MasterWeights:
     def grads_to_master(self) -> None:
         # One foreach copy (casting) for all tensors, not a cast per tensor: a LoRA has hundreds.
         pairs = [(m, p) for m, p in zip(self.params, self.model_params) if p.grad is not None]
-        for m in self.params:
-            m.grad = None
-        for m, _ in pairs:
-            m.grad = torch.empty_like(m)
+        for m, p in zip(self.params, self.model_params):
+            m.grad = None if p.grad is None else torch.empty_like(m)
         if pairs:
             torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
         for p in self.model_params:

@@ -89,9 +89,15 @@ def group_norm(x: Tensor, norm: torch.nn.GroupNorm) -> Tensor:
     return norm(x)
 
 
+def _kernels_on(t: Tensor) -> bool:
+    """Whether unet/kernels.py may take `t`: a CUDA tensor, kernels on, not compiling (tested first, so
+    Dynamo never traces the rest), no autocast."""
+    return (not torch.compiler.is_compiling() and KERNELS and t.is_cuda and kernels.available()
+            and not torch.is_autocast_enabled("cuda"))
+
+
 def _nhwc_kernel(x: Tensor, norm: torch.nn.GroupNorm) -> bool:
-    return (not torch.compiler.is_compiling() and KERNELS and norm.affine and kernels.supports(x)
-            and x.dtype == norm.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+    return _kernels_on(x) and norm.affine and kernels.supports(x) and x.dtype == norm.weight.dtype
 
 
 class _GEGLU(torch.autograd.Function):
@@ -132,8 +138,7 @@ def _geglu(p: Tensor) -> Tensor:
 
 def geglu(p: Tensor) -> Tensor:
     """h * gelu(gate) for p = [h | gate] along the last dim, keeping only p for the backward pass."""
-    if (not torch.compiler.is_compiling() and KERNELS and p.is_cuda and p.is_contiguous()
-            and kernels.available() and not torch.is_autocast_enabled("cuda")):
+    if _kernels_on(p) and p.is_contiguous():
         return kernels.geglu(p)
     if not ENABLED or not torch.is_grad_enabled() or not p.requires_grad:
         if torch.is_grad_enabled() and p.requires_grad:
