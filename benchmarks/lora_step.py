@@ -154,7 +154,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
-    ap.add_argument("--only-compile", action="store_true", help="skip the eager rows")
+    ap.add_argument("--only-compile", action="store_true", help="only the torch.compile rows")
     ap.add_argument("--variants", default="peer,ours-bf16-lora-before,ours-bf16-lora",
                     help="comma-separated, first is the reference: peer, ours, ours-bf16-lora, "
                          + ", ".join(SWITCHES))
@@ -200,7 +200,7 @@ def main():
                 make_step(torch.compile(fn) if compiled else fn, opt, autocast, data, SWITCHES.get(n, ()),
                           sdpa(n)))
             for n, (_, fn, opt, _, autocast) in built.items()}
-    modes = ([] if args.only_compile else ["eager"]) + (["compile"] if args.compile else [])
+    modes = ["compile"] if args.only_compile else ["eager"] + (["compile"] if args.compile else [])
     rows = compare_steps(make, modes, B, device, args.iters, args.warmup, json_writer(args.json, args))
     add_graph_memory(rows, {n: built[n][1] for n in built}, json_writer(args.json, args))
     print_step_table(rows, names, f"LoRA r16 attn training step, {args.preset}, batch {B}, {H}x{H} latents, "

@@ -18,8 +18,9 @@ replay copies its inputs into them. Gradients still accumulate into
 `.grad` through autograd, so gradient accumulation, clipping, the optimizer and the gradient checks
 are unchanged. It falls back to the plain call (and says why, once) when graphs cannot work: not
 CUDA, several processes (DDP hooks run per step), gradient checkpointing, no grad, or more input
-shapes than `max_graphs` (each graph keeps its own activation memory: aspect-ratio buckets would
-multiply it).
+shapes than `max_graphs`. The graphs of all shapes share one memory pool: a step runs one graph's
+forward and backward to completion before another graph runs, so their activations may occupy the
+same memory, and aspect-ratio buckets cost about the largest bucket's activations, not their sum.
 
 The caller keeps the rules of CUDA graphs: parameters are updated in place (optimizers, and
 `train.precision.MasterWeights` do) and never replaced; the module has no data-dependent control
@@ -61,7 +62,8 @@ class GraphedStep:
         self.enabled = enabled
         self.graphs: dict[tuple, nn.Module] = {}
         self.why_not: str | None = None
-        self.reserved_bytes = 0       # device memory the captures reserved (their pools and static tensors)
+        self.reserved_bytes = 0       # device memory the captures reserved (their pool and static tensors)
+        self._pool = None             # the memory pool all captures share (made at the first capture)
 
     @classmethod
     def for_training(cls, module: nn.Module, wanted: bool, device: torch.device, processes: int,
@@ -102,12 +104,18 @@ class GraphedStep:
                                     "graphs")
                     print(f"CUDA graphs: {self.why_not}", flush=True)
                 return self.module(*args)
+            # Capturing empties the allocator's cache first (torch.cuda.graph does); empty it here too
+            # so that `before` holds live memory only and the difference is what the capture keeps.
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             before = torch.cuda.memory_reserved()
             # Captured on copies: each replay copies its inputs into the captured tensors, which must
             # not be the caller's (the first batch would be overwritten by every later one).
             static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            graphed = torch.cuda.make_graphed_callables(_Call(self.module), static, allow_unused_input=True)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graphed = torch.cuda.make_graphed_callables(_Call(self.module), static, allow_unused_input=True,
+                                                        pool=self._pool)
             torch.cuda.synchronize()
             self.reserved_bytes += torch.cuda.memory_reserved() - before
             self.graphs[key] = graphed

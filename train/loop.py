@@ -90,9 +90,9 @@ class LoopConfig:
     # 1.2x slower and 37% more memory at SD1.5, see README).
     adapter_compute: Literal["base", "fp32"] = "base"
     # On one CUDA device, replay each step's forward and backward from CUDA graphs (train/graphs.py):
-    # the same kernels without their launch cost (2.2x the ControlNet step at sd15 batch 8, README);
-    # ignored where it cannot apply. Opt-in until its GPU equivalence tests have passed on the H200.
-    cuda_graphs: bool = False
+    # the same kernels without their launch cost (1.7x the peer's ControlNet step at sd15 batch 8, where
+    # the eager step is host-bound, README); off, with the reason printed, where it cannot apply.
+    cuda_graphs: bool = True
 
 
 class TrainingDiverged(RuntimeError):
