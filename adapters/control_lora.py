@@ -20,16 +20,25 @@ Where this writer deviates from Stability's extractor, on purpose, so that full 
 - no clamping of the factors to their 0.99 quantile;
 - weights equal to the base's are left out (no up/down pair): both readers use the base for them.
 Factors come from the SVD of the flattened difference: up = U_r diag(S_r), down = Vh_r.
+
+Training as a Control-LoRA (`train_as_low_rank`): each >= 2-D encoder weight is frozen at the base's
+value and trained as W_base + up @ down through a parametrization, so the optimizer holds only the
+factors, the encoder's 1-D tensors and the added layers (what the file stores in full); the export's
+SVD of the then exactly rank-r difference gives the file without loss (`merged_controlnet` first
+computes the weights at full precision from the fp32 base).
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from unet import CheckpointError, UNetConfig, read_weights, write_safetensors
 
@@ -222,3 +231,63 @@ def control_lora_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, st
         raise CheckpointError(f"{label} gives NaN/inf weights in {len(bad)} tensors: {', '.join(bad[:5])}")
     cn.load_state_dict(state, strict=True)
     return cn
+
+
+# --- training the encoder as a low-rank difference from the base --------------------------------------
+
+class LowRankDelta(nn.Module):
+    """The parametrization W = W_base + up @ down of a frozen weight. `up` starts at zero, so a fresh
+    ControlNet is still the plain encoder copy; `down` starts like a LoRA's A (Kaiming uniform)."""
+
+    def __init__(self, weight: Tensor, rank: int):
+        super().__init__()
+        out, fan_in = weight.shape[0], weight[0].numel()
+        r = min(rank, out, fan_in)
+        self.up = nn.Parameter(torch.zeros(out, r, device=weight.device))
+        self.down = nn.Parameter(torch.empty(r, fan_in, device=weight.device))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+
+    def forward(self, base: Tensor) -> Tensor:
+        return base + (self.up @ self.down).view(base.shape).to(base.dtype)
+
+
+def train_as_low_rank(cn: ControlNet, rank: int) -> list[str]:
+    """Control-LoRA training: freeze each >= 2-D weight of `cn`'s encoder copy at its value (the base's)
+    and train it as W_base + up @ down of rank `rank` (capped by the weight's matrix rank). The added
+    layers and the encoder's biases and norms keep training in full. Returns the wrapped weights'
+    names. Call before the ControlNet is cast or wrapped for training."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    wrapped = [k for k, w in cn.named_parameters() if k.startswith(_ENCODER_PARTS) and w.ndim >= 2]
+    for key in wrapped:
+        module_name, _, attr = key.rpartition(".")
+        module = cn.get_submodule(module_name)
+        getattr(module, attr).requires_grad_(False)
+        parametrize.register_parametrization(module, attr, LowRankDelta(getattr(module, attr), rank))
+    return wrapped
+
+
+def merged_controlnet(cn: ControlNet, base: dict[str, Tensor] | None = None) -> ControlNet:
+    """A plain ControlNet (a copy) with each low-rank weight of `cn` computed as W_base + up @ down.
+    `base`: the fp32 base encoder state by ControlNet key (`base_encoder_state` of the fp32 U-Net);
+    then the weights are computed in fp32 from it and the factors, not from the frozen low-precision
+    copy the training step uses. Without low-rank weights: the copy as is."""
+    plain = copy.deepcopy(cn)
+    for name, module in list(plain.named_modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        weights = {}
+        for attr, chain in module.parametrizations.items():
+            with torch.no_grad():
+                if base is not None:
+                    chain.original.data = base[f"{name}.{attr}"].to(chain.original.device, torch.float32)
+                    for p in chain.parameters():
+                        p.data = p.data.float()
+                weights[attr] = chain()
+        # By hand, not parametrize.remove_parametrizations: that deletes the weight property from the
+        # module's class, which the copy shares with the original (whose training would then fail).
+        module.__class__ = type(module).__bases__[0]
+        del module._modules["parametrizations"]
+        for attr, w in weights.items():
+            module.register_parameter(attr, nn.Parameter(w))
+    return plain

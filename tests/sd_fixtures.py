@@ -89,3 +89,17 @@ def build_pixel_base(dir: str | os.PathLike, image_size: int = 16, pixel_patch: 
                            sample_size=image_size // pixel_patch))
     return export_pipeline(Path(dir) / "base", unet, text_encoder, tok, default_scheduler_config("tiny"),
                            dtype=torch.float32, pixel_patch=pixel_patch)
+
+
+def build_tiny_pipeline_8x_vae(dir: str | os.PathLike) -> Path:
+    """`build_tiny_pipeline` of the tiny preset with its 2x VAE replaced by a 4-level (8x) one: the
+    ControlNet tests' base (a hint encoder downsamples 8x, like SD's)."""
+    from diffusers import AutoencoderKL
+
+    from unet import PRESETS
+    path = build_tiny_pipeline(dir, PRESETS["tiny"])
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=1, norm_num_groups=8, sample_size=64).save_pretrained(path / "vae")
+    return path

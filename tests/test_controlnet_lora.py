@@ -167,3 +167,33 @@ def test_another_base_or_broken_file_fails_clearly(tiny, tmp_path):
             "input_blocks.1.0.in_layers.2: has only .up")
     attempt({**tensors, "input_blocks.1.0.in_layers.2.down": torch.zeros(2, 5, 3, 3)}, "do not fit a weight")
     attempt({k: v for k, v in tensors.items() if k != MARKER}, "lacks the 'lora_controlnet' marker")
+
+
+def test_low_rank_training_starts_as_the_encoder_copy_and_merges_exactly(tiny):
+    """train_as_low_rank: at init the ControlNet is unchanged (up = 0) and only the factors, the 1-D
+    encoder tensors and the added layers train; merged_controlnet computes W_base + up @ down into a
+    plain copy (whose Control-LoRA at that rank is exact) and leaves the trained one working."""
+    from adapters.control_lora import merged_controlnet, train_as_low_rank
+    from adapters.controlnet import base_encoder_state
+    unet, _ = tiny
+    torch.manual_seed(0)
+    plain, trained = ControlNet.from_unet(unet).eval(), ControlNet.from_unet(unet).eval()
+    trained.load_state_dict(plain.state_dict())
+    wrapped = train_as_low_rank(trained, 3)
+    assert residual_diff(plain, trained) == 0.0
+    names = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert all(n.endswith((".up", ".down")) or p.ndim == 1 or n.startswith("controlnet_")
+               for n, p in trained.named_parameters() if n in names)
+    assert len([n for n in names if n.endswith(".up")]) == len(wrapped) > 0
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if n.endswith(".up") or n.startswith("controlnet_"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    merged = merged_controlnet(trained, base_encoder_state(unet))
+    assert set(merged.state_dict()) == set(plain.state_dict())
+    assert residual_diff(merged, trained) <= TOL                   # the copy computes what training does
+    _, report = control_lora_tensors(merged, unet, 3, dtype=None)
+    assert report.low_rank == len(wrapped) and report.max_error <= 1e-5
+    assert residual_diff(merged, trained) <= TOL                   # the trained one still works after

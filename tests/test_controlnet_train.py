@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import train.controlnet_train as ct
 from adapters.controlnet import ControlNet, HintSpec, hint_widths_for
 from adapters.controlnet_files import load_controlnet
-from tests.sd_fixtures import build_tiny_pipeline
+from tests.sd_fixtures import build_tiny_pipeline, build_tiny_pipeline_8x_vae
 from train.base import load_base
 from train.canny import edge_map_tensor, write_png
 from train.config import ConfigError, load_config
@@ -33,13 +33,7 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """The tiny fixture pipeline with its 2x VAE replaced by a 4-level (8x) one."""
-    from diffusers import AutoencoderKL
-    path = build_tiny_pipeline(tmp_path_factory.mktemp("base"), PRESETS["tiny"])
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  layers_per_block=1, norm_num_groups=8, sample_size=64).save_pretrained(path / "vae")
-    return path
+    return build_tiny_pipeline_8x_vae(tmp_path_factory.mktemp("base"))
 
 
 def shape_image(i: int, size=(64, 64)) -> Image.Image:
@@ -230,8 +224,9 @@ def test_hints_are_cached_in_memory_exactly_and_within_their_budget(tmp_path):
     assert len(cached._hints) == 2 and not uncached._hints   # both images' hints, from the scan's check
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(pipeline, images, tmp_path, monkeypatch):
-    over = {"train.grad_accum": 2}
+@pytest.mark.parametrize("over", [{"train.grad_accum": 2}, {"control.train_rank": 2}],
+                         ids=["full", "low-rank"])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(pipeline, images, tmp_path, monkeypatch, over):
     straight = main(recipe(pipeline, images, tmp_path / "straight", **over))
     real_step, calls = ct.train_step, []
 
@@ -248,7 +243,9 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(pipeline, images, tmp
     resumed = main(recipe(pipeline, images, tmp_path / "resumed", **over))
 
     a, b = state(straight), state(resumed)
-    assert a.keys() == b.keys() and len(a) == len(load_controlnet(straight / "controlnet").state_dict())
+    assert a.keys() == b.keys()
+    if "control.train_rank" not in over:        # the full ControlNet: every tensor is trained
+        assert len(a) == len(load_controlnet(straight / "controlnet").state_dict())
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert [r["step"] for r in rows(resumed / "loss.jsonl")] == [1, 2, 3, 4]
     for x, y in zip(rows(straight / "loss.jsonl"), rows(resumed / "loss.jsonl")):
@@ -285,6 +282,45 @@ def test_a_controlnet_tensor_without_gradient_stops_the_run(pipeline, images, tm
     monkeypatch.setattr(ct.ControlNet, "from_unet", staticmethod(with_a_bypassed_zero_conv))
     with pytest.raises(RuntimeError, match=r"got no gradient at step 1.*controlnet_down_blocks\.2\.weight"):
         main(recipe(pipeline, images, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_control_lora_training_moves_the_encoder_by_a_low_rank_difference(pipeline, images, tmp_path,
+                                                                          monkeypatch, dtype):
+    """control.train_rank: the optimizer holds the factors, the encoder's 1-D tensors and the added
+    layers; each exported encoder weight differs from the base by rank <= r (bf16: computed from the
+    fp32 base and the fp32 masters); the Control-LoRA file is that difference without loss; gradients
+    reach the factors when `gradient_onset` says."""
+    from adapters.control_lora import load_control_lora
+    from adapters.controlnet import base_encoder_state
+
+    real, seen = ct.check_controlnet_gradients, []
+
+    def record(cn, step, hinted):
+        seen.append(({n for n, p in cn.named_parameters() if p.grad is not None and p.grad.any()},
+                     {n for n, p in cn.named_parameters() if p.requires_grad}))
+        real(cn, step, hinted)
+
+    monkeypatch.setattr(ct, "check_controlnet_gradients", record)
+    out = main(recipe(pipeline, images, tmp_path / "run", **{"control.train_rank": 2, "model.dtype": dtype}))
+    for step, (nonzero, trainable) in enumerate(seen[:3], start=1):
+        assert nonzero == {n for n in trainable if gradient_onset(n) <= step}, step
+    assert any(n.endswith(".down") for n in seen[0][1]) and not any("original" in n for n in seen[0][1])
+
+    trained = state(out)
+    full = load_controlnet(out / "controlnet").state_dict()
+    assert sum(t.numel() for t in trained.values()) < sum(t.numel() for t in full.values()) / 2
+    unet = load_base(pipeline).unet
+    base = base_encoder_state(unet)
+    moved = 0
+    for key, w in full.items():
+        if key in base and w.ndim >= 2:
+            s = torch.linalg.svdvals((w - base[key]).flatten(1))
+            assert (s[2:] <= 1e-5 * s[0] + 1e-7).all(), key
+            moved += bool(s[0] > 0)
+    assert moved == sum(1 for k, w in full.items() if k in base and w.ndim >= 2)
+    from_file = load_control_lora(out / "controlnet.control-lora.safetensors", unet).state_dict()
+    assert max((from_file[k] - w).abs().max().item() for k, w in full.items()) <= 1e-5
 
 
 def test_a_base_whose_vae_is_2x_gets_a_hint_encoder_that_downsamples_2x(images, tmp_path):

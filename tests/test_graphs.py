@@ -181,3 +181,37 @@ def test_shapes_share_one_pool_and_alternate_like_the_eager_step(monkeypatch):
     assert l_graph == pytest.approx(l_eager, rel=1e-4)
     assert max((a - b).abs().max().item() for a, b in zip(w_graph, w_eager)) <= 1e-5
     assert reserved[1] - reserved[0] < reserved[0] / 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_accumulated_micro_batches_sum_like_the_eager_step(monkeypatch):
+    """Two micro-batches per step, one backward each, then SGD (fp32, no TF32): the graphed gradients
+    add up like the eager ones (a replay must not overwrite the `.grad` the previous one left)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    cfg = PRESETS["tiny"]
+    g = torch.Generator("cuda").manual_seed(0)
+    batches = [(torch.randn(2, cfg.in_channels, 16, 16, device="cuda", generator=g),
+                torch.randint(0, 1000, (2,), device="cuda", generator=g),
+                torch.randn(2, 7, cfg.context_dim, device="cuda", generator=g))
+               for _ in range(4)]
+
+    def train(graphs: bool):
+        model = _lora_unet()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1.0)
+        fwd = GraphedStep(model, enabled=graphs)
+        grads = []
+        for first, second in (batches[:2], batches[2:]):
+            for x, t, c in (first, second):
+                (fwd(x, t, c).float().square().mean() / 2).backward()
+            grads.append([p.grad.clone() for p in params])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return grads, [p.detach().clone() for p in params]
+
+    (g_graph, w_graph), (g_eager, w_eager) = train(True), train(False)
+    for a, b in zip(g_graph, g_eager):
+        assert max((x - y).abs().max().item() / y.abs().max().clamp_min(1e-12).item()
+                   for x, y in zip(a, b)) <= 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(w_graph, w_eager)) <= 1e-5

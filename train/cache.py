@@ -56,6 +56,16 @@ _CHECKSUM_META = "adapterkit.checksum"
 Progress = Callable[[str, int, int], None]      # (kind "images"|"texts", done, total)
 
 
+def check_cacheable(data) -> None:
+    """The training jobs always train from cached latents: fail, before any model loads, on data
+    settings whose latents cannot be cached."""
+    if data.random_crop:
+        raise ValueError("data.random_crop=true draws a new crop every epoch, so its latents cannot be "
+                         "cached, and training always uses the latent cache (each image is encoded once, "
+                         "not every epoch). Set data.random_crop: false: each image is center-cropped to "
+                         "its aspect-ratio bucket, and data.flip: true adds its mirror image.")
+
+
 class LatentCache:
     """Latents and text embeddings for one base model's VAE and text encoder, on disk under `root`."""
 
@@ -165,9 +175,7 @@ class LatentCache:
         if self.root.resolve().is_relative_to(data_root):
             raise ValueError(f"the latent cache {self.root} is inside the image folder {data_root}; put it "
                              "under the output folder (the image folder is only ever read)")
-        if cfg.random_crop:
-            raise ValueError("data.random_crop=true draws a new crop every epoch, so its latents cannot be "
-                             "cached: turn random_crop off or train without the latent cache")
+        check_cacheable(cfg)
         corrupt_before = self.corrupt
         report = progress or _Log()
 

@@ -235,8 +235,12 @@ def canny_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, low: flo
                  high: float = HIGH, blur: float | None = None, *, overwrite: bool = False,
                  max_pixels: int = DataConfig.max_pixels, progress: bool = False) -> CannyReport:
     """Write `out_dir/<rel>.png`, the Canny map of each image under `in_dir`; see the module docstring.
-    Raises ValueError when the folder holds no image files at all."""
+    Raises ValueError when the folder holds no image files at all, or for non-integer thresholds."""
     _check_settings(low, high, blur)
+    if not (float(low).is_integer() and float(high).is_integer()):
+        raise ValueError(f"Canny thresholds must be whole numbers, got low={low}, high={high}: cv2.Canny "
+                         "compares them with integer gradients (50.5 acts as 50), and a ControlNet records "
+                         "the thresholds of its maps as integers")
     src, dst = _check_dirs(Path(in_dir), Path(out_dir))
     settings = {"low": low, "high": high, "blur": blur, "opencv": cv2.__version__}
     report = CannyReport(src, dst, settings)

@@ -4,7 +4,8 @@ A checkpoint is a folder `step-000123/` under the run's `checkpoints/`. It is as
 temp folder (`.tmp-step-000123-<pid>`), gets a `COMPLETE` marker as its last file, and only then is
 renamed into place, so a crash at any moment leaves either the previous checkpoints or a complete new
 one, never a half-written folder under a checkpoint's name. Resume takes the newest folder whose
-marker is present and ignores (and later removes) anything else.
+marker is present and ignores any other (a step folder without its marker can only come from
+outside: it is left alone); temp folders of killed writers are removed by the next write.
 
 What goes inside is accelerate's `save_state` (adapter weights through the save hook the trainer
 registers, optimizer, LR schedule, every RNG) plus whatever files the trainer adds (the adapter

@@ -23,7 +23,9 @@ the NaN guard are shared with the LoRA trainer; the gradient health check follow
 
 Outputs under output.dir: `<name>/` (diffusers folder: config.json + diffusion_pytorch_model
 .safetensors) and the other `output.formats`, with the HintSpec (kind, Canny thresholds, resize
-policy) and the base fingerprint in the metadata; optionally `<name>.control-lora.safetensors`;
+policy) and the base fingerprint in the metadata; optionally `<name>.control-lora.safetensors`
+(`control.control_lora_rank`: an SVD of the trained ControlNet's difference from the base; or
+`control.train_rank`: the encoder trains as that low-rank difference, and the file is exact);
 samples/*.png (control image | sample per control scale, rows per hint, prompt, seed and LoRA scale),
 edge_fidelity.jsonl (Canny of each sample against its hint, `train.canny.edge_fidelity`), loss.jsonl,
 loss.png and TensorBoard logs.
@@ -47,15 +49,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
 from torch import Tensor
+from torch.nn.utils import parametrize
 
-from adapters.control_lora import ControlLoraReport, save_control_lora
-from adapters.controlnet import ControlNet, HintSpec, hint_widths_for
+from adapters.control_lora import ControlLoraReport, merged_controlnet, save_control_lora, train_as_low_rank
+from adapters.controlnet import ControlNet, HintSpec, base_encoder_state, hint_widths_for
 from adapters.controlnet_files import save_controlnet
 from adapters.lora import set_lora_weights
 from adapters.lora_files import load_lora_file, split_lora_spec
 from train.base import BaseModel
 from train.buckets import RESAMPLE, Crop, assign_bucket, plan_crop
-from train.cache import LatentCache
+from train.cache import LatentCache, check_cacheable
 from train.canny import SETTINGS_KEY, edge_fidelity, edge_map_tensor
 from train.config import to_dict
 from train.data import (
@@ -77,6 +80,7 @@ from train.images import unit_tensor
 from train.loop import (
     DTYPES,
     MUTABLE,
+    PRIVATE_PATHS,
     BatchPlan,
     JsonlLog,
     LoopConfig,
@@ -94,6 +98,8 @@ from train.loop import (
     register_state_hooks,
     resume,
     run_steps,
+    scale_loss,
+    use_loss_scaling,
 )
 from train.precision import MasterWeights
 from train.schedule import NoiseSchedule, diffusion_loss
@@ -119,6 +125,9 @@ class ControlConfig:
     conditioning_scale: float = 1.0         # residual scale while training (and the samples' default)
     lora: str | None = None                 # "file.safetensors[:weight]": a LoRA on the frozen U-Net
     control_lora_rank: int | None = None    # also export a Control-LoRA of this rank
+    # Train the encoder copy as a rank-r difference from the base (Control-LoRA training): the optimizer
+    # holds the factors, not the encoder; exports a Control-LoRA of this rank too (exact). None: full.
+    train_rank: int | None = None
     hint_cache_mb: int = 1024               # hints kept in memory per (image, crop), uint8; 0 = none
 
     def __post_init__(self):
@@ -130,11 +139,18 @@ class ControlConfig:
                              "automatically")
         if self.control_lora_rank is not None and self.control_lora_rank < 1:
             raise ValueError(f"control_lora_rank must be >= 1 (or null), got {self.control_lora_rank}")
+        if self.train_rank is not None and self.train_rank < 1:
+            raise ValueError(f"train_rank must be >= 1 (or null: a full ControlNet), got {self.train_rank}")
         if self.hint_cache_mb < 0:
             raise ValueError(f"hint_cache_mb must be >= 0 (0 = no cache), got {self.hint_cache_mb}")
         if self.conditioning_scale <= 0:
             raise ValueError(f"conditioning_scale must be > 0 (at 0 the ControlNet has no effect and gets no "
                              f"gradient), got {self.conditioning_scale}")
+
+    @property
+    def export_rank(self) -> int | None:
+        """The rank of the Control-LoRA file written, if any."""
+        return self.control_lora_rank or self.train_rank
 
 
 @dataclass(frozen=True)
@@ -181,12 +197,15 @@ def main(cfg: ControlNetRecipe) -> Path:
     """Train the ControlNet described by `cfg`; returns the output folder. Resumes from its last
     checkpoint."""
     out = Path(cfg.output.dir)
+    check_cacheable(cfg.data)
     accelerator = make_accelerator(out)
     base = open_base(cfg.model, accelerator.device)
     unet = base.unet
     set_seed(cfg.train.seed)                 # the hint encoder's random init: the same in every run
     cn = ControlNet.from_unet(unet, hint_widths=hint_widths_for(base.latent_scale))   # fp32 encoder copy
     check_controlnet(base, cn)
+    if cfg.control.train_rank:
+        train_as_low_rank(cn, cfg.control.train_rank)
     dataset = PairedFolder.scan(cfg.data, cfg.control)
     cn.hint = dataset.hint_spec
     if accelerator.is_main_process:
@@ -198,7 +217,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     accelerator.wait_for_everyone()
 
     dtype = frozen_dtype(cfg.model, accelerator.device)
-    reference = copy.deepcopy(unet).cpu() if cfg.control.control_lora_rank and dtype != torch.float32 \
+    reference = copy.deepcopy(unet).cpu() if cfg.control.export_rank and dtype != torch.float32 \
         else unet                            # the fp32 base a Control-LoRA is the difference from
     attach_lora(unet, cfg.control.lora)
     unet.to(dtype).requires_grad_(False).eval()
@@ -206,13 +225,18 @@ def main(cfg: ControlNetRecipe) -> Path:
         channels_last(m, accelerator.device)
         m.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     cn.train()
-    params = list(cn.parameters())
+    trained = {n: p for n, p in cn.named_parameters() if p.requires_grad}
+    params = list(trained.values())
     master = adapter_master_weights(params, dtype, cfg.train.adapter_compute)
+    for p in cn.parameters():
+        if not p.requires_grad:              # a Control-LoRA's frozen encoder: computes with the factors
+            p.data = p.data.to(params[0].dtype)
     optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
     model, optimizer = accelerator.prepare(cn, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
-    register_state_hooks(accelerator, lambda: full_precision_state(dict(cn.named_parameters()), master),
+    register_state_hooks(accelerator, lambda: full_precision_state(trained, master),
                          master, "ControlNet")
+    use_loss_scaling(accelerator, dtype)     # fp16 only: the loss scale, saved in checkpoints (before resume)
 
     forward = GraphedStep.for_job(ControlledUNet(unet, model, cfg.control.conditioning_scale), cfg.train,
                                   accelerator)
@@ -226,7 +250,8 @@ def main(cfg: ControlNetRecipe) -> Path:
     fidelity = JsonlLog(out / "edge_fidelity.jsonl", start, accelerator.is_main_process)
 
     def sample_and_score(step: int, path: Path) -> None:
-        scores = sample_grid(cfg, cn, base, hints, path)
+        with parametrize.cached():           # a Control-LoRA's weights: computed once, not every call
+            scores = sample_grid(cfg, cn, base, hints, path)
         if scores:
             fidelity.write({"step": step, "edge_f1": {f"{s:g}": f for s, f in scores.items()}})
             accelerator.log({f"edge_f1/control_x{s:g}": f for s, f in scores.items()}, step=step)
@@ -334,8 +359,8 @@ class PairedFolder(CaptionedImageFolder):
         found = {cond.settings for cond in self.conditions}
         if c.kind == "canny" and len(found) == 1 and None not in found:
             s = json.loads(found.pop())
-            if not s.get("blur"):
-                return HintSpec("canny", "like-target", round(s["low"]), round(s["high"]))
+            if not s.get("blur") and float(s["low"]).is_integer() and float(s["high"]).is_integer():
+                return HintSpec("canny", "like-target", int(s["low"]), int(s["high"]))   # fractions: none
         return HintSpec(c.kind, "like-target")
 
     def summary(self) -> str:
@@ -518,7 +543,7 @@ def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: Contr
         with nullcontext() if last else accelerator.no_sync(model):
             pred = forward(b.noisy, b.t, b.context, hint)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
-            accelerator.backward(loss / cfg.train.grad_accum)
+            accelerator.backward(scale_loss(accelerator, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum
     check_controlnet_gradients(cn, step, hinted)
     return accelerator.reduce(total, reduction="mean").item()
@@ -540,6 +565,8 @@ def gradient_onset(name: str) -> int:
         return 1
     if name.startswith("controlnet_cond_embedding.") and ".conv_out." not in name:
         return 3
+    if name.endswith(".down"):             # a Control-LoRA factor: dL/d down = upᵀ dL/dW, and up is 0
+        return 3                           # until step 2 has moved it
     return 2
 
 
@@ -551,7 +578,7 @@ def check_controlnet_gradients(cn: ControlNet, step: int, hinted: bool) -> None:
     if step > 2:
         return
     dead = [n for n, p in cn.named_parameters()
-            if gradient_onset(n) == step + 1 and (p.grad is None or not p.grad.any())
+            if p.requires_grad and gradient_onset(n) == step + 1 and (p.grad is None or not p.grad.any())
             and (hinted or n != "controlnet_cond_embedding.conv_in.weight")]
     if dead:
         raise RuntimeError(f"{len(dead)} ControlNet tensors got no gradient at step {step + 1}, e.g. "
@@ -566,8 +593,7 @@ class Exporter:
     def __init__(self, cfg: ControlNetRecipe, cn: ControlNet, master: MasterWeights | None,
                  reference: torch.nn.Module):
         self.cfg, self.cn, self.master, self.reference = cfg, cn, master, reference
-        recipe = public_recipe(cfg, ("data.root", "model.base", "output.dir", "control.folder",
-                                     "control.lora"))
+        recipe = public_recipe(cfg, (*PRIVATE_PATHS, "control.folder", "control.lora"))
         self.metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True),
                          "ss_training_comment": "trained with adapterkit"}
         self.control_lora: ControlLoraReport | None = None
@@ -577,15 +603,18 @@ class Exporter:
         meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
         written = []
         with self.master.full_precision() if self.master else nullcontext():
+            cn = self.cn
+            if self.cfg.control.train_rank:       # the weights at fp32 from the base and the factors
+                cn = merged_controlnet(cn, base_encoder_state(self.reference))
             for fmt in self.cfg.output.formats:
                 pattern, layout = FORMATS[fmt]
                 path = Path(folder) / pattern.format(name=name)
-                save_controlnet(self.cn, path, layout, metadata=meta, title=name, dtype=dtype)
+                save_controlnet(cn, path, layout, metadata=meta, title=name, dtype=dtype)
                 written.append(path)
-            rank = self.cfg.control.control_lora_rank
+            rank = self.cfg.control.export_rank
             if rank:
                 path = Path(folder) / f"{name}.control-lora.safetensors"
-                report = save_control_lora(self.cn, self.reference, path, rank, dtype=dtype, metadata=meta,
+                report = save_control_lora(cn, self.reference, path, rank, dtype=dtype, metadata=meta,
                                            title=name)
                 print(f"control-LoRA rank {rank}: {path.name} {report.bytes / 2**20:.1f} MiB, "
                       f"{report.ratio:.1f}x smaller than the full ControlNet; largest relative error of a "

@@ -64,6 +64,7 @@ class GraphedStep:
         self.why_not: str | None = None
         self.reserved_bytes = 0       # device memory the captures reserved (their pool and static tensors)
         self._pool = None             # the memory pool all captures share (made at the first capture)
+        self._hooks: list = []        # gradient-cloning hooks on the trained parameters (see __call__)
 
     @classmethod
     def for_training(cls, module: nn.Module, wanted: bool, device: torch.device, processes: int,
@@ -119,6 +120,12 @@ class GraphedStep:
             torch.cuda.synchronize()
             self.reserved_bytes += torch.cuda.memory_reserved() - before
             self.graphs[key] = graphed
+            if not self._hooks:
+                # A replay hands out the parameters' gradients in the graph's own buffers, and autograd
+                # keeps such a tensor as `.grad` instead of copying it: the next replay (the next
+                # micro-batch of an accumulated step) would overwrite it. Each gradient is cloned first.
+                self._hooks = [p.register_hook(torch.clone) for p in self.module.parameters()
+                               if p.requires_grad]
         return graphed(*args)
 
     def describe(self) -> str:

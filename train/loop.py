@@ -7,20 +7,22 @@ them up and hands them to `run_steps`, the one training loop. Everything around 
     make_accelerator(out)                 devices, `accelerate launch`, TensorBoard under out/
     open_base / frozen_dtype              the base model in fp32, then the U-Net's training dtype
     adapter_master_weights                bf16/fp16 compute with fp32 masters in the optimizer
+    use_loss_scaling, scale_loss          an fp16 base: the loss scaled for backward (train/precision.py)
     register_state_hooks                  save_state/load_state keep only the trained tensors
     resume                                the newest complete checkpoint, refused if the run differs
     BatchPlan, noisy_batch                which images a micro-batch gets, and its noised latents
-    check_finite_loss, optimizer_step     the NaN guard, then clip -> step -> schedule -> zero_grad
+    check_finite_loss, optimizer_step     the NaN guard, then (unscale ->) clip -> step -> schedule
     save_checkpoint                       atomic, rotated (train/checkpoints.py), exports inside
     LossLog / JsonlLog, ProgressBar       what a person watches
     StopSignals                           SIGINT/SIGTERM finish the step and write a checkpoint
     run_steps                             the loop: step -> guard -> optimizer -> logs -> checkpoint
                                           -> samples, then the final export, loss plot and samples
+                                          (an fp16 step that overflowed is redone at a lower loss scale)
 
 Exact resume rests on three rules the pieces keep: the batch order is a pure function of
 (seed, epoch) (BatchPlan), every random draw of step s comes from a generator seeded by
 (seed, s, micro-batch, process) (BatchPlan.seed), and accelerate's checkpoint carries the optimizer,
-the LR schedule and every RNG.
+the LR schedule, every RNG and (fp16) the loss scaler.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import math
 import os
 import signal
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -47,7 +50,7 @@ from train.cache import LatentCache
 from train.checkpoints import MARKER, latest_checkpoint, read_state, write_checkpoint
 from train.config import to_dict
 from train.data import CaptionedImageFolder
-from train.precision import MasterWeights
+from train.precision import LossScaler, MasterWeights
 from train.schedule import NoiseSchedule, offset_noise
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -61,6 +64,9 @@ class ModelConfig:
     base: str                                       # local diffusers pipeline folder or single .safetensors
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # frozen U-Net; auto = bf16 on GPU, fp32 on CPU
     tokenizer: str | None = None                    # single-file checkpoints carry none
+    # A single file's part configs (VAE, text encoder, scheduler, tokenizer): a diffusers pipeline
+    # folder, weights not needed; None: the SD1.x configs shipped in configs/base/sd1/.
+    config_dir: str | None = None
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     allow_pickle: bool = False
 
@@ -162,7 +168,7 @@ def make_accelerator(out: Path) -> Accelerator:
 def open_base(cfg: ModelConfig, device: torch.device) -> BaseModel:
     """The base in fp32 (VAE and text encoder stay fp32: they only fill the cache)."""
     return load_base(cfg.base, dtype=torch.float32, device=device, allow_pickle=cfg.allow_pickle,
-                     tokenizer=cfg.tokenizer, prediction_type=cfg.prediction_type)
+                     tokenizer=cfg.tokenizer, prediction_type=cfg.prediction_type, config_dir=cfg.config_dir)
 
 
 def frozen_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -208,6 +214,35 @@ def adapter_master_weights(params: list[torch.nn.Parameter], base_dtype: torch.d
     for p in params:
         p.data = p.data.to(base_dtype)
     return MasterWeights(params)
+
+
+# The loss scaler of each job's accelerator (`use_loss_scaling`): the step that scales the loss and the
+# loop that unscales the gradients find it there, whatever the job.
+_LOSS_SCALERS: weakref.WeakKeyDictionary[Accelerator, LossScaler] = weakref.WeakKeyDictionary()
+
+
+def use_loss_scaling(accelerator: Accelerator, base_dtype: torch.dtype) -> LossScaler | None:
+    """With an fp16 base: a `LossScaler` for this job, saved in its checkpoints (call it before
+    `resume`, in the same place in every run: accelerate restores custom state by registration order).
+
+    The backward pass runs through the frozen fp16 U-Net whatever train.adapter_compute is, so its
+    gradients underflow there either way. bf16 and fp32 get None and train exactly as without it."""
+    if base_dtype != torch.float16:
+        return None
+    scaler = LossScaler()
+    accelerator.register_for_checkpointing(scaler)
+    _LOSS_SCALERS[accelerator] = scaler
+    return scaler
+
+
+def loss_scaler(accelerator: Accelerator) -> LossScaler | None:
+    return _LOSS_SCALERS.get(accelerator)
+
+
+def scale_loss(accelerator: Accelerator, loss: Tensor) -> Tensor:
+    """The loss to backpropagate: `loss` times the loss scale, or `loss` itself without a scaler."""
+    scaler = _LOSS_SCALERS.get(accelerator)
+    return loss if scaler is None else scaler.scale_loss(loss)
 
 
 def full_precision_state(named: dict[str, torch.nn.Parameter],
@@ -356,17 +391,42 @@ def check_finite_loss(loss: float, step: int, out: Path) -> None:
             " Lower optim.lr, keep max_grad_norm on, or use bf16 instead of fp16.")
 
 
+def check_loss_scale(scaler: LossScaler, step: int, out: Path) -> None:
+    """After an fp16 overflow: stop when the loss scale has backed off below its floor (the gradients
+    overflow fp16 unscaled: the model is diverging, not the scale mistuned)."""
+    if scaler.too_small:
+        raise TrainingDiverged(
+            f"the fp16 gradients of step {step + 1} overflow (inf/NaN) even with the loss scale backed off "
+            f"to {scaler.scale:g}; stopped without saving. The last good checkpoint is "
+            f"{latest_checkpoint(out / 'checkpoints') or 'none (no checkpoint yet)'}. Lower optim.lr, keep "
+            "max_grad_norm on, or use bf16 instead of fp16.")
+
+
 def optimizer_step(accelerator: Accelerator, optimizer, lr_schedule, params: Sequence[torch.nn.Parameter],
-                   master: MasterWeights | None, max_grad_norm: float) -> None:
-    """Gradients to the masters, clip, step, masters back into the model, schedule, zero_grad."""
+                   master: MasterWeights | None, max_grad_norm: float,
+                   scaler: LossScaler | None = None) -> bool:
+    """Gradients to the masters, unscale (with a scaler), clip, step, masters back into the model,
+    schedule, zero_grad. Returns False when the scaled fp16 gradients overflowed: then only the scaler
+    changed (backed off) and the gradients are cleared; weights, optimizer and LR schedule are as before."""
     if master:
         master.grads_to_master()
-    clip(accelerator, master.params if master else params, max_grad_norm)
+    grads = master.params if master else params
+    if scaler:
+        finite = scaler.unscale_(grads)
+        if accelerator.num_processes > 1:       # the same decision everywhere (DDP's gradients agree anyway)
+            finite = accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device),
+                                        reduction="sum").item() == 0
+        scaler.update(finite)
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            return False
+    clip(accelerator, grads, max_grad_norm)
     optimizer.step()
     if master:
         master.master_to_model()
     lr_schedule.step()
     optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def clip(accelerator: Accelerator, params, max_norm: float) -> None:
@@ -385,7 +445,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     """Train from step `start` to `cfg.train.steps`; returns the last step done.
 
     Each step: `step(s)` (forward + backward of step s, 0-based; returns the loss averaged over the
-    processes) inside `explain_oom(cfg, s, out)`, the NaN guard (`check_finite_loss`), the optimizer
+    processes; with an fp16 base it backpropagates `scale_loss(accelerator, loss)`) inside
+    `explain_oom(cfg, s, out)`, the NaN guard (`check_finite_loss`), the optimizer
     (`optimizer_step` with `params`, `master` and `cfg.optim.max_grad_norm`), `after_step(s)` if given
     (e.g. an EMA update), loss.jsonl (every
     step), the trackers (every `cfg.output.log_every` steps and the last), the progress bar
@@ -401,25 +462,39 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     At the end (main process, not after a signal): `export(out)`, out/loss.png, the final samples.
     SIGINT/SIGTERM (`StopSignals`) finish the current step, write a checkpoint and raise
     `TrainingInterrupted` naming `what`; a second signal stops at once. `name` labels the progress bar.
+
+    fp16 overflow (`use_loss_scaling`): a step whose scaled gradients hold an inf/NaN changes nothing but
+    the loss scale (halved), and step s is run again, the same batch and noise (they depend on s only),
+    until it fits; then it counts. So train.steps counts updates, no batch is dropped, the LR schedule
+    and EMA advance once per update, and the step-onset gradient checks (the LoRA's B then A, the
+    ControlNet's zero convs then the encoder) still see update n at step n. A retry costs one more
+    forward and backward; after the first steps' calibration they come every ~growth_interval steps.
     """
     steps = cfg.train.steps
+    scaler = loss_scaler(accelerator)
     losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
     done = start
     with StopSignals() as stop, ProgressBar(accelerator, start, steps, name) as bar:
         while done < steps and not stop.requested:
             t0 = time.perf_counter()
-            with explain_oom(cfg, done, out):
-                loss = step(done)
-            check_finite_loss(loss, done, out)
-            optimizer_step(accelerator, optimizer, lr_schedule, params, master, cfg.optim.max_grad_norm)
+            while True:
+                with explain_oom(cfg, done, out):
+                    loss = step(done)
+                check_finite_loss(loss, done, out)
+                if optimizer_step(accelerator, optimizer, lr_schedule, params, master,
+                                  cfg.optim.max_grad_norm, scaler):
+                    break
+                check_loss_scale(scaler, done, out)
             if after_step:
                 after_step(done)
             done += 1
             lr = lr_schedule.get_last_lr()[0]
             losses.add(done, loss, lr)
             if done % cfg.output.log_every == 0 or done == steps:
-                accelerator.log({"loss": loss, "lr": lr}, step=done)
+                accelerator.log({"loss": loss, "lr": lr} | ({"loss_scale": scaler.scale} if scaler else {}),
+                                step=done)
             bar.update(loss, images_per_step / (time.perf_counter() - t0))
+            stop.agree(accelerator)
             every = cfg.output.checkpoint_every
             if (every and done % every == 0) or stop.requested or done == steps:
                 save_checkpoint(accelerator, out, done, cfg, export)
@@ -454,7 +529,10 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, cfg: Any,
     accelerator.wait_for_everyone()
 
 
-def public_recipe(cfg: Any, paths: Sequence[str] = ("data.root", "model.base", "output.dir")) -> dict:
+PRIVATE_PATHS = ("data.root", "model.base", "model.tokenizer", "model.config_dir", "output.dir")
+
+
+def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:
     """The recipe as a dict for a shared file's metadata: each dotted key in `paths` cut to its last
     path component (nothing personal: no full path)."""
     recipe = to_dict(cfg)
@@ -534,6 +612,20 @@ class StopSignals:
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested}: finishing this step, then writing a checkpoint (again to abort)",
               flush=True)
+
+    def agree(self, accelerator: Accelerator) -> None:
+        """Several processes: all stop after this step if any was signalled (a terminal's Ctrl-C reaches
+        each, a scheduler's SIGTERM maybe one, and not always within the same step). Otherwise the
+        signalled ones would write their checkpoint while the others wait in the next step's gradient
+        all-reduce: the run would hang."""
+        if accelerator.num_processes == 1:
+            return
+        mine = int(getattr(signal, self.requested)) if self.requested else 0
+        signum = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max())
+        if signum and not self.requested:
+            self.requested = signal.Signals(signum).name
+            print(f"\n{self.requested} to another process: finishing this step, then writing a checkpoint",
+                  flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

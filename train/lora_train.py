@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from adapters.lora import LoraSpec, add_lora, set_lora_weights
 from adapters.lora_files import save_lora
 from train.base import BaseModel
-from train.cache import LatentCache
+from train.cache import LatentCache, check_cacheable
 from train.config import to_dict
 from train.data import CaptionedImageFolder, DataConfig
 from train.graphs import GraphedStep, channels_last
@@ -48,6 +48,8 @@ from train.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: 
     register_state_hooks,
     resume,
     run_steps,
+    scale_loss,
+    use_loss_scaling,
 )
 from train.precision import MasterWeights
 from train.schedule import NoiseSchedule, diffusion_loss
@@ -105,6 +107,7 @@ class LoraRecipe:
 def main(cfg: LoraRecipe) -> Path:
     """Train the LoRA described by `cfg`; returns the output folder. Resumes from its last checkpoint."""
     out = Path(cfg.output.dir)
+    check_cacheable(cfg.data)
     accelerator = make_accelerator(out)
     base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
     dataset = CaptionedImageFolder.scan(cfg.data)
@@ -127,6 +130,7 @@ def main(cfg: LoraRecipe) -> Path:
     model, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
     register_adapter_state_hooks(accelerator, unet, master)
+    use_loss_scaling(accelerator, unet.conv_in.weight.dtype)       # fp16 only; before resume restores it
     forward = GraphedStep.for_job(model, cfg.train, accelerator)
 
     start = resume(accelerator, out, cfg)
@@ -173,7 +177,7 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.context)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
-            accelerator.backward(loss / cfg.train.grad_accum)
+            accelerator.backward(scale_loss(accelerator, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum
     check_adapter_gradients(base.unet, step)
     return accelerator.reduce(total, reduction="mean").item()
@@ -182,16 +186,25 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
 def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
     """Step-1 health check: every adapter tensor must get a non-zero gradient, or training is silently
     a no-op for it (a frozen adapter, a detached graph, a bypassed layer). B is zero at init, so A's
-    gradient (which is Bᵀ·...) is zero on the first step: B is checked at step 1, A at step 2."""
+    gradient (which is Bᵀ·...) is zero on the first step: B is checked at step 1, A at step 2.
+
+    With an fp16 base the gradients are loss-scaled here (`train.loop.scale_loss`); an attempt whose
+    scaled gradients overflowed is not judged (run_steps redoes it at a lower scale, checked again)."""
     if step > 1:
         return
     part = "lora_B" if step == 0 else "lora_A"
-    dead = [n for n, p in unet.named_parameters()
-            if part in n and p.requires_grad and (p.grad is None or not p.grad.any())]
+    adapter = [(n, p) for n, p in unet.named_parameters() if ".lora_" in n]     # frozen ones too
+    fp16 = unet.conv_in.weight.dtype == torch.float16
+    if fp16 and not all(torch.isfinite(p.grad).all() for _, p in adapter if p.grad is not None):
+        return
+    dead = [n for n, p in adapter if part in n and (p.grad is None or not p.grad.any())]
     if dead:
         raise RuntimeError(f"{len(dead)} adapter tensors got no gradient at step {step + 1}, e.g. "
-                           f"{dead[:3]}: they would never train. This is a bug (a bypassed or detached "
-                           "layer); please report it with your config.")
+                           f"{dead[:3]}: they would never train. "
+                           + ("With model.dtype=fp16 the cause may be fp16 underflow (gradients below 2^-24 "
+                              "even after loss scaling): try model.dtype=bf16 or fp32; if it persists, this "
+                              if fp16 else "This ")
+                           + "is a bug (a bypassed or detached layer); please report it with your config.")
 
 
 def adapter_files(output: OutputConfig, folder: Path) -> dict[str, Path]:

@@ -1,14 +1,17 @@
-"""fp32 master weights for adapter parameters that compute in bf16/fp16.
+"""fp32 master weights for adapter parameters that compute in bf16/fp16, and loss scaling for fp16.
 
 Mixed-precision training (Micikevicius et al. 2018, "Mixed Precision Training", §3.1): the model's
 copies of the trainable tensors are low precision, so the adapter branch runs at the base's speed
 and keeps its saved activations in bf16; the optimizer sees fp32 copies, so small updates are not
 rounded away (a bf16 weight cannot move by less than 2^-8 of itself). After each step the fp32
-weights are rounded back into the model.
+weights are rounded back into the model. An fp16 backward pass also needs its loss scaled (§3.2:
+`LossScaler`), or small gradients underflow to zero; bf16 has fp32's exponent range and needs none.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -65,3 +68,71 @@ class _MasterOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.master.model_params:
             p.grad = None
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling for a backward pass in fp16 (Micikevicius et al. 2018, §3.2).
+
+    fp16 flushes magnitudes below 2^-24 to zero, and the gradients of a fine-tune (an adapter's, its
+    activations', through a frozen U-Net) sit largely there: unscaled, whole LoRA tensors get exactly zero.
+    The loss is multiplied by `scale` before backward, which shifts every gradient up into fp16's range;
+    the gradients are divided by it again (in fp32, on the masters) before clipping and the optimizer.
+    A scale too large overflows to inf/NaN: that step's gradients are thrown away and the scale is
+    multiplied by `backoff_factor`; after `growth_interval` clean steps it is multiplied by
+    `growth_factor`, so it stays near the largest scale that does not overflow. bf16 has fp32's range
+    and needs none. Powers of two keep scaling exact (only the exponent changes)."""
+    scale: float = 2.0 ** 16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    min_scale: float = 1.0          # overflowing below this is not a scale problem (see `too_small`)
+    clean_steps: int = 0            # since the last overflow or growth
+    overflows: int = 0              # over the whole run, for the logs
+
+    def __post_init__(self):
+        if not (self.scale > 0 and self.growth_factor > 1 and 0 < self.backoff_factor < 1
+                and self.growth_interval >= 1):
+            raise ValueError(f"a loss scaler needs scale > 0, growth_factor > 1, 0 < backoff_factor < 1 and "
+                             f"growth_interval >= 1, got {self}")
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale
+
+    @torch.no_grad()
+    def unscale_(self, params: Sequence[nn.Parameter]) -> bool:
+        """Divide the gradients of `params` by the scale, in place; False when any of them holds an
+        inf or NaN (the step overflowed: its gradients are garbage and must not be applied)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        found, inv = torch.zeros(1, device=grads[0].device), torch.full((1,), 1 / self.scale,
+                                                                        device=grads[0].device)
+        # One fused pass (the kernel torch.amp.GradScaler uses) over hundreds of LoRA tensors.
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
+        return not found.item()
+
+    def update(self, finite: bool) -> None:
+        """After a step: back off on an overflow, grow after `growth_interval` clean steps."""
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.clean_steps = 0
+            self.overflows += 1
+            return
+        self.clean_steps += 1
+        if self.clean_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.clean_steps = 0
+
+    @property
+    def too_small(self) -> bool:
+        """The gradients overflow fp16 even (almost) unscaled: a diverging model, not a scale to tune."""
+        return self.scale < self.min_scale
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.clean_steps = int(state["clean_steps"])
+        self.overflows = int(state.get("overflows", 0))
