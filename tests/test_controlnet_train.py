@@ -550,3 +550,14 @@ def test_cuda_graphs_train_what_the_eager_step_trains(pipeline, images, tmp_path
         [r["loss"] for r in rows(eager / "loss.jsonl")], rel=1e-4)
     a, b = state(graphed), state(eager)
     assert max((a[k] - b[k]).abs().max().item() / (b[k].abs().max().item() + 1e-6) for k in a) <= 1e-4
+
+
+def test_edge_fidelity_is_logged_at_every_sample_step_during_training(pipeline, images, tmp_path):
+    out = main(recipe(pipeline, images, tmp_path / "run", **{
+        "sample.every": 2, "sample.prompts": "a red shape", "sample.steps": 2, "sample.num_hints": 1,
+        "sample.control_scales": "0.0,1.0", "output.checkpoint_every": 0}))
+    scores = rows(out / "edge_fidelity.jsonl")
+    assert [r["step"] for r in scores] == [2, 4]                       # step 2 during, step 4 the final
+    assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "final.png").is_file()
+    events = b"".join(p.read_bytes() for p in (out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events.count(b"edge_f1/control_x1") >= 2

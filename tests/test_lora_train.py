@@ -321,3 +321,41 @@ def test_cuda_graphs_train_what_the_eager_step_trains(pipeline, images, tmp_path
     assert len(set(losses(graphed))) == 5                      # the steps differ: the weights moved
     a, b = _adapter(graphed), _adapter(eager)
     assert max((a[k] - b[k]).abs().max().item() / (b[k].abs().max().item() + 1e-6) for k in a) <= 1e-4
+
+
+def test_only_the_lora_reaches_the_optimizer_and_gradient_checkpointing_changes_nothing(pipeline, images,
+                                                                                       tmp_path, monkeypatch):
+    """The optimizer gets exactly the LoRA tensors (and so keeps state for nothing else); the frozen
+    U-Net has no gradients. Recomputing activations in the backward (train.gradient_checkpointing)
+    trains the same adapter with the same losses."""
+    real, seen = lt.make_optimizer, {}
+
+    def recording(cfg, params, steps):
+        seen["params"] = list(params)
+        return real(cfg, params, steps)
+
+    real_step = lt.train_step
+
+    def step_and_look(cfg, accelerator, model, *rest):
+        loss = real_step(cfg, accelerator, model, *rest)
+        seen["frozen_grads"] = [n for n, p in model.named_parameters()
+                                if ".lora_" not in n and p.grad is not None]
+        return loss
+
+    monkeypatch.setattr(lt, "make_optimizer", recording)
+    monkeypatch.setattr(lt, "train_step", step_and_look)
+    over = {"train.steps": 3, "output.checkpoint_every": 0}
+    plain = main(recipe(pipeline, images, tmp_path / "plain", **over))
+    assert seen["params"] and seen["frozen_grads"] == []
+    trained = load_file(str(plain / "lora.peft.safetensors"))
+    assert len(seen["params"]) == len(trained) and sum(p.numel() for p in seen["params"]) == \
+        sum(t.numel() for t in trained.values())
+
+    monkeypatch.setattr(lt, "train_step", real_step)
+    checkpointed = main(recipe(pipeline, images, tmp_path / "ckpt", **over,
+                               **{"train.gradient_checkpointing": True}))
+    a, b = (load_file(str(out / "lora.peft.safetensors")) for out in (plain, checkpointed))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    la, lb = ([json.loads(r)["loss"] for r in (out / "loss.jsonl").read_text().splitlines()]
+              for out in (plain, checkpointed))
+    assert la == pytest.approx(lb, abs=1e-6)
