@@ -561,3 +561,27 @@ def test_edge_fidelity_is_logged_at_every_sample_step_during_training(pipeline, 
     assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "final.png").is_file()
     events = b"".join(p.read_bytes() for p in (out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events.count(b"edge_f1/control_x1") >= 2
+
+
+def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path):
+    """`adapterkit sample --controlnet --hint`: the ControlNet changes the picture, at control scale 0
+    the picture is the base's exactly, and a hint without its ControlNet is refused."""
+    from test_generate import controlnet_for
+
+    from adapters.controlnet_files import save_controlnet
+    from train.cli import main as cli
+
+    save_controlnet(controlnet_for(load_base(pipeline), zero=False), tmp_path / "cn")
+    hint = tmp_path / "edges.png"
+    Image.fromarray(((np.indices((80, 96)).sum(0) // 8) % 2 * 255).astype(np.uint8)).convert("RGB").save(hint)
+    common = ["sample", "--base", str(pipeline), "--prompt", "a red shape", "--steps", "2", "--size", "64"]
+
+    def grid(name, *extra):
+        assert cli([*common, *extra, "-o", str(tmp_path / name)]) == 0
+        return np.asarray(Image.open(tmp_path / name))
+    plain = grid("plain.png")
+    steered = grid("steered.png", "--controlnet", str(tmp_path / "cn"), "--hint", str(hint))
+    off = grid("off.png", "--controlnet", str(tmp_path / "cn"), "--hint", str(hint), "--control-scale", "0")
+    assert plain.shape == steered.shape and np.abs(plain.astype(int) - steered).max() > 0
+    assert np.array_equal(plain, off)
+    assert cli([*common, "--hint", str(hint), "-o", str(tmp_path / "x.png")]) == 2

@@ -1,12 +1,16 @@
-"""`adapterkit sample`: images from a base model plus any LoRAs, as one PNG grid.
+"""`adapterkit sample`: images from a base model plus any LoRAs and a ControlNet, as one PNG grid.
 
     adapterkit sample --base BASE [--lora FILE[:WEIGHT] ...] --prompt "..." [--prompt ...]
                       [--seed 0 --seed 1] [--steps 25] [--guidance 7.5] [--sampler ddim|euler]
-                      [--size 512] [--compare] [--batch-size 4] -o grid.png
+                      [--size 512] [--compare] [--batch-size 4]
+                      [--controlnet PATH --hint IMAGE [--control-scale 1.0]] -o grid.png
 
 Rows are prompt x seed; with --compare a first column shows the base alone (the same noise), so
-what the LoRAs change is visible side by side. Sampling is train.generate's: each image's noise comes
-from its own seed (on the CPU), so neither the batch size nor the device changes the pictures.
+what the LoRAs change is visible side by side. With a ControlNet every image is steered by the one
+hint picture (an edge map for a Canny ControlNet: `adapterkit canny` makes them); the images take
+the hint's size, or with --size the hint is center-cropped to a square and resized, as in training.
+Sampling is train.generate's: each image's noise comes from its own seed (on the CPU), so neither
+the batch size nor the device changes the pictures.
 """
 from __future__ import annotations
 
@@ -20,14 +24,22 @@ def run(args: argparse.Namespace) -> int:
     from train.generate import generate_columns
     from train.images import save_grid
 
-    base, _, _ = open_base(args.base, args.device, args.tokenizer)
+    if (args.controlnet is None) != (args.hint is None):
+        raise ValueError("--controlnet and --hint go together: the ControlNet steers by the hint picture")
+    base, _, cn = open_base(args.base, args.device, args.tokenizer, args.controlnet)
+    size, steer = args.size, {}
+    if cn is not None:
+        hint, size = read_hint(args.hint, args.size, base.latent_scale)
+        steer = {"controlnet": cn, "control_scale": args.control_scale}
     weights = load_loras(base.unet, args.lora)
     columns = ([("base", {k: 0.0 for k in weights})] if args.compare and weights else []) + \
         [("with LoRAs" if weights else "base", weights)]
     seeds = args.seed or [0]
     rows = [(prompt, seed) for prompt in args.prompt for seed in seeds]
+    if cn is not None:
+        steer["hints"] = [hint] * len(rows)
     cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
-                             sampler=args.sampler, size=args.size, batch_size=args.batch_size)
+                             sampler=args.sampler, size=size, batch_size=args.batch_size, **steer)
     save_grid(cells, len(rows), len(columns), args.output,
               row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
               col_labels=[name for name, _ in columns])
@@ -51,6 +63,26 @@ def open_base(path, device: str | None = None, tokenizer=None, controlnet=None):
         cn = load_controlnet(controlnet, unet=base.unet, device=device).to(dtype)
     base.unet.to(dtype)
     return base, dtype, cn
+
+
+def read_hint(path: str, size: int | None, latent_scale: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The hint picture as (3, H, W) in [0, 1] and the image size it sets: its own size (each side a
+    multiple of the base's latent scale), or `size` x `size` after a center crop to a square."""
+    from PIL import Image, ImageOps
+
+    from train.buckets import plan_crop
+    from train.images import unit_tensor
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+    if size is not None:
+        return unit_tensor(plan_crop(img.size, (size, size)).apply(img)), (size, size)
+    w, h = img.size
+    if w % latent_scale or h % latent_scale:
+        raise ValueError(f"the hint {path} is {w}x{h} px; without --size each side must be a multiple of "
+                         f"{latent_scale} (the base's pixels per latent pixel): pass --size to crop and "
+                         "resize it")
+    return unit_tensor(img), (h, w)
 
 
 def load_loras(unet: torch.nn.Module, specs: list[str]) -> dict[str, float]:
@@ -86,6 +118,9 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
     p.add_argument("--compare", action="store_true", help="add a column with the base alone")
     p.add_argument("--batch-size", type=int, default=4, help="images per U-Net batch (default 4)")
+    p.add_argument("--controlnet", metavar="PATH", help="a ControlNet made for this base (folder or file)")
+    p.add_argument("--hint", metavar="IMAGE", help="the ControlNet's conditioning picture (e.g. an edge map)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (default 1.0)")
     p.add_argument("--device")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=run)
