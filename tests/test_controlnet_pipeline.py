@@ -57,7 +57,7 @@ def setup(pipeline, tmp_path_factory):  # noqa: F811 - the imported fixture
     return base, cn, pipe, hint
 
 
-def ours(base, cn, hint, scale: float | None, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+def ours(base, cn, hint, scale: float | None, monkeypatch, **extra) -> tuple[torch.Tensor, torch.Tensor]:
     """`generate`'s final latents (what it decodes) and its pictures in [0, 1]; scale None: no
     ControlNet. Checks that sampling started from `start_noise([SEED], ...)`."""
     seen = {}
@@ -73,7 +73,7 @@ def ours(base, cn, hint, scale: float | None, monkeypatch) -> tuple[torch.Tensor
 
     monkeypatch.setattr(train.sampling, "ddim_sample", sample)        # generate imports both when called
     monkeypatch.setattr(train.loop, "decode", decode)
-    kw = {"controlnet": cn, "hints": [hint], "control_scale": scale} if scale is not None else {}
+    kw = {"controlnet": cn, "hints": [hint], "control_scale": scale, **extra} if scale is not None else {}
     images = generate(base, [PROMPT], [SEED], steps=STEPS, guidance=GUIDANCE, sampler="ddim", size=SIZE, **kw)
     assert torch.equal(seen["noise"], noise(base))
     return seen["latents"], (images + 1) / 2
@@ -83,10 +83,10 @@ def noise(base) -> torch.Tensor:
     return start_noise([SEED], (base.latent_channels, SIZE // base.latent_scale, SIZE // base.latent_scale))
 
 
-def theirs(pipe, base, hint, scale: float, output_type: str) -> torch.Tensor:
+def theirs(pipe, base, hint, scale: float, output_type: str, **extra) -> torch.Tensor:
     return pipe(PROMPT, image=hint, height=SIZE, width=SIZE, num_inference_steps=STEPS,
                 guidance_scale=GUIDANCE, controlnet_conditioning_scale=scale, latents=noise(base).clone(),
-                output_type=output_type, return_dict=False)[0]
+                output_type=output_type, return_dict=False, **extra)[0]
 
 
 def test_our_sampler_gives_the_latents_and_pictures_of_diffusers_controlnet_pipeline(setup, monkeypatch):
@@ -111,3 +111,15 @@ def test_conditioning_scale_half_is_diffusers_controlnet_conditioning_scale_half
     our_half, _ = ours(base, cn, hint, 0.5, monkeypatch)
     torch.testing.assert_close(our_half, half, atol=ATOL, rtol=0)
     assert (half - full).abs().max() > 100 * ATOL                     # the scale matters at this tolerance
+
+
+def test_guess_mode_is_diffusers_guess_mode(setup, monkeypatch):
+    """guess_mode: residuals scaled 0.1x .. 1x by depth, and under guidance the ControlNet steers the
+    conditional half only; diffusers' pipeline does both."""
+    base, cn, pipe, hint = setup
+    with torch.no_grad():
+        guessed = theirs(pipe, base, hint, 1.0, "latent", guess_mode=True)
+        plain = theirs(pipe, base, hint, 1.0, "latent")
+    our_guessed, _ = ours(base, cn, hint, 1.0, monkeypatch, guess_mode=True)
+    torch.testing.assert_close(our_guessed, guessed, atol=ATOL, rtol=0)
+    assert (guessed - plain).abs().max() > 100 * ATOL                 # guess mode is not the plain mode

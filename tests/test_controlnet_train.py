@@ -565,7 +565,8 @@ def test_edge_fidelity_is_logged_at_every_sample_step_during_training(pipeline, 
 
 def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path):
     """`adapterkit sample --controlnet --hint`: the ControlNet changes the picture, at control scale 0
-    the picture is the base's exactly, and a hint without its ControlNet is refused."""
+    the picture is the base's exactly, --guess-mode changes it again (its oracle is in
+    test_controlnet_pipeline.py), and a hint or guess mode without a ControlNet is refused."""
     from test_generate import controlnet_for
 
     from adapters.controlnet_files import save_controlnet
@@ -584,4 +585,7 @@ def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path
     off = grid("off.png", "--controlnet", str(tmp_path / "cn"), "--hint", str(hint), "--control-scale", "0")
     assert plain.shape == steered.shape and np.abs(plain.astype(int) - steered).max() > 0
     assert np.array_equal(plain, off)
+    guessed = grid("guess.png", "--controlnet", str(tmp_path / "cn"), "--hint", str(hint), "--guess-mode")
+    assert np.abs(guessed.astype(int) - steered).max() > 0
     assert cli([*common, "--hint", str(hint), "-o", str(tmp_path / "x.png")]) == 2
+    assert cli([*common, "--guess-mode", "-o", str(tmp_path / "x.png")]) == 2

@@ -40,7 +40,7 @@ SAMPLERS = ("ddim", "euler")
 def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
              controlnet: torch.nn.Module | None = None, hints: Sequence | Tensor | None = None,
-             control_scale: float = 1.0, batch_size: int = 16) -> Tensor:
+             control_scale: float = 1.0, guess_mode: bool = False, batch_size: int = 16) -> Tensor:
     """One image per (prompt, seed), as a float32 CPU tensor (N, 3, H, W) in [-1, 1].
 
     base: a `train.base.BaseModel`; its U-Net runs in its own dtype (cast it beforehand, e.g. bf16).
@@ -48,6 +48,9 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         U-Net's native size (`sample_size` x `latent_scale`).
     controlnet, hints: a ControlNet for this base and one hint per prompt ((3, H, W) float tensors
         in [0, 1], an (N, 3, H, W) tensor, or PIL images of that size).
+    guess_mode: the ControlNet's residuals grow from 0.1x at the first skip to 1x at the mid block, and
+        under guidance it steers the conditional half only (diffusers' guess mode: the hint alone
+        carries the picture, as with an empty prompt).
     Raises ValueError for mismatched lengths, sizes or an unknown sampler, before any sampling.
     """
     from train.base import encode_prompts
@@ -89,8 +92,9 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
             shape = (len(chunk), base.latent_channels, height // f, width // f)
             cond = encode_prompts(base, chunk).to(device, dtype)                # (b, L, D)
             hint = hint_batch[i:i + batch_size].to(device) if hint_batch is not None else None
-            latents = sample(_model_fn(unet, controlnet, hint, control_scale), schedule, shape, steps,
-                             cond=cond, uncond=None if uncond is None else uncond.expand_as(cond),
+            model_fn = _model_fn(unet, controlnet, hint, control_scale, guess_mode)
+            latents = sample(model_fn, schedule, shape, steps, cond=cond,
+                             uncond=None if uncond is None else uncond.expand_as(cond),
                              guidance_scale=guidance, noise=start_noise(chunk_seeds, shape[1:]))
             out.append(decode(base, latents).float().cpu())                      # (b, 3, H, W)
     finally:
@@ -167,7 +171,8 @@ def _hint_tensor(h) -> Tensor:
 
 
 def controlled_prediction(unet: torch.nn.Module, controlnet: torch.nn.Module | None, x: Tensor, t: Tensor,
-                          context: Tensor, hint: Tensor | None, scale: float) -> Tensor:
+                          context: Tensor, hint: Tensor | None, scale: float, guess_mode: bool = False
+                          ) -> Tensor:
     """The U-Net's prediction steered by the ControlNet's residuals (training and sampling). Each
     runs in its own dtype (an fp32 ControlNet beside a bf16 U-Net); no ControlNet or scale 0 is the
     plain U-Net, exactly."""
@@ -175,14 +180,22 @@ def controlled_prediction(unet: torch.nn.Module, controlnet: torch.nn.Module | N
     if controlnet is None or scale == 0:
         return unet(x.to(dtype), t, context.to(dtype))
     cn_dtype = next(controlnet.parameters()).dtype
-    down, mid = controlnet(x.to(cn_dtype), t, context.to(cn_dtype), hint, scale)
+    down, mid = controlnet(x.to(cn_dtype), t, context.to(cn_dtype), hint, scale, guess_mode)
     return unet(x.to(dtype), t, context.to(dtype), tuple(d.to(dtype) for d in down), mid.to(dtype))
 
 
-def _model_fn(unet, controlnet, hint: Tensor | None, scale: float):
+def _model_fn(unet, controlnet, hint: Tensor | None, scale: float, guess_mode: bool = False):
     """The sampler's model_fn: the U-Net, steered by the ControlNet when there is one."""
     def model_fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        if guess_mode and controlnet is not None and scale != 0 and len(x) == 2 * len(hint):
+            # Guidance's [uncond; cond] batch in guess mode: the ControlNet sees the conditional half
+            # only and the unconditional half gets no residuals (what diffusers' pipelines do).
+            n, dtype = len(hint), unet.conv_in.weight.dtype
+            cn_dtype = next(controlnet.parameters()).dtype
+            down, mid = controlnet(x[n:].to(cn_dtype), t[n:], c[n:].to(cn_dtype), hint, scale, True)
+            pad = lambda r: torch.cat([torch.zeros_like(r), r]).to(dtype)       # noqa: E731
+            return unet(x.to(dtype), t, c.to(dtype), tuple(pad(d) for d in down), pad(mid)).float()
         h = hint if hint is None or len(hint) == len(x) else hint.repeat(len(x) // len(hint), 1, 1, 1)
-        return controlled_prediction(unet, controlnet, x, t, c, h, scale).float()    # CFG: h = [h; h]
+        return controlled_prediction(unet, controlnet, x, t, c, h, scale, guess_mode).float()  # CFG: [h; h]
 
     return model_fn

@@ -3,7 +3,8 @@
     adapterkit sample --base BASE [--lora FILE[:WEIGHT] ...] --prompt "..." [--prompt ...]
                       [--seed 0 --seed 1] [--steps 25] [--guidance 7.5] [--sampler ddim|euler]
                       [--size 512] [--compare] [--batch-size 4]
-                      [--controlnet PATH --hint IMAGE [--control-scale 1.0]] -o grid.png
+                      [--controlnet PATH --hint IMAGE [--control-scale 1.0] [--guess-mode]]
+                      -o grid.png
 
 Rows are prompt x seed; with --compare a first column shows the base alone (the same noise), so
 what the LoRAs change is visible side by side. With a ControlNet every image is steered by the one
@@ -26,11 +27,13 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.controlnet is None) != (args.hint is None):
         raise ValueError("--controlnet and --hint go together: the ControlNet steers by the hint picture")
+    if args.guess_mode and args.controlnet is None:
+        raise ValueError("--guess-mode is a way to apply a ControlNet: give --controlnet and --hint")
     base, _, cn = open_base(args.base, args.device, args.tokenizer, args.controlnet)
     size, steer = args.size, {}
     if cn is not None:
         hint, size = read_hint(args.hint, args.size, base.latent_scale)
-        steer = {"controlnet": cn, "control_scale": args.control_scale}
+        steer = {"controlnet": cn, "control_scale": args.control_scale, "guess_mode": args.guess_mode}
     weights = load_loras(base.unet, args.lora)
     columns = ([("base", {k: 0.0 for k in weights})] if args.compare and weights else []) + \
         [("with LoRAs" if weights else "base", weights)]
@@ -121,6 +124,8 @@ def register(sub) -> None:
     p.add_argument("--controlnet", metavar="PATH", help="a ControlNet made for this base (folder or file)")
     p.add_argument("--hint", metavar="IMAGE", help="the ControlNet's conditioning picture (e.g. an edge map)")
     p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (default 1.0)")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess mode: residuals 0.1x..1x by depth, on the conditional half only")
     p.add_argument("--device")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=run)
