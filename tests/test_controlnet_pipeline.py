@@ -57,7 +57,7 @@ def setup(pipeline, tmp_path_factory):  # noqa: F811 - the imported fixture
     return base, cn, pipe, hint
 
 
-def ours(base, cn, hint, scale: float | None, monkeypatch, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+def ours(base, cn, hint, scale, monkeypatch, **extra) -> tuple[torch.Tensor, torch.Tensor]:
     """`generate`'s final latents (what it decodes) and its pictures in [0, 1]; scale None: no
     ControlNet. Checks that sampling started from `start_noise([SEED], ...)`."""
     seen = {}
@@ -73,7 +73,8 @@ def ours(base, cn, hint, scale: float | None, monkeypatch, **extra) -> tuple[tor
 
     monkeypatch.setattr(train.sampling, "ddim_sample", sample)        # generate imports both when called
     monkeypatch.setattr(train.loop, "decode", decode)
-    kw = {"controlnet": cn, "hints": [hint], "control_scale": scale, **extra} if scale is not None else {}
+    hints = hint if isinstance(cn, list) else [hint]                  # several: one hint list per ControlNet
+    kw = {"controlnet": cn, "hints": hints, "control_scale": scale, **extra} if scale is not None else {}
     images = generate(base, [PROMPT], [SEED], steps=STEPS, guidance=GUIDANCE, sampler="ddim", size=SIZE, **kw)
     assert torch.equal(seen["noise"], noise(base))
     return seen["latents"], (images + 1) / 2
@@ -123,3 +124,24 @@ def test_guess_mode_is_diffusers_guess_mode(setup, monkeypatch):
     our_guessed, _ = ours(base, cn, hint, 1.0, monkeypatch, guess_mode=True)
     torch.testing.assert_close(our_guessed, guessed, atol=ATOL, rtol=0)
     assert (guessed - plain).abs().max() > 100 * ATOL                 # guess mode is not the plain mode
+
+
+def test_two_controlnets_sum_like_diffusers_multicontrolnet(setup, pipeline, tmp_path, monkeypatch):  # noqa: F811
+    """Two ControlNets, each with its own hint and scale: our summed residuals sample what diffusers'
+    pipeline with a list of ControlNets (its MultiControlNetModel) samples."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    base, cn, pipe, hint = setup
+    save_controlnet(controlnet_for(base, seed=1, zero=False), tmp_path / "cn2")
+    cn2 = load_controlnet(tmp_path / "cn2", base.unet).eval()
+    hint2 = tensor_to_pil(edge_map_tensor(shape_image(4)), (0.0, 1.0))
+    multi = StableDiffusionControlNetPipeline(**{**pipe.components, "controlnet": [
+        pipe.controlnet, ControlNetModel.from_pretrained(tmp_path / "cn2").eval()]})
+    multi.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        both = multi(PROMPT, image=[hint, hint2], height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                     guidance_scale=GUIDANCE, controlnet_conditioning_scale=[0.8, 0.5],
+                     latents=noise(base).clone(), output_type="latent", return_dict=False)[0]
+        first = theirs(pipe, base, hint, 0.8, "latent")
+    our_both, _ = ours(base, [cn, cn2], [[hint], [hint2]], [0.8, 0.5], monkeypatch)
+    torch.testing.assert_close(our_both, both, atol=ATOL, rtol=0)
+    assert (both - first).abs().max() > 100 * ATOL                    # the second ControlNet counts

@@ -566,7 +566,8 @@ def test_edge_fidelity_is_logged_at_every_sample_step_during_training(pipeline, 
 def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path):
     """`adapterkit sample --controlnet --hint`: the ControlNet changes the picture, at control scale 0
     the picture is the base's exactly, --guess-mode changes it again (its oracle is in
-    test_controlnet_pipeline.py), and a hint or guess mode without a ControlNet is refused."""
+    test_controlnet_pipeline.py), a second ControlNet at scale 0 changes nothing, and a hint or guess
+    mode without a ControlNet, 3 scales for 2 ControlNets or a missing ControlNet are refused."""
     from test_generate import controlnet_for
 
     from adapters.controlnet_files import save_controlnet
@@ -587,5 +588,14 @@ def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path
     assert np.array_equal(plain, off)
     guessed = grid("guess.png", "--controlnet", str(tmp_path / "cn"), "--hint", str(hint), "--guess-mode")
     assert np.abs(guessed.astype(int) - steered).max() > 0
-    assert cli([*common, "--hint", str(hint), "-o", str(tmp_path / "x.png")]) == 2
-    assert cli([*common, "--guess-mode", "-o", str(tmp_path / "x.png")]) == 2
+    # two ControlNets: the second at scale 0 leaves the first's picture exactly; at 1 it changes it
+    save_controlnet(controlnet_for(load_base(pipeline), seed=1, zero=False), tmp_path / "cn2")
+    two = ["--controlnet", str(tmp_path / "cn"), "--hint", str(hint), "--controlnet", str(tmp_path / "cn2"),
+           "--hint", str(hint)]
+    assert np.array_equal(grid("two-off.png", *two, "--control-scale", "1", "--control-scale", "0"), steered)
+    assert np.abs(grid("two.png", *two).astype(int) - steered).max() > 0
+    three_scales = [*two, *["--control-scale", "1"] * 3]
+    for bad in (["--hint", str(hint)], ["--guess-mode"], three_scales,
+                ["--controlnet", str(tmp_path / "nope"), "--hint", str(hint)]):
+        assert cli([*common, *bad, "-o", str(tmp_path / "x.png")]) == 2, bad
+    assert not (tmp_path / "x.png").exists()

@@ -39,15 +39,18 @@ SAMPLERS = ("ddim", "euler")
 @torch.no_grad()
 def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
-             controlnet: torch.nn.Module | None = None, hints: Sequence | Tensor | None = None,
-             control_scale: float = 1.0, guess_mode: bool = False, batch_size: int = 16) -> Tensor:
+             controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+             hints: Sequence | Tensor | None = None, control_scale: float | Sequence[float] = 1.0,
+             guess_mode: bool = False, batch_size: int = 16) -> Tensor:
     """One image per (prompt, seed), as a float32 CPU tensor (N, 3, H, W) in [-1, 1].
 
     base: a `train.base.BaseModel`; its U-Net runs in its own dtype (cast it beforehand, e.g. bf16).
     size: the image side in pixels (H = W), or (H, W), multiples of `base.latent_scale`; default the
         U-Net's native size (`sample_size` x `latent_scale`).
     controlnet, hints: a ControlNet for this base and one hint per prompt ((3, H, W) float tensors
-        in [0, 1], an (N, 3, H, W) tensor, or PIL images of that size).
+        in [0, 1], an (N, 3, H, W) tensor, or PIL images of that size). Several ControlNets (a list):
+        `hints` holds one such per-prompt sequence per ControlNet and `control_scale` one scale per
+        ControlNet (or one for all); their residuals are summed (`adapters.controlnet.MultiControlNet`).
     guess_mode: the ControlNet's residuals grow from 0.1x at the first skip to 1x at the mid block, and
         under guidance it steers the conditional half only (diffusers' guess mode: the hint alone
         carries the picture, as with an empty prompt).
@@ -75,7 +78,11 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         if side % f:
             raise ValueError(f"size {side} px is not a multiple of the base's latent scale {f} (pixels per "
                              f"latent pixel); use {side // f * f} or {(side // f + 1) * f}")
-    hint_batch = _hints(base, controlnet, hints, len(prompts), (height, width))
+    if isinstance(controlnet, (list, tuple)):
+        controlnet, control_scale, hint_batch = _several(base, controlnet, hints, control_scale,
+                                                         len(prompts), (height, width))
+    else:
+        hint_batch = _hints(base, controlnet, hints, len(prompts), (height, width))
 
     unet = base.unet
     dtype, device = unet.conv_in.weight.dtype, unet.conv_in.weight.device
@@ -91,7 +98,8 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
             chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
             shape = (len(chunk), base.latent_channels, height // f, width // f)
             cond = encode_prompts(base, chunk).to(device, dtype)                # (b, L, D)
-            hint = hint_batch[i:i + batch_size].to(device) if hint_batch is not None else None
+            rows = slice(i, i + batch_size)
+            hint = _each(hint_batch, lambda h, rows=rows: h[rows].to(device))
             model_fn = _model_fn(unet, controlnet, hint, control_scale, guess_mode)
             latents = sample(model_fn, schedule, shape, steps, cond=cond,
                              uncond=None if uncond is None else uncond.expand_as(cond),
@@ -161,6 +169,24 @@ def _hints(base, controlnet, hints, n: int, size: tuple[int, int]) -> Tensor | N
     return batch.float()
 
 
+def _several(base, controlnets, hints, scales, n: int, size: tuple[int, int]):
+    """(MultiControlNet, one scale per ControlNet, one hint batch per ControlNet) for `generate`."""
+    from adapters.controlnet import MultiControlNet
+    nets = list(controlnets)
+    scales = [float(scales)] * len(nets) if isinstance(scales, (int, float)) else [float(s) for s in scales]
+    if hints is None or isinstance(hints, Tensor) or len(hints) != len(nets) or len(scales) != len(nets):
+        raise ValueError(f"{len(nets)} ControlNets need {len(nets)} hint sequences (one per ControlNet, each "
+                         f"one hint per prompt) and {len(nets)} scales (or one)")
+    return MultiControlNet(nets), scales, [_hints(base, cn, h, n, size) for cn, h in zip(nets, hints)]
+
+
+def _each(hints, fn):
+    """`fn` on a hint batch, or on each of several ControlNets' hint batches (a list); None stays."""
+    if hints is None:
+        return None
+    return [fn(h) for h in hints] if isinstance(hints, list) else fn(hints)
+
+
 def _hint_tensor(h) -> Tensor:
     if isinstance(h, Image.Image):
         from train.images import unit_tensor
@@ -187,15 +213,16 @@ def controlled_prediction(unet: torch.nn.Module, controlnet: torch.nn.Module | N
 def _model_fn(unet, controlnet, hint: Tensor | None, scale: float, guess_mode: bool = False):
     """The sampler's model_fn: the U-Net, steered by the ControlNet when there is one."""
     def model_fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        if guess_mode and controlnet is not None and scale != 0 and len(x) == 2 * len(hint):
+        rows = None if hint is None else len(hint[0] if isinstance(hint, list) else hint)
+        if guess_mode and controlnet is not None and scale != 0 and len(x) == 2 * rows:
             # Guidance's [uncond; cond] batch in guess mode: the ControlNet sees the conditional half
             # only and the unconditional half gets no residuals (what diffusers' pipelines do).
-            n, dtype = len(hint), unet.conv_in.weight.dtype
+            n, dtype = rows, unet.conv_in.weight.dtype
             cn_dtype = next(controlnet.parameters()).dtype
             down, mid = controlnet(x[n:].to(cn_dtype), t[n:], c[n:].to(cn_dtype), hint, scale, True)
             pad = lambda r: torch.cat([torch.zeros_like(r), r]).to(dtype)       # noqa: E731
             return unet(x.to(dtype), t, c.to(dtype), tuple(pad(d) for d in down), pad(mid)).float()
-        h = hint if hint is None or len(hint) == len(x) else hint.repeat(len(x) // len(hint), 1, 1, 1)
+        h = _each(hint, lambda b: b if len(b) == len(x) else b.repeat(len(x) // len(b), 1, 1, 1))
         return controlled_prediction(unet, controlnet, x, t, c, h, scale, guess_mode).float()  # CFG: [h; h]
 
     return model_fn

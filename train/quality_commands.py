@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in paths:
         if path is not None and not Path(path).exists():          # before the base is loaded
             raise FileNotFoundError(f"{flag} {path}: no such file or folder")
-    base, _, controlnet = open_base(args.base, args.device, args.tokenizer, args.controlnet)
+    base, _, nets = open_base(args.base, args.device, args.tokenizer,
+                              controlnets=[args.controlnet] if args.controlnet else [])
+    controlnet = nets[0] if nets else None
     loras = load_loras(base.unet, args.lora)
     result = evaluate(base, args.n, args.seed, style=args.style, trigger=args.trigger, loras=loras,
                       controlnet=controlnet, control_scale=args.control_scale, steps=args.steps,

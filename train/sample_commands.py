@@ -3,19 +3,21 @@
     adapterkit sample --base BASE [--lora FILE[:WEIGHT] ...] --prompt "..." [--prompt ...]
                       [--seed 0 --seed 1] [--steps 25] [--guidance 7.5] [--sampler ddim|euler]
                       [--size 512] [--compare] [--batch-size 4]
-                      [--controlnet PATH --hint IMAGE [--control-scale 1.0] [--guess-mode]]
+                      [--controlnet PATH --hint IMAGE [--control-scale 1.0] ...] [--guess-mode]
                       -o grid.png
 
 Rows are prompt x seed; with --compare a first column shows the base alone (the same noise), so
-what the LoRAs change is visible side by side. With a ControlNet every image is steered by the one
-hint picture (an edge map for a Canny ControlNet: `adapterkit canny` makes them); the images take
-the hint's size, or with --size the hint is center-cropped to a square and resized, as in training.
+what the LoRAs change is visible side by side. With a ControlNet every image is steered by its hint
+picture (an edge map for a Canny ControlNet: `adapterkit canny` makes them); several ControlNets, each
+with its hint and scale, add their residuals. The images take the hints' size, or with --size each
+hint is center-cropped to a square and resized, as in training.
 Sampling is train.generate's: each image's noise comes from its own seed (on the CPU), so neither
 the batch size nor the device changes the pictures.
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,22 +27,36 @@ def run(args: argparse.Namespace) -> int:
     from train.generate import generate_columns
     from train.images import save_grid
 
-    if (args.controlnet is None) != (args.hint is None):
-        raise ValueError("--controlnet and --hint go together: the ControlNet steers by the hint picture")
-    if args.guess_mode and args.controlnet is None:
+    nets, hint_files, scales = args.controlnet, args.hint, args.control_scale or [1.0]
+    if len(nets) != len(hint_files):
+        raise ValueError(f"each --controlnet needs its --hint picture, in the same order: {len(nets)} "
+                         f"ControlNets, {len(hint_files)} hints")
+    if len(scales) not in (1, len(nets)):
+        raise ValueError(f"give one --control-scale for all ControlNets or one each ({len(nets)}), not "
+                         f"{len(scales)}")
+    if args.guess_mode and not nets:
         raise ValueError("--guess-mode is a way to apply a ControlNet: give --controlnet and --hint")
-    base, _, cn = open_base(args.base, args.device, args.tokenizer, args.controlnet)
+    for path in [*nets, *hint_files]:
+        if not Path(path).exists():                                # before the base is loaded
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    base, _, controlnets = open_base(args.base, args.device, args.tokenizer, controlnets=nets)
     size, steer = args.size, {}
-    if cn is not None:
-        hint, size = read_hint(args.hint, args.size, base.latent_scale)
-        steer = {"controlnet": cn, "control_scale": args.control_scale, "guess_mode": args.guess_mode}
+    if nets:
+        hints = [read_hint(h, args.size, base.latent_scale) for h in hint_files]
+        if len({hint_size for _, hint_size in hints}) > 1:
+            raise ValueError(f"the hints have different sizes {[hs for _, hs in hints]}: pass --size to "
+                             "crop and resize them all to one")
+        size = hints[0][1]
+        steer = {"controlnet": controlnets if len(nets) > 1 else controlnets[0],
+                 "control_scale": scales[0] if len(scales) == 1 else scales, "guess_mode": args.guess_mode}
     weights = load_loras(base.unet, args.lora)
     columns = ([("base", {k: 0.0 for k in weights})] if args.compare and weights else []) + \
         [("with LoRAs" if weights else "base", weights)]
     seeds = args.seed or [0]
     rows = [(prompt, seed) for prompt in args.prompt for seed in seeds]
-    if cn is not None:
-        steer["hints"] = [hint] * len(rows)
+    if nets:
+        per_net = [[hint] * len(rows) for hint, _ in hints]
+        steer["hints"] = per_net if len(nets) > 1 else per_net[0]
     cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
                              sampler=args.sampler, size=size, batch_size=args.batch_size, **steer)
     save_grid(cells, len(rows), len(columns), args.output,
@@ -50,22 +66,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_base(path, device: str | None = None, tokenizer=None, controlnet=None):
+def open_base(path, device: str | None = None, tokenizer=None, controlnets: Sequence = ()):
     """`load_base` for sampling: on CUDA (the default when there is one) the U-Net in bf16, the rest
-    fp32; on CPU all fp32. With `controlnet` (a path), that ControlNet too, checked against the
-    base's fp32 weights before the cast (their fingerprint is taken at fp16 precision, which bf16
-    copies do not keep) and cast alike. Returns (base, the U-Net's dtype, the ControlNet or None)."""
+    fp32; on CPU all fp32. Each of `controlnets` (paths) is loaded too, checked against the base's fp32
+    weights before the cast (their fingerprint is taken at fp16 precision, which bf16 copies do not
+    keep) and cast alike. Returns (base, the U-Net's dtype, the ControlNets)."""
+    from adapters.controlnet_files import load_controlnet
     from train.base import load_base
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_base(path, dtype=torch.float32, device=device, tokenizer=tokenizer)
-    cn = None
-    if controlnet is not None:
-        from adapters.controlnet_files import load_controlnet
-        cn = load_controlnet(controlnet, unet=base.unet, device=device).to(dtype)
+    nets = [load_controlnet(p, unet=base.unet, device=device).to(dtype) for p in controlnets]
     base.unet.to(dtype)
-    return base, dtype, cn
+    return base, dtype, nets
 
 
 def read_hint(path: str, size: int | None, latent_scale: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -121,9 +135,12 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
     p.add_argument("--compare", action="store_true", help="add a column with the base alone")
     p.add_argument("--batch-size", type=int, default=4, help="images per U-Net batch (default 4)")
-    p.add_argument("--controlnet", metavar="PATH", help="a ControlNet made for this base (folder or file)")
-    p.add_argument("--hint", metavar="IMAGE", help="the ControlNet's conditioning picture (e.g. an edge map)")
-    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (default 1.0)")
+    p.add_argument("--controlnet", metavar="PATH", action="append", default=[],
+                   help="a ControlNet made for this base (folder or file); several are summed")
+    p.add_argument("--hint", metavar="IMAGE", action="append", default=[],
+                   help="the conditioning picture (e.g. an edge map) of each --controlnet, in order")
+    p.add_argument("--control-scale", type=float, action="append",
+                   help="ControlNet strength: one for all, or one per --controlnet (default 1.0)")
     p.add_argument("--guess-mode", action="store_true",
                    help="diffusers' guess mode: residuals 0.1x..1x by depth, on the conditional half only")
     p.add_argument("--device")
