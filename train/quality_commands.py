@@ -22,17 +22,13 @@ GRID_ROWS = 8
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapters.lora_files import split_lora_spec
     from train.images import save_grid
     from train.quality import evaluate
-    from train.sample_commands import load_loras, open_base
+    from train.sample_commands import load_loras, lora_paths, open_base, require_paths
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    paths = [("--controlnet", args.controlnet)] + [("--lora", split_lora_spec(s)[0]) for s in args.lora]
-    for flag, path in paths:
-        if path is not None and not Path(path).exists():          # before the base is loaded
-            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    require_paths([("--controlnet", args.controlnet), *lora_paths(args)])
     base, _, nets = open_base(args.base, args.device, args.tokenizer,
                               controlnets=[args.controlnet] if args.controlnet else [])
     controlnet = nets[0] if nets else None

@@ -36,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{len(scales)}")
     if args.guess_mode and not nets:
         raise ValueError("--guess-mode is a way to apply a ControlNet: give --controlnet and --hint")
-    for path in [*nets, *hint_files]:
-        if not Path(path).exists():                                # before the base is loaded
-            raise FileNotFoundError(f"{path}: no such file or folder")
+    require_paths([*(("--controlnet", p) for p in nets), *(("--hint", h) for h in hint_files),
+                   *lora_paths(args)])
     base, _, controlnets = open_base(args.base, args.device, args.tokenizer, controlnets=nets)
     size, steer = args.size, {}
     if nets:
@@ -64,6 +63,20 @@ def run(args: argparse.Namespace) -> int:
               col_labels=[name for name, _ in columns])
     print(f"wrote {args.output} ({len(cells)} images)")
     return 0
+
+
+def require_paths(flagged: Sequence[tuple[str, str | None]]) -> None:
+    """FileNotFoundError naming the flag of the first given path that does not exist: checked before
+    the base is loaded (which takes a while), not after."""
+    for flag, path in flagged:
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+
+
+def lora_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """("--lora", path) of each --lora FILE[:WEIGHT], for `require_paths`."""
+    from adapters.lora_files import split_lora_spec
+    return [("--lora", split_lora_spec(s)[0]) for s in args.lora]
 
 
 def open_base(path, device: str | None = None, tokenizer=None, controlnets: Sequence = ()):
