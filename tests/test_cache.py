@@ -145,8 +145,9 @@ def test_cached_latents_and_embeddings_equal_fresh_ones(base, data, tmp_path):
         mean, logvar = encode_moments(base, batch["pixel_values"])
         entry = cache.get(cache.image_key(batch["sha256"][0], batch["crop"][0], base.vae.dtype)[0],
                           {"mean": mean.shape[1:], "logvar": logvar.shape[1:]})
-        assert torch.allclose(entry["mean"], mean[0], atol=1e-6, rtol=0)
-        assert torch.allclose(entry["logvar"], logvar[0], atol=1e-6, rtol=0)
+        # built at batch 3, encoded here at batch 1: the CPU conv kernels sum in a batch-dependent order
+        assert torch.allclose(entry["mean"], mean[0], atol=1e-5, rtol=0)
+        assert torch.allclose(entry["logvar"], logvar[0], atol=1e-5, rtol=0)
     captions = ["a red circle", "a blue square"]
     assert torch.equal(cache.embeddings(base, captions), encode_prompts(base, captions))
 
