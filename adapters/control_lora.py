@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from unet import CheckpointError, UNetConfig, read_weights, write_safetensors
+from adapterkit.unet import CheckpointError, UNetConfig, read_weights, write_safetensors
 
 from .controlnet import (
     _ENCODER_PARTS,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unet import Encoder, UNet, UNetConfig
+from adapterkit.unet import Encoder, UNet, UNetConfig
 
 from .lora_files import base_fingerprint
 from .lora_keys import describe_config

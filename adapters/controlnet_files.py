@@ -37,8 +37,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from unet import CheckpointError, UNetConfig, atomic_write, infer_unet_config, ldm_key_map, read_weights
-from unet import write_safetensors as _write_safetensors
+from adapterkit.unet import (
+    CheckpointError,
+    UNetConfig,
+    atomic_write,
+    infer_unet_config,
+    ldm_key_map,
+    read_weights,
+)
+from adapterkit.unet import write_safetensors as _write_safetensors
 
 from .controlnet import _ENCODER_PARTS, HINT_WIDTHS, ControlNet, HintSpec, check_base, same_architecture
 from .lora_files import base_metadata

@@ -37,7 +37,7 @@ import torch
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from unet import UNetConfig, read_weights, unet_fingerprint
+from adapterkit.unet import UNetConfig, read_weights, unet_fingerprint
 
 from .lora import (
     Lora,

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from unet import PRESETS, UNet, UNetConfig, ldm_key_map
+from adapterkit.unet import PRESETS, UNet, UNetConfig, ldm_key_map
 
 KOHYA_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")

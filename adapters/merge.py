@@ -76,7 +76,7 @@ def unmerge(model: nn.Module, record: MergeRecord) -> None:
 def save_merged(model: nn.Module, path: str | os.PathLike, layout: str = "diffusers",
                 dtype: torch.dtype | None = None):
     """Save a merged (plain) U-Net as a diffusers folder or one LDM-named .safetensors file."""
-    from unet import save_unet
+    from adapterkit.unet import save_unet
     return save_unet(model, path, layout=layout, dtype=dtype)
 
 

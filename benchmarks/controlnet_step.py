@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from adapterkit.unet import PRESETS, UNet  # noqa: E402
 from benchmarks.unet_speed import add_graph_memory, compare_steps, json_writer, print_step_table  # noqa: E402
-from unet import PRESETS, UNet  # noqa: E402
 
 
 def peer(cfg, state, device):
@@ -43,7 +43,7 @@ def peer(cfg, state, device):
 
 
 def ours(cfg, state, device, bf16_cn: bool, channels_last: bool = True, graphs: bool = False):
-    from adapters.controlnet import ControlNet
+    from adapterkit.adapters.controlnet import ControlNet
     unet = UNet(cfg)
     unet.load_state_dict(state)
     cn = ControlNet.from_unet(unet).to(device).train()
@@ -53,7 +53,7 @@ def ours(cfg, state, device, bf16_cn: bool, channels_last: bool = True, graphs: 
         cn.to(memory_format=torch.channels_last)
     params = list(cn.parameters())
     if bf16_cn:
-        from train.precision import MasterWeights
+        from adapterkit.train.jobs.precision import MasterWeights
         cn.to(torch.bfloat16)
         master = MasterWeights(params)
         opt = master.wrap(torch.optim.AdamW(master.params, lr=1e-5))
@@ -61,8 +61,8 @@ def ours(cfg, state, device, bf16_cn: bool, channels_last: bool = True, graphs: 
         opt = torch.optim.AdamW(params, lr=1e-5)
     dtype = torch.bfloat16 if bf16_cn else torch.float32
     if graphs:                              # the training job's step: train.controlnet_train + train.graphs
-        from train.controlnet_train import ControlledUNet
-        from train.graphs import GraphedStep
+        from adapterkit.train.jobs.controlnet import ControlledUNet
+        from adapterkit.train.jobs.graphs import GraphedStep
         return GraphedStep(ControlledUNet(unet, cn, 1.0)), opt, False
 
     def forward(x, t, c, hint):
@@ -72,11 +72,11 @@ def ours(cfg, state, device, bf16_cn: bool, channels_last: bool = True, graphs: 
 
 
 def make_step(fn, opt, autocast: bool, data, kernels: bool = True):
-    import unet.ops
+    import adapterkit.unet.ops as unet_ops
     x, t, c, hint, noise = data
 
     def step():
-        unet.ops.KERNELS = kernels
+        unet_ops.KERNELS = kernels
         try:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = F.mse_loss(fn(x, t, c, hint).float(), noise.float())
@@ -84,7 +84,7 @@ def make_step(fn, opt, autocast: bool, data, kernels: bool = True):
             opt.step()
             opt.zero_grad(set_to_none=True)
         finally:
-            unet.ops.KERNELS = True
+            unet_ops.KERNELS = True
     return step
 
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from adapterkit.unet import PRESETS, UNet  # noqa: E402
 from benchmarks.unet_speed import add_graph_memory, compare_steps, json_writer, print_step_table  # noqa: E402
-from unet import PRESETS, UNet  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -67,7 +67,7 @@ def peer(cfg, state, device):
 
 
 def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True):
-    from adapters.lora import LoraSpec, add_lora
+    from adapterkit.adapters.lora import LoraSpec, add_lora
     unet = UNet(cfg)
     unet.load_state_dict(state)
     unet.to(device, torch.bfloat16).requires_grad_(False)
@@ -77,7 +77,7 @@ def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True):
     add_lora(unet, LoraSpec(rank=16, alpha=16, targets="attn"))
     lora = [p for p in unet.parameters() if p.requires_grad]
     if bf16_lora:
-        from train.precision import MasterWeights
+        from adapterkit.train.jobs.precision import MasterWeights
         for p in lora:
             p.data = p.data.to(torch.bfloat16)
         master = MasterWeights(lora)
@@ -193,7 +193,7 @@ def main():
             profile(n, make_step(fn, opt, autocast, data, SWITCHES.get(n, ()), sdpa(n)))
         return
     for n in [n for n in built if n.endswith("-graphs")]:      # the training job's step (train.graphs)
-        from train.graphs import GraphedStep
+        from adapterkit.train.jobs.graphs import GraphedStep
         unet, fn, *rest = built[n]
         built[n] = (unet, GraphedStep(fn), *rest)
     make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast, n=n:

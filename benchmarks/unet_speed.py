@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from diffusers import UNet2DConditionModel
 
-from unet import PRESETS, UNet
+from adapterkit.unet import PRESETS, UNet
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -150,14 +150,13 @@ def make_steps(model, call, x, t, ctx, task: str, channels_last: bool):
 
 def plain_ops(step):
     """The same step with unet.ops' activation-lean autograd ops switched off (an ablation)."""
-    import unet.ops
-
+    import adapterkit.unet.ops as unet_ops
     def run():
-        unet.ops.ENABLED = False
+        unet_ops.ENABLED = False
         try:
             step()
         finally:
-            unet.ops.ENABLED = True
+            unet_ops.ENABLED = True
     return run
 
 

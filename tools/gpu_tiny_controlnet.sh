@@ -14,9 +14,9 @@ QUALITY_N=${QUALITY_N:-256}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 t0=$(date +%s)
-python3 -c "from train import world; world.render_folder('out/world-cn', $N_IMAGES, seed=11, overwrite=True)" || exit 1
+python3 -c "from adapterkit.train.world import shapes as world; world.render_folder('out/world-cn', $N_IMAGES, seed=11, overwrite=True)" || exit 1
 echo "rendered $N_IMAGES scenes in $(( $(date +%s) - t0 )) s"
-run() { python3 -m train.cli train controlnet configs/tiny_controlnet.yaml model.base=$BASE "$@" 2>&1 | grep -v "it/s\]$" | tail -4; }
+run() { python3 -m adapterkit train controlnet configs/tiny_controlnet.yaml model.base=$BASE "$@" 2>&1 | grep -v "it/s\]$" | tail -4; }
 t0=$(date +%s)
 run train.steps=100 output.checkpoint_every=100 "sample.prompts=[]" || exit 1
 echo "timing run (cache build + 100 steps): $(( $(date +%s) - t0 )) s"
@@ -32,7 +32,7 @@ t0=$(date +%s)
 run train.steps=$STEPS output.checkpoint_every=$STEPS
 echo "controlnet wall: $(( $(date +%s) - t0 )) s to $STEPS steps"
 tar czf $OUT/tiny_canny.tgz -C out/tiny-canny tiny-canny loss.jsonl loss.png samples edge_fidelity.jsonl 2>/dev/null
-python3 -m train.cli quality --base $BASE --controlnet out/tiny-canny/tiny-canny --n $QUALITY_N --seed 2 --batch-size 256 \
+python3 -m adapterkit quality --base $BASE --controlnet out/tiny-canny/tiny-canny --n $QUALITY_N --seed 2 --batch-size 256 \
     --device cuda --grid $OUT/quality_controlnet.png --json $OUT/quality_controlnet.json 2>&1 | tail -8
 if [ "${BENCH:-1}" = 1 ]; then
   timeout 300 python3 benchmarks/controlnet_step.py --compile --json $OUT/controlnet_step.json 2>&1 \

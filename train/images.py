@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from unet import atomic_write
+from adapterkit.unet import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,36 @@
+"""Random U-Nets, ControlNets and their inputs for the adapter tests."""
+import torch
+
+from adapterkit.adapters.controlnet import ControlNet, hint_widths_for
+from adapterkit.unet import PRESETS, Stage, UNet
+
+TINY = PRESETS["tiny"]
+SD15ISH = PRESETS["sd15"].replace(
+    stages=(Stage(32, heads=4), Stage(64, heads=4), Stage(64, heads=4), Stage(64, attention=False, heads=4)),
+    context_dim=48)
+
+
+def random_unet(cfg=TINY, seed=0) -> UNet:
+    torch.manual_seed(seed)
+    unet = UNet(cfg).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return unet
+
+
+def inputs(cfg=TINY, batch=2, h=16, w=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, cfg.in_channels, h, w, generator=g), torch.tensor([5, 900])[:batch],
+            torch.randn(batch, 7, cfg.context_dim, generator=g),
+            torch.rand(batch, 3, 8 * h, 8 * w, generator=g))                   # hint: pixels, RGB in [0, 1]
+
+
+def controlnet_for(base, seed: int = 0, zero: bool = True) -> ControlNet:
+    cn = ControlNet.from_unet(base.unet, hint_widths=hint_widths_for(base.latent_scale))
+    if not zero:                                               # as if trained: zero convs non-zero
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for conv in [*cn.zero_convs(), cn.controlnet_cond_embedding.conv_out]:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+    return cn.eval()

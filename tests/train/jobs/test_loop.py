@@ -1,0 +1,101 @@
+"""train.loop.run_steps on a one-parameter model with a stand-in accelerator: what the job tests
+(test_lora_train, test_controlnet_train, test_pretrain) do not pin down: the exact schedule of
+samples, tracker logs, checkpoint exports and the final export, on the main process and elsewhere,
+and the job's OOM explanation wrapping each step."""
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterkit.train.jobs.loop import make_optimizer, run_steps
+from adapterkit.train.jobs.pretrain import (
+    PretrainLoopConfig,
+    PretrainOutputConfig,
+    PretrainRecipe,
+    PretrainSampleConfig,
+)
+
+
+class Accelerator:
+    """The part of accelerate.Accelerator run_steps and save_checkpoint use, on one CPU process."""
+
+    def __init__(self, main: bool = True):
+        self.is_main_process = self.is_local_main_process = main
+        self.num_processes = 1
+        self.logged: list[int] = []
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append(step)
+
+    def save_state(self, folder: str) -> None:
+        (Path(folder) / "state").write_text("state")
+
+    def clip_grad_norm_(self, params, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def end_training(self) -> None:
+        pass
+
+
+def run(out: Path, steps: int, main: bool = True, **overrides):
+    cfg = PretrainRecipe(train=PretrainLoopConfig(steps=steps),
+                         output=PretrainOutputConfig(dir=str(out), checkpoint_every=0, log_every=3),
+                         sample=PretrainSampleConfig(every=2))
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer, lr_schedule = make_optimizer(cfg.optim, [weight], steps)
+    accelerator, calls = Accelerator(main), []
+
+    def step(s: int) -> float:
+        loss = (weight ** 2).sum()
+        loss.backward()
+        calls.append(("step", s))
+        return loss.item()
+
+    kw = dict(step=step, optimizer=optimizer, lr_schedule=lr_schedule, params=[weight], master=None,
+              export=lambda folder, step=None: calls.append(
+                  ("export", "out" if Path(folder) == out else "checkpoint", step)),
+              sample=lambda s, path: calls.append(("sample", s, path.name)),
+              images_per_step=1, name="test", what="test") | overrides
+    assert run_steps(accelerator, cfg, out, 0, **kw) == steps
+    return calls, accelerator.logged
+
+
+def test_samples_every_n_steps_and_once_at_the_end(tmp_path):
+    calls, logged = run(tmp_path / "odd", 5)
+    events = [c for c in calls if c[0] != "step"]
+    assert events == [("sample", 2, "step-000002.png"), ("sample", 4, "step-000004.png"),
+                      ("export", "checkpoint", 5), ("export", "out", None), ("sample", 5, "final.png")]
+    assert logged == [3, 5]                                   # log_every, and the last step
+    calls, _ = run(tmp_path / "even", 4)                      # the last step is sampled once
+    assert [c for c in calls if c[0] == "sample"] == [("sample", 2, "step-000002.png"),
+                                                       ("sample", 4, "final.png")]
+
+
+def test_other_processes_neither_sample_nor_export(tmp_path):
+    calls, _ = run(tmp_path / "run", 4, main=False)
+    assert [c for c in calls if c[0] != "step"] == []
+
+
+def test_the_jobs_oom_explanation_wraps_each_step(tmp_path):
+    seen = []
+
+    @contextmanager
+    def explain(cfg, step, out):
+        seen.append(step)
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise ValueError(f"explained at {step}") from None
+
+    def oom_at_step_2(s):
+        if s == 1:
+            raise torch.OutOfMemoryError("out of memory")
+        return 1.0
+
+    with pytest.raises(ValueError, match="explained at 1"):
+        run(tmp_path / "run", 4, step=oom_at_step_2, explain_oom=explain)
+    assert seen == [0, 1]

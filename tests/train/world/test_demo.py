@@ -1,0 +1,93 @@
+"""`adapterkit demo`: a quick run writes the training folder, both adapter files, one labelled grid
+and the report (its rows, the issue's figures, the merge check); it refuses folders it did not make
+and explains missing assets. The full-length run is marked slow."""
+import json
+
+import pytest
+from PIL import Image
+
+from adapterkit.train.cli.main import main
+from adapterkit.train.world.demo import GRID_NAME, MARKER, REPORT_NAME, prepare_out
+from adapterkit.train.world.quality import ROW_BASE, ROW_CONTROL, ROW_LORA, ROW_LORA_CONTROL
+
+ROWS = [ROW_BASE, ROW_LORA, ROW_CONTROL, ROW_LORA_CONTROL]
+FIGURES = {"style_with_lora", "style_without_lora", "shape_base", "shape_lora", "colour_base", "colour_lora",
+           "shape_ratio", "colour_ratio", "edge_f1_base", "edge_f1_controlnet", "edge_f1_lora",
+           "edge_f1_lora_controlnet"}
+
+
+def check_outputs(out, printed, images, scenes):
+    assert "demo ok" in printed and "max |merged - unmerged|" in printed
+    assert len(list((out / "data").glob("*.png"))) == images
+    assert (out / "data" / "00000.txt").read_text().endswith(", sks")
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert {"settings", "checks", "adapter_files", "loss", "rows", "figures", "merge", "grid", "timings",
+            "wall_s"} <= set(report)
+    for fmt, name in (("kohya", "demo-style.safetensors"), ("peft", "demo-style.peft.safetensors")):
+        path = out / "lora" / name
+        assert path.is_file() and report["adapter_files"][fmt]["bytes"] == path.stat().st_size
+        assert f"{fmt:5} " in printed
+    assert list(report["rows"]) == ROWS
+    for row in report["rows"].values():
+        assert {"n", "shape", "colour", "background", "both", "style", "edge_f1"} <= set(row)
+        assert row["n"] == scenes
+    assert FIGURES <= set(report["figures"])
+    assert report["checks"]["diffusers_max_abs_diff"] < 1e-4
+    assert report["checks"]["ldm_roundtrip_max_abs_diff"] == 0.0
+    assert report["merge"]["merged_vs_unmerged_max_abs_diff"] < 1e-4 and report["merge"]["unmerge_exact"]
+    with Image.open(out / GRID_NAME) as grid:
+        assert grid.width > 5 * 64 and grid.height > min(scenes, 8) * 64   # 5 columns, labels
+    assert sorted(p.name for p in out.glob("*.png")) == [GRID_NAME]      # ONE picture at the top
+    return report
+
+
+def test_quick_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for line in ("style score at the trigger word", "edge F1", "shape / colour accuracy"):
+        assert line in printed
+    report = check_outputs(out, printed, images=4, scenes=2)
+    assert report["settings"]["recipe"]["train"]["steps"] == 2
+
+
+def test_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "not made by `adapterkit demo`" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_rerun_replaces_only_its_own_files(tmp_path):
+    (tmp_path / MARKER).write_text("")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "00000.png").write_bytes(b"old")
+    (tmp_path / REPORT_NAME).write_text("{}")
+    (tmp_path / "keep.txt").write_text("mine")
+    prepare_out(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MARKER, "keep.txt"])
+
+
+def test_missing_assets_say_how_to_rebuild_them(tmp_path, capsys):
+    assert main(["demo", "--quick", "--assets", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "configs/tiny_pretrain.yaml" in err and "tools/gpu_tiny_base.sh" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_override_fails_before_anything_is_written(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "lora.rnak=4"]) == 2
+    assert "rnak" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--threads", "2"]) == 0
+    report = check_outputs(out, capsys.readouterr().out, images=48, scenes=16)
+    figures = report["figures"]
+    # The issue's targets, on the demo's 16 scenes (README "the demo" has the measured figures).
+    assert figures["shape_base"] >= 0.8 and figures["colour_base"] >= 0.8, figures
+    assert figures["style_with_lora"] >= 0.9 and figures["style_without_lora"] <= 0.1, figures
+    assert figures["shape_ratio"] >= 0.9 and figures["colour_ratio"] >= 0.9, figures
+    assert figures["edge_f1_controlnet"] >= max(0.6, 3 * figures["edge_f1_base"]), figures

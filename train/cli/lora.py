@@ -1,0 +1,248 @@
+"""LoRA file subcommands: merge | convert | extract | resize | inspect.
+
+    adapterkit merge --base BASE A.safetensors[:RATIO] ... -o OUT      LoRAs into base weights
+    adapterkit merge A.safetensors[:RATIO] B.safetensors ... -o OUT.safetensors [--rank R]
+                                                                       LoRAs into one LoRA
+    adapterkit convert IN.safetensors OUT.safetensors [--to kohya|peft]
+    adapterkit extract --base BASE --tuned TUNED --rank R -o OUT.safetensors
+    adapterkit resize IN.safetensors --rank R -o OUT.safetensors
+    adapterkit inspect FILE.safetensors
+
+BASE/TUNED are what unet.load_unet reads: a diffusers (pipeline) folder or a single-file checkpoint.
+Every file written is verified (each layer's ΔW read back) and nothing unplaceable is dropped
+without --allow-unmatched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from adapterkit.adapters.lora import TARGET_PRESETS, Lora
+from adapterkit.adapters.lora_files import (
+    FORMATS,
+    base_fingerprint,
+    base_metadata,
+    convert_lora,
+    read_lora,
+    split_lora_spec,
+    summarize,
+    write_lora,
+)
+from adapterkit.adapters.merge import combine_loras, extract_lora, merge_loras, resize_lora, save_merged
+from adapterkit.unet import PRESETS, UNetConfig, load_unet
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def register(subparsers) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--missing-alpha", choices=("error", "rank"), default="error",
+                        help="modules without alpha: fail (default) or read alpha = rank, as kohya does")
+    common.add_argument("--allow-unmatched", action="store_true",
+                        help="use the part of a file that fits and list the keys left out "
+                             "(default: fail, naming them)")
+    fmt = argparse.ArgumentParser(add_help=False)
+    fmt.add_argument("--format", choices=FORMATS, default="kohya",
+                     help="file layout to write (kohya loads in diffusers, ComfyUI and A1111)")
+    fmt.add_argument("--dtype", choices=DTYPES, help="tensor dtype to write (default: as computed)")
+
+    p = subparsers.add_parser("merge", parents=[common], description=_merge.__doc__,
+                              help="merge LoRAs into a base U-Net or into one LoRA")
+    p.add_argument("loras", nargs="+", metavar="LORA[:RATIO]")
+    p.add_argument("--base", help="U-Net to merge into (diffusers folder or single file); omit to "
+                                  "merge the LoRAs into one LoRA file")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--layout", choices=("diffusers", "ldm"), default="diffusers",
+                   help="merged U-Net as a diffusers folder or one LDM-named .safetensors")
+    p.add_argument("--dtype", choices=(*DTYPES, "base"), default="base",
+                   help="dtype of the merged weights / LoRA (default: the base's own)")
+    p.add_argument("--rank", type=int, help="LoRA+LoRA: SVD the combined LoRA to this rank (default: exact)")
+    p.add_argument("--format", choices=FORMATS, default="kohya", help="LoRA+LoRA: layout to write")
+    p.set_defaults(func=_merge)
+
+    p = subparsers.add_parser("convert", parents=[common], help="rewrite a LoRA in another layout",
+                              description=_convert.__doc__)
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--to", choices=(*FORMATS, "diffusers"),
+                   help="target layout (default: the other one)")
+    p.add_argument("--base", help="preset or U-Net path; needed for LDM-named kohya files")
+    p.add_argument("--dtype", choices=DTYPES)
+    p.set_defaults(func=_convert)
+
+    p = subparsers.add_parser("extract", parents=[fmt], help="LoRA from a base and a fine-tuned U-Net (SVD)",
+                              description=_extract.__doc__)
+    p.add_argument("--base", required=True)
+    p.add_argument("--tuned", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--conv-rank", type=int, help="rank for 3x3 convs (default: --rank)")
+    p.add_argument("--targets", choices=list(TARGET_PRESETS), default="full")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_extract)
+
+    p = subparsers.add_parser("resize", parents=[common, fmt], help="change a LoRA's rank (SVD)",
+                              description=_resize.__doc__)
+    p.add_argument("input")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_resize)
+
+    p = subparsers.add_parser("inspect", help="show a LoRA file's layout, base, ranks and metadata",
+                              description=_inspect.__doc__)
+    p.add_argument("input")
+    p.add_argument("--base", help="preset or U-Net path, to place LDM-named keys")
+    p.set_defaults(func=_inspect)
+
+
+# --- commands ----------------------------------------------------------------------------------------
+
+def _merge(args) -> int:
+    """Merge LoRAs (each with an optional ratio, `file:0.7`) into a base U-Net, saved as a diffusers
+    folder or single file, or (without --base) into one LoRA file. Ratios multiply alpha/rank."""
+    items = [split_lora_spec(s) for s in args.loras]
+    if args.base is None:
+        loras = [(read_lora(p, missing_alpha=args.missing_alpha), r) for p, r in items]
+        lora, report = combine_loras(loras, rank=args.rank)
+        dtype = None if args.dtype == "base" else DTYPES[args.dtype]
+        check = write_lora(args.output, lora, args.format, dtype)
+        print(f"combined {len(loras)} LoRAs into {args.output}: {check['modules']} layers, "
+              f"ranks {_counts(lora.ranks())}")
+        if args.rank:
+            print(f"SVD to rank {args.rank}: overall relative error {report.overall:.3e}")
+        return 0
+    if args.rank:
+        raise ValueError("--rank applies to LoRA+LoRA merges; omit it when merging into --base")
+    dtype = _stored_dtype(args.base) if args.dtype == "base" else DTYPES[args.dtype]
+    model = load_unet(args.base, dtype=dtype)
+    loras = [(read_lora(p, base=model.config, missing_alpha=args.missing_alpha), r) for p, r in items]
+    record = merge_loras(model, loras, allow_unmatched=args.allow_unmatched)
+    out = save_merged(model, args.output, layout=args.layout)
+    print(f"merged {len(loras)} LoRAs ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
+          f"{len(record.originals)} layers of {args.base}; computed in fp32, written as {dtype}: {out}")
+    return 0
+
+
+def _convert(args) -> int:
+    """Rewrite a LoRA file in the kohya or peft/diffusers layout. Each layer's ΔW is checked equal
+    after the write; keys that cannot be placed fail the conversion (or, with --allow-unmatched,
+    are listed)."""
+    base = _base_config(args.base) if args.base else None
+    to = args.to or ("peft" if read_lora(args.input, base=base, missing_alpha="rank").format == "kohya"
+                     else "kohya")
+    report = convert_lora(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
+                          allow_unmatched=args.allow_unmatched, dtype=DTYPES.get(args.dtype))
+    print(f"{report['from']} -> {report['to']}: {report['modules']} layers, ΔW verified "
+          f"(max relative difference {report['max_rel_error']:.1e}): {args.output}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if report["unplaced"]:
+        print(f"left out {len(report['unplaced'])} keys that name no U-Net layer:")
+        for key, why in report["unplaced"].items():
+            print(f"  {key}: {why}")
+    return 0
+
+
+def _extract(args) -> int:
+    """Extract a LoRA approximating (tuned - base) at a given rank by SVD, with conv layers (LoCon)
+    under the default `full` targets, and report the relative error."""
+    base, tuned = load_unet(args.base), load_unet(args.tuned)
+    lora, report = extract_lora(base, tuned, args.rank, targets=args.targets, conv_rank=args.conv_rank)
+    lora.metadata = base_metadata(base.config, base_fingerprint(base)) | {
+        "modelspec.title": Path(args.output).stem,
+        "adapterkit.adapter": json.dumps({"extracted": True, "rank": args.rank, "conv_rank": args.conv_rank,
+                                          "targets": args.targets}, sort_keys=True)}
+    write_lora(args.output, lora, args.format, DTYPES.get(args.dtype))
+    print(f"extracted {len(lora.modules)} layers at rank {args.rank}: overall relative error "
+          f"{report.overall:.3e}; worst: "
+          + ", ".join(f"{p} {e:.2e}" for p, e in report.worst(3)))
+    if report.skipped:
+        print(f"{len(report.skipped)} changed tensors a LoRA cannot carry:")
+        for key, why in sorted(report.skipped.items()):
+            print(f"  {key}: {why}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _resize(args) -> int:
+    """Change a LoRA's rank by SVD of each layer's ΔW, reporting the relative error."""
+    lora = read_lora(args.input, missing_alpha=args.missing_alpha)
+    _refuse_unplaced(lora, args.allow_unmatched)
+    resized, report = resize_lora(lora, args.rank)
+    write_lora(args.output, resized, args.format, DTYPES.get(args.dtype))
+    print(f"resized {len(lora.modules)} layers from ranks {_counts(lora.ranks())} to "
+          f"{_counts(resized.ranks())}: overall relative error {report.overall:.3e}; worst: "
+          + ", ".join(f"{p} {e:.2e}" for p, e in report.worst(3)))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _inspect(args) -> int:
+    """Print a LoRA file's layout, the base it was made for, rank/alpha per block, size and metadata."""
+    s = summarize(args.input, base=_base_config(args.base) if args.base else None)
+    print(f"file:       {s['file']} ({s['bytes'] / 1024:.1f} KiB, {s['parameters']:,} parameters, "
+          f"{'/'.join(s['dtypes'])})")
+    print(f"format:     {s['format']}")
+    print(f"base:       {s['base']}")
+    print(f"layers:     {s['modules']}")
+    if s["nonfinite_values"]:
+        print(f"BROKEN:     {s['nonfinite_values']} NaN/inf values")
+    for note in s["notes"]:
+        print(f"note:       {note}")
+    if s["unplaced"]:
+        print(f"unplaced:   {len(s['unplaced'])} keys")
+        for key, why in list(s["unplaced"].items())[:20]:
+            print(f"  {key}: {why}")
+    print(f"\n{'block':<34} {'layers':>6}  {'rank':<18} alpha")
+    for block, b in s["blocks"].items():
+        print(f"{block:<34} {b['modules']:>6}  {_counts(b['ranks']):<18} {_counts(b['alphas'])}")
+    print("\nmetadata:")
+    for k, v in sorted(s["metadata"].items()):
+        v = v if len(v) <= 160 else v[:157] + "..."
+        print(f"  {k}: {v}")
+    return 0
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+def _counts(c) -> str:
+    """'4' when all layers agree, else '2 (x2), 4 (x1)': value (number of layers)."""
+    return ", ".join(f"{k:g}" + (f" (x{n})" if len(c) > 1 else "") for k, n in sorted(c.items()))
+
+
+def _refuse_unplaced(lora: Lora, allow: bool) -> None:
+    if lora.unplaced and not allow:
+        keys = list(lora.unplaced.items())
+        raise ValueError(f"{lora.source}: {len(keys)} keys cannot be placed: "
+                         + ", ".join(f"{k} ({why})" for k, why in keys[:12])
+                         + "; pass --allow-unmatched to use the rest")
+
+
+def _base_config(arg: str) -> UNetConfig:
+    """A preset name, a diffusers folder's config.json, or the config of a loadable U-Net."""
+    if arg in PRESETS:
+        return PRESETS[arg]
+    p = Path(arg)
+    for cfg in (p / "config.json", p / "unet" / "config.json"):
+        if cfg.is_file():
+            return UNetConfig.from_diffusers(json.loads(cfg.read_text()))
+    return load_unet(arg).config
+
+
+def _stored_dtype(path: str) -> torch.dtype:
+    """The float dtype a U-Net's weights are stored in (merge writes back in it); fp32 if unknown."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("diffusion_pytorch_model*.safetensors")) \
+        or sorted(p.glob("unet/diffusion_pytorch_model*.safetensors"))
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                dt = names.get(st.get_slice(k).get_dtype())
+                if dt is not None:
+                    return dt
+    return torch.float32

@@ -1,0 +1,161 @@
+"""`adapterkit sample`: images from a base model plus any LoRAs and a ControlNet, as one PNG grid.
+
+    adapterkit sample --base BASE [--lora FILE[:WEIGHT] ...] --prompt "..." [--prompt ...]
+                      [--seed 0 --seed 1] [--steps 25] [--guidance 7.5] [--sampler ddim|euler]
+                      [--size 512] [--compare] [--batch-size 4]
+                      [--controlnet PATH --hint IMAGE [--control-scale 1.0] ...] [--guess-mode]
+                      -o grid.png
+
+Rows are prompt x seed; with --compare a first column shows the base alone (the same noise), so
+what the LoRAs change is visible side by side. With a ControlNet every image is steered by its hint
+picture (an edge map for a Canny ControlNet: `adapterkit canny` makes them); several ControlNets, each
+with its hint and scale, add their residuals. The images take the hints' size, or with --size each
+hint is center-cropped to a square and resized, as in training.
+Sampling is train.generate's: each image's noise comes from its own seed (on the CPU), so neither
+the batch size nor the device changes the pictures.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def run(args: argparse.Namespace) -> int:
+    from adapterkit.train.images import save_grid
+    from adapterkit.train.pipeline.generate import generate_columns
+
+    nets, hint_files, scales = args.controlnet, args.hint, args.control_scale or [1.0]
+    if len(nets) != len(hint_files):
+        raise ValueError(f"each --controlnet needs its --hint picture, in the same order: {len(nets)} "
+                         f"ControlNets, {len(hint_files)} hints")
+    if len(scales) not in (1, len(nets)):
+        raise ValueError(f"give one --control-scale for all ControlNets or one each ({len(nets)}), not "
+                         f"{len(scales)}")
+    if args.guess_mode and not nets:
+        raise ValueError("--guess-mode is a way to apply a ControlNet: give --controlnet and --hint")
+    require_paths([*(("--controlnet", p) for p in nets), *(("--hint", h) for h in hint_files),
+                   *lora_paths(args)])
+    base, _, controlnets = open_base(args.base, args.device, args.tokenizer, controlnets=nets)
+    size, steer = args.size, {}
+    if nets:
+        hints = [read_hint(h, args.size, base.latent_scale) for h in hint_files]
+        if len({hint_size for _, hint_size in hints}) > 1:
+            raise ValueError(f"the hints have different sizes {[hs for _, hs in hints]}: pass --size to "
+                             "crop and resize them all to one")
+        size = hints[0][1]
+        steer = {"controlnet": controlnets if len(nets) > 1 else controlnets[0],
+                 "control_scale": scales[0] if len(scales) == 1 else scales, "guess_mode": args.guess_mode}
+    weights = load_loras(base.unet, args.lora)
+    columns = ([("base", {k: 0.0 for k in weights})] if args.compare and weights else []) + \
+        [("with LoRAs" if weights else "base", weights)]
+    seeds = args.seed or [0]
+    rows = [(prompt, seed) for prompt in args.prompt for seed in seeds]
+    if nets:
+        per_net = [[hint] * len(rows) for hint, _ in hints]
+        steer["hints"] = per_net if len(nets) > 1 else per_net[0]
+    cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
+                             sampler=args.sampler, size=size, batch_size=args.batch_size, **steer)
+    save_grid(cells, len(rows), len(columns), args.output,
+              row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
+              col_labels=[name for name, _ in columns])
+    print(f"wrote {args.output} ({len(cells)} images)")
+    return 0
+
+
+def require_paths(flagged: Sequence[tuple[str, str | None]]) -> None:
+    """FileNotFoundError naming the flag of the first given path that does not exist: checked before
+    the base is loaded (which takes a while), not after."""
+    for flag, path in flagged:
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+
+
+def lora_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """("--lora", path) of each --lora FILE[:WEIGHT], for `require_paths`."""
+    from adapterkit.adapters.lora_files import split_lora_spec
+    return [("--lora", split_lora_spec(s)[0]) for s in args.lora]
+
+
+def open_base(path, device: str | None = None, tokenizer=None, controlnets: Sequence = ()):
+    """`load_base` for sampling: on CUDA (the default when there is one) the U-Net in bf16, the rest
+    fp32; on CPU all fp32. Each of `controlnets` (paths) is loaded too, checked against the base's fp32
+    weights before the cast (their fingerprint is taken at fp16 precision, which bf16 copies do not
+    keep) and cast alike. Returns (base, the U-Net's dtype, the ControlNets)."""
+    from adapterkit.adapters.controlnet_files import load_controlnet
+    from adapterkit.train.pipeline.base import load_base
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = load_base(path, dtype=torch.float32, device=device, tokenizer=tokenizer)
+    nets = [load_controlnet(p, unet=base.unet, device=device).to(dtype) for p in controlnets]
+    base.unet.to(dtype)
+    return base, dtype, nets
+
+
+def read_hint(path: str, size: int | None, latent_scale: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The hint picture as (3, H, W) in [0, 1] and the image size it sets: its own size (each side a
+    multiple of the base's latent scale), or `size` x `size` after a center crop to a square."""
+    from PIL import Image, ImageOps
+
+    from adapterkit.train.data.buckets import plan_crop
+    from adapterkit.train.images import unit_tensor
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+    if size is not None:
+        return unit_tensor(plan_crop(img.size, (size, size)).apply(img)), (size, size)
+    w, h = img.size
+    if w % latent_scale or h % latent_scale:
+        raise ValueError(f"the hint {path} is {w}x{h} px; without --size each side must be a multiple of "
+                         f"{latent_scale} (the base's pixels per latent pixel): pass --size to crop and "
+                         "resize it")
+    return unit_tensor(img), (h, w)
+
+
+def load_loras(unet: torch.nn.Module, specs: list[str]) -> dict[str, float]:
+    """Load each "FILE[:WEIGHT]" onto the U-Net as adapter lora0, lora1, ...; returns {name: weight}."""
+    from adapterkit.adapters.lora_files import load_lora_file, split_lora_spec
+
+    weights = {}
+    for i, spec in enumerate(specs):
+        path, w = split_lora_spec(spec)
+        name = f"lora{i}"
+        load_lora_file(unet, path, name=name, weight=w)
+        weights[name] = w
+        print(f"{name}: {Path(path).name} x{w:g}")
+    return weights
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--base, --tokenizer, --lora: what `open_base` and `load_loras` read (also `adapterkit quality`)."""
+    p.add_argument("--base", required=True, help="local diffusers pipeline folder or single-file checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer folder (single-file checkpoints carry none)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="generate a PNG grid from a base model and LoRAs",
+                       description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--seed", action="append", type=int, default=None)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", choices=["ddim", "euler"], default="ddim")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--compare", action="store_true", help="add a column with the base alone")
+    p.add_argument("--batch-size", type=int, default=4, help="images per U-Net batch (default 4)")
+    p.add_argument("--controlnet", metavar="PATH", action="append", default=[],
+                   help="a ControlNet made for this base (folder or file); several are summed")
+    p.add_argument("--hint", metavar="IMAGE", action="append", default=[],
+                   help="the conditioning picture (e.g. an edge map) of each --controlnet, in order")
+    p.add_argument("--control-scale", type=float, action="append",
+                   help="ControlNet strength: one for all, or one per --controlnet (default 1.0)")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess mode: residuals 0.1x..1x by depth, on the conditional half only")
+    p.add_argument("--device")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=run)

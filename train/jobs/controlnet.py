@@ -1,0 +1,692 @@
+"""`adapterkit train controlnet CONFIG`: train an edge-map (Canny) ControlNet on a folder of images.
+
+    main(cfg) = load the base -> pair every image with its hint -> cache latents and captions
+                -> clone the encoder into a ControlNet (over an optional frozen LoRA) -> (resume)
+                -> loop: step, guard, log, checkpoint, sample + edge fidelity -> export the ControlNet
+
+Hints. With `control.folder` every training image gets the conditioning image of the same relative
+path (`sub/cat.jpg` <- `<folder>/sub/cat.png`, any image extension), else of the same name anywhere in
+the folder; without it the hint is the Canny map of the training image computed AFTER its bucket crop,
+so the thresholds act at training resolution (canny.py says why that matters). Either way the hint
+goes through the target's own `Crop` (same box, same flip: buckets.py), and is RGB in [0, 1] at pixel
+resolution (B, 3, H, W). Images without a usable conditioning image are skipped and reported
+(`PAIR_POLICY`); no pair at all is an error. Hints are computed per batch (a decode and a crop, or a
+Canny, per image: cheap next to the U-Net); latents and caption embeddings come from the cache.
+
+The loop is every job's (`train.loop.run_steps`): the U-Net is frozen (bf16 on a GPU, fp32 on a
+CPU), the ControlNet (`ControlNet.from_unet`, cloned from the fp32 base before the cast) trains in
+fp32, or in the base's dtype with fp32 masters (`train.adapter_compute`). Prompt dropout is
+`data.caption_dropout` (lllyasviel's ControlNet used 50%: an empty prompt makes the network read the
+hint). Exact resume, atomic rotated checkpoints holding only the ControlNet, SIGINT checkpoints and
+the NaN guard are shared with the LoRA trainer; the gradient health check follows the zero convs
+(`gradient_onset`).
+
+Outputs under output.dir: `<name>/` (diffusers folder: config.json + diffusion_pytorch_model
+.safetensors) and the other `output.formats`, with the HintSpec (kind, Canny thresholds, resize
+policy) and the base fingerprint in the metadata; optionally `<name>.control-lora.safetensors`
+(`control.control_lora_rank`: an SVD of the trained ControlNet's difference from the base; or
+`control.train_rank`: the encoder trains as that low-rank difference, and the file is exact);
+samples/*.png (control image | sample per control scale, rows per hint, prompt, seed and LoRA scale),
+edge_fidelity.jsonl (Canny of each sample against its hint, `train.canny.edge_fidelity`), loss.jsonl,
+loss.png and TensorBoard logs.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+from torch import Tensor
+from torch.nn.utils import parametrize
+
+from adapterkit.adapters.control_lora import (
+    ControlLoraReport,
+    merged_controlnet,
+    save_control_lora,
+    train_as_low_rank,
+)
+from adapterkit.adapters.controlnet import ControlNet, HintSpec, base_encoder_state, hint_widths_for
+from adapterkit.adapters.controlnet_files import save_controlnet
+from adapterkit.adapters.lora import set_lora_weights
+from adapterkit.adapters.lora_files import load_lora_file, split_lora_spec
+from adapterkit.train.config import to_dict
+from adapterkit.train.data.buckets import RESAMPLE, Crop, assign_bucket, plan_crop
+from adapterkit.train.data.cache import LatentCache, check_cacheable
+from adapterkit.train.data.canny import SETTINGS_KEY, edge_fidelity, edge_map_tensor
+from adapterkit.train.data.folder import (
+    IMAGE_EXTENSIONS,
+    SYSTEM_NAMES,
+    BadImage,
+    CaptionedImageFolder,
+    DataConfig,
+    ImageRecord,
+    ScanReport,
+    decode_image,
+    file_lines,
+    scan_folder,
+    to_tensor,
+)
+from adapterkit.train.images import unit_tensor
+from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.loop import (
+    DTYPES,
+    MUTABLE,
+    PRIVATE_PATHS,
+    BatchPlan,
+    JsonlLog,
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    adapter_master_weights,
+    flat_dict,
+    frozen_dtype,
+    full_precision_state,
+    make_accelerator,
+    make_optimizer,
+    noisy_batch,
+    open_base,
+    public_recipe,
+    register_state_hooks,
+    resume,
+    run_steps,
+    scale_loss,
+    use_loss_scaling,
+)
+from adapterkit.train.jobs.precision import MasterWeights
+from adapterkit.train.pipeline.base import BaseModel
+from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
+from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
+
+LORA_NAME = "lora"                  # the frozen LoRA of control.lora, as an adapter name on the U-Net
+HINT_BACKGROUND = (0, 0, 0)         # transparent pixels of a conditioning image: "no edge", not white
+# File names per output format, relative to the output (or checkpoint) folder, and their layout.
+FORMATS = {"diffusers": ("{name}", "diffusers"), "diffusers-file": ("{name}.safetensors", "diffusers"),
+           "lllyasviel": ("{name}.lllyasviel.safetensors", "lllyasviel")}
+SAMPLE_BATCH = 4                    # images per U-Net call of the samples (next to the training state)
+# save_controlnet reserves "adapterkit.*" header keys for what it computes itself; the recipe goes here.
+RECIPE_KEY = "adapterkit_training_config"
+
+
+# --- the recipe --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlConfig:
+    folder: str | None = None               # conditioning images paired by path/name; None: Canny maps
+    kind: str = "canny"                     # what the hints show (the file's modelspec.preprocessor)
+    canny_low: int = 100                    # cv2.Canny thresholds for automatic maps (lllyasviel's)
+    canny_high: int = 200
+    conditioning_scale: float = 1.0         # residual scale while training (and the samples' default)
+    lora: str | None = None                 # "file.safetensors[:weight]": a LoRA on the frozen U-Net
+    control_lora_rank: int | None = None    # also export a Control-LoRA of this rank
+    # Train the encoder copy as a rank-r difference from the base (Control-LoRA training): the optimizer
+    # holds the factors, not the encoder; exports a Control-LoRA of this rank too (exact). None: full.
+    train_rank: int | None = None
+    hint_cache_mb: int = 1024               # hints kept in memory per (image, crop), uint8; 0 = none
+
+    def __post_init__(self):
+        if not 0 <= self.canny_low <= self.canny_high:
+            raise ValueError(f"Canny thresholds need 0 <= canny_low <= canny_high, got {self.canny_low}, "
+                             f"{self.canny_high}")
+        if self.folder is None and self.kind != "canny":
+            raise ValueError(f"control.kind={self.kind!r} needs control.folder: only Canny maps are made "
+                             "automatically")
+        if self.control_lora_rank is not None and self.control_lora_rank < 1:
+            raise ValueError(f"control_lora_rank must be >= 1 (or null), got {self.control_lora_rank}")
+        if self.train_rank is not None and self.train_rank < 1:
+            raise ValueError(f"train_rank must be >= 1 (or null: a full ControlNet), got {self.train_rank}")
+        if self.hint_cache_mb < 0:
+            raise ValueError(f"hint_cache_mb must be >= 0 (0 = no cache), got {self.hint_cache_mb}")
+        if self.conditioning_scale <= 0:
+            raise ValueError(f"conditioning_scale must be > 0 (at 0 the ControlNet has no effect and gets no "
+                             f"gradient), got {self.conditioning_scale}")
+
+    @property
+    def export_rank(self) -> int | None:
+        """The rank of the Control-LoRA file written, if any."""
+        return self.control_lora_rank or self.train_rank
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "out/controlnet"
+    name: str = "controlnet"
+    # diffusers: <name>/ with config.json (ControlNetModel.from_pretrained); diffusers-file: one
+    # <name>.safetensors (ComfyUI); lllyasviel: <name>.lllyasviel.safetensors (A1111's extension).
+    formats: tuple[Literal["diffusers", "diffusers-file", "lllyasviel"], ...] = ("diffusers",)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"     # of the exported files (checkpoints stay fp32)
+    checkpoint_every: int = 250                     # 0 = only at the end (and on a signal)
+    keep_checkpoints: int = 3
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    every: int = 0                                  # 0 = only at the end
+    prompts: tuple[str, ...] = ()                   # no prompts: no samples
+    hints: tuple[str, ...] = ()                     # conditioning images, used as given (not Canny'd)
+    num_hints: int = 2                              # without hints: the first training pairs' hints
+    seeds: tuple[int, ...] = (0,)
+    control_scales: tuple[float, ...] = (0.0, 1.0)  # the grid's columns after the control image
+    lora_scales: tuple[float, ...] = (0.0, 1.0)     # with control.lora: one row per scale
+    steps: int = 20
+    guidance: float = 7.5
+    sampler: Literal["ddim", "euler"] = "ddim"
+
+
+@dataclass(frozen=True)
+class ControlNetRecipe:
+    model: ModelConfig
+    data: DataConfig
+    control: ControlConfig = field(default_factory=ControlConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --- the job -----------------------------------------------------------------------------------------
+
+def main(cfg: ControlNetRecipe) -> Path:
+    """Train the ControlNet described by `cfg`; returns the output folder. Resumes from its last
+    checkpoint."""
+    out = Path(cfg.output.dir)
+    check_cacheable(cfg.data)
+    accelerator = make_accelerator(out)
+    base = open_base(cfg.model, accelerator.device)
+    unet = base.unet
+    set_seed(cfg.train.seed)                 # the hint encoder's random init: the same in every run
+    cn = ControlNet.from_unet(unet, hint_widths=hint_widths_for(base.latent_scale))   # fp32 encoder copy
+    check_controlnet(base, cn)
+    if cfg.control.train_rank:
+        train_as_low_rank(cn, cfg.control.train_rank)
+    dataset = PairedFolder.scan(cfg.data, cfg.control)
+    cn.hint = dataset.hint_spec
+    if accelerator.is_main_process:
+        print(dataset.summary(), flush=True)
+    hints = sample_hints(cfg, dataset) if cfg.sample.prompts else []
+    cache = LatentCache(out / "cache", base.fingerprint)
+    if accelerator.is_main_process:
+        cache.build(dataset, base)
+    accelerator.wait_for_everyone()
+
+    dtype = frozen_dtype(cfg.model, accelerator.device)
+    reference = copy.deepcopy(unet).cpu() if cfg.control.export_rank and dtype != torch.float32 \
+        else unet                            # the fp32 base a Control-LoRA is the difference from
+    attach_lora(unet, cfg.control.lora)
+    unet.to(dtype).requires_grad_(False).eval()
+    for m in (unet, cn):
+        channels_last(m, accelerator.device)
+        m.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
+    cn.train()
+    trained = {n: p for n, p in cn.named_parameters() if p.requires_grad}
+    params = list(trained.values())
+    master = adapter_master_weights(params, dtype, cfg.train.adapter_compute)
+    for p in cn.parameters():
+        if not p.requires_grad:              # a Control-LoRA's frozen encoder: computes with the factors
+            p.data = p.data.to(params[0].dtype)
+    optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
+    model, optimizer = accelerator.prepare(cn, optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)
+    register_state_hooks(accelerator, lambda: full_precision_state(trained, master),
+                         master, "ControlNet")
+    use_loss_scaling(accelerator, dtype)     # fp16 only: the loss scale, saved in checkpoints (before resume)
+
+    forward = GraphedStep.for_job(ControlledUNet(unet, model, cfg.control.conditioning_scale), cfg.train,
+                                  accelerator)
+
+    start = resume(accelerator, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
+    schedule = NoiseSchedule.from_config(base.scheduler_config)
+    plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
+                     accelerator.num_processes, accelerator.process_index)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tensorboard", config=flat_dict(to_dict(cfg)))
+    fidelity = JsonlLog(out / "edge_fidelity.jsonl", start, accelerator.is_main_process)
+
+    def sample_and_score(step: int, path: Path) -> None:
+        with parametrize.cached():           # a Control-LoRA's weights: computed once, not every call
+            scores = sample_grid(cfg, cn, base, hints, path)
+        if scores:
+            fidelity.write({"step": step, "edge_f1": {f"{s:g}": f for s, f in scores.items()}})
+            accelerator.log({f"edge_f1/control_x{s:g}": f for s, f in scores.items()}, step=step)
+
+    run_steps(accelerator, cfg, out, start,
+              step=lambda step: train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule,
+                                           step, forward),
+              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master,
+              export=Exporter(cfg, cn, master, reference), sample=sample_and_score if hints else None,
+              images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
+              name="controlnet", what="ControlNet")
+    return out
+
+
+# --- pairs: every training image and its hint -------------------------------------------------------
+
+# Report keys -> (action, what). Each image skipped here is named in the summary the trainer prints.
+PAIR_POLICY: dict[str, tuple[str, str]] = {
+    "missing": ("skip", "no conditioning image of the same path or name"),
+    "ambiguous": ("skip", "several conditioning images fit (same name, other extension or folder)"),
+    "bad_conditioning": ("skip", "conditioning image unreadable, damaged or too large"),
+    "aspect_mismatch": ("skip", "conditioning image of another aspect ratio: no crop fits both"),
+    "resized": ("fix", "conditioning image of another size: resized to its image's before the crop"),
+    "blank": ("note", "hint without a single edge (an all-black map): it teaches nothing"),
+    "orphan": ("note", "conditioning image that no training image uses"),
+}
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The conditioning image of one training image; `settings` is the Canny settings JSON that
+    `adapterkit canny` writes into its PNGs, if present."""
+    path: Path
+    rel: str
+    sha256: str
+    size: tuple[int, int]
+    settings: str | None = None
+
+
+@dataclass
+class PairReport:
+    """How training images found their hints: per PAIR_POLICY key, (image or file, detail) pairs."""
+    folder: Path | None                  # None: Canny maps of the images themselves
+    canny: tuple[int, int]
+    images: int = 0                      # images the data scan accepted
+    paired: int = 0
+    entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def add(self, key: str, rel: str, detail: str = "") -> None:
+        self.entries.setdefault(key, []).append((rel, detail))
+
+    def summary(self, names: int = 5) -> str:
+        if self.folder is None:
+            head = (f"hints: Canny maps (low={self.canny[0]}, high={self.canny[1]}) of all {self.paired} "
+                    "images, computed after each image's crop")
+        else:
+            head = (f"hints: {self.paired} of {self.images} images paired with a conditioning image in "
+                    f"{self.folder}")
+        lines = [head]
+        for key, (action, what) in PAIR_POLICY.items():
+            if self.entries.get(key):
+                lines.append(f"  {action:6} {len(self.entries[key]):5}  {key}: {what}")
+                lines += file_lines(self.entries[key], names)
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+class PairedFolder(CaptionedImageFolder):
+    """A captioned image folder whose samples also carry their hint (`hint`), cropped like the target.
+
+    `conditions` is None for automatic Canny maps, else one `Conditioning` per record.
+    """
+
+    def __init__(self, records: list[ImageRecord], cfg: DataConfig, control: ControlConfig,
+                 conditions: list[Conditioning] | None, report: ScanReport | None = None,
+                 pairs: PairReport | None = None):
+        super().__init__(records, cfg, report)
+        self.control, self.conditions = control, conditions
+        # (index, crop) -> the hint as uint8 (3, h, w): exact (hints are k/255), 4x smaller than float.
+        self._hints: dict[tuple[int, Crop], Tensor] = {}
+        self._hint_room = control.hint_cache_mb * 2**20
+        self.pairs = pairs or PairReport(None, (control.canny_low, control.canny_high), len(records),
+                                         len(records))
+
+    @classmethod
+    def scan(cls, data: DataConfig, control: ControlConfig) -> PairedFolder:
+        records, report = scan_folder(data)
+        if control.folder is None:
+            dataset = cls(records, data, control, None, report)
+            for i, rec in enumerate(records):     # one decode + Canny per image, for the blank check
+                if not dataset.hint(i, plan_crop(rec.size, dataset.bucket_of[i])).any():
+                    dataset.pairs.add("blank", rec.rel, "no edges at these thresholds")
+            return dataset
+        records, conditions, pairs = pair_folder(records, report.root, data, control)
+        return cls(records, data, control, conditions, report, pairs)
+
+    @property
+    def hint_spec(self) -> HintSpec:
+        """The preprocessing contract the ControlNet file records. Canny thresholds: this run's for
+        automatic maps; for a folder, those its PNGs carry (`adapterkit canny`) when all agree."""
+        c = self.control
+        if self.conditions is None:
+            return HintSpec("canny", "like-target", c.canny_low, c.canny_high)
+        found = {cond.settings for cond in self.conditions}
+        if c.kind == "canny" and len(found) == 1 and None not in found:
+            s = json.loads(found.pop())
+            if not s.get("blur") and float(s["low"]).is_integer() and float(s["high"]).is_integer():
+                return HintSpec("canny", "like-target", int(s["low"]), int(s["high"]))   # fractions: none
+        return HintSpec(c.kind, "like-target")
+
+    def summary(self) -> str:
+        return f"{super().summary()}\n{self.pairs.summary()}"
+
+    def load_conditioning(self, index: int) -> Image.Image:
+        """Record `index`'s conditioning image, re-checked against its scan-time hash, at the size of
+        the training image (same aspect ratio, checked at scan time)."""
+        cond = self.conditions[index]
+        data = cond.path.read_bytes()
+        if _sha256(data) != cond.sha256:
+            raise ValueError(f"{cond.path} changed since the folder was scanned; restart to rescan it")
+        image, _ = decode_image(data, max_pixels=self.cfg.max_pixels, background=HINT_BACKGROUND)
+        size = self.records[index].size
+        return image if image.size == size else image.resize(size, RESAMPLE)
+
+    def hint(self, key: int | tuple[int, int], crop: Crop | None = None) -> Tensor:
+        """The hint of sample `key` (3, bh, bw), float in [0, 1], through `crop` (default: the
+        sample's own, from `describe`)."""
+        index = key[1] if isinstance(key, tuple) else key
+        crop = crop or self.describe(key)["crop"]
+        return self._hint(index, crop, lambda: crop.apply(self.load_image(index)))
+
+    def _hint(self, index: int, crop: Crop, target: Callable[[], Image.Image]) -> Tensor:
+        """The hint of record `index` through `crop`, from the cache or made and cached; `target`
+        gives the cropped training image (read only for automatic Canny maps)."""
+        cached = self._hints.get((index, crop))
+        if cached is not None:                   # decoding + Canny every step starves a fast GPU
+            return cached.float().div_(255.0)
+        if self.conditions is None:
+            hint = edge_map_tensor(target(), self.control.canny_low, self.control.canny_high)
+        else:
+            hint = unit_tensor(crop.apply(self.load_conditioning(index)))
+        if hint.numel() <= self._hint_room:
+            self._hints[(index, crop)] = hint.mul(255.0).round_().to(torch.uint8)
+            self._hint_room -= hint.numel()
+        return hint
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        sample = self.describe(key)
+        index = key[1] if isinstance(key, tuple) else key
+        target = sample["crop"].apply(self.load_image(index))
+        sample["pixel_values"] = to_tensor(target)                                  # (3, bh, bw) [-1, 1]
+        sample["hint"] = self._hint(index, sample["crop"], lambda: target)          # [0, 1]
+        return sample
+
+
+def pair_folder(records: list[ImageRecord], root: Path, data: DataConfig, control: ControlConfig
+                ) -> tuple[list[ImageRecord], list[Conditioning], PairReport]:
+    """Match each record to its conditioning image by relative path, else by name; decode and check
+    each match. Returns the paired records, their conditioning and the report. Read-only."""
+    folder = Path(os.path.normpath(os.path.abspath(control.folder)))
+    _check_folders(folder, Path(root), control.folder, data.root)
+    files = _image_files(folder)
+    by_path: dict[str, list[Path]] = {}
+    by_name: dict[str, list[Path]] = {}
+    for p in files:
+        rel = PurePosixPath(p.relative_to(folder).as_posix())
+        by_path.setdefault(str(rel.with_suffix("")), []).append(p)
+        by_name.setdefault(rel.stem, []).append(p)
+    report = PairReport(folder, (control.canny_low, control.canny_high), len(records))
+    kept, conditions, used = [], [], set()
+    for rec in records:
+        rel = PurePosixPath(rec.rel)
+        found = by_path.get(str(rel.with_suffix(""))) or by_name.get(rel.stem, [])
+        used.update(found)
+        crels = [p.relative_to(folder).as_posix() for p in found]
+        if not found:
+            report.add("missing", rec.rel, f"looked for {rel.with_suffix('.*')} and {rel.stem}.* in {folder}")
+            continue
+        if len(found) > 1:
+            report.add("ambiguous", rec.rel, ", ".join(crels))
+            continue
+        cond = _conditioning(found[0], crels[0], rec, data, report)
+        if cond is not None:
+            kept.append(rec)
+            conditions.append(cond)
+    for p in files:
+        if p not in used:
+            report.add("orphan", p.relative_to(folder).as_posix())
+    report.paired = len(kept)
+    if not kept:
+        raise ValueError(f"none of the {len(records)} training images has a usable conditioning image in "
+                         f"{folder}. Name each like its image (same relative path or file name, any image "
+                         "extension), or leave control.folder empty to train on Canny maps of the images.\n"
+                         f"{report.summary()}")
+    return kept, conditions, report
+
+
+def _check_folders(folder: Path, root: Path, given: str, data_root: str) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"control.folder {given!r} is not a folder"
+                                + ("" if folder.exists() else " (it does not exist)"))
+    real, data = Path(os.path.realpath(folder)), Path(os.path.realpath(root))
+    if real == data or real.is_relative_to(data) or data.is_relative_to(real):
+        raise ValueError(f"control.folder {given!r} and data.root {data_root!r} overlap, so conditioning "
+                         "images would be trained on as targets (or targets paired with themselves). Keep "
+                         "them in two separate folders, e.g. images/ and images_canny/ side by side.")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder` (subfolders too), hidden and system files left out, in path order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in SYSTEM_NAMES)
+        out += [Path(dirpath, n) for n in filenames
+                if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _conditioning(path: Path, crel: str, rec: ImageRecord, data: DataConfig,
+                  report: PairReport) -> Conditioning | None:
+    """Decode `path` (the training data's bad-image policy, transparent = black) and check it against
+    its image `rec`; None (reported) when it cannot serve."""
+    try:
+        raw = path.read_bytes()
+        image, _ = decode_image(raw, ext=path.suffix.lower(), max_pixels=data.max_pixels,
+                                background=HINT_BACKGROUND)
+    except BadImage as e:
+        report.add("bad_conditioning", rec.rel, f"{crel}: {e.reason}: {e.detail}")
+        return None
+    except OSError as e:
+        report.add("bad_conditioning", rec.rel, f"{crel}: {type(e).__name__}: {e.strerror or e}")
+        return None
+    (w, h), (cw, ch) = rec.size, image.size
+    if abs(cw * h - ch * w) > max(w, h):          # train.buckets.transform_pair's rule
+        report.add("aspect_mismatch", rec.rel, f"{crel} is {cw}x{ch}, the image {w}x{h}")
+        return None
+    if image.size != rec.size:
+        report.add("resized", rec.rel, f"{crel}: {cw}x{ch} -> {w}x{h}")
+    if not np.asarray(image).any():
+        report.add("blank", rec.rel, crel)
+    settings = None
+    if path.suffix.lower() == ".png":
+        settings = Image.open(io.BytesIO(raw), formats=["PNG"]).info.get(SETTINGS_KEY)
+    return Conditioning(path, crel, _sha256(raw), image.size, settings)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- the pieces, in the order main uses them ---------------------------------------------------------
+
+def attach_lora(unet: torch.nn.Module, spec: str | None) -> float | None:
+    """Load control.lora ("file[:weight]") onto the U-Net, frozen, as adapter `LORA_NAME`; returns
+    its weight (None without one). The ControlNet then learns to steer the LoRA'd U-Net."""
+    if spec is None:
+        return None
+    path, weight = split_lora_spec(spec)
+    load_lora_file(unet, path, name=LORA_NAME, weight=weight)
+    return weight
+
+
+class ControlledUNet(torch.nn.Module):
+    """The frozen U-Net steered by the ControlNet in training, as one module (one CUDA graph a step)."""
+
+    def __init__(self, unet: torch.nn.Module, controlnet: torch.nn.Module, scale: float):
+        super().__init__()
+        self.unet, self.controlnet, self.scale = unet, controlnet, scale
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor) -> Tensor:
+        return controlled_prediction(self.unet, self.controlnet, x, t, context, hint, self.scale)
+
+
+def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: ControlNet, base: BaseModel,
+               cache: LatentCache, dataset: PairedFolder, plan: BatchPlan, schedule: NoiseSchedule,
+               step: int, forward: GraphedStep | None = None) -> float:
+    """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
+    `forward(x, t, context, hint)` is the controlled U-Net (a GraphedStep); None calls it directly."""
+    forward = forward or ControlledUNet(base.unet, model, cfg.control.conditioning_scale)
+    device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
+    total = torch.zeros((), device=device)
+    hinted = False
+    for micro in range(cfg.train.grad_accum):
+        b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype)
+        hint = torch.stack([dataset.hint(k, s["crop"]) for k, s in zip(b.keys, b.samples)]).to(device)
+        hinted |= bool(hint.any())                                             # (B, 3, H, W) in [0, 1]
+        last = micro == cfg.train.grad_accum - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            pred = forward(b.noisy, b.t, b.context, hint)
+            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
+            accelerator.backward(scale_loss(accelerator, loss) / cfg.train.grad_accum)
+        total += loss.detach() / cfg.train.grad_accum
+    check_controlnet_gradients(cn, step, hinted)
+    return accelerator.reduce(total, reduction="mean").item()
+
+
+def gradient_onset(name: str) -> int:
+    """The step (1-based) at which ControlNet tensor `name` first gets a non-zero gradient.
+
+    At init the zero convs (weight and bias) and the hint encoder's conv_out are zero. The loss sees
+    the ControlNet only through the zero convs' outputs y = W s + b, so at step 1 dL/dW = dL/dy sᵀ and
+    dL/db are non-zero but dL/ds = Wᵀ dL/dy = 0: the encoder clone and the whole hint encoder (whose
+    output enters through the encoder) get exactly zero. AdamW then moves every zero-conv element and
+    nothing else (Adam's update of a zero gradient is 0, and so is weight decay of a zero weight).
+    Step 2: W != 0, so the encoder clone and conv_out (dL/dW_out = dL/dguided featuresᵀ, features of a
+    fresh hint encoder) get gradients; the hint layers before conv_out still get W_outᵀ(...) = 0.
+    Step 3: those too.
+    """
+    if name.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")):
+        return 1
+    if name.startswith("controlnet_cond_embedding.") and ".conv_out." not in name:
+        return 3
+    if name.endswith(".down"):             # a Control-LoRA factor: dL/d down = upᵀ dL/dW, and up is 0
+        return 3                           # until step 2 has moved it
+    return 2
+
+
+def check_controlnet_gradients(cn: ControlNet, step: int, hinted: bool) -> None:
+    """Health check of steps 1-3: every ControlNet tensor whose `gradient_onset` is this step must get
+    a non-zero gradient, or it would never train (a detached graph, a bypassed layer, a frozen tensor).
+    The hint encoder's first weight sees the hint itself (dL/dW = dL/dy hintᵀ): not checked when every
+    hint of the step was blank."""
+    if step > 2:
+        return
+    dead = [n for n, p in cn.named_parameters()
+            if p.requires_grad and gradient_onset(n) == step + 1 and (p.grad is None or not p.grad.any())
+            and (hinted or n != "controlnet_cond_embedding.conv_in.weight")]
+    if dead:
+        raise RuntimeError(f"{len(dead)} ControlNet tensors got no gradient at step {step + 1}, e.g. "
+                           f"{dead[:3]}: they would never train. This is a bug (a bypassed or detached "
+                           "layer); please report it with your config.")
+
+
+class Exporter:
+    """Writes the ControlNet in each configured format (and the Control-LoRA when asked), the fp32
+    masters cast to output.dtype, with the training recipe in the metadata."""
+
+    def __init__(self, cfg: ControlNetRecipe, cn: ControlNet, master: MasterWeights | None,
+                 reference: torch.nn.Module):
+        self.cfg, self.cn, self.master, self.reference = cfg, cn, master, reference
+        recipe = public_recipe(cfg, (*PRIVATE_PATHS, "control.folder", "control.lora"))
+        self.metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True),
+                         "ss_training_comment": "trained with adapterkit"}
+        self.control_lora: ControlLoraReport | None = None
+
+    def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
+        name, dtype = self.cfg.output.name, DTYPES[self.cfg.output.dtype]
+        meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+        written = []
+        with self.master.full_precision() if self.master else nullcontext():
+            cn = self.cn
+            if self.cfg.control.train_rank:       # the weights at fp32 from the base and the factors
+                cn = merged_controlnet(cn, base_encoder_state(self.reference))
+            for fmt in self.cfg.output.formats:
+                pattern, layout = FORMATS[fmt]
+                path = Path(folder) / pattern.format(name=name)
+                save_controlnet(cn, path, layout, metadata=meta, title=name, dtype=dtype)
+                written.append(path)
+            rank = self.cfg.control.export_rank
+            if rank:
+                path = Path(folder) / f"{name}.control-lora.safetensors"
+                report = save_control_lora(cn, self.reference, path, rank, dtype=dtype, metadata=meta,
+                                           title=name)
+                print(f"control-LoRA rank {rank}: {path.name} {report.bytes / 2**20:.1f} MiB, "
+                      f"{report.ratio:.1f}x smaller than the full ControlNet; largest relative error of a "
+                      f"layer {report.max_error:.1%}", flush=True)
+                self.control_lora = report
+                written.append(path)
+        return written
+
+
+def sample_hints(cfg: ControlNetRecipe, dataset: PairedFolder) -> list[tuple[str, Tensor]]:
+    """(label, hint (3, H, W) in [0, 1]) for the samples: each `sample.hints` file in the bucket of its
+    aspect ratio (center crop), else the center-crop hints of the first `sample.num_hints` pairs."""
+    out = []
+    for given in cfg.sample.hints:
+        path = Path(given)
+        if not path.is_file():
+            raise FileNotFoundError(f"sample.hints: {given} is not a file")
+        try:
+            image, _ = decode_image(path.read_bytes(), ext=path.suffix.lower(), background=HINT_BACKGROUND)
+        except BadImage as e:
+            raise ValueError(f"sample.hints: {given} cannot be used ({e.reason}: {e.detail})") from None
+        crop = plan_crop(image.size, assign_bucket(image.size, dataset.buckets))
+        out.append((path.stem, unit_tensor(crop.apply(image))))
+    if not cfg.sample.hints:
+        for i, rec in enumerate(dataset.records[:cfg.sample.num_hints]):
+            crop = plan_crop(rec.size, dataset.bucket_of[i])
+            out.append((PurePosixPath(rec.rel).stem, dataset.hint(i, crop)))
+    return out
+
+
+@torch.no_grad()
+def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: Sequence[tuple[str, Tensor]],
+                path: Path) -> dict[float, float]:
+    """Rows: hint x prompt x seed (x LoRA scale, with control.lora); columns: the control image, then a
+    sample per control scale (`train.generate.generate`: the same noise in every cell of a row).
+    Returns the mean edge F1 of the samples against their hints per control scale
+    (`train.canny.edge_fidelity`, the hint's own Canny thresholds)."""
+    from adapterkit.train.images import save_grid, tensor_to_pil
+    low, high = (cn.hint.canny_low, cn.hint.canny_high) if cn.hint.canny_low is not None \
+        else (cfg.control.canny_low, cfg.control.canny_high)
+    lora_weight = split_lora_spec(cfg.control.lora)[1] if cfg.control.lora else None
+    lora_scales = cfg.sample.lora_scales if lora_weight is not None else (None,)
+    pairs = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
+    cells, rows, scores = [], [], {s: [] for s in cfg.sample.control_scales}
+    for label, hint in hints:
+        images = {}                                       # (LoRA scale, control scale) -> one per pair
+        for lora_scale in lora_scales:
+            if lora_scale is not None:
+                set_lora_weights(base.unet, {LORA_NAME: lora_scale})
+            for scale in cfg.sample.control_scales:
+                images[lora_scale, scale] = to_images(generate(
+                    base, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
+                    guidance=cfg.sample.guidance, sampler=cfg.sample.sampler, size=tuple(hint.shape[1:]),
+                    controlnet=cn, hints=hint.expand(len(pairs), -1, -1, -1), control_scale=scale,
+                    batch_size=SAMPLE_BATCH))
+        hint_image = tensor_to_pil(hint, (0.0, 1.0))
+        for i, (prompt, seed) in enumerate(pairs):
+            for lora_scale in lora_scales:
+                lora = [f"LoRA x{lora_scale:g}"] if lora_scale is not None else []     # first: cut last
+                rows.append(" / ".join([*lora, label, f"seed {seed}", prompt[:30]]))
+                cells.append(hint_image)
+                for scale in cfg.sample.control_scales:
+                    image = images[lora_scale, scale][i]
+                    scores[scale].append(edge_fidelity(image, hint, low, high)["f1"])
+                    cells.append(image)
+    if lora_weight is not None:
+        set_lora_weights(base.unet, {LORA_NAME: lora_weight})
+    cols = ["hint"] + [f"control x{s:g}" for s in cfg.sample.control_scales]
+    save_grid(cells, len(rows), len(cols), path, row_labels=rows, col_labels=cols)
+    return {s: float(np.mean(v)) for s, v in scores.items()}

@@ -1,0 +1,133 @@
+"""The GPU layout and launch path of a training step: channels-last tensors and CUDA graphs.
+
+Two things make a small-batch step on a fast GPU slower than its kernels:
+
+- layout: cuDNN convolves in NHWC and transposes NCHW tensors in and out of every convolution.
+  `channels_last(module, device)` keeps a U-Net (or ControlNet) channels-last on CUDA, where
+  unet/kernels.py normalises NHWC tensors without the copy PyTorch's GroupNorm makes.
+- launches: an SD1.5 step issues several thousand kernels, and Python spends ~0.1 s issuing them
+  (measured on the H200's host: a batch-2 16x16 LoRA step takes 0.12 s, almost all of it host
+  time). At batch 8 that is as long as the GPU work, so the GPU idles half the step.
+  `GraphedStep` captures the forward and backward once per input shape as CUDA graphs
+  (torch.cuda.make_graphed_callables) and replays them: one launch each.
+
+`GraphedStep(module, enabled)` is a drop-in for `module(*args)` in a training step. The graphed pair
+computes what the module computes (its kernels, replayed; libraries may pick other algorithms while
+capturing, so sums can round differently); the capture takes copies of the first inputs, and each
+replay copies its inputs into them. Gradients still accumulate into
+`.grad` through autograd, so gradient accumulation, clipping, the optimizer and the gradient checks
+are unchanged. It falls back to the plain call (and says why, once) when graphs cannot work: not
+CUDA, several processes (DDP hooks run per step), gradient checkpointing, no grad, or more input
+shapes than `max_graphs`. The graphs of all shapes share one memory pool: a step runs one graph's
+forward and backward to completion before another graph runs, so their activations may occupy the
+same memory, and aspect-ratio buckets cost about the largest bucket's activations, not their sum.
+
+The caller keeps the rules of CUDA graphs: parameters are updated in place (optimizers, and
+`train.precision.MasterWeights` do) and never replaced; the module has no data-dependent control
+flow or host synchronisation in its forward (our U-Net has none; the ControlNet's hint check skips
+its value test while a graph is being captured).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from adapterkit.unet import kernels
+
+
+def channels_last(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` in channels-last layout where it pays (CUDA with the NHWC kernels); else unchanged."""
+    if device.type == "cuda" and kernels.available():
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+class _Call(nn.Module):
+    """A fresh module around `inner` for each captured shape (make_graphed_callables patches the
+    forward of the module it is given)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.inner(*args)
+
+
+class GraphedStep:
+    """`module(*args)` for a training step, replayed from CUDA graphs after the first call per shape."""
+
+    def __init__(self, module: nn.Module, enabled: bool = True, max_graphs: int = 4):
+        self.module, self.max_graphs = module, max_graphs
+        self.enabled = enabled
+        self.graphs: dict[tuple, nn.Module] = {}
+        self.why_not: str | None = None
+        self.reserved_bytes = 0       # device memory the captures reserved (their pool and static tensors)
+        self._pool = None             # the memory pool all captures share (made at the first capture)
+        self._hooks: list = []        # gradient-cloning hooks on the trained parameters (see __call__)
+
+    @classmethod
+    def for_training(cls, module: nn.Module, wanted: bool, device: torch.device, processes: int,
+                     checkpointing: bool) -> GraphedStep:
+        """Enabled when `wanted` and the run allows it; otherwise `why_not` says what prevents it."""
+        reason = None
+        if not wanted:
+            reason = "train.cuda_graphs is off"
+        elif device.type != "cuda":
+            reason = f"the device is {device.type}, not CUDA"
+        elif processes > 1:
+            reason = f"{processes} processes (DDP runs its hooks every step)"
+        elif checkpointing:
+            reason = "gradient checkpointing recomputes the forward inside the backward"
+        step = cls(module, enabled=reason is None)
+        step.why_not = reason
+        return step
+
+    @classmethod
+    def for_job(cls, module: nn.Module, train, accelerator) -> GraphedStep:
+        """`for_training` with a job's LoopConfig and Accelerator; on CUDA the main process says
+        whether graphs are on and, if not, why."""
+        step = cls.for_training(module, train.cuda_graphs, accelerator.device, accelerator.num_processes,
+                                train.gradient_checkpointing)
+        if accelerator.is_main_process and accelerator.device.type == "cuda":
+            print(step.describe(), flush=True)
+        return step
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        if not self.enabled or not torch.is_grad_enabled():
+            return self.module(*args)
+        key = tuple((tuple(a.shape), a.dtype, a.stride(), a.requires_grad) for a in args)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            if len(self.graphs) >= self.max_graphs:
+                if self.why_not is None:
+                    self.why_not = (f"more than {self.max_graphs} input shapes; the others run without "
+                                    "graphs")
+                    print(f"CUDA graphs: {self.why_not}", flush=True)
+                return self.module(*args)
+            # Capturing empties the allocator's cache first (torch.cuda.graph does); empty it here too
+            # so that `before` holds live memory only and the difference is what the capture keeps.
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved()
+            # Captured on copies: each replay copies its inputs into the captured tensors, which must
+            # not be the caller's (the first batch would be overwritten by every later one).
+            static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graphed = torch.cuda.make_graphed_callables(_Call(self.module), static, allow_unused_input=True,
+                                                        pool=self._pool)
+            torch.cuda.synchronize()
+            self.reserved_bytes += torch.cuda.memory_reserved() - before
+            self.graphs[key] = graphed
+            if not self._hooks:
+                # A replay hands out the parameters' gradients in the graph's own buffers, and autograd
+                # keeps such a tensor as `.grad` instead of copying it: the next replay (the next
+                # micro-batch of an accumulated step) would overwrite it. Each gradient is cloned first.
+                self._hooks = [p.register_hook(torch.clone) for p in self.module.parameters()
+                               if p.requires_grad]
+        return graphed(*args)
+
+    def describe(self) -> str:
+        return "CUDA graphs: on (forward and backward replayed per input shape)" if self.enabled \
+            else f"CUDA graphs: off ({self.why_not})"

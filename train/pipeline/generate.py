@@ -1,0 +1,228 @@
+"""Batched generation from a base model: the one sampling path of `adapterkit sample`, the quality
+report (train.quality.evaluate), the training jobs' sample grids (LoRA, ControlNet, pretrain) and,
+later, the demo.
+
+    samples = generate(base, ["a red circle on a blue background", ...], seeds=[0, 1, ...],
+                       steps=30, guidance=3.0)                        # (N, 3, H, W) in [-1, 1], CPU
+    images = to_images(samples)                                       # list of PIL RGB images
+    samples = generate(base, prompts, seeds, steps=30, guidance=3.0,
+                       controlnet=cn, hints=edge_maps)                # (3, H, W) in [0, 1] or PIL, each
+
+Seeds. Image i starts from unit noise drawn from a CPU `torch.Generator` seeded with `seeds[i]`,
+shape (1, C, h, w): what `ddim_sample(..., generator=torch.Generator().manual_seed(seeds[i]))` draws
+for one image. The picture of a (prompt, seed) pair is therefore the same whatever the batch size,
+its place in the batch and the device (up to the float rounding of batched kernels; tested to 1e-5),
+and the same noise under every adapter setting, so rows that differ only in a LoRA or a ControlNet
+compare like with like. The DDIM sampler is deterministic (eta = 0), Euler has no churn: the start is
+the only randomness.
+
+Batches. `batch_size` prompts at a time; with guidance != 1 every U-Net call sees 2 x batch_size
+rows, unconditional first (train.sampling's layout), and the ControlNet's hints are tiled to match.
+
+Adapters. LoRAs are the caller's business: load them and set their weights
+(`adapters.lora.set_lora_weights`) before calling. A ControlNet and one hint per prompt steer the
+U-Net through the sampler's `model_fn`: `unet(x, t, ctx, *controlnet(x, t, ctx, hint, scale))`, each
+module in its own dtype; `control_scale` 0 is the plain U-Net, exactly. Hints are pixel-size
+pictures: the ControlNet's hint encoder must shrink them by the base's `latent_scale`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+SAMPLERS = ("ddim", "euler")
+
+
+@torch.no_grad()
+def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
+             guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
+             controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+             hints: Sequence | Tensor | None = None, control_scale: float | Sequence[float] = 1.0,
+             guess_mode: bool = False, batch_size: int = 16) -> Tensor:
+    """One image per (prompt, seed), as a float32 CPU tensor (N, 3, H, W) in [-1, 1].
+
+    base: a `train.base.BaseModel`; its U-Net runs in its own dtype (cast it beforehand, e.g. bf16).
+    size: the image side in pixels (H = W), or (H, W), multiples of `base.latent_scale`; default the
+        U-Net's native size (`sample_size` x `latent_scale`).
+    controlnet, hints: a ControlNet for this base and one hint per prompt ((3, H, W) float tensors
+        in [0, 1], an (N, 3, H, W) tensor, or PIL images of that size). Several ControlNets (a list):
+        `hints` holds one such per-prompt sequence per ControlNet and `control_scale` one scale per
+        ControlNet (or one for all); their residuals are summed (`adapters.controlnet.MultiControlNet`).
+    guess_mode: the ControlNet's residuals grow from 0.1x at the first skip to 1x at the mid block, and
+        under guidance it steers the conditional half only (diffusers' guess mode: the hint alone
+        carries the picture, as with an empty prompt).
+    Raises ValueError for mismatched lengths, sizes or an unknown sampler, before any sampling.
+    """
+    from adapterkit.train.jobs.loop import decode
+    from adapterkit.train.pipeline.base import encode_prompts
+    from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
+    from adapterkit.train.pipeline.schedule import NoiseSchedule
+
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(seeds) != len(prompts) or not prompts:
+        raise ValueError(f"need one seed per prompt (and at least one prompt): {len(prompts)} prompts, "
+                         f"{len(seeds)} seeds")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    f = base.latent_scale
+    size = size or base.unet.config.sample_size * f
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    for side in {height, width}:
+        if side % f:
+            raise ValueError(f"size {side} px is not a multiple of the base's latent scale {f} (pixels per "
+                             f"latent pixel); use {side // f * f} or {(side // f + 1) * f}")
+    if isinstance(controlnet, (list, tuple)):
+        controlnet, control_scale, hint_batch = _several(base, controlnet, hints, control_scale,
+                                                         len(prompts), (height, width))
+    else:
+        hint_batch = _hints(base, controlnet, hints, len(prompts), (height, width))
+
+    unet = base.unet
+    dtype, device = unet.conv_in.weight.dtype, unet.conv_in.weight.device
+    schedule = NoiseSchedule.from_config(base.scheduler_config)
+    sample = ddim_sample if sampler == "ddim" else euler_sample
+    uncond = encode_prompts(base, [""]).to(device, dtype) if guidance != 1.0 else None
+    cn_was_training = controlnet.training if controlnet is not None else False
+    if controlnet is not None:
+        controlnet.eval()
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
+            shape = (len(chunk), base.latent_channels, height // f, width // f)
+            cond = encode_prompts(base, chunk).to(device, dtype)                # (b, L, D)
+            rows = slice(i, i + batch_size)
+            hint = _each(hint_batch, lambda h, rows=rows: h[rows].to(device))
+            model_fn = _model_fn(unet, controlnet, hint, control_scale, guess_mode)
+            latents = sample(model_fn, schedule, shape, steps, cond=cond,
+                             uncond=None if uncond is None else uncond.expand_as(cond),
+                             guidance_scale=guidance, noise=start_noise(chunk_seeds, shape[1:]))
+            out.append(decode(base, latents).float().cpu())                      # (b, 3, H, W)
+    finally:
+        if controlnet is not None:
+            controlnet.train(cn_was_training)
+    return torch.cat(out)
+
+
+def generate_columns(base, rows: Sequence[tuple[str, int]], columns: Sequence[dict[str, float]],
+                     **kwargs) -> list[Tensor]:
+    """The cells of a grid, row by row: rows are (prompt, seed), columns LoRA weight settings
+    ({adapter name: weight}, set with `adapters.lora.set_lora_weights` before the column is
+    generated; {} leaves the U-Net as it is). Every cell of a row starts from the same noise. The
+    weights of the last column stay set. `kwargs` go to `generate`."""
+    from adapterkit.adapters.lora import set_lora_weights
+    prompts, seeds = [p for p, _ in rows], [s for _, s in rows]
+    samples = []                                                   # one (rows, 3, H, W) per column
+    for weights in columns:
+        if weights:
+            set_lora_weights(base.unet, weights)
+        samples.append(generate(base, prompts, seeds, **kwargs))
+    return [column[r] for r in range(len(rows)) for column in samples]
+
+
+def start_noise(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """(len(seeds), *shape) float32 unit noise, row i from a CPU generator seeded with seeds[i]."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s)))
+                      for s in seeds])
+
+
+def to_images(samples: Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [-1, 1] (what `generate` returns) -> N PIL RGB images."""
+    from adapterkit.train.images import tensor_to_pil
+    return [tensor_to_pil(x) for x in samples]
+
+
+def check_controlnet(base, controlnet: torch.nn.Module) -> None:
+    """Raise ValueError unless the ControlNet's hint encoder shrinks pixel-size hints to the base's
+    latent size (its strides = `base.latent_scale`: 8 for SD's VAE)."""
+    from adapterkit.adapters.controlnet import hint_widths_for
+    g, f = controlnet.controlnet_cond_embedding.downscale, base.latent_scale
+    if g != f:
+        raise ValueError(f"the base's latents are {f}x smaller than its pictures but the ControlNet's hint "
+                         f"encoder downsamples {g}x, so pixel-size hints cannot line up with the latents. "
+                         f"Use a ControlNet made for this base (hint widths "
+                         f"{list(hint_widths_for(f)) if f in (1, 2, 4, 8) else '?'}).")
+
+
+def _hints(base, controlnet, hints, n: int, size: tuple[int, int]) -> Tensor | None:
+    """The hints as one (n, 3, H, W) float32 tensor in [0, 1] (None without a ControlNet)."""
+    if controlnet is None:
+        if hints is not None:
+            raise ValueError("hints were given without a ControlNet to read them")
+        return None
+    if hints is None:
+        raise ValueError("a ControlNet needs hints: one (3, H, W) picture in [0, 1] per prompt")
+    check_controlnet(base, controlnet)
+    batch = hints if isinstance(hints, Tensor) else torch.stack([_hint_tensor(h) for h in hints])
+    if batch.ndim != 4 or len(batch) != n or tuple(batch.shape[1:]) != (3, *size):
+        raise ValueError(f"need one hint per prompt, each (3, {size[0]}, {size[1]}) at the image size: "
+                         f"{n} prompts, hints {tuple(batch.shape)}")
+    if not batch.is_floating_point() or batch.min() < 0 or batch.max() > 1:
+        raise ValueError("hints must be float pictures in [0, 1] (uint8 / 255)")
+    return batch.float()
+
+
+def _several(base, controlnets, hints, scales, n: int, size: tuple[int, int]):
+    """(MultiControlNet, one scale per ControlNet, one hint batch per ControlNet) for `generate`."""
+    from adapterkit.adapters.controlnet import MultiControlNet
+    nets = list(controlnets)
+    scales = [float(scales)] * len(nets) if isinstance(scales, (int, float)) else [float(s) for s in scales]
+    if hints is None or isinstance(hints, Tensor) or len(hints) != len(nets) or len(scales) != len(nets):
+        raise ValueError(f"{len(nets)} ControlNets need {len(nets)} hint sequences (one per ControlNet, each "
+                         f"one hint per prompt) and {len(nets)} scales (or one)")
+    return MultiControlNet(nets), scales, [_hints(base, cn, h, n, size) for cn, h in zip(nets, hints)]
+
+
+def _each(hints, fn):
+    """`fn` on a hint batch, or on each of several ControlNets' hint batches (a list); None stays."""
+    if hints is None:
+        return None
+    return [fn(h) for h in hints] if isinstance(hints, list) else fn(hints)
+
+
+def _hint_tensor(h) -> Tensor:
+    if isinstance(h, Image.Image):
+        from adapterkit.train.images import unit_tensor
+        return unit_tensor(h)
+    if not isinstance(h, Tensor):
+        raise TypeError(f"a hint must be a (3, H, W) tensor or a PIL image, not {type(h).__name__}")
+    return h
+
+
+def controlled_prediction(unet: torch.nn.Module, controlnet: torch.nn.Module | None, x: Tensor, t: Tensor,
+                          context: Tensor, hint: Tensor | None, scale: float, guess_mode: bool = False
+                          ) -> Tensor:
+    """The U-Net's prediction steered by the ControlNet's residuals (training and sampling). Each
+    runs in its own dtype (an fp32 ControlNet beside a bf16 U-Net); no ControlNet or scale 0 is the
+    plain U-Net, exactly."""
+    dtype = unet.conv_in.weight.dtype
+    if controlnet is None or scale == 0:
+        return unet(x.to(dtype), t, context.to(dtype))
+    cn_dtype = next(controlnet.parameters()).dtype
+    down, mid = controlnet(x.to(cn_dtype), t, context.to(cn_dtype), hint, scale, guess_mode)
+    return unet(x.to(dtype), t, context.to(dtype), tuple(d.to(dtype) for d in down), mid.to(dtype))
+
+
+def _model_fn(unet, controlnet, hint: Tensor | None, scale: float, guess_mode: bool = False):
+    """The sampler's model_fn: the U-Net, steered by the ControlNet when there is one."""
+    def model_fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        rows = None if hint is None else len(hint[0] if isinstance(hint, list) else hint)
+        if guess_mode and controlnet is not None and scale != 0 and len(x) == 2 * rows:
+            # Guidance's [uncond; cond] batch in guess mode: the ControlNet sees the conditional half
+            # only and the unconditional half gets no residuals (what diffusers' pipelines do).
+            n, dtype = rows, unet.conv_in.weight.dtype
+            cn_dtype = next(controlnet.parameters()).dtype
+            down, mid = controlnet(x[n:].to(cn_dtype), t[n:], c[n:].to(cn_dtype), hint, scale, True)
+            pad = lambda r: torch.cat([torch.zeros_like(r), r]).to(dtype)       # noqa: E731
+            return unet(x.to(dtype), t, c.to(dtype), tuple(pad(d) for d in down), pad(mid)).float()
+        h = _each(hint, lambda b: b if len(b) == len(x) else b.repeat(len(x) // len(b), 1, 1, 1))
+        return controlled_prediction(unet, controlnet, x, t, c, h, scale, guess_mode).float()  # CFG: [h; h]
+
+    return model_fn
