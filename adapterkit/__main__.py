@@ -1,6 +1,6 @@
 """`python -m adapterkit ...`: the same command line as the `adapterkit` script."""
 import sys
 
-from adapterkit.train.cli import main
+from adapterkit.train.cli.main import main
 
 sys.exit(main())

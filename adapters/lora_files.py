@@ -37,7 +37,8 @@ import torch
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from adapterkit.unet import UNetConfig, read_weights, unet_fingerprint
+from adapterkit.unet import UNetConfig, family_of, read_weights, unet_fingerprint
+from adapterkit.unet.families import family_of_ss_version, family_of_width
 
 from .lora import (
     Lora,
@@ -278,11 +279,11 @@ def base_fingerprint(model: nn.Module) -> str:
 def base_metadata(cfg: UNetConfig, fingerprint: str | None = None) -> dict[str, str]:
     """The base-model keys: what A1111 filters by (ss_base_model_version, ss_v2), ModelSpec's
     architecture and resolution, and our own exact config + weights fingerprint."""
-    name = preset_name(cfg)
-    version, arch = {"sd15": ("sd_v1", "stable-diffusion-v1"),
-                     "sd21": ("sd_v2", "stable-diffusion-v2-768-v" if cfg.sample_size == 96
-                              else "stable-diffusion-v2-512")}.get(name, (f"adapterkit_{name or 'custom'}",
-                                                                          f"adapterkit-{name or 'custom'}"))
+    name, family = preset_name(cfg), family_of(cfg)
+    if family.ss_version and name == family.unet_preset:          # a released family's own architecture
+        version, arch = family.ss_version, family.modelspec_of(cfg)
+    else:
+        version, arch = f"adapterkit_{name or 'custom'}", f"adapterkit-{name or 'custom'}"
     px = cfg.sample_size * 8
     md = {"ss_base_model_version": version, "ss_v2": str(version.startswith("sd_v2")),
           "modelspec.architecture": f"{arch}/lora", "modelspec.resolution": f"{px}x{px}",
@@ -311,8 +312,8 @@ def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
     md.setdefault("ss_base_model_version", _version_from_shapes(lora))
     md.setdefault("ss_v2", str(md["ss_base_model_version"].startswith("sd_v2")))
     md.setdefault("modelspec.title", "adapterkit LoRA")
-    arch = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-            "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}.get(md["ss_base_model_version"], "unknown")
+    family = family_of_ss_version(md["ss_base_model_version"])
+    arch = family.modelspec if family else "unknown"
     md.setdefault("modelspec.architecture", f"{arch}/lora")
     if fmt == "peft":
         md["format"] = "pt"
@@ -322,8 +323,8 @@ def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
 
 def _version_from_shapes(lora: Lora) -> str:
     """kohya's ss_base_model_version from the cross-attention width; 'unknown' rather than a guess."""
-    width = context_width(lora.shapes())
-    return {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(width, "unknown")
+    family = family_of_width(context_width(lora.shapes()))
+    return family.ss_version if family else "unknown"
 
 
 def _peft_config_json(lora: Lora, rank: int, alpha: float) -> str:

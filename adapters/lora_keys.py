@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from adapterkit.unet import PRESETS, UNet, UNetConfig, ldm_key_map
+from adapterkit.unet.families import family_of_width
 
 KOHYA_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
@@ -112,16 +113,18 @@ def ldm_kohya_table(cfg: UNetConfig) -> dict[str, str]:
 
 # Which base a file was made for ---------------------------------------------------------------------
 
-_CTX_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-
-
 def describe_config(cfg: UNetConfig) -> str:
     """'preset sd15 (SD1.x: context dim 768, conv proj_in)' or 'custom U-Net (...)'."""
     name = preset_name(cfg)
-    family = _CTX_FAMILY.get(cfg.context_dim)
+    family = _family_title(cfg.context_dim)
     proj = "linear proj_in" if cfg.linear_projection else "conv proj_in"
     what = f"preset {name}" if name else "custom U-Net"
     return f"{what} ({family + ': ' if family else ''}context dim {cfg.context_dim}, {proj})"
+
+
+def _family_title(context_dim: int | None) -> str | None:
+    family = family_of_width(context_dim)
+    return family.title if family else None
 
 
 def preset_name(cfg: UNetConfig) -> str | None:
@@ -160,7 +163,7 @@ def guess_base(shapes: dict[str, tuple[torch.Size, torch.Size]], metadata: dict[
             evidence.append(f"{key}={metadata[key]}")
     width = context_width(shapes)
     if width:
-        family = _CTX_FAMILY.get(width)
+        family = _family_title(width)
         evidence.append(f"{family + ' ' if family else ''}cross-attention input dim {width}")
     names = [n.replace(".", "_") for n in [*shapes, *other_keys]]
     if any("label_emb" in n or "add_embedding" in n for n in names):

@@ -10,9 +10,11 @@ from .checkpoint import (
     write_safetensors,
 )
 from .config import PRESETS, Stage, UNetConfig
+from .families import FAMILIES, Family, family_named, family_of
 from .ldm_keys import ldm_key_map
 from .model import Encoder, Features, UNet
 
 __all__ = ["PRESETS", "Stage", "UNetConfig", "UNet", "Encoder", "Features",
            "load_unet", "save_unet", "CheckpointError", "infer_unet_config", "unet_fingerprint",
-           "ldm_key_map", "read_weights", "write_safetensors", "atomic_write"]
+           "ldm_key_map", "read_weights", "write_safetensors", "atomic_write",
+           "FAMILIES", "Family", "family_named", "family_of"]

@@ -5,7 +5,6 @@
     lora.py     adapterkit merge | convert | extract | resize | inspect
     sample.py   adapterkit sample
     quality.py  adapterkit quality
-"""
-from adapterkit.train.cli.main import build_parser, main
 
-__all__ = ["build_parser", "main"]
+The entry point is `adapterkit.train.cli.main:main` (the `adapterkit` script and `python -m adapterkit`).
+"""

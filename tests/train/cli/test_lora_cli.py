@@ -3,10 +3,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import adapterkit.train.cli.main as cli
 from adapterkit.adapters.lora import LoraSpec, add_lora, load_lora, lora_layers, set_lora_weights
 from adapterkit.adapters.lora_files import read_lora, save_lora
 from adapterkit.adapters.lora_keys import to_kohya
-from adapterkit.train.cli import main as cli
 from adapterkit.unet import PRESETS, UNet, load_unet, save_unet
 
 CFG = PRESETS["tiny"]
