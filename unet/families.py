@@ -64,6 +64,7 @@ class Family:
     ss_version, modelspec: what kohya's `ss_base_model_version` and ModelSpec's architecture call it;
         modelspec_by_size names variants by the U-Net's sample size (SD2.x 768-v: 96 latents).
     configs: configs/base/<configs>/ holds the part configs its single files need, if adapterkit ships them.
+    pipeline_classes: prefixes of the diffusers pipeline class names (model_index.json) of this family.
     loads: whether adapterkit loads bases of this family yet; a family that does not is still recognised,
         so the refusal can name it.
     """
@@ -85,6 +86,7 @@ class Family:
     modelspec: str | None = None
     modelspec_by_size: tuple[tuple[int, str], ...] = ()
     configs: str | None = None
+    pipeline_classes: tuple[str, ...] = ()
     loads: bool = True
 
     @property
@@ -98,7 +100,7 @@ class Family:
         by_type = dict(self.schedules)
         if prediction_type is None:
             raise ValueError(f"{self.title} models come in {' and '.join(by_type)} variants and the weights "
-                             f"do not say which: pass prediction_type= one of {', '.join(by_type)}")
+                             f"do not say which: pass prediction_type={' or '.join(map(repr, by_type))}")
         if prediction_type in by_type:
             return by_type[prediction_type]
         return by_type.get(self.prediction or "", next(iter(by_type.values())))
@@ -137,14 +139,14 @@ SDXL = Family(
                     ldm_prefix="conditioner.embedders.1.model.", kohya_prefix="lora_te2_")),  # OpenCLIP bigG
     time_ids=6, vae_scale=0.13025, resolution=1024, schedules=(("epsilon", "sd1"),),
     kohya_unet_naming="ldm", ss_version="sdxl_base_v1-0", modelspec="stable-diffusion-xl-v1-base",
-    loads=False)
+    pipeline_classes=("StableDiffusionXL",), loads=False)
 
 TINY = Family(
     name="tiny", title="tiny (adapterkit's shapes world)", unet_preset="tiny", context_dim=None,
     linear_projection=False,
     text_encoders=(TextEncoder("text_encoder", "tokenizer", _CLIP_L, 0,
                                ldm_prefix="cond_stage_model.transformer."),),
-    resolution=64, schedules=(("epsilon", "tiny"),), configs="sd1")
+    resolution=64, schedules=(("epsilon", "tiny"),))
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, TINY)}
 

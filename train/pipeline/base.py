@@ -22,11 +22,11 @@ Sources (nothing is ever fetched: every library call gets `local_files_only=True
   standard SD1.x ones in `configs/base/sd1/` and `config_dir=` overrides them. SD2.x single files
   (OpenCLIP text encoder) and SDXL are refused; convert them to a diffusers folder.
 
-Family (decides the default noise schedule): the U-Net's context width and projection say it:
-768 with conv proj_in/out is `sd1`, 1024 with linear projections is `sd2`, anything else `tiny`
-(the bundled tiny model and test-sized U-Nets). Whether an SD2 model predicts epsilon (512-base)
-or v (768-v) is not in its weights; without a scheduler config it must be given as
-`prediction_type=`.
+Family (unet/families.py; decides the default noise schedule and what a single file holds): the
+U-Net's context width and projection say it: 768 with conv proj_in/out is SD1.x, 1024 with linear
+projections SD2.x, anything else the tiny family (the bundled tiny model and test-sized U-Nets).
+Whether an SD2 model predicts epsilon (512-base) or v (768-v) is not in its weights; without a
+scheduler config it must be given as `prediction_type=`.
 
 VAE latents: `encode_moments` returns the posterior's (mean, logvar), unscaled, and the cache
 stores exactly that. `moments_to_latents` then draws z = mean + exp(logvar / 2) * noise with the
@@ -61,17 +61,16 @@ from torch import Tensor, nn
 from adapterkit.train.paths import data_dir
 from adapterkit.unet import UNet, UNetConfig, load_unet, read_weights, unet_fingerprint
 from adapterkit.unet.checkpoint import CheckpointError
+from adapterkit.unet.families import FAMILIES, SD1, Family, family_named, family_of, family_of_single_file
 
 logger = logging.getLogger(__name__)
 
 CONFIGS = data_dir("configs")
-FAMILIES = ("sd1", "sd2", "tiny")
 PREDICTION_TYPES = ("epsilon", "v_prediction")     # what train/pipeline/schedule.py trains; not x0 ("sample")
 # Prefixes of a single-file checkpoint's non-U-Net parts (formats.md §2.1).
 VAE_PREFIXES = ("first_stage_model.", "vae.")
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
-SDXL_PREFIX = "conditioner."
+TEXT_PREFIXES = tuple(dict.fromkeys(te.ldm_prefix.split(".")[0] + "." for f in FAMILIES.values()
+                                    for te in f.text_encoders))       # cond_stage_model., conditioner.
 PIXEL_PATCH_KEY = "_adapterkit_pixel_patch"        # model_index.json of a pixel-space model without vae/
 PIXEL_PATCHES = (1, 2, 4)
 # Classes a pipeline folder may name for each part (model_index.json); others are refused.
@@ -120,7 +119,7 @@ class BaseModel:
     text_encoder: Any                 # transformers CLIPTextModel
     tokenizer: Any                    # transformers CLIPTokenizer
     scheduler_config: dict
-    family: str
+    family: Family
     fingerprint: Fingerprint
     source: Path | None = None
     pixel_patch: int = 1
@@ -183,7 +182,7 @@ def load_base(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         unet, vae, text_encoder, tok, scheduler = _from_single_file(
             path, allow_pickle, dtype, device, tokenizer, prediction_type,
             Path(config_dir) if config_dir is not None else None)
-    family = detect_family(unet.config)
+    family = family_of(unet.config)
     _check_parts_agree(path, unet, vae, text_encoder, tok)
     if tok.model_max_length > text_encoder.config.max_position_embeddings:
         # a tokenizer read from bare vocab.json/merges.txt has no limit (1e30); the encoder has one
@@ -200,15 +199,6 @@ def load_base(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     return BaseModel(unet, vae, text_encoder, tok, scheduler, family, fingerprint, path, patch)
 
 
-def detect_family(cfg: UNetConfig) -> str:
-    """"sd1" (context 768, conv proj_in/out), "sd2" (context 1024, linear), else "tiny"."""
-    if cfg.context_dim == 768 and not cfg.linear_projection:
-        return "sd1"
-    if cfg.context_dim == 1024 and cfg.linear_projection:
-        return "sd2"
-    return "tiny"
-
-
 def scheduler_config_named(name: str) -> dict:
     """configs/schedulers/<name>.json: a noise schedule shipped with adapterkit (a family's default,
     or one a recipe names, e.g. the tiny pretrain's "tiny-pixel")."""
@@ -219,19 +209,12 @@ def scheduler_config_named(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def default_scheduler_config(family: str, prediction_type: str | None = None) -> dict:
+def default_scheduler_config(family: Family | str, prediction_type: str | None = None) -> dict:
     """The family's noise schedule shipped in configs/schedulers/, with `prediction_type` applied.
-    SD2 has two (512-base: epsilon, 768-v: v_prediction), so it needs the prediction type."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; one of {FAMILIES}")
-    if family == "sd2":
-        if prediction_type is None:
-            raise ValueError("SD2 models come as 512-base (epsilon) and 768-v (v_prediction) and the "
-                             "weights do not say which: pass prediction_type='epsilon' or 'v_prediction'")
-        name = "sd2-v" if prediction_type == "v_prediction" else "sd2"
-    else:
-        name = family
-    cfg = scheduler_config_named(name)
+    A family whose weights do not say their prediction type (SD2.x: 512-base epsilon, 768-v
+    v_prediction) needs it given."""
+    family = family_named(family) if isinstance(family, str) else family
+    cfg = scheduler_config_named(family.schedule(prediction_type))
     if prediction_type is not None:
         cfg["prediction_type"] = prediction_type
     return cfg
@@ -252,9 +235,13 @@ def _from_pipeline_folder(folder: Path, allow_pickle: bool, dtype, device):
                               "load_base needs model_index.json with unet/, vae/, text_encoder/, tokenizer/ "
                               "(and scheduler/) beside it, or a single-file .safetensors checkpoint.")
     index = _read_json(index_file, "the pipeline index")
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        raise UnsupportedCheckpoint(f"{folder} is an SDXL pipeline ({index.get('_class_name')}); adapterkit "
-                                    "supports SD1.x/2.x base models only so far.")
+    for family in FAMILIES.values():
+        extra = [te.folder for te in family.text_encoders[1:]]
+        named = str(index.get("_class_name", "")).startswith(family.pipeline_classes or ("-",))
+        if not family.loads and (named or extra and all(p in index for p in extra)):
+            raise UnsupportedCheckpoint(f"{folder} is an {family.title} pipeline "
+                                        f"({index.get('_class_name')}); adapterkit cannot load {family.title}"
+                                        " base models yet.")
     for part, classes in COMPONENT_CLASSES.items():
         entry = index.get(part)
         name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
@@ -369,37 +356,43 @@ def _from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer, 
             "local folder with the CLIP tokenizer files (vocab.json + merges.txt), e.g. the tokenizer/ "
             "folder of any diffusers SD1.x pipeline (they all use openai/clip-vit-large-patch14's).")
     parts, _ = read_weights(path, allow_pickle=allow_pickle,
-                            keep=lambda k: k.startswith((*VAE_PREFIXES, "cond_stage_model.", SDXL_PREFIX)))
-    if any(k.startswith(SDXL_PREFIX) for k in parts):
-        raise UnsupportedCheckpoint(f"{path} is an SDXL checkpoint (conditioner.* text encoders); adapterkit "
-                                    "supports SD1.x/2.x base models only so far.")
-    if any(k.startswith(OPENCLIP_PREFIX) for k in parts):
+                            keep=lambda k: k.startswith((*VAE_PREFIXES, *TEXT_PREFIXES)))
+    holds = family_of_single_file(parts)
+    if holds is not None and not holds.loads:
+        prefix = holds.text_encoders[0].ldm_prefix.split(".")[0]
+        raise UnsupportedCheckpoint(f"{path} is an {holds.title} checkpoint ({prefix}.* text encoders); "
+                                    f"adapterkit cannot load {holds.title} base models yet.")
+    if holds is not None and holds is not SD1:           # SD2.x: OpenCLIP names, no converter of ours yet
+        prefix = holds.text_encoders[0].ldm_prefix
         raise UnsupportedCheckpoint(
-            f"{path} is an SD2.x single file (OpenCLIP text encoder under {OPENCLIP_PREFIX}*), which "
+            f"{path} is an {holds.title} single file (OpenCLIP text encoder under {prefix}*), which "
             "load_base cannot convert yet. Use the model's diffusers folder instead (or convert the file "
             "once with a tool you trust, e.g. diffusers' StableDiffusionPipeline.from_single_file with a "
             "local config, then save_pretrained). The folder's scheduler config also supplies the "
             "prediction type (epsilon for 512-base, v_prediction for 768-v), which SD2 weights do not "
             "show; without one, pass prediction_type=.")
     unet = load_unet(path, allow_pickle=allow_pickle, dtype=dtype, device=device)
-    family = detect_family(unet.config)
-    if family == "sd2":
-        raise UnsupportedCheckpoint(f"{path} has an SD2.x U-Net (context 1024) but no OpenCLIP text encoder; "
-                                    "load its diffusers folder instead.")
-    clip = {k[len(CLIP_PREFIX):]: v for k, v in parts.items() if k.startswith(CLIP_PREFIX)}
+    family = family_of(unet.config)
+    if family.text_encoders[0].ldm_prefix != SD1.text_encoders[0].ldm_prefix:
+        raise UnsupportedCheckpoint(f"{path} has an {family.title} U-Net (context {family.context_dim}) but "
+                                    f"no text encoder under {family.text_encoders[0].ldm_prefix}*; load its "
+                                    "diffusers folder instead.")
+    clip_prefix = family.text_encoders[0].ldm_prefix
+    clip = {k[len(clip_prefix):]: v for k, v in parts.items() if k.startswith(clip_prefix)}
     vae_state = {k: v for k, v in parts.items() if k.startswith(VAE_PREFIXES)}
     if not clip:
-        raise CheckpointError(f"{path} holds no text encoder (no {CLIP_PREFIX}* tensors): it is a U-Net-only "
+        raise CheckpointError(f"{path} holds no text encoder (no {clip_prefix}* tensors): it is a U-Net-only "
                               "or pruned file. Load the full checkpoint or the model's diffusers folder.")
     if not vae_state and not _pixel_space(unet.config):
         raise CheckpointError(f"{path} holds no VAE (no first_stage_model.* or vae.* tensors), and its U-Net "
                               "works on latents. Load the full checkpoint or the model's diffusers folder.")
-    configs = config_dir if config_dir is not None else CONFIGS / "base" / family
+    configs = config_dir if config_dir is not None else CONFIGS / "base" / (family.configs or family.name)
     vae = None
     if vae_state:
         vae = _vae_from_ldm(vae_state, _component_config(configs, "vae", path, family), path)
         vae = _to(vae, device, _vae_dtype(vae, dtype))
-    text_encoder = _clip_from_ldm(clip, _component_config(configs, "text_encoder", path, family), path)
+    text_encoder = _clip_from_ldm(clip, _component_config(configs, "text_encoder", path, family), path,
+                                  clip_prefix)
     text_encoder = _to(text_encoder, device, dtype)
     tok_dir = Path(tokenizer) if tokenizer is not None else config_dir / "tokenizer"
     tok = _load_tokenizer(tok_dir, CLIPTokenizer)
@@ -409,11 +402,11 @@ def _from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer, 
     return unet, vae, text_encoder, tok, scheduler
 
 
-def _component_config(configs: Path, part: str, path: Path, family: str) -> tuple[dict, Path]:
+def _component_config(configs: Path, part: str, path: Path, family: Family) -> tuple[dict, Path]:
     f = configs / part / "config.json"
     if not f.is_file():
         where = f"config_dir {configs} has no {part}/config.json" if not configs.is_relative_to(CONFIGS) \
-            else f"adapterkit ships no default {part} config for the '{family}' model family"
+            else f"adapterkit ships no default {part} config for the '{family.name}' model family"
         raise CheckpointError(f"{path}: a single file does not hold its {part} config, and {where}. Pass "
                               "config_dir= a diffusers folder of this model (its config files are enough).")
     return {k: v for k, v in _read_json(f, f"the {part} config").items() if not k.startswith("_")}, f
@@ -439,7 +432,7 @@ def _vae_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Pat
     return vae.float()
 
 
-def _clip_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Path):
+def _clip_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Path, prefix: str):
     """`cond_stage_model.transformer.*` tensors -> transformers CLIPTextModel. The names are
     transformers' own; only the `text_model.` level differs between versions (v5 dropped it)."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -456,7 +449,7 @@ def _clip_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Pa
         if name.endswith("position_ids") and name not in expected:
             continue                 # a buffer older files saved; recomputed by the model
         renamed[name] = v
-    _check_state(renamed, reference, path, f"text encoder ({CLIP_PREFIX}*)", cfg_file, [])
+    _check_state(renamed, reference, path, f"text encoder ({prefix}*)", cfg_file, [])
     # from_pretrained(None, state_dict=...) builds without random init and restores the non-persistent
     # buffers; every key was checked above (it would silently random-init a missing one).
     return CLIPTextModel.from_pretrained(None, config=config_obj, state_dict=renamed, local_files_only=True)
@@ -522,7 +515,7 @@ def _to(module: nn.Module, device, dtype: torch.dtype) -> nn.Module:
     return module.to(dtype) if module.dtype != dtype else module
 
 
-def _scheduler_config(found: dict | None, family: str, prediction_type: str | None, path: Path) -> dict:
+def _scheduler_config(found: dict | None, family: Family, prediction_type: str | None, path: Path) -> dict:
     if found is None:
         try:
             return default_scheduler_config(family, prediction_type)

@@ -542,7 +542,7 @@ def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path
     the picture is the base's exactly, --guess-mode changes it again (its oracle is in
     test_controlnet_pipeline.py), a second ControlNet at scale 0 changes nothing, and a hint or guess
     mode without a ControlNet, 3 scales for 2 ControlNets or a missing ControlNet are refused."""
-    from test_generate import controlnet_for
+    from support.unets import controlnet_for
 
     from adapterkit.adapters.controlnet_files import save_controlnet
     from adapterkit.train.cli.main import main as cli

@@ -51,7 +51,7 @@ def test_a_short_run_writes_a_pipeline_folder_that_load_base_reads(tmp_path, cap
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
 
     base = load_base(folder)
-    assert base.vae is None and base.family == "tiny" and base.pixel_patch == 2
+    assert base.vae is None and base.family.name == "tiny" and base.pixel_patch == 2
     assert base.latent_channels == 12 and base.latent_scale == 2
     assert base.unet.config.sample_size == 8 and base.unet.config.context_dim == 32
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1              # the fold is exact both ways

@@ -22,7 +22,6 @@ from adapterkit.train.pipeline.base import (
     CONFIGS,
     UnsupportedCheckpoint,
     default_scheduler_config,
-    detect_family,
     encode_images,
     encode_moments,
     encode_prompts,
@@ -34,6 +33,7 @@ from adapterkit.unet import (
     CheckpointError,
     Stage,
     UNetConfig,
+    family_of,
     read_weights,
     unet_fingerprint,
 )
@@ -72,7 +72,7 @@ def _same_state(a, b):
 # --- pipeline folders ------------------------------------------------------------------------------
 
 def test_pipeline_folder_loads_frozen_with_its_schedule(base, pipe, pipe_dir):
-    assert base.family == "tiny" and base.source == pipe_dir
+    assert base.family.name == "tiny" and base.source == pipe_dir
     assert base.fingerprint.unet == unet_fingerprint(pipe.unet.state_dict())
     assert base.scheduler_config == json.loads((pipe_dir / "scheduler/scheduler_config.json").read_text())
     assert base.prediction_type == "epsilon" and base.max_length == 77
@@ -127,7 +127,7 @@ def test_single_file_loads_the_same_model(pipe_dir, pipe, base, tmp_path):
     f = _single_file(pipe_dir, pipe, tmp_path / "model.safetensors")
     configs = _configs_only(pipe_dir, tmp_path / "configs")
     single = load_base(f, tokenizer=pipe_dir / "tokenizer", config_dir=configs)
-    assert single.family == "tiny" and single.fingerprint == base.fingerprint
+    assert single.family.name == "tiny" and single.fingerprint == base.fingerprint
     assert _same_state(single.unet, base.unet)
     assert _same_state(single.vae, pipe.vae) and _same_state(single.text_encoder, pipe.text_encoder)
     assert single.scheduler_config == base.scheduler_config
@@ -266,7 +266,7 @@ def test_sd2_folder_without_scheduler_needs_the_prediction_type(tmp_path):
     with pytest.raises(CheckpointError, match=match):
         load_base(folder)
     loaded = load_base(folder, prediction_type="v_prediction")
-    assert loaded.family == "sd2"
+    assert loaded.family.name == "sd2"
     assert loaded.scheduler_config == default_scheduler_config("sd2", "v_prediction")
     assert loaded.scheduler_config["prediction_type"] == "v_prediction"
 
@@ -288,8 +288,8 @@ def test_float16_keeps_a_force_upcast_vae_in_float32(pipe_dir):
 # --- families and shipped configs ------------------------------------------------------------------
 
 def test_family_detection():
-    assert [detect_family(PRESETS[n]) for n in ("sd15", "sd21", "tiny")] == ["sd1", "sd2", "tiny"]
-    assert detect_family(SD2_LIKE) == "sd2"
+    assert [family_of(PRESETS[n]).name for n in ("sd15", "sd21", "tiny")] == ["sd1", "sd2", "tiny"]
+    assert family_of(SD2_LIKE).name == "sd2"
 
 
 def test_shipped_scheduler_defaults():
