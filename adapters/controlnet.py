@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapterkit.unet import Encoder, UNet, UNetConfig
+from adapterkit.unet import Conditioning, Encoder, UNet, UNetConfig, as_conditioning
 
 from .lora_files import base_fingerprint
 from .lora_keys import describe_config
@@ -219,17 +219,18 @@ class ControlNet(Encoder):
     def hint_widths(self) -> tuple[int, ...]:
         return self.controlnet_cond_embedding.widths
 
-    def forward(self, sample: Tensor, timestep, context: Tensor, hint: Tensor,
+    def forward(self, sample: Tensor, timestep, cond: Conditioning | Tensor, hint: Tensor,
                 conditioning_scale: float = 1.0, guess_mode: bool = False) -> Residuals:
-        """Residuals for `unet(sample, timestep, context, *residuals)`.
+        """Residuals for `unet(sample, timestep, cond, *residuals)`.
 
-        sample (B, C, h, w) latents, context (B, T, D), hint (B or 1, 3, 8h, 8w) RGB in [0, 1].
+        sample (B, C, h, w) latents, cond a Conditioning or its context (B, T, D), hint (B or 1, 3,
+        8h, 8w) RGB in [0, 1].
         """
-        self._check_inputs(sample, context)
+        self._check_inputs(sample, as_conditioning(cond).context)
         self.check_hint(hint, sample)
         hint = hint.to(self.controlnet_cond_embedding.conv_in.weight.dtype)
         guided = self.controlnet_cond_embedding(hint)                       # (B, C0, h, w)
-        skips, mid, _ = self.encode(sample, timestep, context, input_residual=guided)
+        skips, mid, _ = self.encode(sample, timestep, cond, input_residual=guided)
         down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(mid)
         if guess_mode:
@@ -326,7 +327,7 @@ class MultiControlNet(nn.Module):
                              f"channels) {sorted(shapes)}")
         self.nets = nn.ModuleList(controlnets)
 
-    def forward(self, sample: Tensor, timestep, context: Tensor, hints: Sequence[Tensor],
+    def forward(self, sample: Tensor, timestep, cond: Conditioning | Tensor, hints: Sequence[Tensor],
                 conditioning_scales: float | Sequence[float] = 1.0, guess_mode: bool = False) -> Residuals:
         n = len(self.nets)
         scales = [conditioning_scales] * n if isinstance(conditioning_scales, (int, float)) \
@@ -334,7 +335,7 @@ class MultiControlNet(nn.Module):
         if len(hints) != n or len(scales) != n:
             raise ValueError(f"{n} ControlNets need {n} hints and {n} scales; got {len(hints)} hints "
                              f"and {len(scales)} scales")
-        return sum_residuals(net(sample, timestep, context, hint, s, guess_mode)
+        return sum_residuals(net(sample, timestep, cond, hint, s, guess_mode)
                              for net, hint, s in zip(self.nets, hints, scales))
 
 

@@ -9,6 +9,7 @@ from .checkpoint import (
     unet_fingerprint,
     write_safetensors,
 )
+from .conditioning import Conditioning, as_conditioning
 from .config import PRESETS, Stage, UNetConfig
 from .families import FAMILIES, Family, family_named, family_of
 from .ldm_keys import ldm_key_map
@@ -17,4 +18,4 @@ from .model import Encoder, Features, UNet
 __all__ = ["PRESETS", "Stage", "UNetConfig", "UNet", "Encoder", "Features",
            "load_unet", "save_unet", "CheckpointError", "infer_unet_config", "unet_fingerprint",
            "ldm_key_map", "read_weights", "write_safetensors", "atomic_write",
-           "FAMILIES", "Family", "family_named", "family_of"]
+           "FAMILIES", "Family", "family_named", "family_of", "Conditioning", "as_conditioning"]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .conditioning import Conditioning, as_conditioning
 from .config import UNetConfig
 from .layers import (
     Downsample,
@@ -144,9 +145,10 @@ class Encoder(nn.Module):
         sinusoid = timestep_embedding(t, self.config.stages[0].channels).to(dtype)
         return F.silu(self.time_embedding(sinusoid))
 
-    def encode(self, sample: Tensor, timestep, context: Tensor,
+    def encode(self, sample: Tensor, timestep, cond: Conditioning | Tensor,
                input_residual: Tensor | None = None) -> Features:
         """Run the encoder. `input_residual` is added to the conv_in output (a ControlNet's hint)."""
+        context = as_conditioning(cond).context
         self._check_inputs(sample, context)
         emb = self.embed_time(timestep, sample.shape[0], self.conv_in.weight.dtype, sample.device)
         h = self.conv_in(sample)
@@ -202,9 +204,9 @@ class UNet(Encoder):
                 chans.append(stage.channels)
         return chans
 
-    def decode(self, features: Features, context: Tensor) -> Tensor:
+    def decode(self, features: Features, cond: Conditioning | Tensor) -> Tensor:
         """Run the decoder on (possibly ControlNet-adjusted) encoder features."""
-        return self._decode(list(features.skips), features.mid, features.emb, context)
+        return self._decode(list(features.skips), features.mid, features.emb, as_conditioning(cond).context)
 
     def _decode(self, skips: list[Tensor], h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         # Pops `skips` as the decoder consumes them, so each is freed as soon as it is used.
@@ -215,15 +217,17 @@ class UNet(Encoder):
             h = block(h, skips, emb, context, out_size)
         return self.conv_out(group_norm_silu(h, self.conv_norm_out))
 
-    def forward(self, sample: Tensor, timestep, context: Tensor,
+    def forward(self, sample: Tensor, timestep, cond: Conditioning | Tensor,
                 down_residuals: tuple[Tensor, ...] | None = None,
                 mid_residual: Tensor | None = None) -> Tensor:
-        """Predict noise (or v) for `sample` (B, C, H, W) at `timestep` given `context` (B, T, D).
+        """Predict noise (or v) for `sample` (B, C, H, W) at `timestep` given `cond`: a Conditioning
+        or its bare context (B, T, D).
 
         `down_residuals` (one per skip, `config.num_skips` of them) and `mid_residual` are added to
         the encoder features before decoding: the ControlNet interface. They are never modified.
         """
-        skips, mid, emb = self.encode(sample, timestep, context)
+        context = as_conditioning(cond).context
+        skips, mid, emb = self.encode(sample, timestep, cond)
         skips = list(skips)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
