@@ -79,32 +79,28 @@ from adapterkit.train.data.folder import (
     to_tensor,
 )
 from adapterkit.train.images import unit_tensor
+from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
+from adapterkit.train.jobs.checkpoints import MUTABLE, register_state_hooks, resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
-from adapterkit.train.jobs.loop import (
-    DTYPES,
-    MUTABLE,
-    PRIVATE_PATHS,
-    BatchPlan,
-    JsonlLog,
-    LoopConfig,
-    ModelConfig,
-    OptimConfig,
+from adapterkit.train.jobs.loop import frozen_dtype, make_accelerator, open_base, run_steps
+from adapterkit.train.jobs.optimizer import (
     adapter_master_weights,
-    flat_dict,
-    frozen_dtype,
     full_precision_state,
-    make_accelerator,
     make_optimizer,
-    noisy_batch,
-    open_base,
-    public_recipe,
-    register_state_hooks,
-    resume,
-    run_steps,
     scale_loss,
     use_loss_scaling,
 )
-from adapterkit.train.jobs.precision import MasterWeights
+from adapterkit.train.jobs.precision import LossScaler, MasterWeights
+from adapterkit.train.jobs.progress import JsonlLog
+from adapterkit.train.jobs.recipe import (
+    DTYPES,
+    PRIVATE_PATHS,
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    flat_dict,
+    public_recipe,
+)
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -241,7 +237,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     accelerator.register_for_checkpointing(lr_schedule)
     register_state_hooks(accelerator, lambda: full_precision_state(trained, master),
                          master, "ControlNet")
-    use_loss_scaling(accelerator, dtype)     # fp16 only: the loss scale, saved in checkpoints (before resume)
+    scaler = use_loss_scaling(accelerator, dtype)   # fp16 only; saved in checkpoints (before resume)
 
     forward = GraphedStep.for_job(ControlledUNet(unet, model, cfg.control.conditioning_scale), cfg.train,
                                   accelerator)
@@ -263,8 +259,8 @@ def main(cfg: ControlNetRecipe) -> Path:
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule,
-                                           step, forward),
-              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master,
+                                           step, forward, scaler=scaler),
+              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master, scaler=scaler,
               export=Exporter(cfg, cn, master, reference), sample=sample_and_score if hints else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="controlnet", what="ControlNet")
@@ -533,9 +529,10 @@ class ControlledUNet(torch.nn.Module):
 
 def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: ControlNet, base: BaseModel,
                cache: LatentCache, dataset: PairedFolder, plan: BatchPlan, schedule: NoiseSchedule,
-               step: int, forward: GraphedStep | None = None) -> float:
+               step: int, forward: GraphedStep | None = None, scaler: LossScaler | None = None) -> float:
     """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
-    `forward(x, t, context, hint)` is the controlled U-Net (a GraphedStep); None calls it directly."""
+    `forward(x, t, context, hint)` is the controlled U-Net (a GraphedStep); None calls it directly.
+    `scaler`: the fp16 loss scale (`use_loss_scaling`)."""
     forward = forward or ControlledUNet(base.unet, model, cfg.control.conditioning_scale)
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
     total = torch.zeros((), device=device)
@@ -548,7 +545,7 @@ def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: Contr
         with nullcontext() if last else accelerator.no_sync(model):
             pred = forward(b.noisy, b.t, b.context, hint)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
-            accelerator.backward(scale_loss(accelerator, loss) / cfg.train.grad_accum)
+            accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum
     check_controlnet_gradients(cn, step, hinted)
     return accelerator.reduce(total, reduction="mean").item()

@@ -28,29 +28,19 @@ from adapterkit.adapters.lora_files import save_lora
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig
+from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
+from adapterkit.train.jobs.checkpoints import register_state_hooks, resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
-from adapterkit.train.jobs.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: callers catch them here)
-    BatchPlan,
-    LoopConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
+from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, run_steps
+from adapterkit.train.jobs.optimizer import (
     adapter_master_weights,
-    flat_dict,
     full_precision_state,
-    load_frozen_base,
-    make_accelerator,
     make_optimizer,
-    noisy_batch,
-    public_recipe,
-    register_state_hooks,
-    resume,
-    run_steps,
     scale_loss,
     use_loss_scaling,
 )
-from adapterkit.train.jobs.precision import MasterWeights
+from adapterkit.train.jobs.precision import LossScaler, MasterWeights
+from adapterkit.train.jobs.recipe import LoopConfig, ModelConfig, OptimConfig, flat_dict, public_recipe
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -130,7 +120,7 @@ def main(cfg: LoraRecipe) -> Path:
     model, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
     register_adapter_state_hooks(accelerator, unet, master)
-    use_loss_scaling(accelerator, unet.conv_in.weight.dtype)       # fp16 only; before resume restores it
+    scaler = use_loss_scaling(accelerator, unet.conv_in.weight.dtype)   # fp16 only; before resume restores it
     forward = GraphedStep.for_job(model, cfg.train, accelerator)
 
     start = resume(accelerator, out, cfg)
@@ -142,8 +132,8 @@ def main(cfg: LoraRecipe) -> Path:
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule,
-                                           step, forward),
-              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master,
+                                           step, forward, scaler=scaler),
+              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master, scaler=scaler,
               export=Exporter(cfg, unet, fingerprint, master),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
@@ -166,9 +156,10 @@ def register_adapter_state_hooks(accelerator: Accelerator, unet: torch.nn.Module
 
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,
                dataset: CaptionedImageFolder, plan: BatchPlan, schedule: NoiseSchedule, step: int,
-               forward: GraphedStep | None = None) -> float:
+               forward: GraphedStep | None = None, scaler: LossScaler | None = None) -> float:
     """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
-    `forward` runs the model (a GraphedStep around it); None calls `model` directly."""
+    `forward` runs the model (a GraphedStep around it); None calls `model` directly. `scaler`: the fp16
+    loss scale (`use_loss_scaling`)."""
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
     total = torch.zeros((), device=device)
     for micro in range(cfg.train.grad_accum):
@@ -177,7 +168,7 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.context)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
-            accelerator.backward(scale_loss(accelerator, loss) / cfg.train.grad_accum)
+            accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum
     check_adapter_gradients(base.unet, step)
     return accelerator.reduce(total, reduction="mean").item()
@@ -188,7 +179,7 @@ def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
     a no-op for it (a frozen adapter, a detached graph, a bypassed layer). B is zero at init, so A's
     gradient (which is Bᵀ·...) is zero on the first step: B is checked at step 1, A at step 2.
 
-    With an fp16 base the gradients are loss-scaled here (`train.loop.scale_loss`); an attempt whose
+    With an fp16 base the gradients are loss-scaled here (`train.jobs.optimizer.scale_loss`); an attempt whose
     scaled gradients overflowed is not judged (run_steps redoes it at a lower scale, checked again)."""
     if step > 1:
         return

@@ -44,21 +44,12 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from adapterkit.train.config import to_dict
+from adapterkit.train.jobs.checkpoints import MUTABLE, register_state_hooks, resume
 from adapterkit.train.jobs.ema import EMA
-from adapterkit.train.jobs.loop import (  # noqa: F401  (TrainingDiverged, TrainingInterrupted: callers catch them here)
-    MUTABLE,
-    OptimConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    check_writable,
-    flat_dict,
-    full_precision_state,
-    make_accelerator,
-    make_optimizer,
-    register_state_hooks,
-    resume,
-    run_steps,
-)
+from adapterkit.train.jobs.guards import check_writable
+from adapterkit.train.jobs.loop import make_accelerator, run_steps
+from adapterkit.train.jobs.optimizer import full_precision_state, make_optimizer
+from adapterkit.train.jobs.recipe import OptimConfig, flat_dict
 from adapterkit.train.pipeline.base import (
     PIXEL_PATCH_KEY,
     PIXEL_PATCHES,

@@ -33,10 +33,22 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from adapterkit.train.pipeline.base import BaseModel
+
 SAMPLERS = ("ddim", "euler")
 
 
 @torch.no_grad()
+def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (pixel-space models unfold their samples: `BaseModel.pixel_patch`)."""
+    if base.vae is None:
+        return torch.nn.functional.pixel_shuffle(latents, base.pixel_patch).clamp(-1, 1)
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    z = latents / base.vae.config.scaling_factor + shift
+    return base.vae.decode(z.to(base.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+
 def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
              controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
@@ -56,7 +68,6 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         carries the picture, as with an empty prompt).
     Raises ValueError for mismatched lengths, sizes or an unknown sampler, before any sampling.
     """
-    from adapterkit.train.jobs.loop import decode
     from adapterkit.train.pipeline.base import encode_prompts
     from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
     from adapterkit.train.pipeline.schedule import NoiseSchedule

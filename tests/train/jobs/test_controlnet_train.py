@@ -27,7 +27,7 @@ from adapterkit.train.jobs.controlnet import (
     gradient_onset,
     main,
 )
-from adapterkit.train.jobs.loop import TrainingDiverged, TrainingInterrupted
+from adapterkit.train.jobs.guards import TrainingDiverged, TrainingInterrupted
 from adapterkit.train.pipeline.base import load_base
 from adapterkit.unet import PRESETS
 from support import REPO
@@ -431,10 +431,10 @@ seen, nets = [], []
 real_step = ct.train_step
 
 
-def train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step, *rest):
+def train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step, *rest, **kw):
     seen.append([list(k) for m in range(cfg.train.grad_accum) for k in plan.keys(step, m)])
     nets.append(cn)
-    return real_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step, *rest)
+    return real_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule, step, *rest, **kw)
 
 
 ct.train_step = train_step
@@ -542,10 +542,9 @@ def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path
     the picture is the base's exactly, --guess-mode changes it again (its oracle is in
     test_controlnet_pipeline.py), a second ControlNet at scale 0 changes nothing, and a hint or guess
     mode without a ControlNet, 3 scales for 2 ControlNets or a missing ControlNet are refused."""
-    from support.unets import controlnet_for
-
     from adapterkit.adapters.controlnet_files import save_controlnet
     from adapterkit.train.cli.main import main as cli
+    from support.unets import controlnet_for
 
     save_controlnet(controlnet_for(load_base(pipeline), zero=False), tmp_path / "cn")
     hint = tmp_path / "edges.png"

@@ -20,8 +20,8 @@ import os, signal, sys
 import adapterkit.train.jobs.lora as lt
 real = lt.train_step
 
-def train_step(cfg, accelerator, *rest):
-    loss = real(cfg, accelerator, *rest)
+def train_step(cfg, accelerator, *rest, **kw):
+    loss = real(cfg, accelerator, *rest, **kw)
     if accelerator.process_index == 1 and rest[6] == 1:       # rest[6]: the step, 0-based
         os.kill(os.getpid(), signal.SIGTERM)
     return loss

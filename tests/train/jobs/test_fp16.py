@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 import adapterkit.train.jobs.controlnet as ct
 import adapterkit.train.jobs.loop as loop
 import adapterkit.train.jobs.lora as lt
+import adapterkit.train.jobs.optimizer as optim
 from adapterkit.train.config import load_config
 from adapterkit.train.jobs.controlnet import ControlNetRecipe
+from adapterkit.train.jobs.guards import TrainingDiverged
 from adapterkit.train.jobs.lora import LoraRecipe
 from adapterkit.train.jobs.precision import LossScaler
 from adapterkit.unet import PRESETS
@@ -85,14 +87,14 @@ class Grads:
 
     def __init__(self, monkeypatch):
         self.steps = []
-        real = loop.clip
+        real = optim.clip
 
         def clip(accelerator, params, max_norm):
             params = list(params)
             self.steps.append([p.grad.detach().clone() for p in params])
             return real(accelerator, params, max_norm)
 
-        monkeypatch.setattr(loop, "clip", clip)
+        monkeypatch.setattr(optim, "clip", clip)
 
     def flat(self, step: int) -> torch.Tensor:
         return torch.cat([g.flatten() for g in self.steps[step]])
@@ -180,7 +182,7 @@ def test_an_overflowing_step_is_redone_at_half_the_scale(pipeline, images, tmp_p
 def test_resume_equals_the_uninterrupted_run_with_the_scaler_state(pipeline, images, tmp_path, monkeypatch):
     """The scale grows every step here (growth_interval=1; it overflows and backs off on the way), so
     a resume that restarted the scaler would train differently."""
-    monkeypatch.setattr(loop, "LossScaler", functools.partial(LossScaler, growth_interval=1))
+    monkeypatch.setattr(optim, "LossScaler", functools.partial(LossScaler, growth_interval=1))
     over = {"train.grad_accum": 1}
     straight = lt.main(recipe(pipeline, images, tmp_path / "straight", **over))
     real_step = lt.train_step
@@ -242,13 +244,13 @@ def test_only_an_fp16_base_gets_a_scaler_and_the_others_backpropagate_the_loss_i
     loss = torch.tensor(0.25)
     for dtype in (torch.float32, torch.bfloat16):
         accelerator = loop.make_accelerator(tmp_path)
-        assert loop.use_loss_scaling(accelerator, dtype) is None
-        assert loop.scale_loss(accelerator, loss) is loss                  # bit for bit the old step
+        assert optim.use_loss_scaling(accelerator, dtype) is None
+        assert optim.scale_loss(None, loss) is loss                        # bit for bit the old step
         assert not accelerator._custom_objects
     accelerator = loop.make_accelerator(tmp_path)
-    scaler = loop.use_loss_scaling(accelerator, torch.float16)
-    assert loop.loss_scaler(accelerator) is scaler and accelerator._custom_objects == [scaler]
-    assert loop.scale_loss(accelerator, loss).item() == 0.25 * 2 ** 16
+    scaler = optim.use_loss_scaling(accelerator, torch.float16)
+    assert accelerator._custom_objects == [scaler]
+    assert optim.scale_loss(scaler, loss).item() == 0.25 * 2 ** 16
 
 
 def test_overflowing_even_unscaled_stops_as_diverged(pipeline, images, tmp_path, monkeypatch):
@@ -260,8 +262,8 @@ def test_overflowing_even_unscaled_stops_as_diverged(pipeline, images, tmp_path,
         return loss
 
     monkeypatch.setattr(lt, "train_step", always_inf)
-    monkeypatch.setattr(loop, "LossScaler", functools.partial(LossScaler, scale=4.0))
-    with pytest.raises(lt.TrainingDiverged, match=r"step 1 overflow .*backed off to 0\.5.*bf16"):
+    monkeypatch.setattr(optim, "LossScaler", functools.partial(LossScaler, scale=4.0))
+    with pytest.raises(TrainingDiverged, match=r"step 1 overflow .*backed off to 0\.5.*bf16"):
         lt.main(recipe(pipeline, images, tmp_path / "run", **{"train.grad_accum": 1}))
     assert not list((tmp_path / "run").glob("checkpoints/step-*"))
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapterkit.train.jobs.checkpoints import MUTABLE
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
-from adapterkit.train.jobs.loop import MUTABLE, LoopConfig
+from adapterkit.train.jobs.recipe import LoopConfig
 from adapterkit.unet import PRESETS, UNet
 
 CPU = torch.device("cpu")

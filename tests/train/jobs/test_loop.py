@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterkit.train.jobs.loop import make_optimizer, run_steps
+from adapterkit.train.jobs.loop import run_steps
+from adapterkit.train.jobs.optimizer import make_optimizer
 from adapterkit.train.jobs.pretrain import (
     PretrainLoopConfig,
     PretrainOutputConfig,

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit.train.jobs.lora as lt
-from adapterkit.train.jobs.loop import TrainingOutOfMemory
+from adapterkit.train.jobs.guards import TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory
 from adapterkit.train.jobs.lora import main
 from adapterkit.unet import PRESETS
 from support import REPO
@@ -80,7 +80,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(pipeline, images, t
 
     monkeypatch.setattr(lt, "diffusion_loss", nan_at_step_3)
     cfg = recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 1})
-    with pytest.raises(lt.TrainingDiverged, match=r"became nan at step 3.*step-000002"):
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 3.*step-000002"):
         main(cfg)
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-000001", "step-000002"]
@@ -212,7 +212,7 @@ def test_sigint_writes_a_final_checkpoint_and_the_run_resumes_from_it(pipeline, 
 
     monkeypatch.setattr(lt, "train_step", interrupt_during_step_2)
     cfg = recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 0})
-    with pytest.raises(lt.TrainingInterrupted, match="SIGINT at step 2") as stopped:
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 2") as stopped:
         main(cfg)                                         # after the final checkpoint
     assert stopped.value.exit_code == 130
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
@@ -298,8 +298,8 @@ def test_only_the_lora_reaches_the_optimizer_and_gradient_checkpointing_changes_
 
     real_step = lt.train_step
 
-    def step_and_look(cfg, accelerator, model, *rest):
-        loss = real_step(cfg, accelerator, model, *rest)
+    def step_and_look(cfg, accelerator, model, *rest, **kw):
+        loss = real_step(cfg, accelerator, model, *rest, **kw)
         seen["frozen_grads"] = [n for n, p in model.named_parameters()
                                 if ".lora_" not in n and p.grad is not None]
         return loss

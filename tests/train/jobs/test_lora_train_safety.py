@@ -15,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import adapterkit.train.jobs.lora as lt
-from adapterkit.train.jobs.checkpoints import MARKER
-from adapterkit.train.jobs.loop import STATE_FILE, public_recipe
+from adapterkit.train.jobs.checkpoints import MARKER, STATE_FILE
+from adapterkit.train.jobs.guards import TrainingInterrupted
 from adapterkit.train.jobs.lora import main
+from adapterkit.train.jobs.recipe import public_recipe
 from support.fixtures import alias
 from support.recipes import last_adapter_state as _adapter
 from support.recipes import lora_recipe as recipe
@@ -130,7 +131,7 @@ def test_sigterm_writes_a_final_checkpoint_and_the_run_resumes_to_the_same_resul
 
     monkeypatch.setattr(lt, "train_step", terminate_during_step_2)
     cfg = recipe(pipeline, images, tmp_path / "run", **over)
-    with pytest.raises(lt.TrainingInterrupted, match="SIGTERM at step 2") as stopped:
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 2") as stopped:
         main(cfg)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 import adapterkit.train.jobs.pretrain as pt
 from adapterkit.train.config import load_config
-from adapterkit.train.jobs.loop import TrainingOutOfMemory, decode
+from adapterkit.train.jobs.guards import TrainingOutOfMemory
 from adapterkit.train.jobs.pretrain import PretrainRecipe, main
 from adapterkit.train.pipeline.base import encode_images, encode_prompts, load_base
+from adapterkit.train.pipeline.generate import decode
 from adapterkit.train.world import shapes as world
 from adapterkit.unet import PRESETS
 from adapterkit.unet.checkpoint import CheckpointError

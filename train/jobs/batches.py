@@ -1,0 +1,69 @@
+"""Micro-batches: which pictures a (step, micro-batch, process) gets, and their noised latents.
+
+The batch order is a pure function of (seed, epoch) and every random draw of step s comes from a
+generator seeded by (seed, s, micro-batch, process): what makes resume exact."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adapterkit.train.data.cache import LatentCache
+from adapterkit.train.data.folder import CaptionedImageFolder
+from adapterkit.train.jobs.recipe import LoopConfig
+from adapterkit.train.pipeline.base import BaseModel
+from adapterkit.train.pipeline.schedule import NoiseSchedule, offset_noise
+
+
+class BatchPlan:
+    """Which dataset keys micro-batch (step, micro) of process `rank` gets: global micro-batch
+    n = (step * accum + micro) * world + rank walks the epochs' batch lists in order."""
+
+    def __init__(self, dataset: CaptionedImageFolder, batch_size: int, accum: int, world: int, rank: int):
+        self.sampler = dataset.batch_sampler(batch_size)
+        self.per_epoch = len(self.sampler)
+        self.accum, self.world, self.rank = accum, world, rank
+        self._epoch, self._batches = -1, []
+
+    def keys(self, step: int, micro: int) -> list[tuple[int, int]]:
+        n = (step * self.accum + micro) * self.world + self.rank
+        epoch, i = divmod(n, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self.sampler.epoch_batches(epoch)
+        return [(epoch, index) for index in self._batches[i]]
+
+    def seed(self, base_seed: int, step: int, micro: int) -> int:
+        return int(np.random.SeedSequence([base_seed, step, micro, self.rank]).generate_state(1)[0])
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, ready for the model: latents are fp32, `noisy` and `context` in `dtype`."""
+    keys: list[tuple[int, int]]
+    samples: list[dict]                # dataset.describe(key) of each: caption, crop, identity
+    latents: Tensor                    # (B, C, h, w) clean
+    context: Tensor                    # (B, L, D)
+    noise: Tensor
+    t: Tensor                          # (B,) int64
+    noisy: Tensor
+
+
+def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCache, base: BaseModel,
+                schedule: NoiseSchedule, loop: LoopConfig, step: int, micro: int, device: torch.device,
+                dtype: torch.dtype) -> MicroBatch:
+    """Micro-batch `micro` of `step`: latents and caption embeddings from the cache, then noise and
+    timesteps, every draw from the (seed, step, micro, process) generator in a fixed order."""
+    keys = plan.keys(step, micro)
+    samples = [dataset.describe(k) for k in keys]
+    batch = {k: [s[k] for s in samples] for k in samples[0]}
+    batch["pixel_values"] = lambda keys=keys: torch.stack([dataset[k]["pixel_values"] for k in keys])
+    g = torch.Generator(device).manual_seed(plan.seed(loop.seed, step, micro))
+    latents = cache.latents(base, batch, dataset.cfg, generator=g, device=device).float()
+    context = cache.embeddings(base, batch["caption"], device=device).to(dtype)
+    noise = offset_noise(latents.shape, loop.noise_offset, g, device)
+    t = schedule.sample_timesteps(len(latents), g, device)
+    noisy = schedule.add_noise(latents, noise, t).to(dtype)
+    return MicroBatch(keys, samples, latents, context, noise, t, noisy)
+

@@ -1,0 +1,110 @@
+"""What a person watches: loss.jsonl (JsonlLog, LossLog), the progress bar, and SIGINT/SIGTERM
+(StopSignals: finish the step, write a checkpoint)."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+
+class JsonlLog:
+    """A JSON-lines file of rows keyed by "step", truncated to the resume step so a resumed run has
+    one history. Only the main process (`active`) writes."""
+
+    def __init__(self, path: Path, start: int, active: bool):
+        self.path, self.active = path, active
+        self.rows = []
+        if active and path.exists():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start]
+        if active:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        if self.active:
+            self.rows.append(row)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class LossLog(JsonlLog):
+    """loss.jsonl: one line per step; "seconds" is the wall time since this process began logging
+    (a resumed run starts again from 0), for speed and time-to-loss plots."""
+
+    def __init__(self, path: Path, start: int, active: bool):
+        super().__init__(path, start, active)
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, loss: float, lr: float) -> None:
+        self.write({"step": step, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - self.t0, 3)})
+
+    def plot(self, path: Path) -> None:
+        from adapterkit.train.images import loss_curve_png
+        if self.rows:
+            loss_curve_png([r["step"] for r in self.rows], [r["loss"] for r in self.rows], path,
+                           title="training loss")
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step and write a final checkpoint; a
+    second signal stops at once."""
+
+    def __enter__(self):
+        self.requested, self._old = None, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:          # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, then writing a checkpoint (again to abort)",
+              flush=True)
+
+    def agree(self, accelerator: Accelerator) -> None:
+        """Several processes: all stop after this step if any was signalled (a terminal's Ctrl-C reaches
+        each, a scheduler's SIGTERM maybe one, and not always within the same step). Otherwise the
+        signalled ones would write their checkpoint while the others wait in the next step's gradient
+        all-reduce: the run would hang."""
+        if accelerator.num_processes == 1:
+            return
+        mine = int(getattr(signal, self.requested)) if self.requested else 0
+        signum = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max())
+        if signum and not self.requested:
+            self.requested = signal.Signals(signum).name
+            print(f"\n{self.requested} to another process: finishing this step, then writing a checkpoint",
+                  flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class ProgressBar:
+    """A tqdm bar with loss and images/s on the main process; nothing elsewhere."""
+
+    def __init__(self, accelerator: Accelerator, start: int, total: int, desc: str):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, initial=start, disable=not accelerator.is_local_main_process,
+                        desc=desc, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def update(self, loss: float, images_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+        self.bar.update(1)
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+

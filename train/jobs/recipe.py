@@ -1,0 +1,86 @@
+"""The recipe sections every training job has (model, optim, train), and the recipe as shared files
+record it (no personal paths)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from adapterkit.train.config import to_dict
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str                                       # local diffusers pipeline folder or single .safetensors
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # frozen U-Net; auto = bf16 on GPU, fp32 on CPU
+    tokenizer: str | None = None                    # single-file checkpoints carry none
+    # A single file's part configs (VAE, text encoder, scheduler, tokenizer): a diffusers pipeline
+    # folder, weights not needed; None: the SD1.x configs shipped in configs/base/sd1/.
+    config_dir: str | None = None
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0                      # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int = 1000
+    batch_size: int = 4                             # per process, per micro-batch
+    grad_accum: int = 1
+    seed: int = 0
+    min_snr_gamma: float | None = 5.0               # Hang et al. 2023; None = plain MSE
+    noise_offset: float = 0.0
+    gradient_checkpointing: bool = False
+    # The adapter branch computes in the base's dtype with fp32 master weights in the optimizer
+    # ("base", the default when the base is bf16/fp16), or in fp32 throughout ("fp32", peft's default:
+    # 1.2x slower and 37% more memory at SD1.5, see README).
+    adapter_compute: Literal["base", "fp32"] = "base"
+    # On one CUDA device, replay each step's forward and backward from CUDA graphs (train/jobs/graphs.py):
+    # the same kernels without their launch cost (1.7x the peer's ControlNet step at sd15 batch 8, where
+    # the eager step is host-bound, README); off, with the reason printed, where it cannot apply.
+    cuda_graphs: bool = True
+
+
+PRIVATE_PATHS = ("data.root", "model.base", "model.tokenizer", "model.config_dir", "output.dir")
+
+
+def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:
+    """The recipe as a dict for a shared file's metadata: each dotted key in `paths` cut to its last
+    path component (nothing personal: no full path)."""
+    recipe = to_dict(cfg)
+    for dotted in paths:
+        *parents, key = dotted.split(".")
+        d = recipe
+        for p in parents:
+            d = d.get(p) or {}
+        if d.get(key) is not None:
+            d[key] = Path(str(d[key])).name
+    return recipe
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b": value}; non-scalars as strings (TensorBoard's hparams take scalars and
+    strings only)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flat_dict(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
