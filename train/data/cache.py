@@ -43,13 +43,8 @@ from torch import Tensor
 
 from adapterkit.train.data.buckets import Crop, plan_crop
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, build_caption, to_tensor
-from adapterkit.train.pipeline.base import (
-    BaseModel,
-    Fingerprint,
-    encode_moments,
-    encode_prompts,
-    moments_to_latents,
-)
+from adapterkit.train.pipeline.base import BaseModel, Fingerprint
+from adapterkit.train.pipeline.encoding import encode_moments, encode_prompts, moments_to_latents
 from adapterkit.unet import write_safetensors
 
 logger = logging.getLogger(__name__)

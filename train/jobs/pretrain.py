@@ -50,13 +50,8 @@ from adapterkit.train.jobs.guards import check_writable
 from adapterkit.train.jobs.loop import make_accelerator, run_steps
 from adapterkit.train.jobs.optimizer import full_precision_state, make_optimizer
 from adapterkit.train.jobs.recipe import OptimConfig, flat_dict
-from adapterkit.train.pipeline.base import (
-    PIXEL_PATCH_KEY,
-    PIXEL_PATCHES,
-    BaseModel,
-    Fingerprint,
-    scheduler_config_named,
-)
+from adapterkit.train.pipeline.base import PIXEL_PATCH_KEY, BaseModel, Fingerprint, scheduler_config_named
+from adapterkit.train.pipeline.parts import PIXEL_PATCHES
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 from adapterkit.train.world import shapes as world
 from adapterkit.unet import PRESETS, UNet, save_unet

@@ -2,9 +2,9 @@
 
     base = load_base("path/to/stable-diffusion-v1-5")                       # diffusers pipeline folder
     base = load_base("v1-5-pruned-emaonly.safetensors", tokenizer="path/to/sd15/tokenizer")
-    context = encode_prompts(base, ["a red circle"])                        # (B, 77, D)
-    moments = encode_moments(base, pixels)                                  # what the latent cache stores
-    latents = moments_to_latents(base, moments, generator)                  # what the U-Net sees
+
+Encoding prompts and pictures with a base: train/pipeline/encoding.py. Converting a single file's
+parts: train/pipeline/single_file.py.
 
 A `BaseModel` is our U-Net plus diffusers' `AutoencoderKL`, transformers' `CLIPTextModel` and
 `CLIPTokenizer`, and the noise schedule as a diffusers scheduler-config dict (DESIGN.md §5). All of
@@ -28,15 +28,6 @@ projections SD2.x, anything else the tiny family (the bundled tiny model and tes
 Whether an SD2 model predicts epsilon (512-base) or v (768-v) is not in its weights; without a
 scheduler config it must be given as `prediction_type=`.
 
-VAE latents: `encode_moments` returns the posterior's (mean, logvar), unscaled, and the cache
-stores exactly that. `moments_to_latents` then draws z = mean + exp(logvar / 2) * noise with the
-training step's generator and applies (z - shift_factor) * scaling_factor. Why not cache one
-sample (kohya) or the mean: a cached sample freezes one posterior draw for every epoch and the mean
-drops the posterior noise altogether, so either makes cached training differ from uncached
-training. Caching the moments keeps the two bit-identical for the same generator (the cache is a
-pure speed-up, and "cached == fresh" is a testable identity) at twice the latent storage, which is
-small next to the images.
-
 Pixel-space models (the bundled tiny base): no vae/; the U-Net works on the pixels themselves,
 each p x p patch folded into 3 p^2 channels (`pixel_patch`, from `_adapterkit_pixel_patch` in
 model_index.json; 1 = plain RGB). Folding by 2 makes a 64 px picture a 32 x 32 x 12 "latent", so
@@ -55,24 +46,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from adapterkit.train.paths import data_dir
-from adapterkit.unet import UNet, UNetConfig, load_unet, read_weights, unet_fingerprint
+from adapterkit.train.pipeline.parts import (
+    CONFIGS,
+    UnsupportedCheckpoint,
+    check_finite,
+    few,
+    is_pixel_space,
+    library_call,
+    listing,
+    load_tokenizer,
+    move_to,
+    read_json,
+    vae_dtype,
+)
+from adapterkit.train.pipeline.single_file import from_single_file
+from adapterkit.unet import UNet, load_unet, read_weights, unet_fingerprint
 from adapterkit.unet.checkpoint import CheckpointError
-from adapterkit.unet.families import FAMILIES, SD1, Family, family_named, family_of, family_of_single_file
+from adapterkit.unet.families import FAMILIES, Family, family_named, family_of
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = data_dir("configs")
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")     # what train/pipeline/schedule.py trains; not x0 ("sample")
-# Prefixes of a single-file checkpoint's non-U-Net parts (formats.md §2.1).
-VAE_PREFIXES = ("first_stage_model.", "vae.")
-TEXT_PREFIXES = tuple(dict.fromkeys(te.ldm_prefix.split(".")[0] + "." for f in FAMILIES.values()
-                                    for te in f.text_encoders))       # cond_stage_model., conditioner.
+
+
 PIXEL_PATCH_KEY = "_adapterkit_pixel_patch"        # model_index.json of a pixel-space model without vae/
-PIXEL_PATCHES = (1, 2, 4)
+
+
 # Classes a pipeline folder may name for each part (model_index.json); others are refused.
 COMPONENT_CLASSES = {
     "unet": {"UNet2DConditionModel"},
@@ -80,6 +82,8 @@ COMPONENT_CLASSES = {
     "text_encoder": {"CLIPTextModel"},
     "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
 }
+
+
 # Weight files of the library-loaded parts, in order of preference: (file name, variant).
 _WEIGHTS = {
     "vae": (("diffusion_pytorch_model.safetensors", None),
@@ -90,10 +94,6 @@ _WEIGHTS = {
                      ("model.fp16.safetensors", "fp16"), ("pytorch_model.bin", None),
                      ("pytorch_model.fp16.bin", "fp16")),
 }
-
-
-class UnsupportedCheckpoint(CheckpointError, NotImplementedError):
-    """A model of a kind adapterkit cannot load yet (SD2 or SDXL single files, SDXL pipelines)."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,6 @@ class BaseModel:
         return self.vae.config.latent_channels if self.vae is not None else self.unet.config.in_channels
 
 
-# --- loading ---------------------------------------------------------------------------------------
-
 def load_base(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", allow_pickle: bool = False,
               tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
@@ -179,7 +177,7 @@ def load_base(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         unet, vae, text_encoder, tok, scheduler, patch = _from_pipeline_folder(path, allow_pickle, dtype,
                                                                                device)
     else:
-        unet, vae, text_encoder, tok, scheduler = _from_single_file(
+        unet, vae, text_encoder, tok, scheduler = from_single_file(
             path, allow_pickle, dtype, device, tokenizer, prediction_type,
             Path(config_dir) if config_dir is not None else None)
     family = family_of(unet.config)
@@ -220,8 +218,6 @@ def default_scheduler_config(family: Family | str, prediction_type: str | None =
     return cfg
 
 
-# --- pipeline folders ------------------------------------------------------------------------------
-
 def _from_pipeline_folder(folder: Path, allow_pickle: bool, dtype, device):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -230,11 +226,11 @@ def _from_pipeline_folder(folder: Path, allow_pickle: bool, dtype, device):
     if not index_file.is_file():
         what = ("a single-component folder (config.json beside the weights), perhaps a U-Net alone: load "
                 "that with unet.load_unet, or pass the pipeline folder above it"
-                if (folder / "config.json").is_file() else f"it holds {_listing(folder)}")
+                if (folder / "config.json").is_file() else f"it holds {listing(folder)}")
         raise CheckpointError(f"{folder} is not a diffusers pipeline folder: no model_index.json; {what}. "
                               "load_base needs model_index.json with unet/, vae/, text_encoder/, tokenizer/ "
                               "(and scheduler/) beside it, or a single-file .safetensors checkpoint.")
-    index = _read_json(index_file, "the pipeline index")
+    index = read_json(index_file, "the pipeline index")
     for family in FAMILIES.values():
         extra = [te.folder for te in family.text_encoders[1:]]
         named = str(index.get("_class_name", "")).startswith(family.pipeline_classes or ("-",))
@@ -252,41 +248,41 @@ def _from_pipeline_folder(folder: Path, allow_pickle: bool, dtype, device):
     missing = [f"{p}/" for p in ("unet", "text_encoder", "tokenizer") if not (folder / p).is_dir()]
     if missing:
         raise CheckpointError(f"the pipeline folder {folder} has no {', '.join(missing)} (it holds "
-                              f"{_listing(folder)}); a base model needs the U-Net, the text encoder and "
+                              f"{listing(folder)}); a base model needs the U-Net, the text encoder and "
                               "its tokenizer. Copy the missing subfolders from the model's source.")
 
     unet = load_unet(folder / "unet", allow_pickle=allow_pickle, dtype=dtype, device=device)
     vae, patch = None, 1
     if has_vae:
         found = _check_weights(folder / "vae", "vae", allow_pickle)
-        vae, info = _library_call(folder / "vae", lambda: AutoencoderKL.from_pretrained(
+        vae, info = library_call(folder / "vae", lambda: AutoencoderKL.from_pretrained(
             folder / "vae", local_files_only=True, output_loading_info=True, **found))
         _check_loading_info(folder / "vae", info)
-        vae = _to(vae, device, _vae_dtype(vae, dtype))
+        vae = move_to(vae, device, vae_dtype(vae, dtype))
     else:
         patch = index.get(PIXEL_PATCH_KEY, 1)
-        if not _pixel_space(unet.config, patch):
+        if not is_pixel_space(unet.config, patch):
             raise CheckpointError(
                 f"the pipeline folder {folder} has no vae/, and its U-Net works on "
                 f"{unet.config.in_channels}-channel latents, so it needs one (a pixel-space model has 3 "
                 f"channels, or 3 p^2 with \"{PIXEL_PATCH_KEY}\": p in model_index.json; this one says "
                 f"{patch}). Copy vae/ from the model's source.")
     found = _check_weights(folder / "text_encoder", "text_encoder", allow_pickle)
-    text_encoder, info = _library_call(folder / "text_encoder", lambda: CLIPTextModel.from_pretrained(
+    text_encoder, info = library_call(folder / "text_encoder", lambda: CLIPTextModel.from_pretrained(
         folder / "text_encoder", local_files_only=True, output_loading_info=True, **found))
     _check_loading_info(folder / "text_encoder", info)
-    text_encoder = _to(text_encoder, device, dtype)
-    tok = _load_tokenizer(folder / "tokenizer", CLIPTokenizer)
+    text_encoder = move_to(text_encoder, device, dtype)
+    tok = load_tokenizer(folder / "tokenizer", CLIPTokenizer)
     scheduler = None
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
-        scheduler = _read_json(scheduler_file, "the scheduler config")
+        scheduler = read_json(scheduler_file, "the scheduler config")
     else:
         logger.warning("%s has no scheduler/scheduler_config.json; using the model family's default "
                        "noise schedule from configs/schedulers/", folder)
     for module, part in ((vae, "vae"), (text_encoder, "text_encoder")):
         if module is not None:
-            _check_finite(module.state_dict(), folder / part)
+            check_finite(module.state_dict(), folder / part)
     return unet, vae, text_encoder, tok, scheduler, patch
 
 
@@ -300,7 +296,7 @@ def _check_weights(folder: Path, part: str, allow_pickle: bool) -> dict:
             continue
         files = [f]
         if name.endswith(".index.json"):
-            weight_map = _read_json(f, "the shard index").get("weight_map", {})
+            weight_map = read_json(f, "the shard index").get("weight_map", {})
             files = [folder / n for n in dict.fromkeys(weight_map.values())]
             absent = [p.name for p in files if not p.is_file()]
             if absent:
@@ -309,14 +305,7 @@ def _check_weights(folder: Path, part: str, allow_pickle: bool) -> dict:
             read_weights(w, allow_pickle=allow_pickle, keep=lambda k: False)
         return {"use_safetensors": not name.endswith(".bin"), "variant": variant}
     raise CheckpointError(f"{folder} has no {part} weights: looked for "
-                          f"{', '.join(n for n, _ in _WEIGHTS[part])}; it holds {_listing(folder)}.")
-
-
-def _library_call(where: Path, load):
-    try:
-        return load()
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{where} could not be loaded: {type(e).__name__}: {str(e)[:500]}") from e
+                          f"{', '.join(n for n, _ in _WEIGHTS[part])}; it holds {listing(folder)}.")
 
 
 def _check_loading_info(where: Path, info: dict) -> None:
@@ -324,168 +313,12 @@ def _check_loading_info(where: Path, info: dict) -> None:
     missing = sorted(info.get("missing_keys") or ())
     unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.endswith("position_ids"))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
-    problems = [f"{len(v)} {what} ({_few(v)})" for v, what in
+    problems = [f"{len(v)} {what} ({few(v)})" for v, what in
                 ((missing, "missing tensors"), (unexpected, "unexpected tensors"),
                  (mismatched, "tensors of the wrong shape")) if v]
     if problems:
         raise CheckpointError(f"the weights in {where} do not fit its config.json: {'; '.join(problems)}. "
                               "The folder is incomplete or mixes files from different models.")
-
-
-def _load_tokenizer(folder: Path, cls):
-    if (folder / "tokenizer").is_dir() and not (folder / "vocab.json").is_file():
-        folder = folder / "tokenizer"          # a pipeline folder was given
-    has_files = (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
-    if not folder.is_dir() or not has_files:
-        raise CheckpointError(f"{folder} holds no CLIP tokenizer: expected vocab.json + merges.txt or "
-                              f"tokenizer.json{'; it holds ' + _listing(folder) if folder.is_dir() else ''}.")
-    return _library_call(folder, lambda: cls.from_pretrained(folder, local_files_only=True))
-
-
-# --- single files ----------------------------------------------------------------------------------
-
-def _from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer, prediction_type,
-                      config_dir: Path | None):
-    from transformers import CLIPTokenizer
-
-    if config_dir is not None and not config_dir.is_dir():
-        raise CheckpointError(f"config_dir {config_dir} is not a folder")
-    if tokenizer is None and not (config_dir is not None and (config_dir / "tokenizer").is_dir()):
-        raise CheckpointError(
-            f"{path} is a single-file checkpoint, and those do not contain a tokenizer: pass tokenizer= a "
-            "local folder with the CLIP tokenizer files (vocab.json + merges.txt), e.g. the tokenizer/ "
-            "folder of any diffusers SD1.x pipeline (they all use openai/clip-vit-large-patch14's).")
-    parts, _ = read_weights(path, allow_pickle=allow_pickle,
-                            keep=lambda k: k.startswith((*VAE_PREFIXES, *TEXT_PREFIXES)))
-    holds = family_of_single_file(parts)
-    if holds is not None and not holds.loads:
-        prefix = holds.text_encoders[0].ldm_prefix.split(".")[0]
-        raise UnsupportedCheckpoint(f"{path} is an {holds.title} checkpoint ({prefix}.* text encoders); "
-                                    f"adapterkit cannot load {holds.title} base models yet.")
-    if holds is not None and holds is not SD1:           # SD2.x: OpenCLIP names, no converter of ours yet
-        prefix = holds.text_encoders[0].ldm_prefix
-        raise UnsupportedCheckpoint(
-            f"{path} is an {holds.title} single file (OpenCLIP text encoder under {prefix}*), which "
-            "load_base cannot convert yet. Use the model's diffusers folder instead (or convert the file "
-            "once with a tool you trust, e.g. diffusers' StableDiffusionPipeline.from_single_file with a "
-            "local config, then save_pretrained). The folder's scheduler config also supplies the "
-            "prediction type (epsilon for 512-base, v_prediction for 768-v), which SD2 weights do not "
-            "show; without one, pass prediction_type=.")
-    unet = load_unet(path, allow_pickle=allow_pickle, dtype=dtype, device=device)
-    family = family_of(unet.config)
-    if family.text_encoders[0].ldm_prefix != SD1.text_encoders[0].ldm_prefix:
-        raise UnsupportedCheckpoint(f"{path} has an {family.title} U-Net (context {family.context_dim}) but "
-                                    f"no text encoder under {family.text_encoders[0].ldm_prefix}*; load its "
-                                    "diffusers folder instead.")
-    clip_prefix = family.text_encoders[0].ldm_prefix
-    clip = {k[len(clip_prefix):]: v for k, v in parts.items() if k.startswith(clip_prefix)}
-    vae_state = {k: v for k, v in parts.items() if k.startswith(VAE_PREFIXES)}
-    if not clip:
-        raise CheckpointError(f"{path} holds no text encoder (no {clip_prefix}* tensors): it is a U-Net-only "
-                              "or pruned file. Load the full checkpoint or the model's diffusers folder.")
-    if not vae_state and not _pixel_space(unet.config):
-        raise CheckpointError(f"{path} holds no VAE (no first_stage_model.* or vae.* tensors), and its U-Net "
-                              "works on latents. Load the full checkpoint or the model's diffusers folder.")
-    configs = config_dir if config_dir is not None else CONFIGS / "base" / (family.configs or family.name)
-    vae = None
-    if vae_state:
-        vae = _vae_from_ldm(vae_state, _component_config(configs, "vae", path, family), path)
-        vae = _to(vae, device, _vae_dtype(vae, dtype))
-    text_encoder = _clip_from_ldm(clip, _component_config(configs, "text_encoder", path, family), path,
-                                  clip_prefix)
-    text_encoder = _to(text_encoder, device, dtype)
-    tok_dir = Path(tokenizer) if tokenizer is not None else config_dir / "tokenizer"
-    tok = _load_tokenizer(tok_dir, CLIPTokenizer)
-    scheduler_file = (config_dir / "scheduler" / "scheduler_config.json") if config_dir is not None else None
-    scheduler = _read_json(scheduler_file, "the scheduler config") \
-        if scheduler_file is not None and scheduler_file.is_file() else None
-    return unet, vae, text_encoder, tok, scheduler
-
-
-def _component_config(configs: Path, part: str, path: Path, family: Family) -> tuple[dict, Path]:
-    f = configs / part / "config.json"
-    if not f.is_file():
-        where = f"config_dir {configs} has no {part}/config.json" if not configs.is_relative_to(CONFIGS) \
-            else f"adapterkit ships no default {part} config for the '{family.name}' model family"
-        raise CheckpointError(f"{path}: a single file does not hold its {part} config, and {where}. Pass "
-                              "config_dir= a diffusers folder of this model (its config files are enough).")
-    return {k: v for k, v in _read_json(f, f"the {part} config").items() if not k.startswith("_")}, f
-
-
-def _vae_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Path):
-    """LDM VAE tensors -> diffusers AutoencoderKL, through diffusers' own key conversion."""
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    cfg, cfg_file = config
-    # LDM training files may carry the autoencoder's LPIPS/discriminator loss; not part of the model.
-    state = {k: v for k, v in state.items() if ".loss." not in f".{k}"}
-    converted = convert_ldm_vae_checkpoint(dict(state), cfg)
-    # The converter skips names it does not know without a word. Its outputs are the input tensors
-    # (or views of them, for the attention projections), so shared storage says which inputs it placed.
-    placed = {v.untyped_storage().data_ptr() for v in converted.values()}
-    unplaced = sorted(k for k, v in state.items() if v.untyped_storage().data_ptr() not in placed)
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(cfg)
-    _check_state(converted, vae, path, "VAE (first_stage_model.*)", cfg_file, unplaced)
-    vae.load_state_dict(converted, strict=True, assign=True)
-    return vae.float()
-
-
-def _clip_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Path, prefix: str):
-    """`cond_stage_model.transformer.*` tensors -> transformers CLIPTextModel. The names are
-    transformers' own; only the `text_model.` level differs between versions (v5 dropped it)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg, cfg_file = config
-    config_obj = CLIPTextConfig(**cfg)
-    with torch.device("meta"):
-        reference = CLIPTextModel(config_obj)
-    expected = reference.state_dict()
-    model_prefix = "text_model." if any(k.startswith("text_model.") for k in expected) else ""
-    renamed = {}
-    for k, v in state.items():
-        name = model_prefix + k.removeprefix("text_model.")
-        if name.endswith("position_ids") and name not in expected:
-            continue                 # a buffer older files saved; recomputed by the model
-        renamed[name] = v
-    _check_state(renamed, reference, path, f"text encoder ({prefix}*)", cfg_file, [])
-    # from_pretrained(None, state_dict=...) builds without random init and restores the non-persistent
-    # buffers; every key was checked above (it would silently random-init a missing one).
-    return CLIPTextModel.from_pretrained(None, config=config_obj, state_dict=renamed, local_files_only=True)
-
-
-def _check_state(state: dict[str, Tensor], model: nn.Module, path: Path, part: str, cfg_file: Path,
-                 unplaced: list[str]) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected] + unplaced
-    wrong = [f"{k}: expected {list(s)}, found {list(state[k].shape)}"
-             for k, s in expected.items() if k in state and tuple(state[k].shape) != s]
-    problems = [f"{len(v)} {what} ({_few(v)})" for v, what in
-                ((missing, "missing tensors"), (unexpected, "tensors that have no place"),
-                 (wrong, "tensors of the wrong shape")) if v]
-    if problems:
-        raise CheckpointError(f"the {part} in {path} does not fit the config {cfg_file}: "
-                              f"{'; '.join(problems)}. If the model's parts are not the standard SD1.x "
-                              "ones, pass config_dir= a diffusers folder of this model (its config files "
-                              "are enough).")
-    _check_finite(state, path, part)
-
-
-def _check_finite(state: dict[str, Tensor], where: Path, part: str = "") -> None:
-    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} values)" for k, v in state.items()
-           if v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float32))
-           and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{where}{' ' + part if part else ''} has NaN or inf values in {len(bad)} "
-                              f"tensors: {_few(bad)}. The weights are corrupt; use another copy.")
-
-
-# --- checks, dtypes, fingerprints -----------------------------------------------------------------
-
-def _pixel_space(cfg: UNetConfig, patch: int = 1) -> bool:
-    return patch in PIXEL_PATCHES and cfg.in_channels == cfg.out_channels == 3 * patch**2
 
 
 def _check_parts_agree(path: Path, unet: UNet, vae, text_encoder, tok) -> None:
@@ -500,19 +333,6 @@ def _check_parts_agree(path: Path, unet: UNet, vae, text_encoder, tok) -> None:
     if len(tok) > text_encoder.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {len(tok)} tokens but the text encoder embeds only "
                               f"{text_encoder.config.vocab_size}; pass the tokenizer made for this model.")
-
-
-def _vae_dtype(vae, dtype: torch.dtype) -> torch.dtype:
-    """SD VAEs overflow in float16 (reliability.md §3.4): diffusers' `force_upcast` keeps them fp32."""
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
-        return torch.float32
-    return dtype
-
-
-def _to(module: nn.Module, device, dtype: torch.dtype) -> nn.Module:
-    """Move, and cast only when needed (diffusers warns about any dtype cast through `to`)."""
-    module = module.to(device)
-    return module.to(dtype) if module.dtype != dtype else module
 
 
 def _scheduler_config(found: dict | None, family: Family, prediction_type: str | None, path: Path) -> dict:
@@ -548,88 +368,3 @@ def _module_fingerprint(module: nn.Module, extra: str) -> str:
     arch, weights = unet_fingerprint(module).split("-")
     return f"{arch}-{hashlib.sha256((weights + extra).encode()).hexdigest()[:16]}"
 
-
-# --- encoding --------------------------------------------------------------------------------------
-
-def tokenize(base: BaseModel, prompts: list[str]) -> Tensor:
-    """Token ids (B, max_length): padded to max_length, truncated with a warning, once per caption,
-    that names how many tokens were dropped."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
-    tok, n = base.tokenizer, base.max_length
-    lengths = [len(ids) for ids in tok(list(prompts), truncation=False, verbose=False).input_ids]
-    for prompt, length in zip(prompts, lengths):
-        if length > n and prompt not in base._truncation_warned:
-            base._truncation_warned.add(prompt)
-            warnings.warn(f"caption truncated: {length - n} of its {length - 2} tokens dropped (the text "
-                          f"encoder reads {n - 2} plus start/end): {prompt[:80]!r}", stacklevel=3)
-    return tok(list(prompts), padding="max_length", max_length=n, truncation=True,
-               return_tensors="pt").input_ids
-
-
-def encode_prompts(base: BaseModel, prompts: list[str]) -> Tensor:
-    """Text embeddings (B, max_length, D): the text encoder's last hidden state (after the final
-    layer norm), as StableDiffusionPipeline.encode_prompt computes it without clip_skip."""
-    ids = tokenize(base, prompts)
-    te = base.text_encoder
-    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in te.parameters())):
-        return te(ids.to(te.device))[0]                                  # (B, L, D)
-
-
-def encode_moments(base: BaseModel, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(mean, logvar) of the VAE posterior for pixels (B, 3, H, W) in [-1, 1]; unscaled, in the
-    VAE's dtype, each (B, C, H/f, W/f). Without a VAE: (the pixels folded into channels by
-    `pixel_patch`, None)."""
-    if pixels.ndim != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
-    f = base.latent_scale
-    if pixels.shape[-1] % f or pixels.shape[-2] % f:
-        raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of the VAE's factor {f}")
-    if base.vae is None:
-        return F.pixel_unshuffle(pixels, base.pixel_patch), None
-    vae = base.vae
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean, dist.logvar                      # logvar clamped to [-30, 20] by diffusers
-
-
-def moments_to_latents(base: BaseModel, moments: tuple[Tensor, Tensor | None],
-                       generator: torch.Generator | None = None) -> Tensor:
-    """Scaled float32 latents from posterior moments: a sample drawn with `generator`, or the mean
-    when it is None. The noise is drawn on the generator's device in float32 and then moved, so one
-    seed gives one latent on any device (diffusers' randn_tensor does the same)."""
-    mean, logvar = moments
-    if logvar is None:
-        return mean.float()
-    z = mean.float()
-    if generator is not None:
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
-        z = z + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
-    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * base.vae.config.scaling_factor
-
-
-def encode_images(base: BaseModel, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Scaled latents for pixels (B, 3, H, W) in [-1, 1]: `moments_to_latents(encode_moments(...))`."""
-    return moments_to_latents(base, encode_moments(base, pixels), generator)
-
-
-# --- small helpers ---------------------------------------------------------------------------------
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} ({what}) is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} ({what}) must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
-def _listing(folder: Path, n: int = 12) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    return (", ".join(names[:n]) + (" ..." if len(names) > n else "")) or "nothing"
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")

@@ -33,22 +33,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from adapterkit.train.pipeline.base import BaseModel
+from adapterkit.adapters.controlnet import MultiControlNet, hint_widths_for
+from adapterkit.adapters.lora import set_lora_weights
+from adapterkit.train.images import tensor_to_pil
+from adapterkit.train.pipeline.encoding import decode, encode_prompts
+from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
+from adapterkit.train.pipeline.schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "euler")
 
 
 @torch.no_grad()
-def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [-1, 1] (pixel-space models unfold their samples: `BaseModel.pixel_patch`)."""
-    if base.vae is None:
-        return torch.nn.functional.pixel_shuffle(latents, base.pixel_patch).clamp(-1, 1)
-    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
-    z = latents / base.vae.config.scaling_factor + shift
-    return base.vae.decode(z.to(base.vae.dtype)).sample.float().clamp(-1, 1)
-
-
-
 def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
              controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
@@ -68,9 +63,6 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         carries the picture, as with an empty prompt).
     Raises ValueError for mismatched lengths, sizes or an unknown sampler, before any sampling.
     """
-    from adapterkit.train.pipeline.base import encode_prompts
-    from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
-    from adapterkit.train.pipeline.schedule import NoiseSchedule
 
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
@@ -128,7 +120,6 @@ def generate_columns(base, rows: Sequence[tuple[str, int]], columns: Sequence[di
     ({adapter name: weight}, set with `adapters.lora.set_lora_weights` before the column is
     generated; {} leaves the U-Net as it is). Every cell of a row starts from the same noise. The
     weights of the last column stay set. `kwargs` go to `generate`."""
-    from adapterkit.adapters.lora import set_lora_weights
     prompts, seeds = [p for p, _ in rows], [s for _, s in rows]
     samples = []                                                   # one (rows, 3, H, W) per column
     for weights in columns:
@@ -146,14 +137,12 @@ def start_noise(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
 
 def to_images(samples: Tensor) -> list[Image.Image]:
     """(N, 3, H, W) in [-1, 1] (what `generate` returns) -> N PIL RGB images."""
-    from adapterkit.train.images import tensor_to_pil
     return [tensor_to_pil(x) for x in samples]
 
 
 def check_controlnet(base, controlnet: torch.nn.Module) -> None:
     """Raise ValueError unless the ControlNet's hint encoder shrinks pixel-size hints to the base's
     latent size (its strides = `base.latent_scale`: 8 for SD's VAE)."""
-    from adapterkit.adapters.controlnet import hint_widths_for
     g, f = controlnet.controlnet_cond_embedding.downscale, base.latent_scale
     if g != f:
         raise ValueError(f"the base's latents are {f}x smaller than its pictures but the ControlNet's hint "
@@ -182,7 +171,6 @@ def _hints(base, controlnet, hints, n: int, size: tuple[int, int]) -> Tensor | N
 
 def _several(base, controlnets, hints, scales, n: int, size: tuple[int, int]):
     """(MultiControlNet, one scale per ControlNet, one hint batch per ControlNet) for `generate`."""
-    from adapterkit.adapters.controlnet import MultiControlNet
     nets = list(controlnets)
     scales = [float(scales)] * len(nets) if isinstance(scales, (int, float)) else [float(s) for s in scales]
     if hints is None or isinstance(hints, Tensor) or len(hints) != len(nets) or len(scales) != len(nets):

@@ -133,7 +133,8 @@ def merge_check(base_dir: Path, lora_file: Path, unet_with_lora, weight: float =
 
     from adapterkit.adapters.lora_files import read_lora
     from adapterkit.adapters.merge import merge_loras, unmerge
-    from adapterkit.train.pipeline.base import encode_prompts, load_base
+    from adapterkit.train.pipeline.base import load_base
+    from adapterkit.train.pipeline.encoding import encode_prompts
     from adapterkit.unet import unet_fingerprint
 
     plain = load_base(base_dir)

@@ -15,7 +15,8 @@ from PIL import Image
 from adapterkit.train.data.buckets import Crop, plan_crop
 from adapterkit.train.data.cache import LatentCache
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, collate, to_tensor
-from adapterkit.train.pipeline.base import encode_images, encode_moments, encode_prompts, load_base
+from adapterkit.train.pipeline.base import load_base
+from adapterkit.train.pipeline.encoding import encode_images, encode_moments, encode_prompts
 from adapterkit.unet import PRESETS
 from support.pipelines import build_tiny_pipeline
 

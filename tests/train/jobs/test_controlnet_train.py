@@ -19,14 +19,9 @@ from adapterkit.adapters.controlnet_files import load_controlnet
 from adapterkit.train.config import ConfigError, load_config
 from adapterkit.train.data.canny import edge_map_tensor, write_png
 from adapterkit.train.data.folder import DataConfig
+from adapterkit.train.data.pairs import HintSource, PairedFolder
 from adapterkit.train.images import tensor_to_pil
-from adapterkit.train.jobs.controlnet import (
-    ControlConfig,
-    ControlNetRecipe,
-    PairedFolder,
-    gradient_onset,
-    main,
-)
+from adapterkit.train.jobs.controlnet import ControlNetRecipe, gradient_onset, main
 from adapterkit.train.jobs.guards import TrainingDiverged, TrainingInterrupted
 from adapterkit.train.pipeline.base import load_base
 from adapterkit.unet import PRESETS
@@ -119,7 +114,7 @@ def test_hints_pair_by_path_or_name_and_the_rest_is_reported(images, tmp_path):
                 {"low": 100, "high": 200, "blur": None})})
     Image.new("RGB", (64, 64)).save(cond / "stray.png")             # no image uses it; blank too
     data = DataConfig(root=str(images), resolution=64, bucket_step=16, min_side=32)
-    ds = PairedFolder.scan(data, ControlConfig(folder=str(cond)))
+    ds = PairedFolder.scan(data, HintSource(folder=str(cond)))
     assert len(ds) == 10
     found = {k: [rel for rel, _ in v] for k, v in ds.pairs.entries.items()}
     assert found == {"missing": ["img03.png"], "ambiguous": ["img05.png"], "resized": ["img07.png"],
@@ -134,14 +129,14 @@ def test_hints_pair_by_path_or_name_and_the_rest_is_reported(images, tmp_path):
     # a folder made by `adapterkit canny` pairs completely and its thresholds go into the contract
     from adapterkit.train.data.canny import canny_folder
     canny_folder(images, tmp_path / "made", low=50, high=150)
-    made = PairedFolder.scan(data, ControlConfig(folder=str(tmp_path / "made")))
+    made = PairedFolder.scan(data, HintSource(folder=str(tmp_path / "made")))
     assert len(made) == 12 and not made.pairs.entries
     assert made.hint_spec == HintSpec("canny", "like-target", 50, 150)
 
     with pytest.raises(ValueError, match="none of the 12 training images has a usable conditioning image"):
-        PairedFolder.scan(data, ControlConfig(folder=str(_empty(tmp_path / "other"))))
+        PairedFolder.scan(data, HintSource(folder=str(_empty(tmp_path / "other"))))
     with pytest.raises(ValueError, match="overlap"):
-        PairedFolder.scan(data, ControlConfig(folder=str(images)))
+        PairedFolder.scan(data, HintSource(folder=str(images)))
 
 
 def _empty(folder: Path) -> Path:
@@ -163,8 +158,8 @@ def test_the_hint_is_cropped_exactly_like_its_target(tmp_path):
     (root / "a.txt").write_text("noise")
     image.save(cond / "a.png")
     data = DataConfig(root=str(root), resolution=64, bucket_step=16, min_side=32, random_crop=True, flip=True)
-    paired = PairedFolder.scan(data, ControlConfig(folder=str(cond)))
-    auto = PairedFolder.scan(data, ControlConfig(canny_low=50, canny_high=150))
+    paired = PairedFolder.scan(data, HintSource(folder=str(cond)))
+    auto = PairedFolder.scan(data, HintSource(canny_low=50, canny_high=150))
     assert paired.bucket_of[0] == (80, 48)
     crops = []
     for epoch in range(8):
@@ -187,8 +182,8 @@ def test_hints_are_cached_in_memory_exactly_and_within_their_budget(tmp_path):
         ImageDraw.Draw(image).ellipse(box, fill=(240, 220, 40))
         image.save(root / f"{name}.png")
     data = DataConfig(root=str(root), resolution=64, bucket_step=64, min_side=32)
-    cached = PairedFolder.scan(data, ControlConfig())
-    uncached = PairedFolder.scan(data, ControlConfig(hint_cache_mb=0))
+    cached = PairedFolder.scan(data, HintSource())
+    uncached = PairedFolder.scan(data, HintSource(cache_mb=0))
     first = cached.hint(0)
     assert torch.equal(first, uncached.hint(0)) and first.any()
     (root / "a.png").unlink()                              # a cached hint needs no file

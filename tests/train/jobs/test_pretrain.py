@@ -12,8 +12,8 @@ import adapterkit.train.jobs.pretrain as pt
 from adapterkit.train.config import load_config
 from adapterkit.train.jobs.guards import TrainingOutOfMemory
 from adapterkit.train.jobs.pretrain import PretrainRecipe, main
-from adapterkit.train.pipeline.base import encode_images, encode_prompts, load_base
-from adapterkit.train.pipeline.generate import decode
+from adapterkit.train.pipeline.base import load_base
+from adapterkit.train.pipeline.encoding import decode, encode_images, encode_prompts
 from adapterkit.train.world import shapes as world
 from adapterkit.unet import PRESETS
 from adapterkit.unet.checkpoint import CheckpointError

@@ -18,16 +18,14 @@ import shutil
 import pytest
 import torch
 
-from adapterkit.train.pipeline.base import (
-    CONFIGS,
-    UnsupportedCheckpoint,
-    default_scheduler_config,
+from adapterkit.train.pipeline.base import default_scheduler_config, load_base
+from adapterkit.train.pipeline.encoding import (
     encode_images,
     encode_moments,
     encode_prompts,
-    load_base,
     moments_to_latents,
 )
+from adapterkit.train.pipeline.parts import CONFIGS, UnsupportedCheckpoint
 from adapterkit.unet import (
     PRESETS,
     CheckpointError,

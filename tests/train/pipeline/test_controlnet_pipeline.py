@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import adapterkit.train.pipeline.generate as train_generate
-import adapterkit.train.pipeline.sampling as train_sampling
 from adapterkit.adapters.controlnet_files import load_controlnet, save_controlnet
 from adapterkit.train.data.canny import edge_map_tensor
 from adapterkit.train.images import tensor_to_pil
@@ -64,7 +63,7 @@ def ours(base, cn, hint, scale, monkeypatch, **extra) -> tuple[torch.Tensor, tor
     """`generate`'s final latents (what it decodes) and its pictures in [0, 1]; scale None: no
     ControlNet. Checks that sampling started from `start_noise([SEED], ...)`."""
     seen = {}
-    real_sample, real_decode = train_sampling.ddim_sample, train_generate.decode
+    real_sample, real_decode = train_generate.ddim_sample, train_generate.decode
 
     def sample(*args, **kwargs):
         seen["noise"] = kwargs["noise"]
@@ -74,7 +73,7 @@ def ours(base, cn, hint, scale, monkeypatch, **extra) -> tuple[torch.Tensor, tor
         seen["latents"] = latents
         return real_decode(b, latents)
 
-    monkeypatch.setattr(train_sampling, "ddim_sample", sample)        # generate imports both when called
+    monkeypatch.setattr(train_generate, "ddim_sample", sample)
     monkeypatch.setattr(train_generate, "decode", decode)
     hints = hint if isinstance(cn, list) else [hint]                  # several: one hint list per ControlNet
     kw = {"controlnet": cn, "hints": hints, "control_scale": scale, **extra} if scale is not None else {}

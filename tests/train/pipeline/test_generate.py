@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from adapterkit.adapters.controlnet import ControlNet
-from adapterkit.train.pipeline.base import encode_prompts, load_base
-from adapterkit.train.pipeline.generate import decode, generate, start_noise, to_images
+from adapterkit.train.pipeline.base import load_base
+from adapterkit.train.pipeline.encoding import decode, encode_prompts
+from adapterkit.train.pipeline.generate import generate, start_noise, to_images
 from adapterkit.train.pipeline.sampling import ddim_sample
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from adapterkit.train.world.shapes import canny_map, caption, sample_scenes

@@ -1,4 +1,4 @@
-"""The ControlNet job's pairing policy (train.controlnet_train: PAIR_POLICY, pair_folder,
+"""The ControlNet pairing policy (train/data/pairs.py: PAIR_POLICY, pair_folder,
 PairedFolder.scan, PairReport), one row at a time: a conditioning image of another aspect ratio or
 a damaged one is skipped and named while the other pairs train; the user's files are only read; an
 all-black map is noted; a map of another size is resized and then cropped exactly like its target;
@@ -16,8 +16,8 @@ from adapterkit.adapters.controlnet import HintSpec
 from adapterkit.train.data.buckets import RESAMPLE
 from adapterkit.train.data.canny import SETTINGS_KEY, canny, edge_map_tensor, write_png
 from adapterkit.train.data.folder import DataConfig, scan_folder
+from adapterkit.train.data.pairs import PAIR_POLICY, HintSource, PairedFolder, pair_folder
 from adapterkit.train.images import tensor_to_pil, unit_tensor
-from adapterkit.train.jobs.controlnet import PAIR_POLICY, ControlConfig, PairedFolder, pair_folder
 from support.fixtures import alias
 from support.pictures import png_bytes, shape_image, snapshot
 
@@ -61,7 +61,7 @@ def hint_oracle(cond: Image.Image, size, crop) -> torch.Tensor:
 
 def test_another_aspect_ratio_is_skipped_and_named_and_the_other_pairs_train(images, tmp_path):  # noqa: F811
     cond = cond_folder(tmp_path / "cond", {2: edges(2, (96, 64)), 11: edges(11, (64, 64))})
-    ds = PairedFolder.scan(data(images, random_crop=True, flip=True), ControlConfig(folder=str(cond)))
+    ds = PairedFolder.scan(data(images, random_crop=True, flip=True), HintSource(folder=str(cond)))
     assert found(ds) == {"aspect_mismatch": ["img02.png", "img11.png"]}
     assert PAIR_POLICY["aspect_mismatch"][0] == "skip"
     assert len(ds) == N - 2 and {r.rel for r in ds.records} == {f"img{i:02d}.png" for i in range(N)} - \
@@ -84,7 +84,7 @@ def test_a_damaged_conditioning_image_is_skipped_reported_and_left_untouched(ima
     cond = cond_folder(tmp_path / "cond", {4: whole[:len(whole) // 2],       # cut mid-data
                                            6: b"not an image at all"})
     before = snapshot(cond)
-    ds = PairedFolder.scan(data(images), ControlConfig(folder=str(cond)))
+    ds = PairedFolder.scan(data(images), HintSource(folder=str(cond)))
     assert found(ds) == {"bad_conditioning": ["img04.png", "img06.png"]}
     assert PAIR_POLICY["bad_conditioning"][0] == "skip" and len(ds) == N - 2
     details = dict(ds.pairs.entries["bad_conditioning"])
@@ -99,7 +99,7 @@ def test_a_damaged_conditioning_image_is_skipped_reported_and_left_untouched(ima
 
 def test_an_all_black_map_is_noted_and_still_trained_on(images, tmp_path):  # noqa: F811
     cond = cond_folder(tmp_path / "cond", {8: Image.new("RGB", (64, 64))})
-    ds = PairedFolder.scan(data(images), ControlConfig(folder=str(cond)))
+    ds = PairedFolder.scan(data(images), HintSource(folder=str(cond)))
     assert found(ds) == {"blank": ["img08.png"]} and PAIR_POLICY["blank"][0] == "note"
     assert len(ds) == N
     assert "blank" in ds.summary() and "img08.png" in ds.summary()
@@ -113,7 +113,7 @@ def test_a_map_of_another_size_is_resized_then_cropped_like_its_target(images, t
     # edges) for img11 shows the geometry: its hint must line up with the target, flipped or not
     picture = shape_image(11, (96, 64))
     cond = cond_folder(tmp_path / "cond", {1: edges(1, (32, 32)), 11: picture.resize((48, 32), RESAMPLE)})
-    ds = PairedFolder.scan(data(images, random_crop=True, flip=True), ControlConfig(folder=str(cond)))
+    ds = PairedFolder.scan(data(images, random_crop=True, flip=True), HintSource(folder=str(cond)))
     assert found(ds) == {"resized": ["img01.png", "img11.png"]} and PAIR_POLICY["resized"][0] == "fix"
     assert dict(ds.pairs.entries["resized"])["img11.png"] == "img11.png: 48x32 -> 96x64"
     assert len(ds) == N
@@ -140,7 +140,7 @@ def test_a_folder_without_a_usable_pair_stops_saying_why(images, tmp_path):  # n
     cond = cond_folder(tmp_path / "cond", special)
     before = snapshot(cond)
     with pytest.raises(ValueError, match=f"none of the {N} training images has a usable conditioning") as e:
-        PairedFolder.scan(data(images), ControlConfig(folder=str(cond)))
+        PairedFolder.scan(data(images), HintSource(folder=str(cond)))
     message = str(e.value)
     for key in ("aspect_mismatch", "bad_conditioning"):
         assert key in message and PAIR_POLICY[key][1] in message
@@ -148,7 +148,7 @@ def test_a_folder_without_a_usable_pair_stops_saying_why(images, tmp_path):  # n
     assert snapshot(cond) == before
     records, report = scan_folder(data(images))                # the function itself, as main reaches it
     with pytest.raises(ValueError, match="leave control.folder empty to train on Canny maps"):
-        pair_folder(records, report.root, data(images), ControlConfig(folder=str(cond)))
+        pair_folder(records, report.root, data(images), HintSource(folder=str(cond)))
 
 
 # --- the Canny thresholds a ControlNet records --------------------------------------------------------
@@ -180,7 +180,7 @@ def test_canny_cli_refuses_fractional_thresholds_and_the_controlnet_records_the_
     assert "whole numbers" in err and "low=50.5" in err and "high=151.9" in err
     assert not out.exists()                                     # refused before writing anything
     assert train_cli.main(["canny", str(images), str(out), "--low", "50", "--high", "151"]) == 0
-    ds = PairedFolder.scan(data(images), ControlConfig(folder=str(out)))
+    ds = PairedFolder.scan(data(images), HintSource(folder=str(out)))
     assert len(ds) == N and not ds.pairs.entries
     assert ds.hint_spec == HintSpec("canny", "like-target", 50, 151)
     assert isinstance(ds.hint_spec.canny_low, int)
@@ -197,11 +197,11 @@ def test_maps_that_carry_fractional_thresholds_record_none(images, tmp_path):  #
     for i in range(N):
         write_png(edges(i), cond / f"img{i:02d}.png",
                   text={SETTINGS_KEY: json.dumps({"low": 50.5, "high": 151.9, "blur": None})})
-    ds = PairedFolder.scan(data(images), ControlConfig(folder=str(cond)))
+    ds = PairedFolder.scan(data(images), HintSource(folder=str(cond)))
     assert len(ds) == N and ds.hint_spec == HintSpec("canny", "like-target")
     # whole numbers written as floats (50.0) are recorded, as integers
     for i in range(N):
         write_png(edges(i), cond / f"img{i:02d}.png",
                   text={SETTINGS_KEY: json.dumps({"low": 50.0, "high": 151.0, "blur": None})})
-    spec = PairedFolder.scan(data(images), ControlConfig(folder=str(cond))).hint_spec
+    spec = PairedFolder.scan(data(images), HintSource(folder=str(cond))).hint_spec
     assert spec == HintSpec("canny", "like-target", 50, 151) and isinstance(spec.canny_high, int)
