@@ -26,21 +26,54 @@ only where it computes exactly what peft computes; anything else (merged weights
 dropout in training, DoRA and other variants, `adapter_names` batches, mixed dtypes, autocast,
 fan_in_fan_out) goes to peft's forward unchanged.
 
-Switches, for ablations (benchmarks/lora_step.py): `ENABLED` (ADAPTERKIT_PEFT_LORA=1 turns the fused
-path off everywhere) and `COMPILED` (use the fused path inside torch.compile too; off by default,
-because inductor already fuses peft's elementwise ops into its GEMM epilogues).
+Switches, for ablations (benchmarks/lora_step.py), through `FusedLoraOptions` for a block of code
+(`with use_fused_lora(FusedLoraOptions(enabled=False)): ...`): `enabled` (the command line reads
+ADAPTERKIT_PEFT_LORA=1 at its entry point to turn the fused path off) and `compiled` (use the fused
+path inside torch.compile too; off by default, because inductor already fuses peft's elementwise ops
+into its GEMM epilogues).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import Tensor, nn
 
-ENABLED = os.environ.get("ADAPTERKIT_PEFT_LORA", "") != "1"
-COMPILED = False
+
+@dataclass(frozen=True)
+class FusedLoraOptions:
+    enabled: bool = True     # the fused path (off: peft's own forward everywhere)
+    compiled: bool = False   # the fused path inside torch.compile too
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> FusedLoraOptions:
+        return cls(enabled=env.get("ADAPTERKIT_PEFT_LORA", "") != "1")
+
+
+# The options in force: a frozen record, replaced only by `use_fused_lora` for the block it guards. A module
+# attribute rather than a ContextVar: torch.compile reads it without a graph break, and autograd's
+# backward threads see the same value as the forward.
+_options = FusedLoraOptions()
+
+
+def fused_lora_options() -> FusedLoraOptions:
+    return _options
+
+
+@contextmanager
+def use_fused_lora(options: FusedLoraOptions) -> Iterator[FusedLoraOptions]:
+    """`options` in force for the block (and for what it calls)."""
+    global _options
+    before, _options = _options, options
+    try:
+        yield options
+    finally:
+        _options = before
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -101,9 +134,12 @@ class FusedLinear(PeftLinear):
 
     def _fusable_adapters(self, x: Tensor, args, kwargs) -> list[str] | None:
         """The active adapters, in order, when the fused path computes what peft would; else None."""
-        if not ENABLED or args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out:
+        options = fused_lora_options()
+        if not options.enabled or args or kwargs:
             return None
-        if torch.compiler.is_compiling() and not COMPILED:
+        if self.disable_adapters or self.merged or self.fan_in_fan_out:
+            return None
+        if torch.compiler.is_compiling() and not options.compiled:
             return None
         if torch.is_autocast_enabled(x.device.type):
             return None

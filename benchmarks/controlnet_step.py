@@ -76,15 +76,12 @@ def make_step(fn, opt, autocast: bool, data, kernels: bool = True):
     x, t, c, hint, noise = data
 
     def step():
-        unet_ops.KERNELS = kernels
-        try:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = F.mse_loss(fn(x, t, c, hint).float(), noise.float())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        finally:
-            unet_ops.KERNELS = True
+        with unet_ops.use_ops(unet_ops.OpsOptions(kernels=kernels)), \
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.mse_loss(fn(x, t, c, hint).float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return step
 
 

@@ -152,11 +152,8 @@ def plain_ops(step):
     """The same step with unet.ops' activation-lean autograd ops switched off (an ablation)."""
     import adapterkit.unet.ops as unet_ops
     def run():
-        unet_ops.ENABLED = False
-        try:
+        with unet_ops.use_ops(unet_ops.OpsOptions(fused=False)):
             step()
-        finally:
-            unet_ops.ENABLED = True
     return run
 
 

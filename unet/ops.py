@@ -9,23 +9,32 @@ elementwise part in the backward pass, the same trade FlashAttention makes for t
 - `group_norm_silu(x)`: GroupNorm then SiLU; saves x (+ per-group mean/rstd), not the normalised x.
 - `geglu(p)`: GEGLU on a projection p = [h | gate]; saves p, not gelu(gate).
 
-Forward values are bit-identical to the unfused ops. Without grad they run the plain ops, and
-ADAPTERKIT_PLAIN_OPS=1 turns both off everywhere (for ablations in benchmarks/).
+Forward values are bit-identical to the unfused ops. Without grad they run the plain ops.
 
 On CUDA both go to the Triton kernels of unet/kernels.py instead (same saved tensors, fp32 math,
 not bit-identical): GroupNorm for channels-last input (also `group_norm`, without the SiLU), GEGLU
-for any contiguous input, with or without grad. KERNELS = False (ADAPTERKIT_NO_KERNELS=1) turns them
-off; torch.compile and autocast always use the PyTorch ops.
+for any contiguous input, with or without grad; torch.compile and autocast always use the PyTorch ops.
 
 `geglu` also writes in place: gelu(gate) is multiplied into its own buffer in the forward pass, and the
 backward pass writes both halves of the gradient straight into one (.., 2 * inner) tensor instead of
 concatenating two temporaries (two fewer passes over the widest activation of the block, and no
-temporaries of its size). Values are unchanged; IN_PLACE = False (ADAPTERKIT_NO_IN_PLACE=1) restores
-the allocating version, for ablations; torch.compile always traces the allocating version.
+temporaries of its size). Values are unchanged; torch.compile always traces the allocating version.
+
+Ablations (benchmarks/) switch these off through `OpsOptions`, for a block of code:
+
+    with use_ops(OpsOptions(kernels=False)):
+        step()
+
+The command line reads the switches from the environment once, at its entry point
+(`OpsOptions.from_env`: ADAPTERKIT_PLAIN_OPS=1, ADAPTERKIT_NO_KERNELS=1, ADAPTERKIT_NO_IN_PLACE=1).
+A backward pass (which autograd may run on another thread) follows what its forward pass decided.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +42,40 @@ from torch import Tensor
 
 from . import kernels
 
-ENABLED = os.environ.get("ADAPTERKIT_PLAIN_OPS", "") != "1"
-KERNELS = os.environ.get("ADAPTERKIT_NO_KERNELS", "") != "1"
-IN_PLACE = os.environ.get("ADAPTERKIT_NO_IN_PLACE", "") != "1"
+
+@dataclass(frozen=True)
+class OpsOptions:
+    fused: bool = True       # the activation-lean autograd ops (off: plain autograd)
+    kernels: bool = True     # the Triton kernels on CUDA
+    in_place: bool = True    # geglu's in-place forward and backward
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> OpsOptions:
+        return cls(fused=env.get("ADAPTERKIT_PLAIN_OPS", "") != "1",
+                   kernels=env.get("ADAPTERKIT_NO_KERNELS", "") != "1",
+                   in_place=env.get("ADAPTERKIT_NO_IN_PLACE", "") != "1")
+
+
+# The options in force: a frozen record, replaced only by `use_ops` for the block it guards. A module
+# attribute rather than a ContextVar: torch.compile reads it without a graph break, and autograd's
+# backward threads see the same value as the forward.
+_options = OpsOptions()
+
+
+def ops_options() -> OpsOptions:
+    """The options in force here."""
+    return _options
+
+
+@contextmanager
+def use_ops(options: OpsOptions) -> Iterator[OpsOptions]:
+    """`options` in force for the block (and for what it calls)."""
+    global _options
+    before, _options = _options, options
+    try:
+        yield options
+    finally:
+        _options = before
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -75,7 +115,8 @@ def group_norm_silu(x: Tensor, norm: torch.nn.GroupNorm) -> Tensor:
     """SiLU(norm(x)) for an affine `nn.GroupNorm`, keeping only x for the backward pass."""
     if _nhwc_kernel(x, norm):
         return kernels.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=True)
-    if not ENABLED or not torch.is_grad_enabled() or not (x.requires_grad or norm.weight.requires_grad):
+    trains = x.requires_grad or norm.weight.requires_grad
+    if not ops_options().fused or not torch.is_grad_enabled() or not trains:
         return F.silu(norm(x))
     if x.dtype != norm.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return F.silu(norm(x))                # autocast runs GroupNorm in fp32: keep its semantics
@@ -92,7 +133,7 @@ def group_norm(x: Tensor, norm: torch.nn.GroupNorm) -> Tensor:
 def _kernels_on(t: Tensor) -> bool:
     """Whether unet/kernels.py may take `t`: a CUDA tensor, kernels on, not compiling (tested first, so
     Dynamo never traces the rest), no autocast."""
-    return (not torch.compiler.is_compiling() and KERNELS and t.is_cuda and kernels.available()
+    return (not torch.compiler.is_compiling() and ops_options().kernels and t.is_cuda and kernels.available()
             and not torch.is_autocast_enabled("cuda"))
 
 
@@ -104,13 +145,14 @@ class _GEGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: Tensor):
         ctx.save_for_backward(p)
-        return _geglu(p)
+        ctx.in_place = _in_place()
+        return _geglu(p, ctx.in_place)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (p,) = ctx.saved_tensors
         h, gate = p.chunk(2, dim=-1)
-        if not _in_place():
+        if not ctx.in_place:
             dh = grad * F.gelu(gate)
             dgate = torch.ops.aten.gelu_backward(grad * h, gate)
             return torch.cat([dh, dgate], dim=-1)
@@ -126,12 +168,12 @@ class _GEGLU(torch.autograd.Function):
 def _in_place() -> bool:
     # Dynamo cannot trace `out=` into a strided view (a graph break per block); inductor fuses the
     # allocating version anyway.
-    return IN_PLACE and not torch.compiler.is_compiling()
+    return ops_options().in_place and not torch.compiler.is_compiling()
 
 
-def _geglu(p: Tensor) -> Tensor:
+def _geglu(p: Tensor, in_place: bool) -> Tensor:
     h, gate = p.chunk(2, dim=-1)
-    if not _in_place():
+    if not in_place:
         return h * F.gelu(gate)
     return F.gelu(gate).mul_(h)                          # gelu(gate) * h == h * gelu(gate), bitwise
 
@@ -140,9 +182,9 @@ def geglu(p: Tensor) -> Tensor:
     """h * gelu(gate) for p = [h | gate] along the last dim, keeping only p for the backward pass."""
     if _kernels_on(p) and p.is_contiguous():
         return kernels.geglu(p)
-    if not ENABLED or not torch.is_grad_enabled() or not p.requires_grad:
+    if not ops_options().fused or not torch.is_grad_enabled() or not p.requires_grad:
         if torch.is_grad_enabled() and p.requires_grad:
             h, gate = p.chunk(2, dim=-1)
             return h * F.gelu(gate)                       # plain autograd (ablation)
-        return _geglu(p)
+        return _geglu(p, _in_place())
     return _GEGLU.apply(p)

@@ -1,7 +1,6 @@
 """The fused LoRA Linear (adapters/lora_fused.py) computes what peft's lora.Linear computes, forward and
 backward, through every adapter state peft manages: several adapters with weights, disable, merge,
 dropout, mixed dtypes. The reference is the same model with the fused path switched off."""
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +20,8 @@ CFG = PRESETS["tiny"]
 SPEC = LoraSpec(rank=4, alpha=8, targets="attn-ff")
 
 
-@contextlib.contextmanager
 def fused(enabled: bool):
-    before = lora_fused.ENABLED
-    lora_fused.ENABLED = enabled
-    try:
-        yield
-    finally:
-        lora_fused.ENABLED = before
+    return lora_fused.use_fused_lora(lora_fused.FusedLoraOptions(enabled=enabled))
 
 
 def model_with_loras(dtype=torch.float32, spec=SPEC, names=("a",)):
@@ -211,8 +204,8 @@ def test_compiled_default_uses_peft_path(monkeypatch):
     layer = next(m for m in lora_layers(model).values() if type(m) is FusedLinear)
     x = torch.randn(2, 3, layer.in_features)
     assert layer._fusable_adapters(x, (), {}) is None
-    monkeypatch.setattr(lora_fused, "COMPILED", True)
-    assert layer._fusable_adapters(x, (), {}) == ["a"]
+    with lora_fused.use_fused_lora(lora_fused.FusedLoraOptions(compiled=True)):
+        assert layer._fusable_adapters(x, (), {}) == ["a"]
 
 
 def test_saved_activations_do_not_grow():
@@ -236,10 +229,10 @@ def test_saved_activations_do_not_grow():
 
 
 def test_one_graph_under_torch_compile(monkeypatch):
-    # Neither the fused LoRA Linear (COMPILED) nor the in-place GEGLU may break the compiled graph.
+    # Neither the fused LoRA Linear (options.compiled) nor the in-place GEGLU may break the compiled graph.
     model = model_with_loras(spec=LoraSpec(rank=4, targets="attn"))
     for compiled in (False, True):
-        monkeypatch.setattr(lora_fused, "COMPILED", compiled)
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(model)(*inputs())
+        with lora_fused.use_fused_lora(lora_fused.FusedLoraOptions(compiled=compiled)):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model)(*inputs())
         assert explained.graph_break_count == 0, explained.break_reasons

@@ -111,14 +111,11 @@ def test_unet_channels_last_with_kernels_matches_nchw():
 
     def run(channels_last: bool):
         model.zero_grad(set_to_none=True)
-        unet_ops.KERNELS = channels_last
-        try:
+        with unet_ops.use_ops(unet_ops.OpsOptions(kernels=channels_last)):
             model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             out = model(xi, t, ctx)
             out.square().mean().backward()
-        finally:
-            unet_ops.KERNELS = True
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

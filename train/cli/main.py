@@ -11,10 +11,10 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "adapterkit.train.world.demo",
+    "adapterkit.train.cli.demo",
     "adapterkit.train.cli.lora",
     "adapterkit.train.cli.train",
-    "adapterkit.train.data.canny",
+    "adapterkit.train.cli.canny",
     "adapterkit.train.cli.sample",
     "adapterkit.train.cli.quality",
 )
@@ -30,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from adapterkit.adapters.lora_fused import FusedLoraOptions, use_fused_lora  # torch, peft: after --help
+    from adapterkit.unet.ops import OpsOptions, use_ops
     try:
-        return args.func(args) or 0
+        # The ablation switches (unet/ops.py, adapters/lora_fused.py) are read here, once.
+        with use_ops(OpsOptions.from_env()), use_fused_lora(FusedLoraOptions.from_env()):
+            return args.func(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Our errors carry the what-and-how-to-fix; a traceback would bury it.
         print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)

@@ -301,27 +301,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {grid} and {out / REPORT_NAME}; adapter files in {lora_dir}")
     print(f"demo ok in {clock.total:.0f} s")
     return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the bundled end-to-end demo on the CPU",
-                       description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", default="out/demo", help="folder for everything the demo writes")
-    p.add_argument("--style", default="outline", help="outline or stripes (default outline)")
-    p.add_argument("--trigger", default="sks", help="the LoRA's trigger word (default sks)")
-    p.add_argument("--images", type=int, help=f"training pictures (default {FULL['images']})")
-    p.add_argument("--scenes", type=int, help=f"measured scenes (default {FULL['scenes']})")
-    p.add_argument("--sample-steps", type=int, help=f"DDIM steps (default {FULL['sample_steps']})")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--batch-size", type=int, default=32, help="sampling batch")
-    p.add_argument("--seed", type=int, default=0, help="the training pictures' seed")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smoke run: {QUICK['images']} pictures, {QUICK['scenes']} scenes, "
-                        f"{QUICK['sample_steps']} DDIM steps, {' '.join(QUICK['overrides'])}")
-    p.add_argument("--assets", default=str(DEFAULT_ASSETS), help="folder with tiny-base/ and tiny-canny/")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="the LoRA recipe (YAML)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the recipe's keys")
-    p.set_defaults(func=run)
