@@ -54,7 +54,7 @@ class UNetConfig:
     upcast_attention: bool = False     # SD2.1-768-v sets it; recorded for diffusers, SDPA needs no upcast
     # The added embedding. None (SD1.x/2.x): the time embedding alone. "text_time" (SDXL): pooled text
     # + sinusoidal size/crop ids through `add_embedding`, added to the time embedding. The three
-    # widths below are SDXL's and are read only when addition_embed is set.
+    # numbers below default to SDXL's and are read only when addition_embed is set.
     addition_embed: str | None = None
     pooled_dim: int = 1280             # width of the pooled text embedding (SDXL: CLIP bigG's projection)
     time_ids: int = 6                  # ids per picture (SDXL: original h, w, crop top, left, target h, w)
@@ -227,9 +227,10 @@ def _added_from_diffusers(cfg: dict) -> dict:
     ids = UNetConfig.time_ids
     if not isinstance(in_dim, int) or not isinstance(time_dim, int) or in_dim <= ids * time_dim:
         raise ValueError(
-            "diffusers U-Net config has addition_embed_type='text_time' but projection_class_embeddings_"
-            f"input_dim={in_dim!r} and addition_time_embed_dim={time_dim!r}; text_time needs both, the "
-            f"first larger than {ids} ids x the second (SDXL: 2816 = 1280 pooled + 6 x 256)")
+            "diffusers U-Net config has addition_embed_type='text_time' (SDXL) but projection_class_"
+            f"embeddings_input_dim={in_dim!r} and addition_time_embed_dim={time_dim!r}: text_time needs "
+            f"both, the first larger than {ids} ids x the second (SDXL: 2816 = 1280 pooled + 6 x 256); "
+            "an SD1.x/2.x config has addition_embed_type None")
     return {"addition_embed": kind, "pooled_dim": in_dim - ids * time_dim, "time_ids": ids,
             "addition_time_embed_dim": time_dim}
 

@@ -193,7 +193,7 @@ class Encoder(nn.Module):
             raise ValueError(f"context must be (B={sample.shape[0]}, tokens, {cfg.context_dim}), "
                              f"got {tuple(context.shape)}")
 
-    def _check_added(self, cond: Conditioning):
+    def _check_added(self, cond: Conditioning) -> None:
         """A text_time U-Net needs pooled and time_ids of the right shapes; any other refuses them."""
         cfg, B = self.config, cond.batch
         given = [name for name in ("pooled", "time_ids") if getattr(cond, name) is not None]
