@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.unet import Conditioning, Encoder, UNet, UNetConfig, as_conditioning
+from adapterkit.unet.model import ENCODER_PARTS
 
 from .lora_files import base_fingerprint
 from .lora_keys import describe_config
 
 HINT_WIDTHS = (16, 32, 96, 256)
 HINT_RANGE = (0.0, 1.0)      # the value range every hint image is given in (lllyasviel: uint8 / 255)
-_ENCODER_PARTS = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
+_ENCODER_PARTS = tuple(f"{part}." for part in ENCODER_PARTS)   # add_embedding.* in SDXL's
 
 
 @dataclass(frozen=True)

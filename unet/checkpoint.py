@@ -69,8 +69,8 @@ def load_unet(path: str | os.PathLike, config: UNetConfig | str | None = None, *
         the folder's `config.json`, else the `adapterkit.unet_config` metadata that `save_unet` writes
         into LDM files, else inferred from tensor shapes (`infer_unet_config`). Shapes cannot show
         the head count, so inference applies the SD rule: conv proj_in/out (SD1.x, context 768) means
-        8 heads, linear proj_in/out (SD2.x, context 1024) means heads of width 64; pass `config=`
-        for a model made otherwise.
+        8 heads, linear proj_in/out (SD2.x, SDXL) means heads of width 64; pass `config=` for a model
+        made otherwise.
     allow_pickle: read `.ckpt/.pt/.pth/.bin` files, with `torch.load(weights_only=True)` only.
     dtype: parameter dtype; None means float32 whatever the file stores (as diffusers does).
     device: where the parameters end up.
@@ -100,23 +100,23 @@ def infer_unet_config(state_dict: Mapping[str, Tensor]) -> UNetConfig:
     keys; the rest is ignored). Only shapes are read, so meta tensors work.
 
     Read from the weights: stage count and channels, which stages have attention, layers per block,
-    transformer depth, context width, linear vs conv proj_in/out, in/out channels.
+    transformer depth per stage, context width, linear vs conv proj_in/out, in/out channels, and
+    whether there is an added embedding (`add_embedding` / LDM `label_emb`: SDXL's text_time) and
+    its input width.
     Not in the weights, so set by rule: the head count. Conv proj_in/out (SD1.x, context 768) means
-    8 heads per stage; linear proj_in/out (SD2.x, context 1024) means heads of width 64, i.e.
-    channels // 64 heads. norm_groups (32), norm_eps, sample_size and upcast_attention take the
-    defaults. If everything the weights show equals a preset (tiny, sd15, sd21), that preset is
-    returned, with its heads and sample size. Pass `config=` to `load_unet` for anything else.
+    8 heads per stage; linear proj_in/out (SD2.x, SDXL) means heads of width 64, i.e.
+    channels // 64 heads. The added embedding's input splits as SDXL's: 6 ids x 256 sinusoidal
+    features, the rest pooled text. norm_groups (32), norm_eps, sample_size and upcast_attention take
+    the defaults. If everything the weights show equals a preset (tiny, sd15, sd21, sdxl), that preset
+    is returned, with its heads and sample size. Pass `config=` to `load_unet` for anything else.
 
-    Raises ValueError when the names do not form an SD1.x/2.x U-Net.
+    Raises ValueError when the names do not form an SD1.x/2.x/SDXL U-Net.
     """
     _, _, state = _unet_tensors(state_dict, None)
     return _infer(state)
 
 
 def _infer(state: Mapping[str, Tensor]) -> UNetConfig:
-    if "label_emb.0.0.weight" in state or "add_embedding.linear_1.weight" in state:
-        raise ValueError("this is an SDXL-style U-Net (label_emb / add_embedding: size and crop "
-                         "conditioning); adapterkit supports SD1.x/2.x U-Nets only so far")
     if any(k.startswith(_LDM_BARE) for k in state):
         stages, L, attention = ldm_structure(state)
         up_attention = tuple(reversed(attention))
@@ -152,11 +152,13 @@ def _infer(state: Mapping[str, Tensor]) -> UNetConfig:
     linear = len(shape(f"{mid}.proj_in.weight")) == 2
     heads = [_heads_by_rule(c, linear, needed=attention[b] or b == stages - 1, stage=b)
              for b, c in enumerate(channels)]
+    added = _added_by_rule(shape("add_embedding.linear_1.weight")[1]) \
+        if name("add_embedding.linear_1.weight") in state else {}
     cfg = UNetConfig(
         stages=tuple(Stage(c, a, h, d) for c, a, h, d in zip(channels, attention, heads, depths)),
         in_channels=shape("conv_in.weight")[1], out_channels=shape("conv_out.weight")[0],
         layers_per_block=L, context_dim=shape(f"{mid}.transformer_blocks.0.attn2.to_k.weight")[1],
-        linear_projection=linear)
+        linear_projection=linear, **added)
     for preset in PRESETS.values():
         if _visible(preset) == _visible(cfg):
             return preset
@@ -176,6 +178,17 @@ def _heads_by_rule(channels: int, linear: bool, needed: bool, stage: int) -> int
                      "count is not visible in the weights, so pass config= with the right heads")
 
 
+def _added_by_rule(in_dim: int) -> dict:
+    """The text_time fields of an `add_embedding` taking `in_dim` inputs. Only the total is in the
+    weights; the split is SDXL's: six ids of 256 sinusoidal features each, the rest pooled text."""
+    ids, width = UNetConfig.time_ids, UNetConfig.addition_time_embed_dim
+    if in_dim <= ids * width:
+        raise ValueError(f"add_embedding takes {in_dim} inputs, too few for SDXL's {ids} ids x {width} "
+                         "features plus pooled text; pass config= with pooled_dim, time_ids and "
+                         "addition_time_embed_dim")
+    return {"addition_embed": "text_time", "pooled_dim": in_dim - ids * width}
+
+
 def _visible(cfg: UNetConfig) -> dict:
     """The config fields that tensor shapes determine (heads, eps and sample size are not among them)."""
     last = len(cfg.stages) - 1
@@ -187,6 +200,7 @@ def _visible(cfg: UNetConfig) -> dict:
         "stage attention": tuple(s.attention for s in cfg.stages),
         "transformer depth": tuple(s.depth if s.attention or i == last else None
                                    for i, s in enumerate(cfg.stages)),
+        "added embedding input": cfg.projection_class_embeddings_input_dim,
     }
 
 
@@ -423,8 +437,8 @@ def _resolve_config(config, config_json: Path | None, metadata: dict[str, str],
     try:
         return _infer(state), _INFERRED
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot infer the U-Net config from the tensors in {label}: {e}. Pass "
-                              "config= (a UNetConfig or preset name) if this is an SD1.x/2.x U-Net.") from e
+        raise CheckpointError(f"cannot infer the U-Net config from the tensors in {label}: {e}. Pass config= "
+                              "(a UNetConfig or preset name) if this is an SD1.x/2.x/SDXL U-Net.") from e
 
 
 def _check_config(cfg: UNetConfig, origin: str, state: dict[str, Tensor], label: Path) -> None:
@@ -465,7 +479,7 @@ def _check_and_rename(state: dict[str, Tensor], layout: str, prefix: str, cfg: U
     if problems:
         raise CheckpointError(
             f"{label} does not fit the U-Net described by {origin}: {'; '.join(problems)}. Check that the "
-            "file is a complete SD1.x/2.x U-Net and that the config matches it (config=None infers it).")
+            "file is a complete SD1.x/2.x/SDXL U-Net and that the config matches it (config=None infers it).")
     bad = []
     for k, v in state.items():
         # A sum is NaN/inf if any element is (and, rarely, on overflow): a fast screen, then count.

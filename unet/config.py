@@ -3,6 +3,13 @@
 A config describes the architecture only; it never names a file. `to_diffusers()` / `from_diffusers()`
 translate to and from the `config.json` that diffusers writes beside `UNet2DConditionModel` weights,
 so a folder saved by either library can be read by the other.
+
+SDXL differs from SD1.x/2.x in data only: three stages with attention in the lower two, per-stage
+transformer depth (1, 2, 10), head width 64, linear proj_in/out, and the `text_time` added embedding
+(diffusers' `addition_embed_type="text_time"`): each of the six size/crop ids gets the same sinusoidal
+features as a timestep (`addition_time_embed_dim`=256 wide), these are concatenated after the pooled
+text embedding (1280) and a TimestepEmbedding MLP (`add_embedding`, 2816 -> 1280 -> 1280) maps the
+result onto the time embedding, to which it is added.
 """
 from __future__ import annotations
 
@@ -45,6 +52,13 @@ class UNetConfig:
     norm_eps: float = 1e-5
     sample_size: int = 64              # nominal latent size; informative only
     upcast_attention: bool = False     # SD2.1-768-v sets it; recorded for diffusers, SDPA needs no upcast
+    # The added embedding. None (SD1.x/2.x): the time embedding alone. "text_time" (SDXL): pooled text
+    # + sinusoidal size/crop ids through `add_embedding`, added to the time embedding. The three
+    # numbers below default to SDXL's and are read only when addition_embed is set.
+    addition_embed: str | None = None
+    pooled_dim: int = 1280             # width of the pooled text embedding (SDXL: CLIP bigG's projection)
+    time_ids: int = 6                  # ids per picture (SDXL: original h, w, crop top, left, target h, w)
+    addition_time_embed_dim: int = 256  # sinusoidal features per id
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(
@@ -59,10 +73,24 @@ class UNetConfig:
                 raise ValueError(f"stage {i}: channels={s.channels} is not divisible by heads={s.heads}")
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
+        if self.addition_embed not in ADDITION_EMBEDS:
+            raise ValueError(f"addition_embed must be one of {ADDITION_EMBEDS}, got {self.addition_embed!r}")
+        if self.addition_embed and (self.pooled_dim < 1 or self.time_ids < 1
+                                    or self.addition_time_embed_dim < 2 or self.addition_time_embed_dim % 2):
+            raise ValueError(f"text_time needs pooled_dim >= 1, time_ids >= 1 and an even "
+                             f"addition_time_embed_dim >= 2; got {self.pooled_dim}, {self.time_ids}, "
+                             f"{self.addition_time_embed_dim}")
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.stages[0].channels
+
+    @property
+    def projection_class_embeddings_input_dim(self) -> int | None:
+        """Input width of `add_embedding` (SDXL: 1280 + 6 * 256 = 2816); None without an added embedding."""
+        if self.addition_embed is None:
+            return None
+        return self.pooled_dim + self.time_ids * self.addition_time_embed_dim
 
     @property
     def num_skips(self) -> int:
@@ -102,13 +130,21 @@ class UNetConfig:
             "downsample_padding": 1,
             "mid_block_scale_factor": 1,
             "center_input_sample": False,
+            "addition_embed_type": self.addition_embed,
+            "addition_time_embed_dim": self.addition_time_embed_dim if self.addition_embed else None,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
         }
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> UNetConfig:
-        """Read a diffusers `UNet2DConditionModel` config dict; refuse features this U-Net lacks."""
+        """Read a diffusers `UNet2DConditionModel` config dict; refuse features this U-Net lacks.
+
+        diffusers' config gives the added embedding's input width, not how it splits into pooled text
+        and ids: the split is taken as SDXL's, `time_ids` (6) ids, the rest pooled text.
+        """
         unsupported = {
-            "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+            "class_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
+            "encoder_hid_dim_type": None, "time_embedding_act_fn": None,
             "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
             "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
             "only_cross_attention": False, "dual_cross_attention": False, "downsample_padding": 1,
@@ -126,7 +162,7 @@ class UNetConfig:
                 value = any(value)  # diffusers also accepts one flag per stage
             if value != expected:
                 raise ValueError(f"diffusers U-Net config has {key}={value!r}; adapterkit's U-Net "
-                                 f"supports only {expected!r} (SD1.x/2.x architecture)")
+                                 f"supports only {expected!r} (SD1.x/2.x/SDXL architecture)")
         channels = list(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
         n = len(channels)
         down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
@@ -158,6 +194,7 @@ class UNetConfig:
             norm_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
             sample_size=cfg.get("sample_size", 64) or 64,
             upcast_attention=bool(cfg.get("upcast_attention", False)),
+            **_added_from_diffusers(cfg),
         )
 
     # plain dict (for metadata and YAML) -------------------------------------------------------------
@@ -172,6 +209,30 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown UNetConfig keys {sorted(unknown)}; valid keys: {sorted(names)}")
         return cls(**d)
+
+
+ADDITION_EMBEDS = (None, "text_time")
+
+
+def _added_from_diffusers(cfg: dict) -> dict:
+    """The UNetConfig fields of diffusers' addition_embed_type (None or SDXL's "text_time")."""
+    kind = cfg.get("addition_embed_type")
+    if kind not in ADDITION_EMBEDS:
+        raise ValueError(f"diffusers U-Net config has addition_embed_type={kind!r}; adapterkit's U-Net "
+                         f"supports None (SD1.x/2.x) and 'text_time' (SDXL)")
+    if kind is None:
+        return {}
+    in_dim = cfg.get("projection_class_embeddings_input_dim")
+    time_dim = cfg.get("addition_time_embed_dim")
+    ids = UNetConfig.time_ids
+    if not isinstance(in_dim, int) or not isinstance(time_dim, int) or in_dim <= ids * time_dim:
+        raise ValueError(
+            "diffusers U-Net config has addition_embed_type='text_time' (SDXL) but projection_class_"
+            f"embeddings_input_dim={in_dim!r} and addition_time_embed_dim={time_dim!r}: text_time needs "
+            f"both, the first larger than {ids} ids x the second (SDXL: 2816 = 1280 pooled + 6 x 256); "
+            "an SD1.x/2.x config has addition_embed_type None")
+    return {"addition_embed": kind, "pooled_dim": in_dim - ids * time_dim, "time_ids": ids,
+            "addition_time_embed_dim": time_dim}
 
 
 def _per_stage(value, n: int, name: str) -> list[int]:
@@ -197,4 +258,10 @@ PRESETS: dict[str, UNetConfig] = {
     ),
     "sd15": UNetConfig(),
     "sd21": UNetConfig(stages=_sd2_stages(), context_dim=1024, linear_projection=True, sample_size=96),
+    # SDXL 1.0 base: no attention at 320, depths 2 and 10 below; head width 64; the text_time embedding.
+    "sdxl": UNetConfig(
+        stages=(Stage(320, attention=False, heads=5), Stage(640, heads=10, depth=2),
+                Stage(1280, heads=20, depth=10)),
+        context_dim=2048, linear_projection=True, sample_size=128, addition_embed="text_time",
+    ),
 }

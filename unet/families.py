@@ -51,7 +51,9 @@ class Family:
 
     unet_preset: the unet.PRESETS entry of its released U-Net.
     context_dim, linear_projection: how its U-Net config is recognised (cross-attention width and
-        whether proj_in/proj_out are Linear).
+        whether proj_in/proj_out are Linear), together with the added embedding: a family with
+        time_ids recognises only U-Nets with the text_time embedding of its pooled width and id count,
+        the others only U-Nets without one.
     text_encoders: in the order their hidden states are concatenated into the context.
     time_ids: extra conditioning numbers per picture (SDXL: original h, w, crop top, left, target h, w).
     vae_scale, vae_shift: latents = (z - shift) * scale.
@@ -109,8 +111,10 @@ class Family:
         return dict(self.modelspec_by_size).get(cfg.sample_size, self.modelspec)
 
     def recognises(self, cfg: UNetConfig) -> bool:
+        added = (cfg.pooled_dim, cfg.time_ids) if cfg.addition_embed == "text_time" else (None, 0)
         return (self.context_dim is not None and cfg.context_dim == self.context_dim
-                and cfg.linear_projection == self.linear_projection)
+                and cfg.linear_projection == self.linear_projection
+                and added == (self.pooled_dim, self.time_ids))
 
 
 _CLIP_L = "CLIPTextModel"

@@ -8,6 +8,7 @@ With L = layers_per_block:
 
     conv_in                           input_blocks.0.0
     time_embedding.linear_{1,2}       time_embed.{0,2}
+    add_embedding.linear_{1,2}        label_emb.0.{0,2}     (text_time configs: SDXL's `adm` MLP)
     down_blocks.b.resnets.m           input_blocks.(1 + b(L+1) + m).0      (+ resnet renames)
     down_blocks.b.attentions.m        input_blocks.(1 + b(L+1) + m).1
     down_blocks.b.downsamplers.0.conv input_blocks.((b+1)(L+1)).0.op
@@ -38,6 +39,8 @@ _TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }

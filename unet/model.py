@@ -3,12 +3,13 @@
 Key contract (tested against diffusers): parameter names are those of diffusers
 `UNet2DConditionModel`:
 
-    conv_in, time_embedding.linear_{1,2},
+    conv_in, time_embedding.linear_{1,2}, add_embedding.linear_{1,2} (text_time configs: SDXL),
     down_blocks.B.{resnets.M, attentions.M, downsamplers.0.conv}, mid_block.{resnets.{0,1}, attentions.0},
     up_blocks.B.{resnets.M, attentions.M, upsamplers.0.conv}, conv_norm_out, conv_out
 
-`Encoder` holds the first half and is what `UNet.clone_encoder()` returns: the trainable copy a
-ControlNet branch starts from. `UNet` extends it with the decoder, so both share one `encode`.
+`Encoder` holds the first half (`ENCODER_PARTS`) and is what `UNet.clone_encoder()` returns: the
+trainable copy a ControlNet branch starts from. `UNet` extends it with the decoder, so both share one
+`encode`.
 """
 from __future__ import annotations
 
@@ -32,12 +33,15 @@ from .layers import (
 )
 from .ops import group_norm_silu
 
+# The encoder's top-level modules, in diffusers' names (add_embedding only in text_time configs).
+ENCODER_PARTS = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block")
+
 
 class Features(NamedTuple):
     """What the encoder hands to the decoder."""
     skips: tuple[Tensor, ...]   # conv_in output, then every down ResNet/attention and downsampler output
     mid: Tensor                 # mid-block output
-    emb: Tensor                 # SiLU(time embedding), (B, time_embed_dim)
+    emb: Tensor                 # SiLU(time embedding [+ added embedding]), (B, time_embed_dim)
 
 
 class _Checkpointed(nn.Module):
@@ -120,7 +124,7 @@ class UpBlock(_Checkpointed):
 
 
 class Encoder(nn.Module):
-    """conv_in + time embedding + down blocks + mid block."""
+    """conv_in + time embedding (+ the added embedding of text_time configs) + down blocks + mid block."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -128,6 +132,8 @@ class Encoder(nn.Module):
         ch0 = cfg.stages[0].channels
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch0, cfg.time_embed_dim)
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+                              if cfg.addition_embed == "text_time" else None)
         blocks, cin = [], ch0
         for i, stage in enumerate(cfg.stages):
             blocks.append(DownBlock(cin, stage.channels, stage, cfg, downsample=i < len(cfg.stages) - 1))
@@ -135,30 +141,46 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(cin, cfg.stages[-1], cfg)
 
-    def embed_time(self, timestep: Tensor | float | int, batch: int, dtype: torch.dtype,
-                   device: torch.device) -> Tensor:
-        """SiLU(time_embedding(sinusoid(t))), (B, time_embed_dim). Accepts a scalar or a (B,) tensor."""
+    def embed(self, timestep: Tensor | float | int, cond: Conditioning, batch: int, dtype: torch.dtype,
+              device: torch.device) -> Tensor:
+        """SiLU(time_embedding(sinusoid(t)) [+ add_embedding(...)]), (B, time_embed_dim): what every
+        ResNet block receives. Accepts a scalar or a (B,) timestep."""
         t = torch.as_tensor(timestep, device=device)
         if t.ndim == 0:
             t = t[None]
         t = t.expand(batch)
         sinusoid = timestep_embedding(t, self.config.stages[0].channels).to(dtype)
-        return F.silu(self.time_embedding(sinusoid))
+        emb = self.time_embedding(sinusoid)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(self._text_time(cond, dtype))
+        return F.silu(emb)
+
+    def _text_time(self, cond: Conditioning, dtype: torch.dtype) -> Tensor:
+        """[pooled | sinusoid(id_0) | ... | sinusoid(id_n-1)], (B, pooled + n*d): diffusers' text_time input.
+
+        Each id (an integer size or crop offset in pixels) is embedded like a timestep, with the same
+        [cos | sin] layout (flip_sin_to_cos=True, freq_shift=0, as diffusers' SDXL config sets).
+        """
+        ids = cond.time_ids
+        features = timestep_embedding(ids.flatten(), self.config.addition_time_embed_dim)  # (B*n, d)
+        features = features.reshape(ids.shape[0], -1)                                      # (B, n*d)
+        return torch.cat([cond.pooled.to(dtype), features.to(dtype)], dim=-1)
 
     def encode(self, sample: Tensor, timestep, cond: Conditioning | Tensor,
                input_residual: Tensor | None = None) -> Features:
         """Run the encoder. `input_residual` is added to the conv_in output (a ControlNet's hint)."""
-        context = as_conditioning(cond).context
-        self._check_inputs(sample, context)
-        emb = self.embed_time(timestep, sample.shape[0], self.conv_in.weight.dtype, sample.device)
+        cond = as_conditioning(cond)
+        self._check_inputs(sample, cond.context)
+        self._check_added(cond)
+        emb = self.embed(timestep, cond, sample.shape[0], self.conv_in.weight.dtype, sample.device)
         h = self.conv_in(sample)
         if input_residual is not None:
             h = h + input_residual
         skips = [h]
         for block in self.down_blocks:
-            h, outputs = block(h, emb, context)
+            h, outputs = block(h, emb, cond.context)
             skips.extend(outputs)
-        h = self.mid_block(h, emb, context)
+        h = self.mid_block(h, emb, cond.context)
         return Features(tuple(skips), h, emb)
 
     forward = encode
@@ -170,6 +192,30 @@ class Encoder(nn.Module):
         if context.ndim != 3 or context.shape[-1] != cfg.context_dim or context.shape[0] != sample.shape[0]:
             raise ValueError(f"context must be (B={sample.shape[0]}, tokens, {cfg.context_dim}), "
                              f"got {tuple(context.shape)}")
+
+    def _check_added(self, cond: Conditioning) -> None:
+        """A text_time U-Net needs pooled and time_ids of the right shapes; any other refuses them."""
+        cfg, B = self.config, cond.batch
+        given = [name for name in ("pooled", "time_ids") if getattr(cond, name) is not None]
+        if cfg.addition_embed is None:
+            if given:
+                raise ValueError(
+                    f"this U-Net has no added embedding (SD1.x/2.x: it is conditioned on the text context "
+                    f"alone) but the conditioning carries {' and '.join(given)} (SDXL conditioning); pass "
+                    "Conditioning(context) or the context tensor")
+            return
+        expected = {"pooled": (B, cfg.pooled_dim), "time_ids": (B, cfg.time_ids)}
+        missing = [name for name in expected if name not in given]
+        if missing:
+            raise ValueError(
+                f"this U-Net's text_time embedding (SDXL) needs pooled {expected['pooled']} (the pooled text "
+                f"embedding) and time_ids {expected['time_ids']} (original size, crop top-left, target "
+                f"size); the conditioning lacks {' and '.join(missing)}: pass "
+                "Conditioning(context, pooled=..., time_ids=...)")
+        for name, shape in expected.items():
+            got = tuple(getattr(cond, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} must be {shape} for this U-Net, got {got}")
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each ResNet and transformer in the backward pass instead of storing activations."""
@@ -238,10 +284,11 @@ class UNet(Encoder):
         return self._decode(skips, mid, emb, context)
 
     def clone_encoder(self) -> Encoder:
-        """A deep copy of conv_in, time embedding, down blocks and mid block; shares no parameters."""
+        """A deep copy of the encoder (`ENCODER_PARTS`: conv_in, time and added embeddings, down blocks,
+        mid block); shares no parameters."""
         enc = Encoder.__new__(Encoder)
         nn.Module.__init__(enc)
         enc.config = self.config
-        for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+        for name in ENCODER_PARTS:
             setattr(enc, name, copy.deepcopy(getattr(self, name)))
         return enc
