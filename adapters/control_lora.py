@@ -49,7 +49,7 @@ from .controlnet import (
     check_base,
     same_architecture,
 )
-from .controlnet_files import _attach_metadata, _hint_geometry, controlnet_key_map, controlnet_metadata
+from .controlnet_keys import attach_metadata, controlnet_key_map, controlnet_metadata, hint_geometry
 from .lora_files import base_fingerprint
 from .lora_keys import describe_config
 
@@ -179,9 +179,9 @@ def control_lora_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, st
         if not same_architecture(made_for, cfg):
             raise CheckpointError(f"{label} is a Control-LoRA for {describe_config(made_for)}, but the U-Net "
                                   f"is {describe_config(cfg)}")
-    hint_channels, widths = _hint_geometry(tensors, "lllyasviel", label)
+    hint_channels, widths = hint_geometry(tensors, "lllyasviel", label)
     cn = ControlNet.from_unet(unet, hint_channels, widths)
-    _attach_metadata(cn, metadata, label)             # hint contract, recorded base, carried keys
+    attach_metadata(cn, metadata, label)             # hint contract, recorded base, carried keys
     check_base(cn, unet, allow_other_base)
     if cn.base_fingerprint is None:
         cn.base_fingerprint = base_fingerprint(unet)     # it is a delta from this base, whatever it was

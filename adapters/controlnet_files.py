@@ -28,10 +28,8 @@ from). Applying a file to another base fails naming both (`controlnet.check_base
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -42,59 +40,45 @@ from adapterkit.unet import (
     UNetConfig,
     atomic_write,
     infer_unet_config,
-    ldm_key_map,
     read_weights,
 )
 from adapterkit.unet import write_safetensors as _write_safetensors
 
-from .controlnet import _ENCODER_PARTS, HINT_WIDTHS, ControlNet, HintSpec, check_base, same_architecture
-from .lora_files import base_metadata
+from .control_lora import control_lora_from_tensors
+from .controlnet import HINT_WIDTHS, ControlNet, check_base, same_architecture
+from .controlnet_keys import (
+    LDM_CONTROL_PREFIX,
+    attach_metadata,
+    controlnet_key_map,
+    controlnet_metadata,
+    hint_geometry,
+)
 from .lora_keys import describe_config
 
 LAYOUTS = ("diffusers", "lllyasviel")
-LDM_CONTROL_PREFIX = "control_model."
-FORMAT_VERSION = "1"
+
+
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                  "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+
+
 _DIFFUSERS_MARK = "controlnet_cond_embedding.conv_in.weight"
+
+
 _LDM_MARK = "input_hint_block.0.weight"
+
+
 # The other parts of a full lllyasviel / SD checkpoint: never read.
 _NOT_CONTROL = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "model_ema.",
                 "conditioner.", "vae.", "text_encoder.")
+
+
 _CONFIG_KEYS = ("in_channels", "down_block_types", "mid_block_type", "block_out_channels",
                 "layers_per_block", "attention_head_dim", "transformer_layers_per_block",
                 "cross_attention_dim", "use_linear_projection", "norm_num_groups", "norm_eps",
                 "upcast_attention", "flip_sin_to_cos", "freq_shift", "act_fn", "downsample_padding",
                 "mid_block_scale_factor")
 
-
-# --- key names --------------------------------------------------------------------------------------
-
-def controlnet_key_map(cfg: UNetConfig, hint_widths=HINT_WIDTHS) -> dict[str, str]:
-    """`{diffusers name: lllyasviel name}` (without `control_model.`) for every tensor of a ControlNet."""
-    return dict(_key_pairs(cfg, tuple(hint_widths)))
-
-
-@functools.lru_cache(maxsize=16)
-def _key_pairs(cfg: UNetConfig, hint_widths: tuple[int, ...]) -> tuple[tuple[str, str], ...]:
-    unet_map = ldm_key_map(cfg)
-    with torch.device("meta"):
-        cn = ControlNet(cfg, hint_widths=hint_widths)
-    hint = ["conv_in", *(f"blocks.{j}" for j in range(len(cn.controlnet_cond_embedding.blocks))), "conv_out"]
-    convs = {f"controlnet_cond_embedding.{n}": f"input_hint_block.{2 * i}" for i, n in enumerate(hint)}
-    convs |= {f"controlnet_down_blocks.{n}": f"zero_convs.{n}.0" for n in range(cfg.num_skips)}
-    convs["controlnet_mid_block"] = "middle_block_out.0"
-    out = {}
-    for k in cn.state_dict():
-        if k.startswith(_ENCODER_PARTS):
-            out[k] = unet_map[k]
-        else:
-            module, _, param = k.rpartition(".")
-            out[k] = f"{convs[module]}.{param}"
-    return tuple(out.items())
-
-
-# --- config.json --------------------------------------------------------------------------------------
 
 def diffusers_config(cn: ControlNet) -> dict:
     """The `config.json` of the equivalent diffusers `ControlNetModel` (what its `from_unet` writes)."""
@@ -124,32 +108,6 @@ def config_from_diffusers(d: dict) -> tuple[UNetConfig, int, tuple[int, ...]]:
     cfg = UNetConfig.from_diffusers({**d, "up_block_types": up, "out_channels": d.get("in_channels", 4)})
     widths = tuple(d.get("conditioning_embedding_out_channels") or HINT_WIDTHS)
     return cfg, int(d.get("conditioning_channels", 3)), widths
-
-
-# --- saving -------------------------------------------------------------------------------------------
-
-def controlnet_metadata(cn: ControlNet, layout: str, title: str | None = None) -> dict[str, str]:
-    """Header keys: carried-over ones, then the ones that describe this ControlNet (recomputed)."""
-    md = {k: v for k, v in cn.metadata.items() if not k.startswith("adapterkit.") and k != "format"}
-    # base_metadata's ss_* keys are kohya LoRA training keys: not for a ControlNet
-    base = {k: v for k, v in base_metadata(cn.config, cn.base_fingerprint).items() if not k.startswith("ss_")}
-    base["modelspec.architecture"] = base["modelspec.architecture"].removesuffix("/lora") + "/controlnet"
-    md |= base
-    md.setdefault("modelspec.date", datetime.now(timezone.utc).replace(microsecond=0).isoformat())
-    md.setdefault("modelspec.title", "adapterkit ControlNet")
-    if title:
-        md["modelspec.title"] = title
-    md |= {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.implementation": "diffusers" if layout == "diffusers"
-        else "https://github.com/lllyasviel/ControlNet",
-        "modelspec.preprocessor": cn.hint.kind,
-        "adapterkit.format_version": FORMAT_VERSION,
-        "adapterkit.adapter": json.dumps({"type": "controlnet", "hint_channels": cn.hint_channels,
-                                          "hint_widths": list(cn.hint_widths)}),
-        "adapterkit.hint": json.dumps(cn.hint.to_dict(), sort_keys=True),
-    }
-    return md
 
 
 def save_controlnet(cn: ControlNet, path: str | os.PathLike, layout: str = "diffusers",
@@ -199,8 +157,6 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write([(path, lambda tmp: tmp.write_text(text))])
 
 
-# --- loading ------------------------------------------------------------------------------------------
-
 def load_controlnet(path: str | os.PathLike, unet: torch.nn.Module | None = None, *,
                     allow_other_base: bool = False, allow_pickle: bool = False,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> ControlNet:
@@ -223,14 +179,13 @@ def load_controlnet(path: str | os.PathLike, unet: torch.nn.Module | None = None
     tensors, metadata = read_weights(weights, allow_pickle=allow_pickle, keep=keep)
     layout, prefix = detect_layout(tensors, seen, weights)
     if layout == "control-lora":
-        from .control_lora import control_lora_from_tensors
         if unet is None:
             raise CheckpointError(f"{weights} is a Control-LoRA: it stores the difference from its base "
                                   "U-Net, so pass that U-Net as unet=")
         cn = control_lora_from_tensors(tensors, metadata, unet, weights, allow_other_base)
         return cn.to(device, dtype or torch.float32)
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    hint_channels, widths = _hint_geometry(state, layout, weights)
+    hint_channels, widths = hint_geometry(state, layout, weights)
     cfg, origin = _resolve_config(state, layout, metadata, config_json, unet, weights)
     if config_json is not None and origin != str(config_json):
         _check_config_json(config_json, cfg, hint_channels, widths)
@@ -242,7 +197,7 @@ def load_controlnet(path: str | os.PathLike, unet: torch.nn.Module | None = None
         cn = ControlNet(cfg, hint_channels, widths)
     cn.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     cn = cn.to(device)
-    _attach_metadata(cn, metadata, weights)
+    attach_metadata(cn, metadata, weights)
     if unet is not None:
         check_base(cn, unet, allow_other_base)
     return cn
@@ -320,26 +275,6 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     found = sorted(p.name for p in folder.iterdir())
     raise CheckpointError(f"no ControlNet weights in {folder}: looked for {', '.join(WEIGHTS_NAMES)}; "
                           f"the folder holds {', '.join(found[:12]) or 'nothing'}")
-
-
-def _hint_convs(state: dict[str, Tensor], layout: str) -> list[str]:
-    """Names (without .weight) of the hint encoder's convs in order."""
-    if layout == "diffusers":
-        n = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
-        names = ["conv_in", *(f"blocks.{i}" for i in range(n)), "conv_out"]
-        return [f"controlnet_cond_embedding.{name}" for name in names]
-    idx = sorted({int(k.split(".")[1]) for k in state if k.startswith("input_hint_block.")})
-    return [f"input_hint_block.{i}" for i in idx]
-
-
-def _hint_geometry(state: dict[str, Tensor], layout: str, label: Path) -> tuple[int, tuple[int, ...]]:
-    """(hint channels, hint widths) from the hint encoder's weight shapes."""
-    names = _hint_convs(state, layout)
-    shapes = [tuple(state[n + ".weight"].shape) if n + ".weight" in state else None for n in names]
-    if None in shapes or len(shapes) < 2 or len(shapes) % 2 or any(len(s) != 4 for s in shapes):
-        raise CheckpointError(f"{label}: the hint encoder is malformed: convs {names} with weight shapes "
-                              f"{shapes}; expected conv_in, pairs of blocks, conv_out (all 4-D)")
-    return shapes[0][1], tuple(s[0] for s in shapes[0:-1:2])
 
 
 def _resolve_config(state, layout, metadata, config_json, unet, label) -> tuple[UNetConfig, str]:
@@ -421,16 +356,6 @@ def _check_and_rename(state, layout, cfg, hint_channels, widths, origin, label) 
         raise CheckpointError(f"{label} has NaN or inf values in {len(bad)} tensors: {_few(bad)}; the "
                               "weights are corrupt, use another copy")
     return {k: state[to_file[k]] for k in expected}
-
-
-def _attach_metadata(cn: ControlNet, metadata: dict[str, str], label: Path) -> None:
-    try:
-        cn.hint = HintSpec.from_dict(json.loads(metadata["adapterkit.hint"])) \
-            if "adapterkit.hint" in metadata else HintSpec()
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{label}: metadata adapterkit.hint is not a valid hint contract: {e}") from e
-    cn.base_fingerprint = metadata.get("adapterkit.base_fingerprint")
-    cn.metadata = {k: v for k, v in metadata.items() if not k.startswith("adapterkit.") and k != "format"}
 
 
 def _few(items: list[str], n: int = 5) -> str:

@@ -20,6 +20,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -55,7 +56,7 @@ class LoraSpec:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: str = "attn-ff"
+    targets: Literal["attn", "attn-ff", "full"] = "attn-ff"     # TARGET_PRESETS
     conv_rank: int | None = None
     conv_alpha: float | None = None
 

@@ -29,6 +29,17 @@ class Conditioning:
     def batch(self) -> int:
         return self.context.shape[0]
 
+    def __len__(self) -> int:
+        return self.batch
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.tensors().items()}
+
     def tensors(self) -> dict[str, Tensor]:
         """The fields that are set, by name (what a cache stores)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -38,9 +49,16 @@ class Conditioning:
         """`fn` applied to every field that is set."""
         return Conditioning(**{name: fn(t) for name, t in self.tensors().items()})
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           non_blocking: bool = False) -> Conditioning:
-        """Moved and (floating fields only) cast; the integer-valued ids stay as they are."""
+    def to(self, *args: torch.device | str | torch.dtype, non_blocking: bool = False,
+           device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Moved and (floating fields only) cast, called as a Tensor's `to`: `to(dtype)`,
+        `to(device)`, `to(device, dtype)` or by keyword; integer-valued ids keep their dtype."""
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                device = a
+
         def move(t: Tensor) -> Tensor:
             cast = dtype if dtype is not None and t.is_floating_point() else None
             return t.to(device=device, dtype=cast, non_blocking=non_blocking)

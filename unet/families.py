@@ -33,6 +33,8 @@ class TextEncoder:
         before the last, without the final norm).
     pooled: whether its projected pooled output conditions the U-Net (SDXL's second encoder).
     ldm_prefix: where a single-file checkpoint keeps its tensors.
+    openclip: whether the single file names them as OpenCLIP does (fused `in_proj`, transposed
+        `text_projection`) rather than as transformers does.
     kohya_prefix: its LoRA modules' prefix in kohya files.
     """
     folder: str
@@ -42,6 +44,7 @@ class TextEncoder:
     layer: str = "last"
     pooled: bool = False
     ldm_prefix: str = ""
+    openclip: bool = False
     kohya_prefix: str = "lora_te_"
 
 
@@ -128,7 +131,7 @@ SD1 = Family(
 SD2 = Family(
     name="sd2", title="SD2.x", unet_preset="sd21", context_dim=1024, linear_projection=True,
     text_encoders=(TextEncoder("text_encoder", "tokenizer", _CLIP_L, 1024,
-                               ldm_prefix="cond_stage_model.model."),),        # OpenCLIP ViT-H names
+                               ldm_prefix="cond_stage_model.model.", openclip=True),),   # ViT-H
     resolution=768, prediction=None, schedules=(("epsilon", "sd2"), ("v_prediction", "sd2-v")),
     ss_version="sd_v2", modelspec="stable-diffusion-v2-512",
     modelspec_by_size=((96, "stable-diffusion-v2-768-v"),))
@@ -140,7 +143,8 @@ SDXL = Family(
                     ldm_prefix="conditioner.embedders.0.transformer.", kohya_prefix="lora_te1_"),
         TextEncoder("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", 1280,
                     layer="penultimate", pooled=True,
-                    ldm_prefix="conditioner.embedders.1.model.", kohya_prefix="lora_te2_")),  # OpenCLIP bigG
+                    ldm_prefix="conditioner.embedders.1.model.", openclip=True,
+                    kohya_prefix="lora_te2_")),                                         # bigG
     time_ids=6, vae_scale=0.13025, resolution=1024, schedules=(("epsilon", "sd1"),),
     kohya_unet_naming="ldm", ss_version="sdxl_base_v1-0", modelspec="stable-diffusion-xl-v1-base",
     pipeline_classes=("StableDiffusionXL",), loads=False)

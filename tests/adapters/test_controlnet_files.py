@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 from adapterkit.adapters.controlnet import ControlNet, HintSpec
 from adapterkit.adapters.controlnet_files import (
     config_from_diffusers,
-    controlnet_key_map,
     convert_controlnet,
     diffusers_config,
     load_controlnet,
     save_controlnet,
 )
+from adapterkit.adapters.controlnet_keys import controlnet_key_map
 from adapterkit.adapters.lora import LoraSpec, add_lora
 from adapterkit.adapters.lora_files import save_lora
 from adapterkit.unet import CheckpointError, Stage, UNet, ldm_key_map, save_unet, unet_fingerprint

@@ -14,7 +14,8 @@ from adapterkit.adapters.control_lora import (
     save_control_lora,
 )
 from adapterkit.adapters.controlnet import ControlNet
-from adapterkit.adapters.controlnet_files import controlnet_key_map, load_controlnet
+from adapterkit.adapters.controlnet_files import load_controlnet
+from adapterkit.adapters.controlnet_keys import controlnet_key_map
 from adapterkit.unet import CheckpointError, UNet, unet_fingerprint
 from support.unets import SD15ISH, TINY, inputs
 from support.unets import random_unet as base

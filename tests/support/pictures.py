@@ -1,6 +1,7 @@
 """Pictures and folders for the data and ControlNet tests."""
 import io
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS = [(220, 30, 30), (30, 60, 220), (30, 180, 60), (230, 210, 40)]
@@ -46,3 +47,21 @@ def write_controlnet_folder(root):
         shape_image(i, (96, 64) if i == 11 else (64, 64)).save(root / f"img{i:02d}.png")
         (root / f"img{i:02d}.txt").write_text(f"a shape number {i}")
     return root
+
+
+def square(size=64, lo=16, hi=47, fg=255, bg=0) -> Image.Image:
+    """A filled square with corners (lo, lo), (hi, hi) on a plain background."""
+    im = Image.new("RGB", (size, size), (bg,) * 3)
+    ImageDraw.Draw(im).rectangle([lo, lo, hi, hi], fill=(fg,) * 3)
+    return im
+
+
+def write_canny_folder(src):
+    """A folder for the Canny converter: one good picture, one PNG cut mid-data, one text file."""
+    src.mkdir()
+    (src / "good.png").write_bytes(png_bytes(square()))
+    noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    data = png_bytes(Image.fromarray(noise))
+    (src / "broken.png").write_bytes(data[:len(data) // 2])              # cut mid-data
+    (src / "notes.txt").write_text("not an image")
+    return src

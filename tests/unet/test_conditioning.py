@@ -35,6 +35,8 @@ def test_batch_operations_keep_the_fields_aligned():
     assert both.repeat(2).pooled[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     half = cond.to(dtype=torch.float16)
     assert half.context.dtype == half.pooled.dtype == torch.float16 and half.time_ids.dtype == torch.int64
+    assert cond.to("cpu", torch.float16).shapes == half.shapes == cond.shapes
+    assert cond.to(torch.float64).pooled.dtype == torch.float64 and len(cond) == 4
     assert list(Conditioning(ctx).tensors()) == ["context"] and as_conditioning(cond) is cond
     with pytest.raises(ValueError, match="different fields"):
         Conditioning.cat([cond, Conditioning(ctx)])

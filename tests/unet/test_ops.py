@@ -75,12 +75,12 @@ def test_geglu_in_place_is_bitwise_the_allocating_version(dtype, grad_layout, mo
         torch.randn(1, 1, 12, dtype=dtype).expand(2, 9, 12)
     results = []
     for in_place in (False, True):
-        monkeypatch.setattr(unet_ops, "IN_PLACE", in_place)
-        pi = p.clone().requires_grad_(True)
-        out = geglu(pi)
-        out.backward(g)
-        with torch.no_grad():
-            no_grad = geglu(p)
+        with unet_ops.use_ops(unet_ops.OpsOptions(in_place=in_place)):
+            pi = p.clone().requires_grad_(True)
+            out = geglu(pi)
+            out.backward(g)
+            with torch.no_grad():
+                no_grad = geglu(p)
         results.append((out, pi.grad, no_grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)

@@ -3,7 +3,7 @@
     cache = LatentCache(output_dir / "cache", base.fingerprint)
     stats = cache.build(dataset, base)                   # {"hits": 40, "encoded": 2, ...}
     latents = cache.latents(base, batch, data_cfg, generator)   # a training batch, from the cache
-    context = cache.embeddings(base, batch["caption"])
+    text = cache.text(base, batch["caption"])            # unet.Conditioning (context, pooled)
 
 Keys (DESIGN.md §4: edits invalidate exactly the changed entries). An image entry is keyed by the
 SHA-256 of the image file's bytes (the scan's `ImageRecord.sha256`) and everything that changes
@@ -17,7 +17,9 @@ captions stay cached across VAE and resolution changes and vice versa.
 
 Storage: one safetensors file per entry, `root/images/ab/<key>.safetensors` and
 `root/texts/ab/<key>.safetensors`. Image entries hold the VAE posterior's `mean` and `logvar`
-(base.py says why the moments and not a sample), text entries `embedding` (L, D). Each file's
+(encoding.py says why the moments and not a sample), text entries the text part of the
+conditioning record: `embedding` (the context, L x D) and the other fields a family's text encoding
+sets (`pooled`) under their own names. Each file's
 metadata repeats its key, what it was made from and a SHA-256 of its tensor bytes. Writes are
 atomic (temp file + fsync + rename, `unet.write_safetensors`). On read an entry that does not load,
 holds another key, has the wrong shapes, fails its checksum or is not finite is corrupt: it is
@@ -44,8 +46,8 @@ from torch import Tensor
 from adapterkit.train.data.buckets import Crop, plan_crop
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, build_caption, to_tensor
 from adapterkit.train.pipeline.base import BaseModel, Fingerprint
-from adapterkit.train.pipeline.encoding import encode_moments, encode_prompts, moments_to_latents
-from adapterkit.unet import write_safetensors
+from adapterkit.train.pipeline.encoding import encode_moments, encode_text, moments_to_latents
+from adapterkit.unet import Conditioning, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -236,22 +238,23 @@ class LatentCache:
             report("texts", min(start + batch_size, len(missing)), len(missing))
         return len(captions) - len(missing), len(missing)
 
-    def _texts(self, base: BaseModel, captions: Sequence[str]) -> dict[str, Tensor | None]:
+    def _texts(self, base: BaseModel, captions: Sequence[str]) -> dict[str, Conditioning | None]:
         dtype, shapes = base.text_encoder.dtype, self._text_shapes(base)
         out = {}
         for c in dict.fromkeys(captions):
             entry = self.get(self.text_key(c, base.max_length, dtype)[0], shapes)
-            out[c] = entry["embedding"] if entry is not None else None
+            out[c] = _from_entry(entry) if entry is not None else None
         return out
 
-    def _encode_texts(self, base: BaseModel, captions: Sequence[str]) -> Tensor:
-        embeddings = encode_prompts(base, list(captions))                      # (b, L, D)
-        dtype = base.text_encoder.dtype
-        for caption, e in zip(captions, embeddings):
-            _check_finite({"embedding": e}, f"caption {caption[:60]!r}")
+    def _encode_texts(self, base: BaseModel, captions: Sequence[str]) -> list[Conditioning]:
+        encoded = encode_text(base, list(captions))
+        dtype, rows = base.text_encoder.dtype, [encoded[j:j + 1] for j in range(len(captions))]
+        for caption, row in zip(captions, rows):
+            entry = _to_entry(row)
+            _check_finite(entry, f"caption {caption[:60]!r}")
             key, what = self.text_key(caption, base.max_length, dtype)
-            self.put(key, {"embedding": e}, what)
-        return embeddings
+            self.put(key, entry, what)
+        return rows
 
     # -- serving a training batch ---------------------------------------------------------------
 
@@ -283,16 +286,32 @@ class LatentCache:
         logvar = torch.stack([e["logvar"] for e in entries]).to(device) if "logvar" in entries[0] else None
         return moments_to_latents(base, (mean, logvar), generator)
 
-    def embeddings(self, base: BaseModel, captions: Sequence[str],
-                   device: str | torch.device | None = None) -> Tensor:
-        """Text embeddings (B, L, D) for `captions`, from the cache; missing ones are encoded and stored."""
+    def text(self, base: BaseModel, captions: Sequence[str],
+             device: str | torch.device | None = None) -> Conditioning:
+        """The text conditioning of `captions` (context (B, L, D), and pooled where the family has it),
+        from the cache; missing ones are encoded and stored."""
         self._check_base(base)
         rows = self._texts(base, captions)
         missing = [c for c, e in rows.items() if e is None]
         if missing:
             rows.update(zip(missing, self._encode_texts(base, missing)))
         device = device if device is not None else base.unet.conv_in.weight.device
-        return torch.stack([rows[c].to(device) for c in captions])
+        return Conditioning.cat([rows[c].to(device) for c in captions])
+
+
+# A text entry's tensor names: the context is stored as `embedding` (the name cache files have always
+# used), every other field of the conditioning record under its own name.
+_ENTRY_NAMES = {"context": "embedding"}
+
+
+def _to_entry(row: Conditioning) -> dict[str, Tensor]:
+    """One caption's conditioning (batch of 1) as a cache entry: unbatched tensors by entry name."""
+    return {_ENTRY_NAMES.get(name, name): t[0] for name, t in row.tensors().items()}
+
+
+def _from_entry(entry: Mapping[str, Tensor]) -> Conditioning:
+    fields = {v: k for k, v in _ENTRY_NAMES.items()}
+    return Conditioning(**{fields.get(name, name): t[None] for name, t in entry.items()})
 
 
 def _digest(what: Mapping) -> str:

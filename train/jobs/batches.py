@@ -15,6 +15,7 @@ from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.recipe import LoopConfig
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.schedule import NoiseSchedule, offset_noise
+from adapterkit.unet import Conditioning
 
 
 class BatchPlan:
@@ -40,11 +41,11 @@ class BatchPlan:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch, ready for the model: latents are fp32, `noisy` and `context` in `dtype`."""
+    """One micro-batch, ready for the model: latents are fp32, `noisy` and `cond` in `dtype`."""
     keys: list[tuple[int, int]]
     samples: list[dict]                # dataset.describe(key) of each: caption, crop, identity
     latents: Tensor                    # (B, C, h, w) clean
-    context: Tensor                    # (B, L, D)
+    cond: Conditioning                 # context (B, L, D); pooled and time ids where the family has them
     noise: Tensor
     t: Tensor                          # (B,) int64
     noisy: Tensor
@@ -61,9 +62,9 @@ def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCac
     batch["pixel_values"] = lambda keys=keys: torch.stack([dataset[k]["pixel_values"] for k in keys])
     g = torch.Generator(device).manual_seed(plan.seed(loop.seed, step, micro))
     latents = cache.latents(base, batch, dataset.cfg, generator=g, device=device).float()
-    context = cache.embeddings(base, batch["caption"], device=device).to(dtype)
+    cond = cache.text(base, batch["caption"], device=device).to(dtype)
     noise = offset_noise(latents.shape, loop.noise_offset, g, device)
     t = schedule.sample_timesteps(len(latents), g, device)
     noisy = schedule.add_noise(latents, noise, t).to(dtype)
-    return MicroBatch(keys, samples, latents, context, noise, t, noisy)
+    return MicroBatch(keys, samples, latents, cond, noise, t, noisy)
 

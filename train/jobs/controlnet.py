@@ -81,12 +81,15 @@ from adapterkit.train.jobs.recipe import (
     LoopConfig,
     ModelConfig,
     OptimConfig,
+    OutputConfig,
+    SampleConfig,
     flat_dict,
     public_recipe,
 )
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
+from adapterkit.unet import Conditioning
 
 LORA_NAME = "lora"                  # the frozen LoRA of control.lora, as an adapter name on the U-Net
 
@@ -146,30 +149,21 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
-class OutputConfig:
+class ControlNetOutputConfig(OutputConfig):
     dir: str = "out/controlnet"
     name: str = "controlnet"
     # diffusers: <name>/ with config.json (ControlNetModel.from_pretrained); diffusers-file: one
     # <name>.safetensors (ComfyUI); lllyasviel: <name>.lllyasviel.safetensors (A1111's extension).
     formats: tuple[Literal["diffusers", "diffusers-file", "lllyasviel"], ...] = ("diffusers",)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"     # of the exported files (checkpoints stay fp32)
-    checkpoint_every: int = 250                     # 0 = only at the end (and on a signal)
-    keep_checkpoints: int = 3
-    log_every: int = 10
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    every: int = 0                                  # 0 = only at the end
-    prompts: tuple[str, ...] = ()                   # no prompts: no samples
+class ControlNetSampleConfig(SampleConfig):
     hints: tuple[str, ...] = ()                     # conditioning images, used as given (not Canny'd)
     num_hints: int = 2                              # without hints: the first training pairs' hints
-    seeds: tuple[int, ...] = (0,)
     control_scales: tuple[float, ...] = (0.0, 1.0)  # the grid's columns after the control image
     lora_scales: tuple[float, ...] = (0.0, 1.0)     # with control.lora: one row per scale
-    steps: int = 20
-    guidance: float = 7.5
-    sampler: Literal["ddim", "euler"] = "ddim"
 
 
 @dataclass(frozen=True)
@@ -179,8 +173,8 @@ class ControlNetRecipe:
     control: ControlConfig = field(default_factory=ControlConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: ControlNetOutputConfig = field(default_factory=ControlNetOutputConfig)
+    sample: ControlNetSampleConfig = field(default_factory=ControlNetSampleConfig)
 
 
 def main(cfg: ControlNetRecipe) -> Path:
@@ -273,15 +267,15 @@ class ControlledUNet(torch.nn.Module):
         super().__init__()
         self.unet, self.controlnet, self.scale = unet, controlnet, scale
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor) -> Tensor:
-        return controlled_prediction(self.unet, self.controlnet, x, t, context, hint, self.scale)
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning, hint: Tensor) -> Tensor:
+        return controlled_prediction(self.unet, self.controlnet, x, t, cond, hint, self.scale)
 
 
 def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: ControlNet, base: BaseModel,
                cache: LatentCache, dataset: PairedFolder, plan: BatchPlan, schedule: NoiseSchedule,
                step: int, forward: GraphedStep | None = None, scaler: LossScaler | None = None) -> float:
     """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
-    `forward(x, t, context, hint)` is the controlled U-Net (a GraphedStep); None calls it directly.
+    `forward(x, t, cond, hint)` is the controlled U-Net (a GraphedStep); None calls it directly.
     `scaler`: the fp16 loss scale (`use_loss_scaling`)."""
     forward = forward or ControlledUNet(base.unet, model, cfg.control.conditioning_scale)
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
@@ -293,7 +287,7 @@ def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: Contr
         hinted |= bool(hint.any())                                             # (B, 3, H, W) in [0, 1]
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            pred = forward(b.noisy, b.t, b.context, hint)
+            pred = forward(b.noisy, b.t, b.cond, hint)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum

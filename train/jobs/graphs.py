@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from adapterkit.unet import kernels
+from adapterkit.unet import Conditioning, kernels
 
 
 def channels_last(module: nn.Module, device: torch.device) -> nn.Module:
@@ -44,14 +44,42 @@ def channels_last(module: nn.Module, device: torch.device) -> nn.Module:
 
 class _Call(nn.Module):
     """A fresh module around `inner` for each captured shape (make_graphed_callables patches the
-    forward of the module it is given)."""
+    forward of the module it is given). It takes the flat tensors of `_flatten` and calls `inner`
+    with the arguments they came from (a Conditioning rebuilt from its fields)."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, spec: tuple):
         super().__init__()
-        self.inner = inner
+        self.inner, self.spec = inner, spec
 
-    def forward(self, *args: Tensor) -> Tensor:
-        return self.inner(*args)
+    def forward(self, *flat: Tensor) -> Tensor:
+        return self.inner(*_unflatten(flat, self.spec))
+
+
+def _flatten(args: tuple) -> tuple[tuple[Tensor, ...], tuple]:
+    """The tensors of `args` (a Conditioning gives its fields') and how to rebuild the arguments:
+    per argument None (a tensor) or its Conditioning's field names."""
+    flat, spec = [], []
+    for a in args:
+        if isinstance(a, Conditioning):
+            fields = a.tensors()
+            flat += fields.values()
+            spec.append(tuple(fields))
+        else:
+            flat.append(a)
+            spec.append(None)
+    return tuple(flat), tuple(spec)
+
+
+def _unflatten(flat: tuple[Tensor, ...], spec: tuple) -> list:
+    args, i = [], 0
+    for names in spec:
+        if names is None:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(Conditioning(**dict(zip(names, flat[i:i + len(names)]))))
+            i += len(names)
+    return args
 
 
 class GraphedStep:
@@ -93,10 +121,11 @@ class GraphedStep:
             print(step.describe(), flush=True)
         return step
 
-    def __call__(self, *args: Tensor) -> Tensor:
+    def __call__(self, *args: Tensor | Conditioning) -> Tensor:
         if not self.enabled or not torch.is_grad_enabled():
             return self.module(*args)
-        key = tuple((tuple(a.shape), a.dtype, a.stride(), a.requires_grad) for a in args)
+        flat, spec = _flatten(args)
+        key = (spec, tuple((tuple(a.shape), a.dtype, a.stride(), a.requires_grad) for a in flat))
         graphed = self.graphs.get(key)
         if graphed is None:
             if len(self.graphs) >= self.max_graphs:
@@ -112,11 +141,11 @@ class GraphedStep:
             before = torch.cuda.memory_reserved()
             # Captured on copies: each replay copies its inputs into the captured tensors, which must
             # not be the caller's (the first batch would be overwritten by every later one).
-            static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in flat)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graphed = torch.cuda.make_graphed_callables(_Call(self.module), static, allow_unused_input=True,
-                                                        pool=self._pool)
+            graphed = torch.cuda.make_graphed_callables(_Call(self.module, spec), static,
+                                                        allow_unused_input=True, pool=self._pool)
             torch.cuda.synchronize()
             self.reserved_bytes += torch.cuda.memory_reserved() - before
             self.graphs[key] = graphed
@@ -126,7 +155,7 @@ class GraphedStep:
                 # micro-batch of an accumulated step) would overwrite it. Each gradient is cloned first.
                 self._hooks = [p.register_hook(torch.clone) for p in self.module.parameters()
                                if p.requires_grad]
-        return graphed(*args)
+        return graphed(*flat)
 
     def describe(self) -> str:
         return "CUDA graphs: on (forward and backward replayed per input shape)" if self.enabled \

@@ -40,7 +40,15 @@ from adapterkit.train.jobs.optimizer import (
     use_loss_scaling,
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
-from adapterkit.train.jobs.recipe import LoopConfig, ModelConfig, OptimConfig, flat_dict, public_recipe
+from adapterkit.train.jobs.recipe import (
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    OutputConfig,
+    SampleConfig,
+    flat_dict,
+    public_recipe,
+)
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -51,45 +59,26 @@ SAMPLE_BATCH = 4                # images per U-Net call of the samples (next to 
 # --- the recipe --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class AdapterConfig:
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: Literal["attn", "attn-ff", "full"] = "attn-ff"
-    conv_rank: int | None = None
-    conv_alpha: float | None = None
-
-
-@dataclass(frozen=True)
-class OutputConfig:
+class LoraOutputConfig(OutputConfig):
     dir: str = "out/lora"
     name: str = "lora"                              # file stem of the exported adapter
     formats: tuple[Literal["kohya", "peft"], ...] = ("kohya", "peft")
-    checkpoint_every: int = 250                     # 0 = only at the end (and on a signal)
-    keep_checkpoints: int = 3
-    log_every: int = 10
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    every: int = 0                                  # 0 = only at the end
-    prompts: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = (0,)
+class LoraSampleConfig(SampleConfig):
     lora_scales: tuple[float, ...] = (0.0, 1.0)     # the grid's columns: without and with the LoRA
-    steps: int = 20
-    guidance: float = 7.5
-    sampler: Literal["ddim", "euler"] = "ddim"
 
 
 @dataclass(frozen=True)
 class LoraRecipe:
     model: ModelConfig
     data: DataConfig
-    lora: AdapterConfig = field(default_factory=AdapterConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: LoraOutputConfig = field(default_factory=LoraOutputConfig)
+    sample: LoraSampleConfig = field(default_factory=LoraSampleConfig)
 
 
 # --- the job -----------------------------------------------------------------------------------------
@@ -110,7 +99,7 @@ def main(cfg: LoraRecipe) -> Path:
 
     unet = base.unet
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run
-    add_lora(unet, LoraSpec(**to_dict(cfg.lora)))
+    add_lora(unet, cfg.lora)
     channels_last(unet, accelerator.device)  # after add_lora: LoRA convs too; before the optimizer sees them
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
@@ -166,7 +155,7 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
         b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype)
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            pred = (forward or model)(b.noisy, b.t, b.context)
+            pred = (forward or model)(b.noisy, b.t, b.cond)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum

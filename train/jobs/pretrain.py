@@ -49,7 +49,7 @@ from adapterkit.train.jobs.ema import EMA
 from adapterkit.train.jobs.guards import check_writable
 from adapterkit.train.jobs.loop import make_accelerator, run_steps
 from adapterkit.train.jobs.optimizer import full_precision_state, make_optimizer
-from adapterkit.train.jobs.recipe import OptimConfig, flat_dict
+from adapterkit.train.jobs.recipe import OptimConfig, OutputConfig, SampleConfig, flat_dict
 from adapterkit.train.pipeline.base import PIXEL_PATCH_KEY, BaseModel, Fingerprint, scheduler_config_named
 from adapterkit.train.pipeline.parts import PIXEL_PATCHES
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -94,7 +94,7 @@ class PretrainLoopConfig:
 
 
 @dataclass(frozen=True)
-class PretrainOutputConfig:
+class PretrainOutputConfig(OutputConfig):
     dir: str = "out/pretrain"
     checkpoint_every: int = 1000                  # 0 = only at the end (and on a signal)
     keep_checkpoints: int = 2
@@ -102,14 +102,13 @@ class PretrainOutputConfig:
 
 
 @dataclass(frozen=True)
-class PretrainSampleConfig:
-    every: int = 0                                # 0 = only at the end
+class PretrainSampleConfig(SampleConfig):
     prompts: tuple[str, ...] = ("a red circle on a blue background",
                                 "a yellow star on a purple background",
                                 "a white cross on a green background",
                                 "an orange triangle on a cyan background")
     seeds: tuple[int, ...] = (0, 1)
-    steps: int = 30                               # DDIM steps
+    steps: int = 30
     guidance: float = 3.0                         # classifier-free guidance scale
 
 
@@ -345,7 +344,8 @@ def sample_grid(cfg: PretrainRecipe, base: BaseModel, path: Path, weights=nullco
     prompts, seeds = cfg.sample.prompts, cfg.sample.seeds
     with weights():
         cells = generate(base, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
-                         steps=cfg.sample.steps, guidance=cfg.sample.guidance, size=cfg.model.image_size)
+                         steps=cfg.sample.steps, guidance=cfg.sample.guidance, sampler=cfg.sample.sampler,
+                         size=cfg.model.image_size)
     for m, training in zip(models, was):
         m.train(training)
     return save_grid(list(cells), len(prompts), len(seeds), path, row_labels=[p[:40] for p in prompts],

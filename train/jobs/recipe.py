@@ -56,6 +56,26 @@ class LoopConfig:
     cuda_graphs: bool = True
 
 
+@dataclass(frozen=True)
+class OutputConfig:
+    """What every job writes and when; a job's own section adds its file names and formats."""
+    dir: str = "out"
+    checkpoint_every: int = 250                     # 0 = only at the end (and on a signal)
+    keep_checkpoints: int = 3
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The preview samples every job draws; a job's own section adds its grid's columns."""
+    every: int = 0                                  # 0 = only at the end
+    prompts: tuple[str, ...] = ()                   # no prompts: no samples
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 20
+    guidance: float = 7.5
+    sampler: Literal["ddim", "euler"] = "ddim"
+
+
 PRIVATE_PATHS = ("data.root", "model.base", "model.tokenizer", "model.config_dir", "output.dir")
 
 

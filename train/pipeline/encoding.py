@@ -1,7 +1,7 @@
 """What a base makes of prompts and pictures: text conditioning, VAE posterior moments, latents,
 and pictures back from latents.
 
-    context = encode_prompts(base, ["a red circle"])                        # (B, 77, D)
+    cond = encode_text(base, ["a red circle"])                              # Conditioning: context (B, 77, D)
     moments = encode_moments(base, pixels)                                  # what the latent cache stores
     latents = moments_to_latents(base, moments, generator)                  # what the U-Net sees
     pixels = decode(base, latents)                                          # [-1, 1]
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adapterkit.train.pipeline.base import BaseModel
+from adapterkit.unet import Conditioning
 
 
 def tokenize(base: BaseModel, prompts: list[str]) -> Tensor:
@@ -49,6 +50,13 @@ def encode_prompts(base: BaseModel, prompts: list[str]) -> Tensor:
     te = base.text_encoder
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in te.parameters())):
         return te(ids.to(te.device))[0]                                  # (B, L, D)
+
+
+def encode_text(base: BaseModel, prompts: list[str]) -> Conditioning:
+    """The text part of the U-Net's conditioning for `prompts`: the context (`encode_prompts`), and
+    for families whose U-Net takes them, the pooled text embedding. Time ids come from each picture's
+    geometry, not its caption; they are added where the pictures are (train/jobs/batches.py)."""
+    return Conditioning(encode_prompts(base, prompts))
 
 
 def encode_moments(base: BaseModel, pixels: Tensor) -> tuple[Tensor, Tensor | None]:

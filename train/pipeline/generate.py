@@ -36,9 +36,10 @@ from torch import Tensor
 from adapterkit.adapters.controlnet import MultiControlNet, hint_widths_for
 from adapterkit.adapters.lora import set_lora_weights
 from adapterkit.train.images import tensor_to_pil
-from adapterkit.train.pipeline.encoding import decode, encode_prompts
+from adapterkit.train.pipeline.encoding import decode, encode_text
 from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
 from adapterkit.train.pipeline.schedule import NoiseSchedule
+from adapterkit.unet import Conditioning
 
 SAMPLERS = ("ddim", "euler")
 
@@ -91,7 +92,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     dtype, device = unet.conv_in.weight.dtype, unet.conv_in.weight.device
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     sample = ddim_sample if sampler == "ddim" else euler_sample
-    uncond = encode_prompts(base, [""]).to(device, dtype) if guidance != 1.0 else None
+    uncond = encode_text(base, [""]).to(device, dtype) if guidance != 1.0 else None
     cn_was_training = controlnet.training if controlnet is not None else False
     if controlnet is not None:
         controlnet.eval()
@@ -100,12 +101,12 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
             shape = (len(chunk), base.latent_channels, height // f, width // f)
-            cond = encode_prompts(base, chunk).to(device, dtype)                # (b, L, D)
+            cond = encode_text(base, chunk).to(device, dtype)
             rows = slice(i, i + batch_size)
             hint = _each(hint_batch, lambda h, rows=rows: h[rows].to(device))
             model_fn = _model_fn(unet, controlnet, hint, control_scale, guess_mode)
             latents = sample(model_fn, schedule, shape, steps, cond=cond,
-                             uncond=None if uncond is None else uncond.expand_as(cond),
+                             uncond=None if uncond is None else uncond.repeat(len(chunk)),
                              guidance_scale=guidance, noise=start_noise(chunk_seeds, shape[1:]))
             out.append(decode(base, latents).float().cpu())                      # (b, 3, H, W)
     finally:
@@ -196,22 +197,22 @@ def _hint_tensor(h) -> Tensor:
 
 
 def controlled_prediction(unet: torch.nn.Module, controlnet: torch.nn.Module | None, x: Tensor, t: Tensor,
-                          context: Tensor, hint: Tensor | None, scale: float, guess_mode: bool = False
-                          ) -> Tensor:
+                          cond: Conditioning | Tensor, hint: Tensor | None, scale: float,
+                          guess_mode: bool = False) -> Tensor:
     """The U-Net's prediction steered by the ControlNet's residuals (training and sampling). Each
     runs in its own dtype (an fp32 ControlNet beside a bf16 U-Net); no ControlNet or scale 0 is the
     plain U-Net, exactly."""
     dtype = unet.conv_in.weight.dtype
     if controlnet is None or scale == 0:
-        return unet(x.to(dtype), t, context.to(dtype))
+        return unet(x.to(dtype), t, cond.to(dtype))
     cn_dtype = next(controlnet.parameters()).dtype
-    down, mid = controlnet(x.to(cn_dtype), t, context.to(cn_dtype), hint, scale, guess_mode)
-    return unet(x.to(dtype), t, context.to(dtype), tuple(d.to(dtype) for d in down), mid.to(dtype))
+    down, mid = controlnet(x.to(cn_dtype), t, cond.to(cn_dtype), hint, scale, guess_mode)
+    return unet(x.to(dtype), t, cond.to(dtype), tuple(d.to(dtype) for d in down), mid.to(dtype))
 
 
 def _model_fn(unet, controlnet, hint: Tensor | None, scale: float, guess_mode: bool = False):
     """The sampler's model_fn: the U-Net, steered by the ControlNet when there is one."""
-    def model_fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+    def model_fn(x: Tensor, t: Tensor, c: Conditioning) -> Tensor:
         rows = None if hint is None else len(hint[0] if isinstance(hint, list) else hint)
         if guess_mode and controlnet is not None and scale != 0 and len(x) == 2 * rows:
             # Guidance's [uncond; cond] batch in guess mode: the ControlNet sees the conditional half

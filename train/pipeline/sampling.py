@@ -1,10 +1,11 @@
 """Samplers for the training previews: DDIM and Euler, with classifier-free guidance.
 
-    model_fn = lambda x, t, context: unet(x, t, context)     # a ControlNet wraps this, nothing else
+    model_fn = lambda x, t, cond: unet(x, t, cond)           # a ControlNet wraps this, nothing else
     latents = ddim_sample(model_fn, schedule, (4, 4, 64, 64), steps=30, generator=g,
-                          cond=text_emb, uncond=empty_emb, guidance_scale=7.5)
+                          cond=text, uncond=empty_text, guidance_scale=7.5)
 
-`model_fn(x, t, context)` gets fp32 `x` (N, C, H, W), int64 timesteps `t` (N,) and the context, and returns
+`cond` and `uncond` are conditioning records (unet.Conditioning; a bare context tensor is taken as
+one). `model_fn(x, t, cond)` gets fp32 `x` (N, C, H, W), int64 timesteps `t` (N,) and the record, and returns
 the schedule's prediction (eps or v) of x's shape; it casts to its own dtype itself. With guidance it is
 called once per step on a doubled batch: the first half is unconditional, the second conditional, in
 that order (diffusers' layout, so a wrapper that tiles a control hint needs no more than `cat([h, h])`).
@@ -25,9 +26,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from adapterkit.unet import Conditioning, as_conditioning
+
 from .schedule import NoiseSchedule
 
-ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+ModelFn = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
 # diffusers' EulerDiscreteScheduler floors a_T at the smallest fp16 subnormal so that a zero-terminal-SNR
 # schedule's first sigma is finite (sqrt(2^24) = 4096) instead of infinite.
@@ -64,8 +67,8 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int) -> Tensor:
 
 @torch.no_grad()
 def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int], steps: int,
-                generator: torch.Generator | None = None, eta: float = 0.0, *, cond: Tensor,
-                uncond: Tensor | None = None, guidance_scale: float = 1.0,
+                generator: torch.Generator | None = None, eta: float = 0.0, *, cond: Conditioning | Tensor,
+                uncond: Conditioning | Tensor | None = None, guidance_scale: float = 1.0,
                 noise: Tensor | None = None) -> Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 and 16) from fresh noise.
 
@@ -79,6 +82,7 @@ def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int]
         raise ValueError("an epsilon model cannot denoise from SNR 0 (x0 = (x - eps) / 0); zero-terminal-SNR "
                          "schedules need v_prediction (Lin et al. 2024 §3.2) or 'leading' spacing")
     final = 1.0 if schedule.set_alpha_to_one else a[0].item()
+    cond, uncond = _records(cond, uncond)
     x = _start(shape, generator, cond.device, noise)
     ts = ts.tolist()
     for i, t in enumerate(ts):
@@ -98,7 +102,8 @@ def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int]
 
 @torch.no_grad()
 def euler_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int], steps: int,
-                 generator: torch.Generator | None = None, *, cond: Tensor, uncond: Tensor | None = None,
+                 generator: torch.Generator | None = None, *, cond: Conditioning | Tensor,
+                 uncond: Conditioning | Tensor | None = None,
                  guidance_scale: float = 1.0, noise: Tensor | None = None) -> Tensor:
     """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, "EDM", Algorithm 2
     with S_churn = 0 and without the second-order correction), as diffusers' EulerDiscreteScheduler.
@@ -110,6 +115,7 @@ def euler_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int
     ts = spaced_timesteps(schedule, steps)
     a = schedule.alphas_cumprod.clamp(min=_MIN_ALPHA_CUMPROD)
     sigmas = (((1 - a) / a).sqrt()[ts]).tolist() + [0.0]
+    cond, uncond = _records(cond, uncond)
     x = _start(shape, generator, cond.device, noise) * math.sqrt(sigmas[0] ** 2 + 1)
     for i, t in enumerate(ts.tolist()):
         sigma, c_in = sigmas[i], 1 / math.sqrt(sigmas[i] ** 2 + 1)
@@ -125,7 +131,12 @@ def euler_sample(model_fn: ModelFn, schedule: NoiseSchedule, shape: Sequence[int
     return x
 
 
-def _guided(model_fn: ModelFn, x: Tensor, t: int, cond: Tensor, uncond: Tensor | None,
+def _records(cond: Conditioning | Tensor, uncond: Conditioning | Tensor | None
+             ) -> tuple[Conditioning, Conditioning | None]:
+    return as_conditioning(cond), None if uncond is None else as_conditioning(uncond)
+
+
+def _guided(model_fn: ModelFn, x: Tensor, t: int, cond: Conditioning, uncond: Conditioning | None,
             scale: float) -> Tensor:
     # Classifier-free guidance (Ho & Salimans 2022): out_u + s (out_c - out_u), on the raw prediction
     # (eps or v), as diffusers' pipelines do. One model call on [uncond; cond].
@@ -135,10 +146,10 @@ def _guided(model_fn: ModelFn, x: Tensor, t: int, cond: Tensor, uncond: Tensor |
         return model_fn(x, torch.full((len(x),), t, dtype=torch.int64, device=x.device), cond).float()
     if uncond is None:
         raise ValueError(f"guidance_scale={scale} needs an unconditional context (uncond)")
-    if uncond.shape != cond.shape:
-        raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} differ in shape")
+    if uncond.shapes != cond.shapes:
+        raise ValueError(f"uncond {uncond.shapes} and cond {cond.shapes} differ in shape")
     t2 = torch.full((2 * len(x),), t, dtype=torch.int64, device=x.device)
-    out_u, out_c = model_fn(torch.cat([x, x]), t2, torch.cat([uncond, cond])).float().chunk(2)
+    out_u, out_c = model_fn(torch.cat([x, x]), t2, Conditioning.cat([uncond, cond])).float().chunk(2)
     return out_u + scale * (out_c - out_u)
 
 

@@ -29,7 +29,7 @@ from adapterkit.train.pipeline.parts import (
 )
 from adapterkit.unet import load_unet, read_weights
 from adapterkit.unet.checkpoint import CheckpointError
-from adapterkit.unet.families import SD1, Family, family_of, family_of_single_file
+from adapterkit.unet.families import Family, family_of, family_of_single_file
 
 
 def from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer, prediction_type,
@@ -50,18 +50,19 @@ def from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer, p
         prefix = holds.text_encoders[0].ldm_prefix.split(".")[0]
         raise UnsupportedCheckpoint(f"{path} is an {holds.title} checkpoint ({prefix}.* text encoders); "
                                     f"adapterkit cannot load {holds.title} base models yet.")
-    if holds is not None and holds is not SD1:           # SD2.x: OpenCLIP names, no converter of ours yet
-        prefix = holds.text_encoders[0].ldm_prefix
+    openclip = [te for te in holds.text_encoders if te.openclip] if holds is not None else []
+    if openclip:                                         # no converter of OpenCLIP names yet
         raise UnsupportedCheckpoint(
-            f"{path} is an {holds.title} single file (OpenCLIP text encoder under {prefix}*), which "
-            "load_base cannot convert yet. Use the model's diffusers folder instead (or convert the file "
-            "once with a tool you trust, e.g. diffusers' StableDiffusionPipeline.from_single_file with a "
-            "local config, then save_pretrained). The folder's scheduler config also supplies the "
-            "prediction type (epsilon for 512-base, v_prediction for 768-v), which SD2 weights do not "
-            "show; without one, pass prediction_type=.")
+            f"{path} is an {holds.title} single file (OpenCLIP text encoder under "
+            f"{openclip[0].ldm_prefix}*), which load_base cannot convert yet. Use the model's diffusers "
+            "folder instead (or convert the file once with a tool you trust, e.g. diffusers' "
+            "from_single_file with a local config, then save_pretrained)." + ("" if holds.prediction else
+                                   " The folder's scheduler config also supplies the prediction type "
+                                   f"({holds.title} weights do not show it); without one, pass "
+                                   "prediction_type=."))
     unet = load_unet(path, allow_pickle=allow_pickle, dtype=dtype, device=device)
     family = family_of(unet.config)
-    if family.text_encoders[0].ldm_prefix != SD1.text_encoders[0].ldm_prefix:
+    if any(te.openclip for te in family.text_encoders):
         raise UnsupportedCheckpoint(f"{path} has an {family.title} U-Net (context {family.context_dim}) but "
                                     f"no text encoder under {family.text_encoders[0].ldm_prefix}*; load its "
                                     "diffusers folder instead.")

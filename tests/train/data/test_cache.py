@@ -130,7 +130,7 @@ def test_flip_and_caption_dropout_cache_every_variant_the_dataset_serves(base, d
         for keys in sampler:
             batch = collate([ds[k] for k in keys])
             cache.latents(base, batch, ds.cfg, torch.Generator().manual_seed(0))
-            cache.embeddings(base, batch["caption"])
+            cache.text(base, batch["caption"])
     assert counts(calls) == {"images": 0, "texts": 0}
 
 
@@ -150,7 +150,7 @@ def test_cached_latents_and_embeddings_equal_fresh_ones(base, data, tmp_path):
         assert torch.allclose(entry["mean"], mean[0], atol=1e-5, rtol=0)
         assert torch.allclose(entry["logvar"], logvar[0], atol=1e-5, rtol=0)
     captions = ["a red circle", "a blue square"]
-    assert torch.equal(cache.embeddings(base, captions), encode_prompts(base, captions))
+    assert torch.equal(cache.text(base, captions).context, encode_prompts(base, captions))
 
 
 def test_a_miss_at_training_time_is_encoded_from_the_batch_and_stored(base, data, tmp_path, calls):

@@ -1,14 +1,12 @@
 """Canny hints, the edge-fidelity score and the folder converter: edges where the picture has them,
 scores that move the right way, inputs left byte-identical, bad files reported."""
-import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from adapterkit.train.data import canny as canny_mod
 from adapterkit.train.data.canny import (
     SETTINGS_KEY,
     canny,
@@ -17,14 +15,7 @@ from adapterkit.train.data.canny import (
     edge_fidelity,
     edge_map_tensor,
 )
-from support.pictures import png_bytes, snapshot
-
-
-def square(size=64, lo=16, hi=47, fg=255, bg=0) -> Image.Image:
-    """A filled square with corners (lo, lo), (hi, hi) on a plain background."""
-    im = Image.new("RGB", (size, size), (bg,) * 3)
-    ImageDraw.Draw(im).rectangle([lo, lo, hi, hi], fill=(fg,) * 3)
-    return im
+from support.pictures import png_bytes, snapshot, square, write_canny_folder
 
 
 def dist_to_border(size=64, lo=16, hi=47) -> np.ndarray:
@@ -130,14 +121,7 @@ def test_edge_fidelity_of_the_source_image_is_perfect():
 
 @pytest.fixture
 def folder(tmp_path):
-    src = tmp_path / "images"
-    src.mkdir()
-    (src / "good.png").write_bytes(png_bytes(square()))
-    noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    data = png_bytes(Image.fromarray(noise))
-    (src / "broken.png").write_bytes(data[:len(data) // 2])              # cut mid-data
-    (src / "notes.txt").write_text("not an image")
-    return src
+    return write_canny_folder(tmp_path / "images")
 
 
 def test_canny_folder_writes_one_png_reports_the_corrupt_and_keeps_inputs(folder, tmp_path):
@@ -203,31 +187,3 @@ def test_canny_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "in" / "readme.md").write_text("hi")
     with pytest.raises(ValueError, match="no images found"):
         canny_folder(tmp_path / "in", tmp_path / "out")
-
-
-# -- the command ----------------------------------------------------------------------------------
-
-
-def test_cli_writes_maps_and_reports_status(folder, tmp_path, monkeypatch, capsys):
-    import adapterkit.train.cli.main as train_cli
-    # main() as shipped, with only this command registered (the others import diffusers: seconds)
-    monkeypatch.setattr(train_cli, "COMMAND_MODULES", ("adapterkit.train.data.canny",))
-    out = tmp_path / "edges"
-    assert train_cli.main(["canny", str(folder), str(out), "--low", "50", "--high", "150"]) == 1
-    printed = capsys.readouterr().out
-    assert "1 written" in printed and "broken.png" in printed
-    with Image.open(out / "good.png") as im:
-        assert json.loads(im.text[SETTINGS_KEY])["low"] == 50
-    (folder / "broken.png").unlink()
-    assert train_cli.main(["canny", str(folder), str(out)]) == 0          # kept, nothing skipped
-    assert "1 kept" in capsys.readouterr().out
-    assert train_cli.main(["canny", str(folder), str(folder)]) == 2
-    assert "is the input folder" in capsys.readouterr().err
-
-
-def test_register_adds_the_subcommand_with_defaults():
-    parser = argparse.ArgumentParser()
-    canny_mod.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["canny", "a", "b"])
-    assert (args.low, args.high, args.blur, args.overwrite) == (100, 200, None, False)
-    assert args.func is canny_mod._run

@@ -172,7 +172,7 @@ def test_fractional_thresholds_act_as_their_floor_so_rounding_them_misrecords():
 def test_canny_cli_refuses_fractional_thresholds_and_the_controlnet_records_the_given_ones(
         images, tmp_path, monkeypatch, capsys):  # noqa: F811
     import adapterkit.train.cli.main as train_cli
-    monkeypatch.setattr(train_cli, "COMMAND_MODULES", ("adapterkit.train.data.canny",))  # as test_canny.py
+    monkeypatch.setattr(train_cli, "COMMAND_MODULES", ("adapterkit.train.cli.canny",))  # as test_canny_cli.py
     before = snapshot(images)
     out = tmp_path / "edges"
     assert train_cli.main(["canny", str(images), str(out), "--low", "50.5", "--high", "151.9"]) == 2

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample, spaced_timesteps
 from adapterkit.train.pipeline.schedule import NoiseSchedule
-from adapterkit.unet import PRESETS, UNet
+from adapterkit.unet import PRESETS, UNet, as_conditioning
 
 SHAPE = (2, 4, 8, 8)
 # SD1.5's file plus an explicit spacing: without one, diffusers' DDIM reads "leading", its Euler "linspace".
@@ -30,6 +30,7 @@ class Toy:
         self.calls = []
 
     def __call__(self, x, t, context):
+        context = as_conditioning(context).context           # our samplers pass a Conditioning
         self.calls.append((x.shape[0], torch.as_tensor(t).clone(), context.clone()))
         t = torch.as_tensor(t).reshape(-1, 1, 1, 1)          # diffusers passes one 0-d t, we pass (N,)
         mixed = (self.w @ x.flatten(2)).reshape(x.shape)     # (C, C) @ (N, C, HW): mix channels
