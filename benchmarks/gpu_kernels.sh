@@ -12,8 +12,8 @@ if [ "${COMPILE:-0}" = 1 ]; then
         --json $OUT/lora_step_compile.json 2>&1 | quiet | tail -6
     exit
 fi
-timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -W ignore::UserWarning tests/test_kernels.py \
-    tests/test_graphs.py tests/test_lora_train.py tests/test_controlnet_train.py 2>&1 | grep -v "^\[\|Loading\|lora:\|controlnet:" | tail -30
+timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -W ignore::UserWarning tests/unet/test_kernels.py \
+    tests/train/jobs/test_graphs.py tests/train/jobs/test_lora_train.py tests/train/jobs/test_controlnet_train.py 2>&1 | grep -v "^\[\|Loading\|lora:\|controlnet:" | tail -30
 timeout 150 python3 benchmarks/lora_step.py --iters 8 --variants peer,ours-bf16-lora,ours-bf16-lora-graphs \
     --json $OUT/lora_step_eager.json 2>&1 | quiet | tail -6
 timeout 150 python3 benchmarks/controlnet_step.py --iters 8 --json $OUT/controlnet_step_eager.json 2>&1 | quiet | tail -8

@@ -22,6 +22,15 @@ shapes than `max_graphs`. The graphs of all shapes share one memory pool: a step
 forward and backward to completion before another graph runs, so their activations may occupy the
 same memory, and aspect-ratio buckets cost about the largest bucket's activations, not their sum.
 
+Gradient accumulators. Autograd routes a parameter's gradient through its AccumulateGrad node, and
+torch (2.11) remembers the stream that node was made on: a backward pass on another stream first
+synchronises with it. A node made on the default stream (the first eager forward of the module) and
+kept alive by any autograd graph still around (a retained loss, the previous micro-batch's output)
+makes a later capture wait on the default stream, which invalidates the capture ("operation failed
+due to a previous error during capture", raised by the next kernel launch, often the Triton GEGLU).
+So a GraphedStep makes the accumulators of the trained parameters itself, on a side stream, before
+anything else can, and keeps them for its lifetime: captures then only ever wait on that stream.
+
 The caller keeps the rules of CUDA graphs: parameters are updated in place (optimizers, and
 `train.precision.MasterWeights` do) and never replaced; the module has no data-dependent control
 flow or host synchronisation in its forward (our U-Net has none; the ControlNet's hint check skips
@@ -82,6 +91,16 @@ def _unflatten(flat: tuple[Tensor, ...], spec: tuple) -> list:
     return args
 
 
+def _pinned_accumulators(module: nn.Module) -> list:
+    """The AccumulateGrad nodes of `module`'s trained parameters, made on a side stream (see the module
+    docstring); holding their gradient edges keeps them alive. Parameters already holding one keep it."""
+    trained = [p for p in module.parameters() if p.requires_grad]
+    if not any(p.is_cuda for p in trained):
+        return []
+    with torch.cuda.stream(torch.cuda.Stream(device=trained[0].device)):
+        return [torch.autograd.graph.get_gradient_edge(p) for p in trained]
+
+
 class GraphedStep:
     """`module(*args)` for a training step, replayed from CUDA graphs after the first call per shape."""
 
@@ -93,6 +112,7 @@ class GraphedStep:
         self.reserved_bytes = 0       # device memory the captures reserved (their pool and static tensors)
         self._pool = None             # the memory pool all captures share (made at the first capture)
         self._hooks: list = []        # gradient-cloning hooks on the trained parameters (see __call__)
+        self._accumulators = _pinned_accumulators(module) if enabled else []
 
     @classmethod
     def for_training(cls, module: nn.Module, wanted: bool, device: torch.device, processes: int,

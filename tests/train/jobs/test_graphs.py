@@ -216,3 +216,35 @@ def test_accumulated_micro_batches_sum_like_the_eager_step(monkeypatch):
         assert max((x - y).abs().max().item() / y.abs().max().clamp_min(1e-12).item()
                    for x, y in zip(a, b)) <= 1e-4
     assert max((a - b).abs().max().item() for a, b in zip(w_graph, w_eager)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_a_capture_after_an_eager_step_whose_graph_is_still_alive(monkeypatch):
+    """An eager forward + backward of the module first, its loss (and so its autograd graph) kept
+    alive, then graphed steps of a new shape: the capture must not wait on the default stream (torch
+    2.11 invalidated it: "operation failed due to a previous error during capture"), and the graphed
+    gradients equal the eager ones."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    cfg = PRESETS["tiny"]
+    g = torch.Generator("cuda").manual_seed(0)
+    x, c = (torch.randn(2, cfg.in_channels, 16, 16, device="cuda", generator=g),
+            torch.randn(2, 7, cfg.context_dim, device="cuda", generator=g))
+    t = torch.tensor([10, 500], device="cuda")
+
+    def grads(graphs: bool):
+        model = _lora_unet()
+        params = [p for p in model.parameters() if p.requires_grad]
+        fwd = GraphedStep(model, enabled=graphs)
+        kept = model(x[:1], t[:1], c[:1]).square().mean()           # eager, on the default stream
+        kept.backward(retain_graph=True)
+        for p in params:
+            p.grad = None
+        for _ in range(2):                                          # capture, then a replay
+            fwd(x, t, c).float().square().mean().backward()
+        assert kept.grad_fn is not None                             # the eager graph was alive throughout
+        return [p.grad.clone() for p in params], len(fwd.graphs)
+
+    (graphed, n), (eager, _) = grads(True), grads(False)
+    assert n == 1
+    assert max((a - b).abs().max().item() / b.abs().max().clamp_min(1e-12).item()
+               for a, b in zip(graphed, eager)) <= 1e-4
