@@ -37,14 +37,15 @@ from benchmarks.unet_speed import add_graph_memory, compare_steps, json_writer, 
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
-# Variant -> module switches set while its step runs (module, attribute, value); the rest keep defaults.
+# Variant -> the options its step runs under (unet.ops.OpsOptions, adapters.lora_fused.FusedLoraOptions
+# keyword arguments); the rest keep their defaults.
 SWITCHES = {
-    "ours-bf16-lora-before": [("adapters.lora_fused", "ENABLED", False), ("unet.ops", "IN_PLACE", False)],
-    "ours-bf16-lora-peft": [("adapters.lora_fused", "ENABLED", False)],
-    "ours-bf16-lora-fused-compiled": [("adapters.lora_fused", "COMPILED", True)],
-    "ours-bf16-lora-nchw": [("unet.ops", "KERNELS", False)],
-    "ours-bf16-lora-nokernels": [("unet.ops", "KERNELS", False)],
-    "ours-bf16-lora-graphs": [],
+    "ours-bf16-lora-before": ({"in_place": False}, {"enabled": False}),
+    "ours-bf16-lora-peft": ({}, {"enabled": False}),
+    "ours-bf16-lora-fused-compiled": ({}, {"compiled": True}),
+    "ours-bf16-lora-nchw": ({"kernels": False}, {}),
+    "ours-bf16-lora-nokernels": ({"kernels": False}, {}),
+    "ours-bf16-lora-graphs": ({}, {}),
 }
 NCHW = {"ours-bf16-lora-nchw"}         # built without channels_last: the U-Net as before unet/kernels.py
 
@@ -91,9 +92,11 @@ def make_step(model_fn, opt, autocast: bool, data, switches=(), sdpa: str = "def
     """One training step; `switches` (module, attribute, value) and the SDPA backend choice
     (torch.nn.attention.SDPBackend name, or "default") hold only while it runs."""
     import contextlib
-    import importlib
     x, t, c, noise = data
-    switches = [(importlib.import_module(m), a, v) for m, a, v in switches]
+    from adapterkit.adapters.lora_fused import FusedLoraOptions, use_fused_lora
+    from adapterkit.unet.ops import OpsOptions, use_ops
+    ops, fused = (OpsOptions(**switches[0]), FusedLoraOptions(**switches[1])) if switches else \
+        (OpsOptions(), FusedLoraOptions())
     if sdpa == "default":
         backend = contextlib.nullcontext
     else:
@@ -101,19 +104,13 @@ def make_step(model_fn, opt, autocast: bool, data, switches=(), sdpa: str = "def
         backend = lambda: sdpa_kernel(getattr(SDPBackend, sdpa.upper()))
 
     def step():
-        saved = [(m, a, getattr(m, a)) for m, a, _ in switches]
-        for m, a, v in switches:
-            setattr(m, a, v)
-        try:
+        with use_ops(ops), use_fused_lora(fused):
             with backend(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
                 pred = model_fn(x, t, c)
                 loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        finally:
-            for m, a, v in saved:
-                setattr(m, a, v)
     return step
 
 
