@@ -35,14 +35,15 @@ into its GEMM epilogues).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import Tensor, nn
+
+from adapterkit.unet.ops import Scoped
 
 
 @dataclass(frozen=True)
@@ -55,25 +56,16 @@ class FusedLoraOptions:
         return cls(enabled=env.get("ADAPTERKIT_PEFT_LORA", "") != "1")
 
 
-# The options in force: a frozen record, replaced only by `use_fused_lora` for the block it guards. A module
-# attribute rather than a ContextVar: torch.compile reads it without a graph break, and autograd's
-# backward threads see the same value as the forward.
-_options = FusedLoraOptions()
+_FUSED = Scoped(FusedLoraOptions())
 
 
 def fused_lora_options() -> FusedLoraOptions:
-    return _options
+    return _FUSED.current
 
 
-@contextmanager
-def use_fused_lora(options: FusedLoraOptions) -> Iterator[FusedLoraOptions]:
+def use_fused_lora(options: FusedLoraOptions):
     """`options` in force for the block (and for what it calls)."""
-    global _options
-    before, _options = _options, options
-    try:
-        yield options
-    finally:
-        _options = before
+    return _FUSED.use(options)
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -35,12 +35,15 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,26 +59,34 @@ class OpsOptions:
                    in_place=env.get("ADAPTERKIT_NO_IN_PLACE", "") != "1")
 
 
-# The options in force: a frozen record, replaced only by `use_ops` for the block it guards. A module
-# attribute rather than a ContextVar: torch.compile reads it without a graph break, and autograd's
-# backward threads see the same value as the forward.
-_options = OpsOptions()
+class Scoped(Generic[T]):
+    """A frozen options record in force for a block of code: `with scoped.use(options): ...`. A plain
+    attribute rather than a ContextVar: torch.compile reads it without a graph break, and autograd's
+    backward threads see the value the forward saw."""
+
+    def __init__(self, default: T):
+        self.current = default
+
+    @contextmanager
+    def use(self, options: T) -> Iterator[T]:
+        before, self.current = self.current, options
+        try:
+            yield options
+        finally:
+            self.current = before
+
+
+_OPS = Scoped(OpsOptions())
 
 
 def ops_options() -> OpsOptions:
     """The options in force here."""
-    return _options
+    return _OPS.current
 
 
-@contextmanager
-def use_ops(options: OpsOptions) -> Iterator[OpsOptions]:
+def use_ops(options: OpsOptions):
     """`options` in force for the block (and for what it calls)."""
-    global _options
-    before, _options = _options, options
-    try:
-        yield options
-    finally:
-        _options = before
+    return _OPS.use(options)
 
 
 class _GroupNormSiLU(torch.autograd.Function):
