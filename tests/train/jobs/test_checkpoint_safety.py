@@ -390,6 +390,25 @@ def test_a_lora_with_dropout_resumes_exactly_because_the_generators_are_restored
             assert rows(out) == rows(tmp_path / "straight")
 
 
+def test_a_payload_in_any_state_file_is_refused_by_its_name(tmp_path, payload):
+    """All of the layout, the fp16 loss scaler's file too, read by TrainingState.read itself."""
+    data, marker = payload
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    job = tiny_job({}, masters=True)
+    job[-1].save(folder, job[-1].random_states())
+    names = sorted(p.name for p in folder.iterdir())
+    assert "loss_scaler.json" in names and len(names) == 7
+    for name in names:
+        saved = (folder / name).read_bytes()
+        (folder / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"^{name} is not (a readable safetensors file|readable JSON)"):
+            job[-1].read(folder, processes=1)
+        (folder / name).write_bytes(saved)
+    assert not marker.exists()
+    job[-1].read(folder, processes=1)                           # intact again
+
+
 def test_loss_scaler_state_is_checked():
     scaler = LossScaler()
     for bad in ({"scale": -1.0, "clean_steps": 0, "overflows": 0}, {"scale": float("inf"), "clean_steps": 0,
@@ -398,6 +417,36 @@ def test_loss_scaler_state_is_checked():
         with pytest.raises(ValueError, match="loss scaler state"):
             scaler.load_state_dict(bad)
     assert scaler == LossScaler()
+
+
+def test_two_processes_write_one_state_file_pair_each_and_resume(pipeline, images, tmp_path):
+    """`accelerate launch` with two gloo processes: the main one writes the checkpoint with both
+    processes' generators; a second launch resumes from it (every process reads and checks it)."""
+    import socket
+    out, cfg = tmp_path / "ddp", tmp_path / "lora.yaml"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+
+    def launch(steps: int) -> subprocess.CompletedProcess:
+        cfg.write_text(yaml.safe_dump(recipe(pipeline, images, out, steps=steps, batch_size=2)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                               "--dynamo_backend", "no", "--main_process_port", str(port),
+                               "-m", "adapterkit", "train", "lora", str(cfg)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    first = launch(1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = out / "checkpoints" / "step-000001"
+    listed = json.loads((ckpt / MARKER).read_text())["files"]
+    assert {f"random_states_{p}.{ext}" for p in (0, 1) for ext in ("safetensors", "json")} <= listed.keys()
+    assert not [p for p in ckpt.iterdir() if p.suffix in (".pkl", ".bin", ".pt")]
+    second = launch(2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count(f"resuming from {ckpt} (step 1)") == 1          # said once, by the main one
+    assert [r["step"] for r in rows(out)] == [1, 2] and not (out / LOCK_FILE).exists()
 
 
 # --- 4. one run per output folder; loss.jsonl ------------------------------------------------------
