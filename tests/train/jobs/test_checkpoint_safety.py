@@ -90,6 +90,12 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
+def rows(out: Path) -> list[dict]:
+    """loss.jsonl without its wall-clock seconds."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (out / "loss.jsonl").read_text().splitlines()]
+
+
 def reseal(ckpt: Path) -> None:
     """Rewrite the marker's checksums for the folder as it is now (an attacker's consistent checkpoint)."""
     step = int(ckpt.name.removeprefix("step-"))
@@ -279,12 +285,6 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_repeats_it(pipel
     assert rows(run) == rows(trained)
 
 
-def rows(out: Path) -> list[dict]:
-    """loss.jsonl without its wall-clock seconds."""
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (out / "loss.jsonl").read_text().splitlines()]
-
-
 # --- 3. the job's own state round-trips exactly -----------------------------------------------------
 
 ONE_PROCESS = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
@@ -320,7 +320,7 @@ def steps(params, master, optimizer, schedule, state, n: int) -> None:
             master.master_to_model()
         schedule.step()
         state.scaler.update(finite=True)
-        random.random(), np.random.rand()
+        draw()
 
 
 @pytest.mark.parametrize("kernel", [{}, {"foreach": True}, {"fused": True}],
@@ -346,15 +346,27 @@ def test_optimizer_schedule_scaler_and_generators_round_trip_exactly(tmp_path, k
     assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
 
 
+def draw() -> tuple:
+    """One draw from each global generator (torch, python, numpy)."""
+    return torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist()
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def test_restored_generators_continue_the_same_draws(tmp_path):
-    torch.manual_seed(5), random.seed(5), np.random.seed(5)
-    torch.rand(2), random.random(), np.random.rand()
+    seed_all(5)
+    draw()
     job = tiny_job({}, False)
     job[-1].save(tmp_path, job[-1].random_states())
-    straight = (torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist())
-    torch.manual_seed(9), random.seed(9), np.random.seed(9)
+    straight = draw()
+    seed_all(9)
+    assert draw() != straight
     job[-1].apply(job[-1].read(tmp_path, processes=1))
-    assert (torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist()) == straight
+    assert draw() == straight
 
 
 def test_a_lora_with_dropout_resumes_exactly_because_the_generators_are_restored(pipeline, images, tmp_path,
