@@ -1,18 +1,21 @@
-"""Training checkpoints: written atomically, rotated, found again on resume.
+"""Training checkpoints: written atomically, checksummed, rotated, found again on resume.
 
 A checkpoint is a folder `step-000123/` under the run's `checkpoints/`. It is assembled in a hidden
 temp folder (`.tmp-step-000123-<pid>`), gets a `COMPLETE` marker as its last file, and only then is
 renamed into place, so a crash at any moment leaves either the previous checkpoints or a complete new
-one, never a half-written folder under a checkpoint's name. Resume takes the newest folder whose
-marker is present and ignores any other (a step folder without its marker can only come from
-outside: it is left alone); temp folders of killed writers are removed by the next write.
+one, never a half-written folder under a checkpoint's name. Temp folders of killed writers are removed
+by the next write; a step folder without its marker can only come from outside: it is left alone.
 
-What goes inside is accelerate's `save_state` (adapter weights through the save hook the trainer
-registers, optimizer, LR schedule, every RNG) plus whatever files the trainer adds (the adapter
-exports, `trainer_state.json`).
+The marker is JSON: the step and the sha256 and size of every other file in the folder. Resume takes
+the newest checkpoint whose files all match it and whose state files read back (train/jobs/state.py:
+the job's own state in safetensors and JSON, never a pickle); a damaged one is passed over for the
+next older with a message naming the file, and one that holds pickled state (accelerate's
+`save_state` layout of earlier versions, or planted) is never read. What else goes inside: the
+adapter exports and `trainer_state.json` (the step, the process count, the recipe).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,14 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
-from torch import Tensor
-
 from adapterkit.train.config import to_dict
-from adapterkit.train.jobs.precision import MasterWeights
 from adapterkit.train.jobs.recipe import flat_dict
+from adapterkit.train.jobs.state import STATE_FILE, StateFileError, TrainingState  # noqa: F401 (STATE_FILE: named here too)
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -52,7 +50,8 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 def write_checkpoint(root: str | os.PathLike, step: int, fill: Callable[[Path], None],
                      state: dict, keep: int) -> Path:
     """Create `root/step-{step}` atomically: `fill(tmp_dir)` writes the content, then `state` goes to
-    trainer_state.json, then the marker; then rename; then rotate down to the newest `keep`."""
+    trainer_state.json, then the marker with every file's checksum; then rename; then rotate down to the
+    newest `keep`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -61,9 +60,9 @@ def write_checkpoint(root: str | os.PathLike, step: int, fill: Callable[[Path], 
     tmp.mkdir()
     try:
         fill(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
         with open(tmp / MARKER, "w") as f:
-            f.write(f"step {step}\n")
+            f.write(json.dumps({"step": step, "files": file_sums(tmp)}, indent=1, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if final.exists():                 # the same step again (e.g. a signal right after a save)
@@ -80,61 +79,154 @@ def write_checkpoint(root: str | os.PathLike, step: int, fill: Callable[[Path], 
     return final
 
 
-def read_state(checkpoint: str | os.PathLike) -> dict:
-    path = Path(checkpoint) / "trainer_state.json"
-    if not (Path(checkpoint) / MARKER).is_file() or not path.is_file():
-        raise ValueError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker or "
-                         "trainer_state.json); resume from another one or start fresh")
-    return json.loads(path.read_text())
+TRAINER_STATE = "trainer_state.json"
 
 
-# --- a job's state in a checkpoint, and resume --------------------------------------------------
+def file_sums(folder: Path) -> dict[str, dict]:
+    """{relative path: {"sha256", "bytes"}} of every file under `folder` but the marker."""
+    return {p.relative_to(folder).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
-STATE_FILE = "adapter_state.safetensors"        # the trained tensors inside a checkpoint
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def register_state_hooks(accelerator: Accelerator, state: Callable[[], dict[str, Tensor]],
-                         master: MasterWeights | None, what: str) -> None:
-    """Make accelerate's save_state/load_state keep only the trained tensors (`state()`), not the
-    frozen base (1.7 GB of SD1.5 per checkpoint otherwise). `what` names them in errors."""
-    def save_hook(models, weights, output_dir):
-        weights.clear()
-        models.clear()
-        save_file(state(), str(Path(output_dir) / STATE_FILE))
+# --- checking a checkpoint before it is resumed --------------------------------------------------
 
-    def load_hook(models, input_dir):
-        models.clear()
-        saved = load_file(str(Path(input_dir) / STATE_FILE))
-        own = state()                              # detached views of the live tensors
-        missing, unknown = set(own) - set(saved), set(saved) - set(own)
-        if missing or unknown:
-            raise ValueError(f"{input_dir}: the checkpoint's adapter does not match this run's {what} "
-                             f"({len(missing)} tensors missing, {len(unknown)} unknown)")
-        with torch.no_grad():
-            for name, value in saved.items():
-                own[name].copy_(value)
-        if master:
-            master.master_to_model()
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that cannot be resumed; the message names it and what is wrong."""
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
+# Files of accelerate's pickled save_state layout (and any pickle): never read, whoever put them there.
+PICKLED = re.compile(r".*\.(pkl|pickle|bin|pt|pth|ckpt)$")
+
+
+def verified_trainer_state(ckpt: Path, state: TrainingState) -> dict:
+    """trainer_state.json of `ckpt` after checking that every file matches the marker's checksum, that
+    it holds no pickle and every state file `state` reads; raises DamagedCheckpoint naming the problem."""
+    pickled = sorted(p.name for p in ckpt.iterdir() if PICKLED.match(p.name))
+    if pickled:
+        raise DamagedCheckpoint(
+            f"{ckpt} holds pickled state ({', '.join(pickled)}): the layout of accelerate's save_state, "
+            "which adapterkit checkpoints used before they were safetensors and JSON. Resume never "
+            "unpickles a file (unpickling can run any code in it). The adapter files in it (*.safetensors) "
+            "are still usable; delete the checkpoint, or checkpoints/, to train again from the start")
+    listed = read_marker(ckpt)
+    for name, expected in listed.items():
+        problem = file_problem(ckpt / name, expected)
+        if problem:
+            raise DamagedCheckpoint(f"{ckpt} is damaged: {name} {problem}")
+    trainer = read_trainer_state(ckpt)
+    missing = [n for n in state.files(trainer["processes"]) if n not in listed]
+    if missing:
+        raise DamagedCheckpoint(f"{ckpt} is damaged: {', '.join(missing)} missing")
+    return trainer
+
+
+def read_marker(ckpt: Path) -> dict[str, dict]:
+    """The marker's {file: {"sha256", "bytes"}}; DamagedCheckpoint when it is no such list."""
+    try:
+        listed = json.loads((ckpt / MARKER).read_bytes().decode("utf-8"))["files"]
+        if all(isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int) and inside(name)
+               for name, v in listed.items()):
+            return listed
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        pass
+    raise DamagedCheckpoint(f"{ckpt} is damaged: its {MARKER} marker holds no checksums of its files (a "
+                            "checkpoint of an earlier adapterkit, or the marker was changed)")
+
+
+def inside(name: str) -> bool:
+    """A marker's file name that stays inside its checkpoint folder."""
+    return bool(name) and not name.startswith("/") and ".." not in name.split("/")
+
+
+def file_problem(path: Path, expected: dict) -> str | None:
+    """What is wrong with `path` compared to its marker entry, or None."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return (f"is empty (it had {expected['bytes']} bytes)" if size == 0 else
+                f"is truncated ({size} of {expected['bytes']} bytes)" if size < expected["bytes"] else
+                f"has {size} bytes, not the {expected['bytes']} it was written with")
+    if sha256(path) != expected["sha256"]:
+        return "changed after it was written (its sha256 differs from the one in the marker)"
+    return None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    path = ckpt / TRAINER_STATE
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DamagedCheckpoint(f"{ckpt} is damaged: {TRAINER_STATE} is not readable JSON "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
+    ok = (isinstance(state, dict) and isinstance(state.get("config"), dict)
+          and all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool)
+                  for k in ("step", "processes"))
+          and state["processes"] >= 1 and state["step"] == int(_NAME.match(ckpt.name).group(1)))
+    if not ok:
+        raise DamagedCheckpoint(f"{ckpt} is damaged: {TRAINER_STATE} does not hold this checkpoint's step, "
+                                "process count and recipe")
+    return state
+
+
+# --- resume and save -----------------------------------------------------------------------------
 
 # What may change between a run and its resume:
 MUTABLE = ("train.steps", "train.cuda_graphs", "output.", "sample.")
 
 
-def resume(accelerator: Accelerator, out: Path, cfg: Any, mutable: Sequence[str] = MUTABLE) -> int:
-    """Load the newest complete checkpoint under out/checkpoints; returns the step to continue from.
+def resume(state: TrainingState, out: Path, cfg: Any, mutable: Sequence[str] = MUTABLE) -> int:
+    """Load the newest intact checkpoint under out/checkpoints into `state`; returns the step to continue
+    from (0 without checkpoints).
 
-    A checkpoint made with another base, data, adapter or loss setup is refused rather than continued
-    (only the keys, or key prefixes ending in ".", in `mutable` may change)."""
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is None:
+    A damaged checkpoint is passed over for the next older one, with a message; when none is intact the
+    run stops rather than start over (which would rotate the damaged ones away). A checkpoint made with
+    another base, data, adapter or loss setup is refused rather than continued (only the keys, or key
+    prefixes ending in ".", in `mutable` may change)."""
+    main = state.accelerator.is_main_process
+    root, skipped = out / "checkpoints", []
+    for ckpt in reversed(checkpoint_dirs(root)):
+        try:
+            trainer = verified_trainer_state(ckpt, state)
+            check_same_run(out, ckpt, trainer["config"], cfg, mutable)
+            loaded = state.read(ckpt, trainer["processes"])
+            break
+        except StateFileError as e:
+            skipped.append(f"{ckpt} is damaged: {e}")
+        except DamagedCheckpoint as e:
+            skipped.append(str(e))
+    else:
+        if skipped:
+            raise DamagedCheckpoint("no checkpoint can be resumed:\n" + "".join(f"  - {s}\n" for s in skipped)
+                                    + "Put an intact copy in its place if there is one, or delete "
+                                    "checkpoints/ to start over.")
         return 0
-    state = read_state(ckpt)
-    before, now = flat_dict(state["config"]), flat_dict(to_dict(cfg))
+    if main:
+        for problem in skipped:
+            print(f"skipping a checkpoint: {problem}", flush=True)
+    try:
+        notes = state.apply(loaded)
+    except StateFileError as e:
+        raise DamagedCheckpoint(f"{ckpt} could not be loaded: {e}. Move it away to resume from the previous "
+                                "checkpoint, or delete checkpoints/ to start over") from None
+    if main:
+        for note in notes:
+            print(f"note: {note}", flush=True)
+        print(f"resuming from {ckpt} (step {trainer['step']})", flush=True)
+    return trainer["step"]
+
+
+def check_same_run(out: Path, ckpt: Path, saved: dict, cfg: Any, mutable: Sequence[str]) -> None:
+    """Refuse a checkpoint whose recipe differs from `cfg` in more than the `mutable` keys."""
+    before, now = flat_dict(saved), flat_dict(to_dict(cfg))
     exact = {m for m in mutable if not m.endswith(".")}
     prefixes = tuple(m for m in mutable if m.endswith("."))
     changed = sorted(k for k in before.keys() | now.keys()
@@ -143,41 +235,20 @@ def resume(accelerator: Accelerator, out: Path, cfg: Any, mutable: Sequence[str]
         raise ValueError(f"{out} holds a checkpoint of a different run ({ckpt.name}): "
                          + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
                          + ". Use another output.dir, or delete its checkpoints/ to start over.")
-    check_checkpoint_files(ckpt)
-    try:
-        accelerator.load_state(str(ckpt))
-    except (OSError, RuntimeError, EOFError, KeyError) as e:
-        raise ValueError(f"{ckpt} could not be loaded ({type(e).__name__}: {e}); move it away to resume "
-                         "from the previous checkpoint, or delete checkpoints/ to start over") from None
-    if accelerator.is_main_process:
-        print(f"resuming from {ckpt} (step {state['step']})", flush=True)
-    return int(state["step"])
 
 
-def check_checkpoint_files(ckpt: Path) -> None:
-    """Refuse a checkpoint missing a state file or holding an empty one (reliability C1): resuming
-    from it would silently restart the optimizer or the RNG."""
-    files = {p.name: p.stat().st_size for p in ckpt.iterdir() if p.is_file()}
-    needed = [STATE_FILE, "optimizer.bin", "random_states_0.pkl"]
-    missing = [n for n in needed if n not in files]
-    empty = [n for n, size in files.items() if size == 0 and n != MARKER]
-    if missing or empty:
-        raise ValueError(f"{ckpt} is damaged: " + "; ".join(
-            part for part in (f"missing {', '.join(missing)}" if missing else "",
-                              f"empty {', '.join(empty)}" if empty else "") if part)
-            + ". Move it away to resume from the previous checkpoint, or delete checkpoints/ to start over.")
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, cfg: Any,
+def save_checkpoint(state: TrainingState, out: Path, step: int, cfg: Any,
                     export: Callable[[Path, int], Any]) -> None:
-    """An atomic checkpoint with the resumable state and the adapter files as of this step."""
+    """An atomic checkpoint with the resumable state and the adapter files as of this step (every process
+    calls it: each one's RNG state goes in; the main process writes)."""
+    accelerator = state.accelerator
     accelerator.wait_for_everyone()
+    random_states = state.random_states()
     if accelerator.is_main_process:
         def fill(folder: Path) -> None:
-            accelerator.save_state(str(folder))
+            state.save(folder, random_states)
             export(folder, step)
         write_checkpoint(out / "checkpoints", step, fill,
                          {"step": step, "processes": accelerator.num_processes, "config": to_dict(cfg)},
                          keep=cfg.output.keep_checkpoints)
     accelerator.wait_for_everyone()
-

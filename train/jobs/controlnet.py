@@ -63,8 +63,9 @@ from adapterkit.train.data.folder import (
 from adapterkit.train.data.pairs import HINT_BACKGROUND, HintSource, PairedFolder
 from adapterkit.train.images import unit_tensor
 from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
-from adapterkit.train.jobs.checkpoints import MUTABLE, register_state_hooks, resume
+from adapterkit.train.jobs.checkpoints import MUTABLE, resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.lock import one_run_per_output
 from adapterkit.train.jobs.loop import frozen_dtype, make_accelerator, open_base, run_steps
 from adapterkit.train.jobs.optimizer import (
     adapter_master_weights,
@@ -86,6 +87,7 @@ from adapterkit.train.jobs.recipe import (
     flat_dict,
     public_recipe,
 )
+from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -177,6 +179,7 @@ class ControlNetRecipe:
     sample: ControlNetSampleConfig = field(default_factory=ControlNetSampleConfig)
 
 
+@one_run_per_output
 def main(cfg: ControlNetRecipe) -> Path:
     """Train the ControlNet described by `cfg`; returns the output folder. Resumes from its last
     checkpoint."""
@@ -217,15 +220,14 @@ def main(cfg: ControlNetRecipe) -> Path:
             p.data = p.data.to(params[0].dtype)
     optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
     model, optimizer = accelerator.prepare(cn, optimizer)
-    accelerator.register_for_checkpointing(lr_schedule)
-    register_state_hooks(accelerator, lambda: full_precision_state(trained, master),
-                         master, "ControlNet")
-    scaler = use_loss_scaling(accelerator, dtype)   # fp16 only; saved in checkpoints (before resume)
+    scaler = use_loss_scaling(dtype)   # fp16 only
+    state = TrainingState(accelerator, lambda: full_precision_state(trained, master), optimizer, lr_schedule,
+                          master, scaler, what="ControlNet")
 
     forward = GraphedStep.for_job(ControlledUNet(unet, model, cfg.control.conditioning_scale), cfg.train,
                                   accelerator)
 
-    start = resume(accelerator, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
+    start = resume(state, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
                      accelerator.num_processes, accelerator.process_index)
@@ -244,7 +246,8 @@ def main(cfg: ControlNetRecipe) -> Path:
               step=lambda step: train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule,
                                            step, forward, scaler=scaler),
               optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master, scaler=scaler,
-              export=Exporter(cfg, cn, master, reference), sample=sample_and_score if hints else None,
+              state=state, export=Exporter(cfg, cn, master, reference),
+              sample=sample_and_score if hints else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="controlnet", what="ControlNet")
     return out

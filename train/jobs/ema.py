@@ -9,7 +9,7 @@ The average starts equal to the initial weights and its decay warms up as min(de
 after n updates (the schedule of diffusers' EMAModel and of Nichol & Dhariwal's code), so the first
 steps' random weights fade quickly. The average is kept in fp32 whatever the parameters' dtype.
 `state()` names the averaged tensors "ema.<name>" for a checkpoint, as views of the average: a saved
-state loads by copying into them (train.loop.register_state_hooks does).
+state loads by copying into them (train.jobs.state.TrainingState does).
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ pieces around them each have their module in train/jobs/:
     optimizer.py    AdamW + LR schedule, fp32 masters for a bf16/fp16 adapter, the fp16 loss scale,
                     optimizer_step: (unscale ->) clip -> step -> schedule
     guards.py       the NaN guard, the loss scale's floor, device OOM, signals: what stops a run and why
-    checkpoints.py  atomic rotated checkpoints, the trained tensors in them, resume
+    checkpoints.py  atomic checksummed rotated checkpoints, resume from the newest intact one
+    state.py        what a checkpoint holds, in safetensors and JSON (never a pickle)
+    lock.py         one run per output folder
     progress.py     loss.jsonl, the progress bar, SIGINT/SIGTERM
     precision.py, graphs.py, ema.py   master weights and loss scaling, CUDA graphs, EMA
 
@@ -45,6 +47,7 @@ from adapterkit.train.jobs.optimizer import optimizer_step
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
 from adapterkit.train.jobs.progress import LossLog, ProgressBar, StopSignals
 from adapterkit.train.jobs.recipe import DTYPES, ModelConfig
+from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import BaseModel, load_base
 
 
@@ -79,8 +82,9 @@ def load_frozen_base(cfg: ModelConfig, device: torch.device) -> tuple[BaseModel,
 
 def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
               step: Callable[[int], float], optimizer, lr_schedule, params: Sequence[torch.nn.Parameter],
-              master: MasterWeights | None, export: Callable[..., Any], scaler: LossScaler | None = None,
-              sample: Callable[[int, Path], Any] | None, images_per_step: int, name: str, what: str,
+              master: MasterWeights | None, state: TrainingState, export: Callable[..., Any],
+              scaler: LossScaler | None = None, sample: Callable[[int, Path], Any] | None,
+              images_per_step: int, name: str, what: str,
               explain_oom: Callable[[Any, int, Path], AbstractContextManager] = out_of_memory_explained,
               after_step: Callable[[int], Any] | None = None) -> int:
     """Train from step `start` to `cfg.train.steps`; returns the last step done.
@@ -92,8 +96,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     (e.g. an EMA update), loss.jsonl (every
     step), the trackers (every `cfg.output.log_every` steps and the last), the progress bar
     (`images_per_step` images a step, all processes together), a checkpoint (every
-    `cfg.output.checkpoint_every` steps, the last step, and on a signal; `export(folder, step)` writes
-    the job's files into it).
+    `cfg.output.checkpoint_every` steps, the last step, and on a signal: `state` (the job's resumable
+    state, train/jobs/state.py), and `export(folder, step)` writes the job's files into it).
 
     Samples: `sample(step, path)` (None: no samples) runs on the main process only, at every step
     s < cfg.train.steps that `cfg.sample.every` divides (to out/samples/step-<s>.png), and once at the
@@ -137,7 +141,7 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
             stop.agree(accelerator)
             every = cfg.output.checkpoint_every
             if (every and done % every == 0) or stop.requested or done == steps:
-                save_checkpoint(accelerator, out, done, cfg, export)
+                save_checkpoint(state, out, done, cfg, export)
             if (sample and cfg.sample.every and done % cfg.sample.every == 0 and done < steps
                     and accelerator.is_main_process):
                 sample(done, out / "samples" / f"step-{done:06d}.png")

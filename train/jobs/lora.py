@@ -7,8 +7,8 @@ The loop trains only the adapter: the base U-Net is frozen (bf16 on a GPU, fp32 
 LoRA weights, gradients and Adam state are fp32. Every random draw of step s (noise, timesteps,
 latent sample) comes from a generator seeded by (seed, s, micro-batch, process), and the batch order
 is a pure function of (seed, epoch), so a resumed run repeats the uninterrupted one exactly.
-Accelerate places the model, wraps it for several processes (`accelerate launch`), saves the
-optimizer/scheduler/RNG state and writes TensorBoard logs.
+Accelerate places the model, wraps it for several processes (`accelerate launch`) and writes
+TensorBoard logs; the checkpoints hold the job's own state (train/jobs/state.py: no pickles).
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig
 from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
-from adapterkit.train.jobs.checkpoints import register_state_hooks, resume
+from adapterkit.train.jobs.checkpoints import resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.lock import one_run_per_output
 from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, run_steps
 from adapterkit.train.jobs.optimizer import (
     adapter_master_weights,
@@ -49,6 +50,7 @@ from adapterkit.train.jobs.recipe import (
     flat_dict,
     public_recipe,
 )
+from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -83,6 +85,7 @@ class LoraRecipe:
 
 # --- the job -----------------------------------------------------------------------------------------
 
+@one_run_per_output
 def main(cfg: LoraRecipe) -> Path:
     """Train the LoRA described by `cfg`; returns the output folder. Resumes from its last checkpoint."""
     out = Path(cfg.output.dir)
@@ -107,12 +110,12 @@ def main(cfg: LoraRecipe) -> Path:
     master = adapter_master_weights(params, unet.conv_in.weight.dtype, cfg.train.adapter_compute)
     optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
     model, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_schedule)
-    register_adapter_state_hooks(accelerator, unet, master)
-    scaler = use_loss_scaling(accelerator, unet.conv_in.weight.dtype)   # fp16 only; before resume restores it
+    scaler = use_loss_scaling(unet.conv_in.weight.dtype)   # fp16 only
+    state = TrainingState(accelerator, lambda: adapter_state(unet, master), optimizer, lr_schedule, master,
+                          scaler, what="LoRA config")
     forward = GraphedStep.for_job(model, cfg.train, accelerator)
 
-    start = resume(accelerator, out, cfg)
+    start = resume(state, out, cfg)
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
                      accelerator.num_processes, accelerator.process_index)
@@ -123,7 +126,7 @@ def main(cfg: LoraRecipe) -> Path:
               step=lambda step: train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule,
                                            step, forward, scaler=scaler),
               optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master, scaler=scaler,
-              export=Exporter(cfg, unet, fingerprint, master),
+              state=state, export=Exporter(cfg, unet, fingerprint, master),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="lora", what="adapter")
@@ -135,12 +138,6 @@ def main(cfg: LoraRecipe) -> Path:
 def adapter_state(unet: torch.nn.Module, master: MasterWeights | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors by name, at full precision (the fp32 masters when there are some)."""
     return full_precision_state({n: p for n, p in unet.named_parameters() if ".lora_" in n}, master)
-
-
-def register_adapter_state_hooks(accelerator: Accelerator, unet: torch.nn.Module,
-                                 master: MasterWeights | None) -> None:
-    """Make accelerate's save_state/load_state keep only the adapter weights, not the frozen base."""
-    register_state_hooks(accelerator, lambda: adapter_state(unet, master), master, "LoRA config")
 
 
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,

@@ -44,17 +44,13 @@ def adapter_master_weights(params: list[torch.nn.Parameter], base_dtype: torch.d
     return MasterWeights(params)
 
 
-def use_loss_scaling(accelerator: Accelerator, base_dtype: torch.dtype) -> LossScaler | None:
-    """With an fp16 base: a `LossScaler` for this job, saved in its checkpoints (call it before
-    `resume`, in the same place in every run: accelerate restores custom state by registration order).
+def use_loss_scaling(base_dtype: torch.dtype) -> LossScaler | None:
+    """With an fp16 base: a `LossScaler` for this job (hand it to the job's TrainingState, which keeps it
+    in the checkpoints).
 
     The backward pass runs through the frozen fp16 U-Net whatever train.adapter_compute is, so its
     gradients underflow there either way. bf16 and fp32 get None and train exactly as without it."""
-    if base_dtype != torch.float16:
-        return None
-    scaler = LossScaler()
-    accelerator.register_for_checkpointing(scaler)
-    return scaler
+    return LossScaler() if base_dtype == torch.float16 else None
 
 
 def scale_loss(scaler: LossScaler | None, loss: Tensor) -> Tensor:

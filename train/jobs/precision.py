@@ -9,6 +9,7 @@ weights are rounded back into the model. An fp16 backward pass also needs its lo
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +134,11 @@ class LossScaler:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "overflows": self.overflows}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = float(state["scale"])
-        self.clean_steps = int(state["clean_steps"])
-        self.overflows = int(state.get("overflows", 0))
+        """Restore `state_dict()`'s values; ValueError for anything else (a checkpoint's JSON is input)."""
+        if not isinstance(state, dict) or state.keys() != {"scale", "clean_steps", "overflows"}:
+            raise ValueError(f"a loss scaler state is {{scale, clean_steps, overflows}}, got {state!r:.80}")
+        scale, clean, overflows = state["scale"], state["clean_steps"], state["overflows"]
+        counts = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (clean, overflows))
+        if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0 and counts):
+            raise ValueError(f"a loss scaler state needs a finite scale > 0 and counts >= 0, got {state}")
+        self.scale, self.clean_steps, self.overflows = scale, clean, overflows

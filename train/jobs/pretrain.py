@@ -22,9 +22,9 @@ when its step needs it (about 4 ms an image on one core: fine for tests, too slo
 `pool_size` = N, N scenes drawn from `data.seed` are rendered once up front (`data.workers`
 processes) and each step draws its images from the pool.
 
-Checkpoints go through train/jobs/loop.py (`save_checkpoint`, `resume`): the trained tensors of both
-models in one safetensors file, plus accelerate's optimizer, LR schedule and RNG state, plus the
-exported pipeline folder as of that step.
+Checkpoints go through train/jobs/checkpoints.py (`save_checkpoint`, `resume`): the trained tensors of
+both models (and the EMA) in one safetensors file, the optimizer, LR schedule and RNG state
+(train/jobs/state.py), plus the exported pipeline folder as of that step.
 """
 from __future__ import annotations
 
@@ -44,12 +44,14 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from adapterkit.train.config import to_dict
-from adapterkit.train.jobs.checkpoints import MUTABLE, register_state_hooks, resume
+from adapterkit.train.jobs.checkpoints import MUTABLE, resume
 from adapterkit.train.jobs.ema import EMA
 from adapterkit.train.jobs.guards import check_writable
+from adapterkit.train.jobs.lock import one_run_per_output
 from adapterkit.train.jobs.loop import make_accelerator, run_steps
 from adapterkit.train.jobs.optimizer import full_precision_state, make_optimizer
 from adapterkit.train.jobs.recipe import OptimConfig, OutputConfig, SampleConfig, flat_dict
+from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import PIXEL_PATCH_KEY, BaseModel, Fingerprint, scheduler_config_named
 from adapterkit.train.pipeline.parts import PIXEL_PATCHES
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -238,6 +240,7 @@ class Tokens:
 
 # --- the job -----------------------------------------------------------------------------------------
 
+@one_run_per_output
 def main(cfg: PretrainRecipe) -> Path:
     """Train the tiny base described by `cfg`; returns the output folder. Resumes from its last checkpoint."""
     out = Path(cfg.output.dir)
@@ -258,18 +261,17 @@ def main(cfg: PretrainRecipe) -> Path:
     params = list(named.values())
     optimizer, lr_schedule = make_optimizer(cfg.optim, params, cfg.train.steps)
     model, text_model, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    accelerator.register_for_checkpointing(lr_schedule)
     ema = EMA(named, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
     averaged = ema.applied if ema else nullcontext
 
     def state() -> dict:
         return full_precision_state(named, None) | (ema.state() if ema else {})
 
-    register_state_hooks(accelerator, state, None, "pretrain model config")
+    training = TrainingState(accelerator, state, optimizer, lr_schedule, what="pretrain model config")
     if cfg.train.compile and accelerator.device.type == "cuda":
         model = torch.compile(model)
 
-    start = resume(accelerator, out, cfg, (*MUTABLE, "data.workers"))
+    start = resume(training, out, cfg, (*MUTABLE, "data.workers"))
     tokens = Tokens(tokenizer)
     scheduler_config = scheduler_config_named(cfg.model.scheduler)
     schedule = NoiseSchedule.from_config(scheduler_config)
@@ -293,7 +295,8 @@ def main(cfg: PretrainRecipe) -> Path:
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, text_model, data, tokens, schedule, step),
-              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=None, export=export,
+              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=None, state=training,
+              export=export,
               sample=(lambda s, path: sample_grid(cfg, base, path, averaged)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * accelerator.num_processes, name="pretrain",
               what="base model", after_step=ema.update if ema else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -13,22 +14,61 @@ from accelerate import Accelerator
 
 class JsonlLog:
     """A JSON-lines file of rows keyed by "step", truncated to the resume step so a resumed run has
-    one history. Only the main process (`active`) writes."""
+    one history. Only the main process (`active`) writes.
+
+    Each row is appended with one write of the whole line, so a crash leaves at most its last line
+    torn; on resume a torn last line is dropped with a note (a broken line elsewhere is an error naming
+    it). The truncation writes a new file and renames it over the old one: a crash then leaves the old
+    history or the new one, never half of either."""
 
     def __init__(self, path: Path, start: int, active: bool):
         self.path, self.active = path, active
         self.rows = []
         if active and path.exists():
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start]
+            self.rows = [r for r in read_rows(path) if r["step"] <= start]
         if active:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         if self.active:
             self.rows.append(row)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.path, json.dumps(row) + "\n")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log; a torn last line (a crash mid-write) is left out with a note."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise ValueError("not a row with an integer step")
+        except ValueError as e:
+            if number == len(lines):
+                print(f"note: {path} ends in a torn line (a crash while it was written): left out",
+                      flush=True)
+                break
+            raise ValueError(f"{path} line {number} is not a log row ({e}): repair or delete the file to "
+                             "resume") from None
+        rows.append(row)
+    return rows
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` in one write call to a file opened for appending (O_APPEND: the kernel puts each
+    write at the end as a whole)."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):                     # only on a full disk or a signal; still in order
+            written += os.write(fd, data[written:])
+    finally:
+        os.close(fd)
 
 
 class LossLog(JsonlLog):

@@ -16,6 +16,7 @@ from adapterkit.train.jobs.pretrain import (
     PretrainRecipe,
     PretrainSampleConfig,
 )
+from adapterkit.train.jobs.state import TrainingState
 
 
 class Accelerator:
@@ -23,14 +24,11 @@ class Accelerator:
 
     def __init__(self, main: bool = True):
         self.is_main_process = self.is_local_main_process = main
-        self.num_processes = 1
+        self.num_processes, self.process_index = 1, 0
         self.logged: list[int] = []
 
     def log(self, values: dict, step: int) -> None:
         self.logged.append(step)
-
-    def save_state(self, folder: str) -> None:
-        (Path(folder) / "state").write_text("state")
 
     def clip_grad_norm_(self, params, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -56,8 +54,9 @@ def run(out: Path, steps: int, main: bool = True, **overrides):
         calls.append(("step", s))
         return loss.item()
 
+    state = TrainingState(accelerator, lambda: {"weight": weight.detach()}, optimizer, lr_schedule)
     kw = dict(step=step, optimizer=optimizer, lr_schedule=lr_schedule, params=[weight], master=None,
-              export=lambda folder, step=None: calls.append(
+              state=state, export=lambda folder, step=None: calls.append(
                   ("export", "out" if Path(folder) == out else "checkpoint", step)),
               sample=lambda s, path: calls.append(("sample", s, path.name)),
               images_per_step=1, name="test", what="test") | overrides

@@ -252,8 +252,8 @@ def test_out_of_memory_names_the_sizes_to_change_and_keeps_the_checkpoint(pipeli
 
 def test_a_damaged_checkpoint_is_refused_not_restarted(pipeline, images, tmp_path):
     main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 2}))
-    (tmp_path / "run" / "checkpoints" / "step-000002" / "optimizer.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"step-000002 is damaged: empty optimizer\.bin"):
+    (tmp_path / "run" / "checkpoints" / "step-000002" / "optimizer.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"step-000002 is damaged: optimizer\.safetensors is empty"):
         main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 4}))
 
 
