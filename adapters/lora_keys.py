@@ -149,6 +149,7 @@ def kohya_unet_stems(paths: Iterable[str], base: UNetConfig | None) -> dict[str,
 
 # Text encoders: kohya <-> canonical -------------------------------------------------------------------
 
+@functools.cache
 def kohya_text_prefixes() -> dict[str, str]:
     """kohya text-encoder prefix -> pipeline component, from the family table
     ({"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"})."""
@@ -159,6 +160,7 @@ def kohya_text_prefixes() -> dict[str, str]:
     return out
 
 
+@functools.cache
 def text_encoder_folders() -> frozenset[str]:
     return frozenset(te.folder for f in FAMILIES.values() for te in f.text_encoders)
 

@@ -422,15 +422,34 @@ def wild_diffusers_0_20(lora):
     return out, {}
 
 
-@pytest.mark.parametrize("make", [wild_sd_scripts, wild_lycoris_locon, wild_no_metadata, wild_diffusers_kohya,
-                                  wild_diffusers_0_20])
-def test_sdxl_loras_in_the_layouts_found_in_the_wild_are_detected_and_placed(make, tmp_path):
+def with_embeddings(lora: Lora) -> Lora:
+    """LyCORIS' `full` preset also adapts conv_in, conv_out and the time / added-embedding MLPs
+    (lora_unet_input_blocks_0_0, lora_unet_out_2, lora_unet_time_embed_0, lora_unet_label_emb_0_0)."""
+    g = torch.Generator().manual_seed(5)
+    layers = layer_paths(UNet(CFG))
+    for path in ("conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"):
+        w = layers[path].weight
+        lora.modules[path] = LoraModule(torch.randn(2, *w.shape[1:], generator=g) * 0.1,
+                                        torch.randn(w.shape[0], 2, *([1, 1] if w.ndim == 4 else []),
+                                                    generator=g) * 0.1, 2.0)
+    return lora
+
+
+@pytest.mark.parametrize("make, embeddings", [(wild_sd_scripts, False), (wild_lycoris_locon, True),
+                                              (wild_no_metadata, False), (wild_diffusers_kohya, False),
+                                              (wild_diffusers_0_20, False)])
+def test_sdxl_loras_in_the_layouts_found_in_the_wild_are_detected_and_placed(make, embeddings, tmp_path):
     alpha_is_rank = make in (wild_diffusers_kohya, wild_diffusers_0_20)     # those files carry no alpha
     spec = LoraSpec(rank=4, alpha=4, targets="full", conv_rank=2, conv_alpha=2) if alpha_is_rank else SPEC
     lora = trained(spec=spec)
     if alpha_is_rank:
         lora.modules = {p: LoraModule(m.down, m.up, float(m.rank)) for p, m in lora.modules.items()}
+    if embeddings:
+        lora = with_embeddings(lora)
     tensors, metadata = make(lora)
+    if embeddings:
+        assert {"lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_time_embed_0",
+                "lora_unet_label_emb_0_2"} <= {k.split(".")[0] for k in tensors}
     path = tmp_path / "wild.safetensors"
     save_file(tensors, str(path), metadata=metadata)
     got = read_lora(path, missing_alpha="rank")                              # no base given
