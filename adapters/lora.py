@@ -10,8 +10,9 @@ forward folds the adapter into the GEMMs. For one adapted layer with base weight
 B starts at zero, so an adapter at init changes nothing (tested). Only adapter tensors require grad.
 
 `Lora` is an adapter's weights detached from any model, keyed by canonical module path
-(lora_keys.py). Files are read into it and written from it (lora_files.py); merge/extract/resize
-work on it (merge.py); `fit` checks it against a model before anything is changed.
+(lora_keys.py; text-encoder modules as `text_encoder.<path>` / `text_encoder_2.<path>`). Files are
+read into it and written from it (lora_files.py); merge/extract/resize work on it (merge.py); `fit`
+checks it against a model before anything is changed.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from . import lora_fused
-from .lora_keys import describe_config, guess_base, layer_paths
+from .lora_keys import describe_config, guess_base, is_text_path, layer_paths, text_layer_paths
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -104,7 +105,8 @@ class LoraModule:
 
 @dataclass
 class Lora:
-    """An adapter's weights, keyed by canonical module path.
+    """An adapter's weights, keyed by canonical module path (U-Net paths; text-encoder modules of a
+    file under `text_encoder.` / `text_encoder_2.`, placed only where the text encoders are given).
 
     names: canonical path -> the key stem it had in its file (error messages name file keys).
     unplaced: file keys that name no U-Net layer, with the reason (text-encoder part, unknown key
@@ -158,20 +160,30 @@ def check_finite(lora: Lora) -> None:
                          f"{_list(bad)}")
 
 
-def fit(lora: Lora, model: nn.Module, allow_unmatched: bool = False) -> dict[str, nn.Module]:
+def fit(lora: Lora, model: nn.Module, allow_unmatched: bool = False,
+        text_encoders: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
     """The model layer each module of `lora` adapts; raises before anything is changed if any key
     names no layer of this U-Net or any shape differs, naming the keys and the base the file was made for.
 
     allow_unmatched: place what fits and warn about the rest (counted, named) instead of failing.
+    text_encoders: pipeline component -> transformers text encoder ({"text_encoder": ..., "text_encoder_2":
+        ...}) to place the file's text-encoder modules in; without it they count as unplaced.
     """
+    text_encoders = text_encoders or {}
     layers = layer_paths(model)
-    missing = [lora.key(p) for p in lora.modules if p not in layers]
+    for folder, encoder in text_encoders.items():
+        layers |= text_layer_paths(folder, encoder)
+    aside = [p for p in lora.modules if is_text_path(p) and p.split(".", 1)[0] not in text_encoders]
+    missing = [lora.key(p) for p in lora.modules if p not in layers and p not in aside]
     wrong = []
     for path, m in lora.modules.items():
         if path in layers and (problem := _shape_problem(m, layers[path].weight.shape)):
             wrong.append(f"{lora.key(path)}: {problem}")
     unplaced = [f"{k} ({why})" for k, why in lora.unplaced.items()]
-    if wrong or ((missing or unplaced) and not allow_unmatched) or len(missing) == len(lora.modules):
+    unplaced += [f"{lora.key(p)} (text-encoder module; no text encoders were given to place it in)"
+                 for p in aside]
+    nothing_fits = len(missing) + len(aside) == len(lora.modules)
+    if wrong or ((missing or unplaced) and not allow_unmatched) or nothing_fits:
         made_for = guess_base(lora.shapes(), lora.metadata, lora.unplaced)
         cfg = getattr(model, "config", None)
         parts = [f"{lora.source} does not fit this U-Net"
@@ -186,12 +198,13 @@ def fit(lora: Lora, model: nn.Module, allow_unmatched: bool = False) -> dict[str
             parts.append(f"{len(unplaced)} keys could not be placed: {_list(unplaced)}")
         if not lora.modules:
             parts.append("it holds no U-Net LoRA modules")
-        if not wrong and lora.modules and len(missing) < len(lora.modules):
+        if not wrong and not nothing_fits:
             parts.append("pass allow_unmatched=True (--allow-unmatched) to load the part that fits")
         raise ValueError("; ".join(parts))
     if missing or unplaced:
-        warnings.warn(f"{lora.source}: loading {len(lora.modules) - len(missing)} modules, skipping "
-                      f"{len(missing) + len(unplaced)} keys: {_list(missing + unplaced)}", stacklevel=2)
+        warnings.warn(f"{lora.source}: loading {len(lora.modules) - len(missing) - len(aside)} modules, "
+                      f"skipping {len(missing) + len(unplaced)} keys: {_list(missing + unplaced)}",
+                      stacklevel=2)
     return {p: layers[p] for p in lora.modules if p in layers}
 
 

@@ -3,20 +3,27 @@
 Key contract (formats.md §3; names in lora_keys.py):
 
     kohya (default, for sharing: diffusers, ComfyUI, A1111)
-        lora_unet_<path with _>.lora_down.weight   [r, in] | [r, in, kh, kw]
-        lora_unet_<path with _>.lora_up.weight     [out, r] | [out, r, 1, 1]
-        lora_unet_<path with _>.alpha              0-dim, in the tensors' dtype
+        <stem>.lora_down.weight   [r, in] | [r, in, kh, kw]
+        <stem>.lora_up.weight     [out, r] | [out, r, 1, 1]
+        <stem>.alpha              0-dim, in the tensors' dtype
+        stem: lora_unet_<U-Net path with _> in the base family's naming (diffusers names for SD1.x/2.x,
+        LDM block names for SDXL: lora_unet_input_blocks_4_1_...), lora_te_/lora_te1_/lora_te2_<text
+        encoder path with _> (lora_keys.py)
         metadata: ss_* minimum keys, modelspec.*, adapterkit.*
     peft (diffusers >= 0.34 `load_lora_weights`)
-        unet.<path>.lora_A.weight / unet.<path>.lora_B.weight (no alpha tensors: every key holds "lora")
-        metadata: format=pt, lora_adapter_metadata = JSON LoraConfig with "unet."-prefixed keys
-        (r, lora_alpha, target_modules, rank_pattern, alpha_pattern), modelspec.*, adapterkit.*
+        unet.<path>.lora_A.weight / unet.<path>.lora_B.weight, text_encoder[_2].<path>.lora_A/B.weight
+        (no alpha tensors: every key holds "lora")
+        metadata: format=pt, lora_adapter_metadata = JSON LoraConfig per component, keys prefixed
+        "unet." / "text_encoder." / "text_encoder_2." (r, lora_alpha, target_modules, rank_pattern,
+        alpha_pattern) as diffusers' save_lora_weights writes it, modelspec.*, adapterkit.*
 
-Reading auto-detects the layout and also takes kohya files with LDM block names (given the base
-config) and diffusers' `unet.<path>.lora.down.weight` spelling. Nothing is dropped silently: keys
-that name no U-Net layer are kept in `Lora.unplaced` and refused by `fit`/`convert_lora` unless the
-caller opts in. A missing alpha is an error unless the caller opts into alpha = rank (what kohya,
-ComfyUI, A1111 and diffusers do, formats.md §3.2).
+Reading auto-detects the layout and also takes kohya files with LDM block names (placed by the base
+config: given, in the file's adapterkit.base_config, or the preset of the family the file claims),
+diffusers' `unet.<path>.lora.down.weight` spelling and the attention-processor / `lora_linear_layer`
+spellings of diffusers <= 0.20. Nothing is dropped silently: keys that name no layer are kept in
+`Lora.unplaced` and refused by `fit`/`convert_lora` unless the caller opts in. A missing alpha is an
+error unless the caller opts into alpha = rank (what kohya, ComfyUI, A1111 and diffusers do,
+formats.md §3.2).
 
 Writes are atomic (temp file + os.replace) and verified: the temp file is read back and every
 layer's ΔW compared with the source before it replaces the destination. Our own metadata carries
@@ -27,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from datetime import datetime, timezone
@@ -37,8 +45,8 @@ import torch
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from adapterkit.unet import UNetConfig, family_of, read_weights, unet_fingerprint
-from adapterkit.unet.families import family_of_ss_version, family_of_width
+from adapterkit.unet import PRESETS, UNetConfig, family_of, read_weights, unet_fingerprint
+from adapterkit.unet.families import TINY, Family, family_like, family_of_ss_version
 
 from .lora import (
     Lora,
@@ -53,22 +61,32 @@ from .lora import (
 )
 from .lora_keys import (
     KOHYA_PREFIX,
-    TEXT_ENCODER_PREFIXES,
-    context_width,
+    claimed_family,
     guess_base,
     is_ldm_name,
+    is_text_path,
+    kohya_text_prefixes,
+    kohya_text_stem,
+    kohya_unet_stems,
     ldm_kohya_table,
     parse_kohya_diffusers,
+    parse_kohya_text,
     preset_name,
-    to_kohya,
+    text_encoder_folders,
+    text_path,
 )
 
 FORMATS = ("kohya", "peft")           # "diffusers" is accepted as a synonym of "peft"
 FORMAT_VERSION = "1"
 _PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up",
-               ".lora.down.weight": "down", ".lora.up.weight": "up"}     # the second pair: diffusers scripts
+               ".lora.down.weight": "down", ".lora.up.weight": "up",               # diffusers' scripts
+               ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}  # <= 0.20 TEs
+# diffusers <= 0.20 attention processors (early SDXL DreamBooth LoRAs):
+# <block>.attn1.processor.to_q_lora.down.weight
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-_ATTN_PROJ = (".to_q", ".to_k", ".to_v", ".to_out.0")
+_ATTN_PROJ = (".to_q", ".to_k", ".to_v", ".to_out.0",                 # U-Net attention
+              ".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.out_proj")  # CLIP
 
 
 def _format(fmt: str) -> str:
@@ -118,7 +136,7 @@ def detect_format(keys) -> str:
     """'kohya' or 'peft' from the key names; raises on a file that is neither or both."""
     keys = list(keys)
     kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
-    peft = any(k.endswith(tuple(_PEFT_PARTS)) for k in keys)
+    peft = any(k.endswith(tuple(_PEFT_PARTS)) or _PROCESSOR.search(k) for k in keys)
     if kohya and peft:
         raise ValueError("the file mixes kohya (lora_unet_*) and peft (*.lora_A/lora_B) keys; "
                          f"loaders disagree on such files, re-export it in one layout: {_list(keys, 6)}")
@@ -133,7 +151,8 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
     """Read a kohya or peft/diffusers LoRA file (layout auto-detected).
 
     base: the U-Net config, needed only to place LDM-named kohya keys (else taken from the file's
-        adapterkit.base_config, else those keys are left unplaced).
+        adapterkit.base_config, else the preset of the family the file claims or shows, e.g. SDXL's
+        for a kohya SDXL file; else those keys are left unplaced).
     missing_alpha: "error" (default) refuses modules without an alpha (or alpha 0, which kohya reads as
         rank but diffusers as 0), naming them; "rank" reads them as alpha = rank (scale 1.0).
     """
@@ -142,9 +161,16 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
     path = Path(path)
     tensors, metadata = _load(path)
     fmt = detect_format(tensors)
+    lora = Lora({}, metadata=metadata, source=f"LoRA file {path.name}", format=fmt)
     if base is None and "adapterkit.base_config" in metadata:
         base = _config_from_metadata(metadata, path)
-    lora = Lora({}, metadata=metadata, source=f"LoRA file {path.name}", format=fmt)
+    elif base is None and fmt == "kohya" and any(is_ldm_name(k.removeprefix(KOHYA_PREFIX)) for k in tensors
+                                                 if k.startswith(KOHYA_PREFIX)):
+        family = claimed_family(_kohya_shapes(tensors), metadata, tensors)
+        if family is not None and family.unet_preset:
+            base = PRESETS[family.unet_preset]
+            lora.notes.append(f"LDM names placed by the {family.title} U-Net (preset {family.unet_preset}), "
+                              "the family the file claims")
     parts: dict[str, dict[str, torch.Tensor]] = {}     # canonical path -> {"down"|"up"|"alpha": tensor}
     for key, t in tensors.items():
         placed = (_place_kohya if fmt == "kohya" else _place_peft)(key, base, lora)
@@ -198,21 +224,36 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
     return lora
 
 
-def _config_from_metadata(metadata: dict[str, str], path: Path) -> UNetConfig:
+def _config_from_metadata(metadata: dict[str, str], source) -> UNetConfig:
     try:
         return UNetConfig.from_dict(json.loads(metadata["adapterkit.base_config"]))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: metadata key adapterkit.base_config is not a valid U-Net config: "
+        raise ValueError(f"{source}: metadata key adapterkit.base_config is not a valid U-Net config: "
                          f"{e}") from e
+
+
+def _kohya_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """key stem -> (lora_down shape, lora_up shape), for the evidence of which base a file is for."""
+    down = {k.removesuffix(".lora_down.weight"): t.shape for k, t in tensors.items()
+            if k.endswith(".lora_down.weight")}
+    return {stem: (shape, tensors[f"{stem}.lora_up.weight"].shape) for stem, shape in down.items()
+            if f"{stem}.lora_up.weight" in tensors}
 
 
 def _place_kohya(key: str, base: UNetConfig | None, lora: Lora):
     stem, _, part = key.partition(".")
-    if key.startswith(TEXT_ENCODER_PREFIXES):
-        lora.unplaced[key] = "text-encoder LoRA; adapterkit adapts only the U-Net"
-        return None
-    if not stem.startswith(KOHYA_PREFIX) or part not in _KOHYA_PARTS:
+    if part not in _KOHYA_PARTS:
         lora.unplaced[key] = f"unsupported key type .{part}" if part else "not a LoRA key"
+        return None
+    if stem.startswith(tuple(kohya_text_prefixes())):
+        path = parse_kohya_text(stem)
+        if path is None:
+            lora.unplaced[key] = "text-encoder key that names no CLIP text-encoder layer"
+            return None
+        lora.names[path] = stem
+        return path, _KOHYA_PARTS[part]
+    if not stem.startswith(KOHYA_PREFIX):
+        lora.unplaced[key] = "not a LoRA key"
         return None
     name = stem[len(KOHYA_PREFIX):]
     if is_ldm_name(name):
@@ -232,40 +273,72 @@ def _place_kohya(key: str, base: UNetConfig | None, lora: Lora):
 
 
 def _place_peft(key: str, base: UNetConfig | None, lora: Lora):
-    if key.startswith(TEXT_ENCODER_PREFIXES):
-        lora.unplaced[key] = "text-encoder LoRA; adapterkit adapts only the U-Net"
-        return None
-    suffix = next((s for s in _PEFT_PARTS if key.endswith(s)), None)
-    if suffix is None:
+    if m := _PROCESSOR.search(key):
+        stem, part = key[:m.start()], m.group(2)
+        module = stem + "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1))
+    elif suffix := next((s for s in _PEFT_PARTS if key.endswith(s)), None):
+        stem = module = key[:-len(suffix)]
+        part = _PEFT_PARTS[suffix]
+    else:
         lora.unplaced[key] = "not a lora_A/lora_B weight (DoRA magnitude, bias or full weight?)"
         return None
-    stem = key[:-len(suffix)]
-    path = stem.removeprefix("unet.").removeprefix("base_model.model.")
+    component, _, rest = module.partition(".")
+    if component in text_encoder_folders():
+        path = text_path(component, rest)
+    else:
+        path = module.removeprefix("unet.").removeprefix("base_model.model.")
     lora.names[path] = stem
-    return path, _PEFT_PARTS[suffix]
+    return path, part
+
+
+def _component(path: str) -> str:
+    """The diffusers pipeline component a canonical path belongs to."""
+    return path.split(".", 1)[0] if is_text_path(path) else "unet"
 
 
 def _peft_alphas(metadata: dict[str, str], lora: Lora) -> dict[str, tuple[float, int]]:
-    """Per-module (alpha, rank) from `lora_adapter_metadata` (diffusers >= 0.34); {} when absent."""
+    """Per-module (alpha, rank) from `lora_adapter_metadata` (diffusers >= 0.34), one LoraConfig per
+    component; {} when absent. Text-encoder modules are matched with and without the `text_model.`
+    level (a flat transformers-5 CLIPTextModel has none)."""
     raw = metadata.get("lora_adapter_metadata")
     if raw is None:
         return {}
+    configs = {}
     try:
         cfg = json.loads(raw)
-        cfg = {k.removeprefix("unet."): v for k, v in cfg.items() if k.startswith("unet.")}
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-        rslora = bool(cfg.get("use_rslora", False))
-    except (ValueError, KeyError, TypeError) as e:
+        for component in {_component(p) for p in lora.names}:
+            c = {k.removeprefix(f"{component}."): v for k, v in cfg.items() if k.startswith(f"{component}.")}
+            if c:
+                configs[component] = (int(c["r"]), float(c["lora_alpha"]), c.get("rank_pattern") or {},
+                                      c.get("alpha_pattern") or {}, bool(c.get("use_rslora", False)))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{lora.source}: metadata key lora_adapter_metadata is not a valid LoRA config "
-                         f"(needs JSON with unet.r and unet.lora_alpha): {e}") from e
+                         f"(needs JSON with <component>.r and <component>.lora_alpha, e.g. unet.r): "
+                         f"{e}") from e
     out = {}
     for path in lora.names:
-        rank = int(rank_pattern.get(get_pattern_key(list(rank_pattern), path), r))
-        a = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), path), alpha))
+        component = _component(path)
+        if component not in configs:
+            continue
+        r, alpha, rank_pattern, alpha_pattern, rslora = configs[component]
+        names = [path]
+        if component != "unet":
+            rel = path.split(".", 1)[1]
+            names = [rel, rel.removeprefix("text_model.")]
+        rank = int(_pattern_value(rank_pattern, names, r))
+        a = float(_pattern_value(alpha_pattern, names, alpha))
         # rsLoRA scales by alpha/sqrt(r); the file forms here scale by alpha/r.
         out[path] = (a * math.sqrt(rank) if rslora else a, rank)
     return out
+
+
+def _pattern_value(pattern: dict, names: list[str], default):
+    """peft's rank/alpha_pattern lookup for the first of `names` a pattern key matches."""
+    for name in names:
+        key = get_pattern_key(list(pattern), name)
+        if key in pattern:
+            return pattern[key]
+    return default
 
 
 # Metadata -------------------------------------------------------------------------------------------------
@@ -309,7 +382,8 @@ def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.1", "modelspec.implementation": "diffusers",
         "adapterkit.format_version": FORMAT_VERSION, "adapterkit.rank": str(rank),
         "adapterkit.alpha": str(alpha)})
-    md.setdefault("ss_base_model_version", _version_from_shapes(lora))
+    claimed = claimed_family(lora.shapes(), lora.metadata)         # 'unknown' rather than a guess
+    md.setdefault("ss_base_model_version", claimed.ss_version if claimed else "unknown")
     md.setdefault("ss_v2", str(md["ss_base_model_version"].startswith("sd_v2")))
     md.setdefault("modelspec.title", "adapterkit LoRA")
     family = family_of_ss_version(md["ss_base_model_version"])
@@ -317,77 +391,109 @@ def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
     md.setdefault("modelspec.architecture", f"{arch}/lora")
     if fmt == "peft":
         md["format"] = "pt"
-        md["lora_adapter_metadata"] = _peft_config_json(lora, rank, alpha)
+        md["lora_adapter_metadata"] = _peft_config_json(lora)
     return md
 
 
-def _version_from_shapes(lora: Lora) -> str:
-    """kohya's ss_base_model_version from the cross-attention width; 'unknown' rather than a guess."""
-    family = family_of_width(context_width(lora.shapes()))
-    return family.ss_version if family else "unknown"
-
-
-def _peft_config_json(lora: Lora, rank: int, alpha: float) -> str:
-    """LoraConfig as diffusers' save_lora_weights writes it: to_dict(), keys prefixed "unet."."""
+def _peft_config_json(lora: Lora) -> str:
+    """LoraConfig per component as diffusers' save_lora_weights writes it: to_dict(), keys prefixed
+    "unet." / "text_encoder." / "text_encoder_2.". Text-encoder targets drop the `text_model.` level,
+    so that they match (by suffix) nested and flat transformers encoders alike."""
     from peft import LoraConfig
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(lora.modules),
-                     rank_pattern={_exact(p): m.rank for p, m in lora.modules.items() if m.rank != rank},
-                     alpha_pattern={_exact(p): m.alpha for p, m in lora.modules.items() if m.alpha != alpha})
-    d = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in cfg.to_dict().items()}
+    d = {}
+    for component, modules in _by_component(lora).items():
+        if component != "unet":
+            modules = {p.split(".", 1)[1].removeprefix("text_model."): m for p, m in modules.items()}
+        rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+        alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+        key = _exact if component == "unet" else re.escape
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(modules),
+                         rank_pattern={key(p): m.rank for p, m in modules.items() if m.rank != rank},
+                         alpha_pattern={key(p): m.alpha for p, m in modules.items() if m.alpha != alpha})
+        d |= {f"{component}.{k}": sorted(v) if isinstance(v, set) else v for k, v in cfg.to_dict().items()}
     return json.dumps(d, indent=2, sort_keys=True, default=str)
+
+
+def _by_component(lora: Lora) -> dict[str, dict[str, LoraModule]]:
+    out: dict[str, dict[str, LoraModule]] = {}
+    for p, m in sorted(lora.modules.items()):
+        out.setdefault(_component(p), {})[p] = m
+    return out
 
 
 # Writing -------------------------------------------------------------------------------------------------
 
-def _uniform_attention_alpha(lora: Lora) -> Lora:
-    """diffusers reads one alpha for every to_q/to_k/to_v/to_out.0 module: the file's most frequent
-    one (its alpha_pattern keys for them never match, formats.md P2). Fold any other alpha into lora_up."""
-    if not lora.modules:
-        return lora
-    common = lora.alphas().most_common(1)[0][0]
-    odd = [p for p, m in lora.modules.items() if p.endswith(_ATTN_PROJ) and m.alpha != common]
+def _diffusers_alphas(lora: Lora) -> Lora:
+    """diffusers gives every attention projection of a kohya file (U-Net to_q/to_k/to_v/to_out.0, CLIP
+    self_attn q/k/v/out_proj) its component's most frequent alpha: their alpha_pattern keys never match
+    (formats.md P2; `_get_alpha_name` cuts at ".lora." and their names carry "_lora."; checked for the
+    text encoders in tests/adapters/test_sdxl_lora_files.py). Fold any other alpha of those into lora_up."""
+    modules, odd = dict(lora.modules), []
+    for part in _by_component(lora).values():
+        common = Counter(m.alpha for m in part.values()).most_common(1)[0][0]
+        for p, m in part.items():
+            if m.alpha != common and p.endswith(_ATTN_PROJ):
+                modules[p] = LoraModule(m.down, (m.up.float() * (m.alpha / common)).to(m.up.dtype), common)
+                odd.append(p)
     if not odd:
         return lora
-    modules = dict(lora.modules)
-    for p in odd:
-        m = modules[p]
-        modules[p] = LoraModule(m.down, (m.up.float() * (m.alpha / common)).to(m.up.dtype), common)
     return Lora(modules, dict(lora.metadata), dict(lora.unplaced), dict(lora.names), lora.source,
                 lora.notes + [f"alpha of {len(odd)} attention modules folded into lora_up (diffusers P2)"],
                 lora.format)
 
 
-def _tensors(lora: Lora, fmt: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _naming_base(lora: Lora, base: UNetConfig | None = None) -> tuple[UNetConfig | None, Family]:
+    """The U-Net config and family a LoRA's file names follow: `base`, else the config in its
+    metadata, else the released U-Net of the family it claims or shows (claimed_family), else none
+    (the tiny family: diffusers names)."""
+    if base is None and "adapterkit.base_config" in lora.metadata:
+        base = _config_from_metadata(lora.metadata, lora.source)
+    if base is not None:
+        return base, family_like(base)
+    family = claimed_family(lora.shapes(), lora.metadata, lora.unplaced) or TINY
+    return (PRESETS[family.unet_preset] if family is not TINY else None), family
+
+
+def _tensors(lora: Lora, fmt: str, dtype: torch.dtype | None, base: UNetConfig | None,
+             family: Family) -> dict[str, torch.Tensor]:
+    if fmt == "kohya":
+        names = kohya_unet_stems([p for p in lora.modules if not is_text_path(p)], base)
+        names |= {p: kohya_text_stem(p, family) for p in lora.modules if is_text_path(p)}
+    else:
+        names = {p: p if is_text_path(p) else f"unet.{p}" for p in lora.modules}
     out = {}
     for path, m in sorted(lora.modules.items()):
         down, up = (m.down.to(dtype), m.up.to(dtype)) if dtype else (m.down, m.up)
+        k = names[path]
         if fmt == "kohya":
-            k = to_kohya(path)
             out |= {f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up,
                     f"{k}.alpha": torch.tensor(m.alpha, dtype=up.dtype)}
         else:
-            out |= {f"unet.{path}.lora_A.weight": down, f"unet.{path}.lora_B.weight": up}
+            out |= {f"{k}.lora_A.weight": down, f"{k}.lora_B.weight": up}
     return out
 
 
 def write_lora(path: str | os.PathLike, lora: Lora, fmt: str = "kohya",
-               dtype: torch.dtype | None = None) -> dict:
+               dtype: torch.dtype | None = None, base: UNetConfig | None = None) -> dict:
     """Write `lora` atomically in `fmt`, verified: the written file is read back and each layer's ΔW
     must equal the source's (up to the rounding of `dtype` / alpha folding) before it replaces `path`.
 
+    base: the U-Net the kohya names follow (`_naming_base`: default the config in the LoRA's metadata,
+        else the released U-Net of the family it claims); SDXL-like bases get LDM block names.
     Returns the verification report {"modules", "max_rel_error", "notes"}.
     """
     fmt, path = _format(fmt), Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are written as .safetensors only; got {path.name}")
     if not lora.modules:
-        raise ValueError(f"{lora.source}: nothing to write (no U-Net modules)")
+        raise ValueError(f"{lora.source}: nothing to write (no LoRA modules)")
     check_finite(lora)
-    out = _uniform_attention_alpha(lora) if fmt == "kohya" else lora
-    tmp = _atomic_save(_tensors(out, fmt, dtype), _format_metadata(out, fmt), path)
+    base, family = _naming_base(lora, base)
+    out = _diffusers_alphas(lora) if fmt == "kohya" else lora
+    tmp = _atomic_save(_tensors(out, fmt, dtype, base, family), _format_metadata(out, fmt), path)
     try:
-        back = read_lora(tmp)
+        back = read_lora(tmp, base=base)
         err = delta_error(lora, back, tol=_tolerance(lora, dtype))
         os.replace(tmp, path)
     except BaseException:
@@ -483,7 +589,7 @@ def convert_lora(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "koh
                          f"{_list(f'{k} ({why})' for k, why in lora.unplaced.items())}"
                          + ("; pass allow_unmatched=True (--allow-unmatched) to convert the rest"
                             if lora.modules else ""))
-    report = write_lora(dst, lora, fmt, dtype)
+    report = write_lora(dst, lora, fmt, dtype, base=base)
     return report | {"from": lora.format, "to": _format(fmt), "unplaced": dict(lora.unplaced),
                      "notes": lora.notes + report["notes"]}
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .lora import TARGET_PRESETS, Lora, LoraModule, _list, check_finite, fit
-from .lora_keys import layer_paths
+from .lora_keys import layer_paths, text_layer_paths
 
 
 @dataclass
@@ -33,16 +33,18 @@ class MergeRecord:
     originals: dict[str, Tensor] = field(default_factory=dict)
 
 
-def merge_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]],
-                allow_unmatched: bool = False) -> MergeRecord:
+def merge_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]], allow_unmatched: bool = False,
+                text_encoders: dict[str, nn.Module] | None = None) -> MergeRecord:
     """Add Σ ratio·ΔW of each LoRA to the model's base weights in place; returns what `unmerge` needs.
 
-    Every LoRA is checked (placement, shapes, finite values) before any weight changes.
+    text_encoders: {"text_encoder": ..., "text_encoder_2": ...} to merge the LoRAs' text-encoder
+    modules into too (lora.fit). Every LoRA is checked (placement, shapes, finite values) before any
+    weight changes.
     """
     placed = []
     for lora, ratio in loras:
         check_finite(lora)
-        placed.append((lora, float(ratio), fit(lora, model, allow_unmatched)))
+        placed.append((lora, float(ratio), fit(lora, model, allow_unmatched, text_encoders)))
     delta: dict[str, Tensor] = {}
     layers: dict[str, nn.Module] = {}
     for lora, ratio, targets in placed:
@@ -56,7 +58,7 @@ def merge_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]],
             w = layers[path].weight
             merged = w.float() + d.to(w.device)
             if not torch.isfinite(merged).all():
-                unmerge(model, record)
+                unmerge(model, record, text_encoders)
                 raise ValueError(f"merging gives non-finite weights in {path} (base dtype {w.dtype} "
                                  "overflows?); nothing was merged")
             record.originals[path] = w.detach().clone()
@@ -64,9 +66,11 @@ def merge_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]],
     return record
 
 
-def unmerge(model: nn.Module, record: MergeRecord) -> None:
-    """Put back the exact weights `merge_loras` replaced."""
+def unmerge(model: nn.Module, record: MergeRecord, text_encoders: dict[str, nn.Module] | None = None) -> None:
+    """Put back the exact weights `merge_loras` replaced (in the text encoders too, given the same ones)."""
     layers = layer_paths(model)
+    for folder, encoder in (text_encoders or {}).items():
+        layers |= text_layer_paths(folder, encoder)
     with torch.no_grad():
         for path, w in record.originals.items():
             layers[path].weight.copy_(w)

@@ -119,6 +119,12 @@ class Family:
                 and cfg.linear_projection == self.linear_projection
                 and added == (self.pooled_dim, self.time_ids))
 
+    def has_layout(self, cfg: UNetConfig) -> bool:
+        """Whether `cfg` is built like this family's U-Net, widths aside: the same proj_in/proj_out kind
+        and the same added embedding (kind and id count). A test-sized SDXL has SDXL's layout."""
+        time_ids = cfg.time_ids if cfg.addition_embed == "text_time" else 0
+        return cfg.linear_projection == self.linear_projection and time_ids == self.time_ids
+
 
 _CLIP_L = "CLIPTextModel"
 
@@ -171,6 +177,16 @@ def family_of(cfg: UNetConfig) -> Family:
     return next((f for f in FAMILIES.values() if f.recognises(cfg)), TINY)
 
 
+def family_like(cfg: UNetConfig) -> Family:
+    """The family `cfg` is (family_of), or else the first released family whose layout it has; the tiny
+    family when none has. What a layout decides, e.g. the naming of adapter files (`kohya_unet_naming`,
+    the text encoders' kohya prefixes), follows this: a reduced SDXL U-Net gets SDXL's names."""
+    family = family_of(cfg)
+    if family is not TINY:
+        return family
+    return next((f for f in FAMILIES.values() if f.context_dim is not None and f.has_layout(cfg)), TINY)
+
+
 def family_of_width(context_dim: int | None) -> Family | None:
     """The released family whose cross-attention takes `context_dim`-wide context (an adapter file's
     attn2.to_k input width says which base it was made for)."""
@@ -180,6 +196,14 @@ def family_of_width(context_dim: int | None) -> Family | None:
 
 def family_of_ss_version(version: str) -> Family | None:
     return next((f for f in FAMILIES.values() if f.ss_version == version), None)
+
+
+def family_of_modelspec(architecture: str) -> Family | None:
+    """The family a ModelSpec `modelspec.architecture` names ("stable-diffusion-xl-v1-base/lora" -> SDXL):
+    its own architecture or one of its size variants, with or without the "/<adapter>" suffix."""
+    arch = architecture.split("/")[0]
+    return next((f for f in FAMILIES.values()
+                 if arch and arch in (f.modelspec, *(name for _, name in f.modelspec_by_size))), None)
 
 
 def family_of_single_file(keys) -> Family | None:

@@ -365,7 +365,7 @@ def test_non_scalar_alpha_fails(trained, tmp_path):
 
 
 @pytest.mark.parametrize("extra, reason", [
-    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "text-encoder LoRA"),
+    ("lora_te_text_model_encoder_layers_0_self_attn_qkv.lora_down.weight", "no CLIP text-encoder layer"),
     (f"{to_kohya(TO_Q)}.lora_mid.weight", "unsupported key type .lora_mid.weight"),
     (f"{to_kohya(TO_Q)}.dora_scale", "unsupported key type .dora_scale"),
     (f"{to_kohya(TO_Q)}.hada_w1_a", "unsupported key type .hada_w1_a"),

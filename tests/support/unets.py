@@ -8,6 +8,12 @@ TINY = PRESETS["tiny"]
 SD15ISH = PRESETS["sd15"].replace(
     stages=(Stage(32, heads=4), Stage(64, heads=4), Stage(64, heads=4), Stage(64, attention=False, heads=4)),
     context_dim=48)
+# SDXL's block structure at 1/10 width: no attention in stage 0, transformer depths 2 and 3 below (the
+# mid block takes the last), head width 16, linear proj_in/out; context 64 (two 32-wide text encoders),
+# pooled text 32 + 6 ids x 8 sinusoidal features. Its LDM numbering is SDXL's (layers_per_block 2).
+SDXL_TINY = PRESETS["sdxl"].replace(
+    stages=(Stage(32, attention=False, heads=2), Stage(64, heads=4, depth=2), Stage(64, heads=4, depth=3)),
+    context_dim=64, sample_size=16, pooled_dim=32, addition_time_embed_dim=8)
 
 
 def random_unet(cfg=TINY, seed=0) -> UNet:

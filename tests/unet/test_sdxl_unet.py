@@ -18,7 +18,6 @@ from adapterkit.unet import (
     PRESETS,
     CheckpointError,
     Conditioning,
-    Stage,
     UNet,
     UNetConfig,
     family_of,
@@ -28,6 +27,7 @@ from adapterkit.unet import (
     save_unet,
 )
 from adapterkit.unet.ldm_keys import LDM_PREFIX
+from support.unets import SDXL_TINY
 
 TOL = 1e-5
 
@@ -58,10 +58,7 @@ REDUCED_DIFFUSERS = SDXL_BASE | {
     "transformer_layers_per_block": [1, 2, 3], "cross_attention_dim": 64, "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 80, "sample_size": 16,
 }
-REDUCED = UNetConfig(
-    stages=(Stage(32, attention=False, heads=2), Stage(64, heads=4, depth=2), Stage(64, heads=4, depth=3)),
-    context_dim=64, linear_projection=True, sample_size=16,
-    addition_embed="text_time", pooled_dim=32, time_ids=6, addition_time_embed_dim=8)
+REDUCED = SDXL_TINY
 
 
 def diffusers_unet(config: dict, seed: int = 0) -> UNet2DConditionModel:

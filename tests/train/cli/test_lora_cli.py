@@ -81,7 +81,7 @@ def test_convert_both_ways_verifies_and_names_what_it_leaves_out(work, tmp_path,
 
     extra = tmp_path / "with_te.safetensors"
     tensors = kohya_tensors(a)
-    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"
+    te = "lora_te_text_model_encoder_layers_0_self_attn_qkv.lora_down.weight"        # no CLIP layer
     save_file(tensors | {te: torch.zeros(4, 8)}, str(extra))
     code, _, err = run(["convert", extra, tmp_path / "x.safetensors", "--to", "diffusers"], capsys)
     assert code == 2 and te in err and "--allow-unmatched" in err
