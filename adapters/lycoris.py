@@ -130,17 +130,18 @@ class LycorisModule:
         return torch.kron(w1, w2.contiguous())
 
     def delta(self, weight: Tensor) -> Tensor:
-        """ΔW for base weight `weight`, fp32, shaped like it (DoRA's depends on its values)."""
+        """ΔW for base weight `weight`, fp32, shaped like it (DoRA's depends on its values; computed in
+        fp64, as V·m/‖V‖ − W cancels most of W)."""
         d = (self.scale * self.raw().to(weight.device)).reshape(weight.shape)
         if self.dora_scale is None:
             return d
-        w = weight.float()
-        v = w + d
+        w = weight.detach().double()
+        v = w + d.double()
         if self.dora_axis == "output":                                  # per output row (LyCORIS, peft)
             norm, shape = v.flatten(1).norm(dim=1), (-1, *[1] * (w.ndim - 1))
         else:                                                           # per input column (the clients)
             norm, shape = v.transpose(0, 1).flatten(1).norm(dim=1), (1, -1, *[1] * (w.ndim - 2))
-        return v * (self.dora_scale.float().to(w.device).reshape(shape) / norm.reshape(shape)) - w
+        return (v * (self.dora_scale.double().to(w.device).reshape(shape) / norm.reshape(shape)) - w).float()
 
     def problem(self, weight: torch.Size) -> str | None:
         """Why these tensors cannot adapt a layer of weight shape `weight`, or None."""
