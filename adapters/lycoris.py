@@ -50,7 +50,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from . import lora_fused, lycoris_dora
-from .lora import _KXK, TARGET_PRESETS, Lora, LoraModule, _exact, _list, load_lora, lora_names
+from .lora import (
+    _KXK,
+    TARGET_PRESETS,
+    Lora,
+    LoraModule,
+    _active,
+    _exact,
+    _list,
+    _restore_grads,
+    load_lora,
+    lora_names,
+)
 from .lora_keys import describe_config, guess_base, layer_paths
 
 KINDS = ("loha", "lokr", "dora")                 # what a LycorisSpec trains
@@ -332,9 +343,6 @@ class LycorisSpec:
 
 # Adapters on a model ------------------------------------------------------------------------------------
 
-_ADAPTER_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector|hada_\w+|lokr_\w+)\.([^.]+)(\.|$)")
-
-
 def canonical(module_name: str) -> str:
     """A tuner layer's path without peft's `.base_layer` hops (layers wrapped by two tuners)."""
     return module_name.replace(".base_layer", "")
@@ -351,28 +359,11 @@ def tuner_layers(model: nn.Module, name: str) -> dict[str, BaseTunerLayer]:
     return out
 
 
-def _active(model: nn.Module) -> list[str]:
-    for m in model.modules():
-        if isinstance(m, BaseTunerLayer):
-            return list(m.active_adapters)
-    return []
-
-
 @contextlib.contextmanager
 def _quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         yield
-
-
-def _set_grads(model: nn.Module, before: dict, new: str | None = None, trainable: bool = False) -> None:
-    """Base frozen; adapter `new` gets `trainable`, every other adapter tensor its flag from `before`."""
-    for pname, p in model.named_parameters():
-        match = _ADAPTER_PARAM.search(pname)
-        if match is None:
-            p.requires_grad_(False)
-        else:
-            p.requires_grad_(trainable if match.group(2) == new else before.get(p, False))
 
 
 def _inject(model: nn.Module, config, name: str, trainable: bool, column_dora: bool) -> None:
@@ -382,7 +373,7 @@ def _inject(model: nn.Module, config, name: str, trainable: bool, column_dora: b
         raise ValueError(f"adapter name {name!r}: use letters, digits, '_' and '-', and not a torch Module "
                          "attribute name")
     grads = {p: p.requires_grad for p in model.parameters()}
-    active = _active(model)
+    active = [n for n in lora_names(model) if n in _active(model)]
     if isinstance(config, LoraConfig):
         (lycoris_dora if column_dora else lora_fused).register(config)
     try:
@@ -395,7 +386,7 @@ def _inject(model: nn.Module, config, name: str, trainable: bool, column_dora: b
         remove_lycoris(model, name, strict=False)
         raise
     set_adapter(model, active + [name])
-    _set_grads(model, grads, new=name, trainable=trainable)
+    _restore_grads(model, grads, new=name, trainable=trainable)
 
 
 def _check_column(model: nn.Module, name: str) -> None:
@@ -413,15 +404,15 @@ def remove_lycoris(model: nn.Module, name: str, strict: bool = True) -> None:
     if strict and name not in lora_names(model):
         raise ValueError(f"no adapter named {name!r}; adapters: {lora_names(model)}")
     grads = {p: p.requires_grad for p in model.parameters()}
-    active = [n for n in _active(model) if n != name]
+    active = [n for n in lora_names(model) if n in _active(model) and n != name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         delete_adapter(model, name, prefix="lora_")          # each tuner layer deletes its own parts
         delete_adapter(model, name, prefix="hada_")
         delete_adapter(model, name, prefix="lokr_")
     getattr(model, "peft_config", {}).pop(name, None)
-    set_adapter(model, [n for n in active if n in lora_names(model)])
-    _set_grads(model, grads)
+    set_adapter(model, active)
+    _restore_grads(model, grads)
 
 
 def add_lycoris(model: nn.Module, spec: LycorisSpec, name: str = "default", trainable: bool = True) -> None:

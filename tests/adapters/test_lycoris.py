@@ -737,3 +737,22 @@ def test_diffusers_reads_our_peft_dora_and_we_read_its(tmp_path):
                           if ".lora_" not in k})
     load_lycoris(mine, lyco)
     torch.testing.assert_close(out(mine), expected, atol=TOL, rtol=0)
+
+
+def test_lora_weight_helpers_drive_every_kind_and_keep_it_trainable(trained):
+    """lora.set_lora_weights / lora_weights / enable_loras (what sampling and quality use) see the
+    LyCORIS layers too, and leave their tensors trainable."""
+    from adapterkit.adapters.lora import enable_loras, lora_weights, set_lora_weights
+
+    model = base_model()
+    lyco = read_lycoris(trained("loha")[1])
+    load_lycoris(model, lyco, "h", trainable=True)
+    plain, full = run(base_model()), run(model)
+    set_lora_weights(model, {"h": 0.5})
+    assert lora_weights(model) == {"h": 0.5}
+    assert rel(run(model) - plain, 0.5 * (full - plain)) < 1e-4
+    enable_loras(model, False)
+    torch.testing.assert_close(run(model), plain, atol=1e-5, rtol=0)
+    enable_loras(model, True)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".hada_" in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".hada_" not in n)
