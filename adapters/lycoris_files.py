@@ -44,7 +44,7 @@ from torch import nn
 from adapterkit.unet import UNetConfig, unet_fingerprint
 from adapterkit.unet.families import family_of_ss_version
 
-from .lora import _list, lora_names
+from .lora import Lora, _list, lora_names
 from .lora_files import (
     FORMAT_VERSION,
     _atomic_save,
@@ -55,6 +55,7 @@ from .lora_files import (
     _peft_config_json,
     _version_from_shapes,
     base_metadata,
+    read_lora,
 )
 from .lora_keys import (
     KOHYA_PREFIX,
@@ -91,6 +92,19 @@ def is_lycoris(keys) -> bool:
     parts = {k.partition(".")[2] for k in keys}
     return (any(kind_of_part(p) in ("loha", "lokr") or p == "dora_scale" for p in parts)
             or any(k.endswith(".lora_magnitude_vector") for k in keys))
+
+
+def read_adapter(path: str | os.PathLike, base: UNetConfig | None = None,
+                 missing_alpha: str = "error") -> Lora | Lycoris:
+    """A LoRA file as `Lora` (lora_files.read_lora), a LoHa/LoKr/DoRA file as `Lycoris` (by its keys)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            lycoris = is_lycoris(f.keys())
+    except (OSError, SafetensorError):
+        lycoris = False                           # read_lora names what is wrong with the file
+    read = read_lycoris if lycoris else read_lora
+    return read(path, base=base, missing_alpha=missing_alpha)
 
 
 def _layout(fmt: str) -> str:
