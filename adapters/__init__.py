@@ -31,6 +31,7 @@ from .lycoris import (
 from .lycoris_files import (
                    convert_lycoris,
                    is_lycoris,
+                   load_adapter_file,
                    load_lycoris_file,
                    read_adapter,
                    read_lycoris,
@@ -54,7 +55,8 @@ __all__ = [
     "lora_from_model", "lora_names", "lora_spec", "lora_weights", "remove_lora", "set_lora_weights",
     "FORMATS", "convert_lora", "load_lora_file", "read_lora", "save_lora", "summarize", "write_lora",
     "Lycoris", "LycorisModule", "LycorisSpec", "add_lycoris", "load_lycoris", "lycoris_from_model",
-    "lycoris_spec", "remove_lycoris", "convert_lycoris", "is_lycoris", "load_lycoris_file", "read_adapter",
+    "lycoris_spec", "remove_lycoris", "convert_lycoris", "is_lycoris", "load_adapter_file",
+    "load_lycoris_file", "read_adapter",
     "read_lycoris",
     "save_lycoris", "summarize_lycoris", "write_lycoris",
     "MergeRecord", "SvdReport", "combine_loras", "extract_lora", "merge_loras", "resize_lora",

@@ -44,7 +44,7 @@ from torch import nn
 from adapterkit.unet import UNetConfig, unet_fingerprint
 from adapterkit.unet.families import family_of_ss_version
 
-from .lora import Lora, _list, lora_names
+from .lora import Lora, _list, load_lora, lora_names
 from .lora_files import (
     FORMAT_VERSION,
     _atomic_save,
@@ -440,6 +440,18 @@ def load_lycoris_file(model: nn.Module, path: str | os.PathLike, name: str = "de
     lyco = read_lycoris(path, base=cfg if isinstance(cfg, UNetConfig) else None, missing_alpha=missing_alpha)
     load_lycoris(model, lyco, name, weight=weight, trainable=trainable, allow_unmatched=allow_unmatched)
     return lyco
+
+
+def load_adapter_file(model: nn.Module, path: str | os.PathLike, name: str = "default", weight: float = 1.0,
+                      missing_alpha: str = "error", allow_unmatched: bool = False,
+                      trainable: bool = False) -> Lora | Lycoris:
+    """Read any adapter file (LoRA, LoHa, LoKr, DoRA; by its keys) against `model` and inject it."""
+    cfg = getattr(model, "config", None)
+    base = cfg if isinstance(cfg, UNetConfig) else None
+    adapter = read_adapter(path, base=base, missing_alpha=missing_alpha)
+    load = load_lycoris if isinstance(adapter, Lycoris) else load_lora
+    load(model, adapter, name, weight=weight, trainable=trainable, allow_unmatched=allow_unmatched)
+    return adapter
 
 
 def convert_lycoris(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "kohya",

@@ -757,3 +757,20 @@ def test_lora_weight_helpers_drive_every_kind_and_keep_it_trainable(trained):
     enable_loras(model, True)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".hada_" in n)
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".hada_" not in n)
+
+
+def test_load_adapter_file_takes_any_kind(trained, tmp_path):
+    """What `sample` and `quality` need: one loader for LoRA and LyCORIS files, told by the keys."""
+    from adapterkit.adapters.lycoris_files import load_adapter_file
+
+    plain_model = base_model()
+    add_lora(plain_model, LoraSpec(rank=2, targets="attn"), "p")
+    train(plain_model, steps=1)
+    write_lora(tmp_path / "plain.safetensors", lora_from_model(plain_model, "p"))
+    model = base_model()
+    assert isinstance(load_adapter_file(model, trained("dora")[1], "d", weight=0.5), Lycoris)
+    assert not isinstance(load_adapter_file(model, tmp_path / "plain.safetensors", "p"), Lycoris)
+    stacked = base_model()
+    files = [(trained("dora")[1], 0.5), (tmp_path / "plain.safetensors", 1.0)]
+    merge_loras(stacked, [(read_lycoris(f), r) for f, r in files])
+    torch.testing.assert_close(run(model), run(stacked), atol=1e-5, rtol=0)
