@@ -407,9 +407,7 @@ def remove_lycoris(model: nn.Module, name: str, strict: bool = True) -> None:
     active = [n for n in lora_names(model) if n in _active(model) and n != name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        delete_adapter(model, name, prefix="lora_")          # each tuner layer deletes its own parts
-        delete_adapter(model, name, prefix="hada_")
-        delete_adapter(model, name, prefix="lokr_")
+        delete_adapter(model, name, prefix="lora_")      # every tuner layer (LoHa, LoKr too) drops its parts
     getattr(model, "peft_config", {}).pop(name, None)
     set_adapter(model, active)
     _restore_grads(model, grads)
