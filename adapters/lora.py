@@ -27,6 +27,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.functional import cast_adapter_dtype, delete_adapter, set_adapter
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from . import lora_fused
@@ -48,6 +49,8 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "full": _ATTN + _FF + _RESNET,
 }
 _KXK = ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")  # 3x3 convs: conv_rank applies
+# An adapter tensor's parameter name, group 2 the adapter: LoRA, DoRA's magnitude, LoHa, LoKr (lycoris.py).
+ADAPTER_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector|hada_\w+|lokr_\w+)\.([^.]+)(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    """Every peft layer: LoRA/DoRA and the LyCORIS kinds (lycoris.py), which share names and weights."""
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 def lora_names(model: nn.Module) -> list[str]:
     return sorted(getattr(model, "peft_config", {}))
 
@@ -272,15 +280,15 @@ def _restore_grads(model: nn.Module, before: dict, new: str | None = None, train
     """Only adapter tensors may require grad: the base is frozen, existing adapters keep their flag,
     adapter `new` gets `trainable`. (peft's set_adapter turns grads on for every active adapter.)"""
     for pname, p in model.named_parameters():
-        if ".lora_A." in pname or ".lora_B." in pname:
-            adapter = pname.split(".lora_")[-1].split(".")[1]
-            p.requires_grad_(trainable if adapter == new else before.get(p, False))
+        match = ADAPTER_PARAM.search(pname)
+        if match:
+            p.requires_grad_(trainable if match.group(2) == new else before.get(p, False))
         else:
             p.requires_grad_(False)
 
 
 def _active(model: nn.Module) -> set[str]:
-    for layer in lora_layers(model).values():
+    for layer in _tuner_layers(model):
         return set(layer.active_adapters)
     return set()
 
@@ -313,7 +321,7 @@ def set_lora_weights(model: nn.Module, weights: dict[str, float]) -> None:
         raise ValueError(f"no LoRA named {sorted(unknown)}; adapters: {lora_names(model)}")
     grads = {p: p.requires_grad for p in model.parameters()}
     set_adapter(model, list(weights))
-    for layer in lora_layers(model).values():
+    for layer in _tuner_layers(model):
         for name, w in weights.items():
             layer.set_scale(name, float(w))
     _restore_grads(model, grads)
@@ -322,17 +330,18 @@ def set_lora_weights(model: nn.Module, weights: dict[str, float]) -> None:
 def lora_weights(model: nn.Module) -> dict[str, float]:
     """Active adapters and their weights."""
     out = {}
-    for layer in lora_layers(model).values():
+    for layer in _tuner_layers(model):
+        alpha = layer.lora_alpha if isinstance(layer, LoraLayer) else layer.alpha
         for name in layer.active_adapters:
             if name in layer.scaling and name not in out:
-                out[name] = layer.scaling[name] * layer.r[name] / layer.lora_alpha[name]
+                out[name] = layer.scaling[name] * layer.r[name] / alpha[name]
     return out
 
 
 def enable_loras(model: nn.Module, enabled: bool = True) -> None:
     """Switch every adapter off (the base model's output) or back on, keeping weights and activity."""
     grads = {p: p.requires_grad for p in model.parameters()}
-    for layer in lora_layers(model).values():
+    for layer in _tuner_layers(model):
         layer.enable_adapters(enabled)
     _restore_grads(model, grads)
 

@@ -4,6 +4,9 @@ Merge (formats.md §5.1, kohya merge_lora / ComfyUI / A1111 agree):
 
     W' = W + Σ_i ratio_i · (alpha_i / r_i) · (up_i.flatten(1) @ down_i.flatten(1)).reshape(W.shape)
 
+LyCORIS adapters (LoHa, LoKr, DoRA: lycoris.py) merge alike with their own ΔW; each ΔW is taken
+against the original base (a DoRA's depends on it), as A1111 sums its networks' updates.
+
 computed in fp32 and written in the base dtype. `unmerge` restores the weights kept by `merge_loras`
 bit for bit; it never subtracts a recomputed delta (peft/diffusers unfuse does, which is exact only
 in real arithmetic: fp16 error 1e-4, formats.md §5.2).
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 
 from .lora import TARGET_PRESETS, Lora, LoraModule, _list, check_finite, fit
 from .lora_keys import layer_paths, text_layer_paths
+from .lycoris import Lycoris
 
 
 @dataclass
@@ -33,23 +37,30 @@ class MergeRecord:
     originals: dict[str, Tensor] = field(default_factory=dict)
 
 
-def merge_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]], allow_unmatched: bool = False,
-                text_encoders: dict[str, nn.Module] | None = None) -> MergeRecord:
-    """Add Σ ratio·ΔW of each LoRA to the model's base weights in place; returns what `unmerge` needs.
+def merge_loras(model: nn.Module, loras: Sequence[tuple[Lora | Lycoris, float]],
+                allow_unmatched: bool = False, text_encoders: dict[str, nn.Module] | None = None
+                ) -> MergeRecord:
+    """Add Σ ratio·ΔW of each LoRA/LyCORIS adapter to the model's base weights in place; returns what
+    `unmerge` needs.
 
     text_encoders: {"text_encoder": ..., "text_encoder_2": ...} to merge the LoRAs' text-encoder
-    modules into too (lora.fit). Every LoRA is checked (placement, shapes, finite values) before any
+    modules into too (lora.fit). Every adapter is checked (placement, shapes, finite values) before any
     weight changes.
     """
     placed = []
     for lora, ratio in loras:
-        check_finite(lora)
-        placed.append((lora, float(ratio), fit(lora, model, allow_unmatched, text_encoders)))
+        if isinstance(lora, Lycoris):
+            targets = lora.fit(model, allow_unmatched)
+        else:
+            check_finite(lora)
+            targets = fit(lora, model, allow_unmatched, text_encoders)
+        placed.append((lora, float(ratio), targets))
     delta: dict[str, Tensor] = {}
     layers: dict[str, nn.Module] = {}
     for lora, ratio, targets in placed:
         for path, layer in targets.items():
-            d = ratio * lora.modules[path].delta()                                  # fp32
+            m = lora.modules[path]
+            d = ratio * (m.delta(layer.weight) if isinstance(lora, Lycoris) else m.delta())   # fp32
             delta[path] = delta[path] + d if path in delta else d
             layers[path] = layer
     record = MergeRecord()

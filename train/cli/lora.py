@@ -1,5 +1,9 @@
 """LoRA file subcommands: merge | convert | extract | resize | inspect.
 
+LoHa, LoKr and DoRA files (adapters/lycoris_files.py, told by their keys) merge into a base,
+convert between the layouts that hold them, and inspect; a LoRA+LoRA merge and resize take plain
+LoRA only (a LoHa or LoKr has no LoRA form; merge it into the base instead).
+
     adapterkit merge --base BASE A.safetensors[:RATIO] ... -o OUT      LoRAs into base weights
     adapterkit merge A.safetensors[:RATIO] B.safetensors ... -o OUT.safetensors [--rank R]
                                                                        LoRAs into one LoRA
@@ -26,11 +30,12 @@ from adapterkit.adapters.lora_files import (
     base_fingerprint,
     base_metadata,
     convert_lora,
-    read_lora,
     split_lora_spec,
     summarize,
     write_lora,
 )
+from adapterkit.adapters.lycoris import Lycoris
+from adapterkit.adapters.lycoris_files import convert_lycoris, read_adapter, summarize_lycoris
 from adapterkit.adapters.merge import combine_loras, extract_lora, merge_loras, resize_lora, save_merged
 from adapterkit.unet import PRESETS, UNetConfig, load_unet
 
@@ -100,11 +105,12 @@ def register(subparsers) -> None:
 # --- commands ----------------------------------------------------------------------------------------
 
 def _merge(args) -> int:
-    """Merge LoRAs (each with an optional ratio, `file:0.7`) into a base U-Net, saved as a diffusers
-    folder or single file, or (without --base) into one LoRA file. Ratios multiply alpha/rank."""
+    """Merge LoRAs, LoHa, LoKr or DoRA (each with an optional ratio, `file:0.7`) into a base U-Net,
+    saved as a diffusers folder or single file, or (without --base, LoRAs only) into one LoRA file.
+    Ratios multiply each file's ΔW."""
     items = [split_lora_spec(s) for s in args.loras]
     if args.base is None:
-        loras = [(read_lora(p, missing_alpha=args.missing_alpha), r) for p, r in items]
+        loras = [(_plain(read_adapter(p, missing_alpha=args.missing_alpha)), r) for p, r in items]
         lora, report = combine_loras(loras, rank=args.rank)
         dtype = None if args.dtype == "base" else DTYPES[args.dtype]
         check = write_lora(args.output, lora, args.format, dtype)
@@ -117,10 +123,10 @@ def _merge(args) -> int:
         raise ValueError("--rank applies to LoRA+LoRA merges; omit it when merging into --base")
     dtype = _stored_dtype(args.base) if args.dtype == "base" else DTYPES[args.dtype]
     model = load_unet(args.base, dtype=dtype)
-    loras = [(read_lora(p, base=model.config, missing_alpha=args.missing_alpha), r) for p, r in items]
+    loras = [(read_adapter(p, base=model.config, missing_alpha=args.missing_alpha), r) for p, r in items]
     record = merge_loras(model, loras, allow_unmatched=args.allow_unmatched)
     out = save_merged(model, args.output, layout=args.layout)
-    print(f"merged {len(loras)} LoRAs ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
+    print(f"merged {len(loras)} adapters ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
           f"{len(record.originals)} layers of {args.base}; computed in fp32, written as {dtype}: {out}")
     return 0
 
@@ -130,19 +136,30 @@ def _convert(args) -> int:
     after the write; keys that cannot be placed fail the conversion (or, with --allow-unmatched,
     are listed)."""
     base = _base_config(args.base) if args.base else None
-    to = args.to or ("peft" if read_lora(args.input, base=base, missing_alpha="rank").format == "kohya"
-                     else "kohya")
+    source = read_adapter(args.input, base=base, missing_alpha="rank")
+    to = args.to or ("peft" if source.format == "kohya" else "kohya")
+    if isinstance(source, Lycoris):
+        report = convert_lycoris(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
+                                 allow_unmatched=args.allow_unmatched, dtype=DTYPES.get(args.dtype))
+        print(f"{'/'.join(sorted(source.kinds()))} {report['from']} -> {report['to']}: {report['modules']} "
+              f"layers, every tensor verified: {args.output}")
+        _print_unplaced(report["unplaced"])
+        return 0
     report = convert_lora(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
                           allow_unmatched=args.allow_unmatched, dtype=DTYPES.get(args.dtype))
     print(f"{report['from']} -> {report['to']}: {report['modules']} layers, ΔW verified "
           f"(max relative difference {report['max_rel_error']:.1e}): {args.output}")
     for note in report["notes"]:
         print(f"note: {note}")
-    if report["unplaced"]:
-        print(f"left out {len(report['unplaced'])} keys that name no U-Net layer:")
-        for key, why in report["unplaced"].items():
-            print(f"  {key}: {why}")
+    _print_unplaced(report["unplaced"])
     return 0
+
+
+def _print_unplaced(unplaced: dict[str, str]) -> None:
+    if unplaced:
+        print(f"left out {len(unplaced)} keys that name no U-Net layer:")
+        for key, why in unplaced.items():
+            print(f"  {key}: {why}")
 
 
 def _extract(args) -> int:
@@ -168,7 +185,7 @@ def _extract(args) -> int:
 
 def _resize(args) -> int:
     """Change a LoRA's rank by SVD of each layer's ΔW, reporting the relative error."""
-    lora = read_lora(args.input, missing_alpha=args.missing_alpha)
+    lora = _plain(read_adapter(args.input, missing_alpha=args.missing_alpha))
     _refuse_unplaced(lora, args.allow_unmatched)
     resized, report = resize_lora(lora, args.rank)
     write_lora(args.output, resized, args.format, DTYPES.get(args.dtype))
@@ -180,11 +197,16 @@ def _resize(args) -> int:
 
 
 def _inspect(args) -> int:
-    """Print a LoRA file's layout, the base it was made for, rank/alpha per block, size and metadata."""
-    s = summarize(args.input, base=_base_config(args.base) if args.base else None)
+    """Print a LoRA/LyCORIS file's layout, kinds, the base it was made for, rank/alpha per block, size
+    and metadata."""
+    base = _base_config(args.base) if args.base else None
+    lycoris = isinstance(read_adapter(args.input, base=base, missing_alpha="rank"), Lycoris)
+    s = summarize_lycoris(args.input, base=base) if lycoris else summarize(args.input, base=base)
     print(f"file:       {s['file']} ({s['bytes'] / 1024:.1f} KiB, {s['parameters']:,} parameters, "
           f"{'/'.join(s['dtypes'])})")
     print(f"format:     {s['format']}")
+    if lycoris:
+        print(f"kinds:      {_counts(s['kinds'])}")
     print(f"base:       {s['base']}")
     print(f"layers:     {s['modules']}")
     if s["nonfinite_values"]:
@@ -195,9 +217,10 @@ def _inspect(args) -> int:
         print(f"unplaced:   {len(s['unplaced'])} keys")
         for key, why in list(s["unplaced"].items())[:20]:
             print(f"  {key}: {why}")
-    print(f"\n{'block':<34} {'layers':>6}  {'rank':<18} alpha")
+    print(f"\n{'block':<34} {'layers':>6}  {'kind' + ' ' * 10 if lycoris else ''}{'rank':<18} alpha")
     for block, b in s["blocks"].items():
-        print(f"{block:<34} {b['modules']:>6}  {_counts(b['ranks']):<18} {_counts(b['alphas'])}")
+        kinds = f"{_counts(b['kinds']):<14}" if lycoris else ""
+        print(f"{block:<34} {b['modules']:>6}  {kinds}{_counts(b['ranks']):<18} {_counts(b['alphas'])}")
     print("\nmetadata:")
     for k, v in sorted(s["metadata"].items()):
         v = v if len(v) <= 160 else v[:157] + "..."
@@ -208,8 +231,22 @@ def _inspect(args) -> int:
 # --- helpers -------------------------------------------------------------------------------------------
 
 def _counts(c) -> str:
-    """'4' when all layers agree, else '2 (x2), 4 (x1)': value (number of layers)."""
-    return ", ".join(f"{k:g}" + (f" (x{n})" if len(c) > 1 else "") for k, n in sorted(c.items()))
+    """'4' when all layers agree, else '2 (x2), 4 (x1)': value (number of layers). Kinds show as
+    names; None (the rank of a LoKr of two full halves) as '-'."""
+    def show(k):
+        return "-" if k is None else str(k) if isinstance(k, str) else f"{k:g}"
+    items = sorted(c.items(), key=lambda kv: (kv[0] is None, 0 if kv[0] is None else kv[0]))
+    return ", ".join(show(k) + (f" (x{n})" if len(c) > 1 else "") for k, n in items)
+
+
+def _plain(adapter: Lora | Lycoris) -> Lora:
+    """A plain LoRA, or the refusal saying why a LyCORIS kind is not one."""
+    if not isinstance(adapter, Lycoris):
+        return adapter
+    kinds = "/".join(sorted(adapter.kinds()))
+    raise ValueError(f"{adapter.source} is a {kinds} adapter: it has no LoRA form "
+                     "(a LoHa's and a LoKr's ΔW are not rank-r products, a DoRA's depends on the base). "
+                     "Merge it into a base U-Net with --base, where its ΔW is applied exactly")
 
 
 def _refuse_unplaced(lora: Lora, allow: bool) -> None:

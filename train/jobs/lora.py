@@ -1,5 +1,9 @@
 """`adapterkit train lora CONFIG`: train a style LoRA on a folder of captioned images.
 
+The adapter (section `lora:`) is `kind: lora | locon | loha | lokr | dora`: LoRA, LoRA with the ResNet
+convs (targets full), or the LyCORIS kinds through peft's layers (adapters.lycoris; DoRA column-wise
+for the clients by default, `dora_axis: output` for peft's own).
+
     main(cfg) = load the base -> scan the folder -> cache latents and captions -> inject the LoRA
                 -> (resume) -> loop: step, guard, log, checkpoint, sample -> export the adapter files
 
@@ -23,8 +27,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from adapterkit.adapters.lora import LoraSpec, add_lora, set_lora_weights
+from adapterkit.adapters.lora import ADAPTER_PARAM, LoraSpec, add_lora, set_lora_weights
 from adapterkit.adapters.lora_files import save_lora
+from adapterkit.adapters.lycoris import LycorisSpec, add_lycoris
+from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig
@@ -61,6 +67,52 @@ SAMPLE_BATCH = 4                # images per U-Net call of the samples (next to 
 # --- the recipe --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """kind: lora | locon (LoRA on targets full) | loha | lokr | dora. tucker (loha, lokr), factor,
+    decompose_both, full_matrix (lokr) and dora_axis (dora) as adapters.lycoris.LycorisSpec."""
+    kind: Literal["lora", "locon", "loha", "lokr", "dora"] = "lora"
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Literal["attn", "attn-ff", "full"] = "attn-ff"
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    tucker: bool = False
+    factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
+    dora_axis: Literal["input", "output"] = "input"
+
+    def __post_init__(self):
+        if self.kind == "locon" and self.targets != "full":
+            raise ValueError("kind locon is LoRA on the ResNet convs too: set targets: full (or kind: lora "
+                             f"for targets {self.targets})")
+        self.spec()                                  # the spec's own checks, with this section's path
+
+    def spec(self) -> LoraSpec | LycorisSpec:
+        common = dict(rank=self.rank, alpha=self.alpha, targets=self.targets, conv_rank=self.conv_rank,
+                      conv_alpha=self.conv_alpha)
+        if self.kind in ("lora", "locon"):
+            fields = AdapterConfig.__dataclass_fields__
+            extra = [f for f in LYCORIS_ONLY if getattr(self, f) != fields[f].default]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} do not apply to kind {self.kind}")
+            return LoraSpec(dropout=self.dropout, **common)
+        return LycorisSpec(self.kind, dropout=self.dropout, tucker=self.tucker, factor=self.factor,
+                           decompose_both=self.decompose_both, full_matrix=self.full_matrix,
+                           dora_axis=self.dora_axis, **common)
+
+    def layouts(self) -> tuple[str, ...]:
+        """The file layouts that hold this kind: peft/diffusers reads LoRA and peft's row-wise DoRA."""
+        if self.kind in ("lora", "locon"):
+            return ("kohya", "peft")
+        return ("peft",) if self.kind == "dora" and self.dora_axis == "output" else ("kohya",)
+
+
+LYCORIS_ONLY = ("tucker", "factor", "decompose_both", "full_matrix", "dora_axis")
+
+
+@dataclass(frozen=True)
 class LoraOutputConfig(OutputConfig):
     dir: str = "out/lora"
     name: str = "lora"                              # file stem of the exported adapter
@@ -76,11 +128,18 @@ class LoraSampleConfig(SampleConfig):
 class LoraRecipe:
     model: ModelConfig
     data: DataConfig
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     output: LoraOutputConfig = field(default_factory=LoraOutputConfig)
     sample: LoraSampleConfig = field(default_factory=LoraSampleConfig)
+
+    def __post_init__(self):
+        wrong = [f for f in self.output.formats if f not in self.lora.layouts()]
+        if wrong:
+            raise ValueError(f"output.formats {list(wrong)} cannot hold a {self.lora.kind} adapter "
+                             f"(the {'/'.join(self.lora.layouts())} layout can): set output.formats: "
+                             f"{list(self.lora.layouts())}")
 
 
 # --- the job -----------------------------------------------------------------------------------------
@@ -102,8 +161,9 @@ def main(cfg: LoraRecipe) -> Path:
 
     unet = base.unet
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run
-    add_lora(unet, cfg.lora)
-    channels_last(unet, accelerator.device)  # after add_lora: LoRA convs too; before the optimizer sees them
+    spec = cfg.lora.spec()
+    (add_lora if isinstance(spec, LoraSpec) else add_lycoris)(unet, spec)
+    channels_last(unet, accelerator.device)  # after the adapter (its convs too), before the optimizer
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -137,7 +197,7 @@ def main(cfg: LoraRecipe) -> Path:
 
 def adapter_state(unet: torch.nn.Module, master: MasterWeights | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors by name, at full precision (the fp32 masters when there are some)."""
-    return full_precision_state({n: p for n, p in unet.named_parameters() if ".lora_" in n}, master)
+    return full_precision_state({n: p for n, p in unet.named_parameters() if ADAPTER_PARAM.search(n)}, master)
 
 
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,
@@ -162,19 +222,20 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
 
 def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
     """Step-1 health check: every adapter tensor must get a non-zero gradient, or training is silently
-    a no-op for it (a frozen adapter, a detached graph, a bypassed layer). B is zero at init, so A's
-    gradient (which is Bᵀ·...) is zero on the first step: B is checked at step 1, A at step 2.
+    a no-op for it (a frozen adapter, a detached graph, a bypassed layer). One factor is zero at init
+    (LoRA/DoRA B, LoHa w2_b, LoKr w1), so the others' gradients are zero on the first step: that
+    factor is checked at step 1, every adapter tensor at step 2.
 
     With an fp16 base the gradients are loss-scaled here (`train.jobs.optimizer.scale_loss`); an attempt whose
     scaled gradients overflowed is not judged (run_steps redoes it at a lower scale, checked again)."""
     if step > 1:
         return
-    part = "lora_B" if step == 0 else "lora_A"
-    adapter = [(n, p) for n, p in unet.named_parameters() if ".lora_" in n]     # frozen ones too
+    adapter = [(n, p) for n, p in unet.named_parameters() if ADAPTER_PARAM.search(n)]   # frozen ones too
     fp16 = unet.conv_in.weight.dtype == torch.float16
     if fp16 and not all(torch.isfinite(p.grad).all() for _, p in adapter if p.grad is not None):
         return
-    dead = [n for n, p in adapter if part in n and (p.grad is None or not p.grad.any())]
+    checked = [(n, p) for n, p in adapter if step == 1 or ADAPTER_PARAM.search(n).group(1) in ZERO_INIT]
+    dead = [n for n, p in checked if p.grad is None or not p.grad.any()]
     if dead:
         raise RuntimeError(f"{len(dead)} adapter tensors got no gradient at step {step + 1}, e.g. "
                            f"{dead[:3]}: they would never train. "
@@ -182,6 +243,9 @@ def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
                               "even after loss scaling): try model.dtype=bf16 or fp32; if it persists, this "
                               if fp16 else "This ")
                            + "is a bug (a bypassed or detached layer); please report it with your config.")
+
+
+ZERO_INIT = ("lora_B", "hada_w2_b", "lokr_w1", "lokr_w1_a")     # the factor each kind starts at zero
 
 
 def adapter_files(output: OutputConfig, folder: Path) -> dict[str, Path]:
@@ -205,8 +269,9 @@ class Exporter:
         written = []
         for fmt, path in adapter_files(self.cfg.output, folder).items():
             meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+            save = save_lora if self.cfg.lora.kind in ("lora", "locon") else save_lycoris
             with self.master.full_precision() if self.master else nullcontext():
-                save_lora(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)
+                save(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)
             written.append(path)
         return written
 
