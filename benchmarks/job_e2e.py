@@ -2,12 +2,12 @@
 step benchmark's speed a user running `adapterkit train lora` gets.
 
 It builds, offline and from random weights, an SD1.5-sized pipeline folder (our U-Net from
-PRESETS["sd15"] in unet/, the KL-f8 VAE and the CLIP-L text tower from configs/base/sd1/, the bundled
-character-level tokenizer padded to 77 tokens, configs/schedulers/sd1.json) and a folder of
-`--pictures` JPEGs with captions in five aspect ratios around 512 px (one bucket each; `--buckets`
-takes fewer: the job's CUDA graphs cover at most four input shapes, train/jobs/graphs.py
-GraphedStep.max_graphs, and run the others eager; "graphs" in the JSON says so). Then it runs
-the real job on them, configs/sd15_lora.yaml with only what a benchmark must set overridden (steps,
+PRESETS["sd15"] in unet/, the KL-f8 VAE and the CLIP-L text tower from configs/base/sd1/, the tiny
+pretrain job's character-level CLIP tokenizer, 77 tokens a prompt, configs/schedulers/sd1.json) and
+a folder of `--pictures` JPEGs with captions in five aspect ratios around 512 px (one bucket each;
+`--buckets` takes fewer: the job's CUDA graphs cover at most four input shapes, train/jobs/graphs.py
+GraphedStep.max_graphs, and run the others eager; "graphs" in the JSON says so). Then it runs the
+real job on them, configs/sd15_lora.yaml with only what a benchmark must set overridden (steps,
 batch size, checkpoint_every 0, no samples, data.resolution, model.base/data.root/output.dir, the
 LoRA targets, and data.min_side where the pictures are smaller than 64 px), and
 benchmarks/lora_step.py's step on the same batch, latent size and LoRA targets
@@ -92,6 +92,8 @@ def build_pipeline(folder: Path, preset: str, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from adapterkit.train.jobs.pretrain import make_tokenizer
+
     torch.manual_seed(seed)
     unet = UNet(PRESETS[preset])
     with torch.no_grad():
@@ -102,7 +104,7 @@ def build_pipeline(folder: Path, preset: str, seed: int = 0) -> Path:
     vae_cfg, text_cfg = part_configs(preset)
     AutoencoderKL(**vae_cfg).save_pretrained(folder / "vae")
     CLIPTextModel(CLIPTextConfig(**text_cfg)).save_pretrained(folder / "text_encoder")
-    shutil.copytree(REPO / "assets" / "tiny-base" / "tokenizer", folder / "tokenizer")
+    make_tokenizer().save_pretrained(folder / "tokenizer")        # in the files this transformers reads
     (folder / "scheduler").mkdir()
     shutil.copy(REPO / "configs" / "schedulers" / "sd1.json", folder / "scheduler" / "scheduler_config.json")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
