@@ -67,7 +67,7 @@ def peer(cfg, state, device):
     return unet, forward, opt, lora, True
 
 
-def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True):
+def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True, targets: str = "attn"):
     from adapterkit.adapters.lora import LoraSpec, add_lora
     unet = UNet(cfg)
     unet.load_state_dict(state)
@@ -75,7 +75,7 @@ def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True):
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    add_lora(unet, LoraSpec(rank=16, alpha=16, targets="attn"))
+    add_lora(unet, LoraSpec(rank=16, alpha=16, targets=targets))
     lora = [p for p in unet.parameters() if p.requires_grad]
     if bf16_lora:
         from adapterkit.train.jobs.precision import MasterWeights
@@ -155,6 +155,8 @@ def main():
     ap.add_argument("--variants", default="peer,ours-bf16-lora-before,ours-bf16-lora",
                     help="comma-separated, first is the reference: peer, ours, ours-bf16-lora, "
                          + ", ".join(SWITCHES))
+    ap.add_argument("--targets", default="attn", choices=["attn", "attn-ff", "full"],
+                    help="our variants' LoRA targets (adapters.lora.TARGET_PRESETS); the peer keeps attn")
     ap.add_argument("--sdpa", default="default",
                     choices=["default", "flash_attention", "efficient_attention", "cudnn_attention", "math"],
                     help="force one SDPA backend in our variants (the peer keeps PyTorch's choice)")
@@ -175,9 +177,11 @@ def main():
             torch.randint(0, 1000, (B,), device=device, generator=g),
             torch.randn(B, 77, cfg.context_dim, device=device, generator=g, dtype=torch.bfloat16),
             torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
-    builders = {"peer": lambda: peer(cfg, state, device), "ours": lambda: ours(cfg, state, device, False),
-                "ours-bf16-lora": lambda: ours(cfg, state, device, True)}
-    builders |= {n: (lambda n=n: ours(cfg, state, device, True, channels_last=n not in NCHW))
+    tg = args.targets
+    builders = {"peer": lambda: peer(cfg, state, device),
+                "ours": lambda: ours(cfg, state, device, False, targets=tg),
+                "ours-bf16-lora": lambda: ours(cfg, state, device, True, targets=tg)}
+    builders |= {n: (lambda n=n: ours(cfg, state, device, True, channels_last=n not in NCHW, targets=tg))
                  for n in SWITCHES}
     names = args.variants.split(",")
     unknown = [n for n in names if n not in builders]
