@@ -174,9 +174,10 @@ class _ColumnDoraForward:
 def _fusable(layer, x: Tensor, name: str) -> bool:
     """Whether lora_fused's kernel computes what the plain ops would (its own conditions)."""
     base, drop = layer.get_base_layer(), layer.lora_dropout[name]
-    if not lora_fused.ENABLED or layer.fan_in_fan_out or torch.is_autocast_enabled(x.device.type):
+    options = lora_fused.fused_lora_options()
+    if not options.enabled or layer.fan_in_fan_out or torch.is_autocast_enabled(x.device.type):
         return False
-    if torch.compiler.is_compiling() and not lora_fused.COMPILED:
+    if torch.compiler.is_compiling() and not options.compiled:
         return False
     if drop.training and not isinstance(drop, nn.Identity):
         return False

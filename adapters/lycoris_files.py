@@ -53,17 +53,18 @@ from .lora_files import (
     _load,
     _peft_alphas,
     _peft_config_json,
-    _version_from_shapes,
     base_metadata,
     read_lora,
 )
 from .lora_keys import (
     KOHYA_PREFIX,
-    TEXT_ENCODER_PREFIXES,
+    claimed_family,
     guess_base,
     is_ldm_name,
+    kohya_text_prefixes,
     ldm_kohya_table,
     parse_kohya_diffusers,
+    text_encoder_folders,
     to_kohya,
 )
 from .lycoris import (
@@ -167,10 +168,16 @@ def read_lycoris(path: str | os.PathLike, base: UNetConfig | None = None,
     return lyco
 
 
+def _text_prefixes() -> tuple[str, ...]:
+    """Key prefixes of text-encoder modules in either layout (kohya `lora_te*_`, diffusers/peft
+    `text_encoder*.`): LyCORIS adapters here adapt the U-Net only."""
+    return (*kohya_text_prefixes(), *(f"{folder}." for folder in sorted(text_encoder_folders())))
+
+
 def _place_kohya(key: str, base: UNetConfig | None, lyco: Lycoris) -> tuple[str, str] | None:
     stem, _, part = key.partition(".")
     why = None
-    if key.startswith(TEXT_ENCODER_PREFIXES):
+    if key.startswith(_text_prefixes()):
         why = "text-encoder adapter; adapterkit adapts only the U-Net"
     elif not stem.startswith(KOHYA_PREFIX):
         why = "not a LyCORIS key (no lora_unet_ prefix)"
@@ -197,7 +204,7 @@ def _place_kohya(key: str, base: UNetConfig | None, lyco: Lycoris) -> tuple[str,
 
 def _place_peft(key: str, lyco: Lycoris) -> tuple[str, str] | None:
     suffix = next((s for s in _PEFT_PARTS if key.endswith(s)), None)
-    if key.startswith(TEXT_ENCODER_PREFIXES) or suffix is None:
+    if key.startswith(_text_prefixes()) or suffix is None:
         lyco.unplaced[key] = ("text-encoder adapter; adapterkit adapts only the U-Net"
                               if suffix else "not a lora_A/lora_B/lora_magnitude_vector tensor")
         return None
@@ -371,13 +378,14 @@ def _metadata(lyco: Lycoris, fmt: str) -> dict[str, str]:
            "adapterkit.format_version": FORMAT_VERSION,
            "adapterkit.kind": kinds[0].removesuffix(" (row)") if len(kinds) == 1 else ",".join(kinds),
            "adapterkit.convention": "lycoris" if fmt == "kohya" else "peft"}
-    md.setdefault("ss_base_model_version", _version_from_shapes(lyco))
+    claimed = claimed_family(lyco.shapes(), lyco.metadata)         # 'unknown' rather than a guess
+    md.setdefault("ss_base_model_version", claimed.ss_version if claimed else "unknown")
     md.setdefault("ss_v2", str(md["ss_base_model_version"].startswith("sd_v2")))
     md.setdefault("modelspec.title", "adapterkit LyCORIS")
     family = family_of_ss_version(md["ss_base_model_version"])
     md.setdefault("modelspec.architecture", f"{family.modelspec if family else 'unknown'}/lora")
     if fmt == "peft":
-        cfg = json.loads(_peft_config_json(lyco, ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]))
+        cfg = json.loads(_peft_config_json(lyco))
         cfg["unet.use_dora"] = any(m.dora_scale is not None for m in lyco.modules.values())
         md |= {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, indent=2, sort_keys=True)}
     return md

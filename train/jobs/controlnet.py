@@ -41,6 +41,7 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from adapterkit.adapters.adapter import beside
 from adapterkit.adapters.control_lora import (
     ControlLoraReport,
     merged_controlnet,
@@ -66,13 +67,9 @@ from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
 from adapterkit.train.jobs.checkpoints import MUTABLE, resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
 from adapterkit.train.jobs.lock import one_run_per_output
-from adapterkit.train.jobs.loop import frozen_dtype, make_accelerator, open_base, run_steps
+from adapterkit.train.jobs.loop import frozen_dtype, make_accelerator, open_base, prepare_training, run_steps
 from adapterkit.train.jobs.optimizer import (
-    adapter_master_weights,
-    full_precision_state,
-    make_optimizer,
     scale_loss,
-    use_loss_scaling,
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
 from adapterkit.train.jobs.progress import JsonlLog
@@ -87,7 +84,6 @@ from adapterkit.train.jobs.recipe import (
     flat_dict,
     public_recipe,
 )
-from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -212,22 +208,15 @@ def main(cfg: ControlNetRecipe) -> Path:
         channels_last(m, accelerator.device)
         m.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     cn.train()
-    trained = {n: p for n, p in cn.named_parameters() if p.requires_grad}
-    params = list(trained.values())
-    master = adapter_master_weights(params, dtype, cfg.train.adapter_compute)
+    adapter = beside(cn, "ControlNet")
+    training = prepare_training(accelerator, cfg, adapter, dtype)
     for p in cn.parameters():
         if not p.requires_grad:              # a Control-LoRA's frozen encoder: computes with the factors
-            p.data = p.data.to(params[0].dtype)
-    optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
-    model, optimizer = accelerator.prepare(cn, optimizer)
-    scaler = use_loss_scaling(dtype)   # fp16 only
-    state = TrainingState(accelerator, lambda: full_precision_state(trained, master), optimizer, lr_schedule,
-                          master, scaler, what="ControlNet")
+            p.data = p.data.to(training.params[0].dtype)
+    forward = GraphedStep.for_job(ControlledUNet(unet, training.model, cfg.control.conditioning_scale),
+                                  cfg.train, accelerator)
 
-    forward = GraphedStep.for_job(ControlledUNet(unet, model, cfg.control.conditioning_scale), cfg.train,
-                                  accelerator)
-
-    start = resume(state, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
+    start = resume(training.state, out, cfg, (*MUTABLE, "control.control_lora_rank", "control.hint_cache_mb"))
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
                      accelerator.num_processes, accelerator.process_index)
@@ -243,10 +232,9 @@ def main(cfg: ControlNetRecipe) -> Path:
             accelerator.log({f"edge_f1/control_x{s:g}": f for s, f in scores.items()}, step=step)
 
     run_steps(accelerator, cfg, out, start,
-              step=lambda step: train_step(cfg, accelerator, model, cn, base, cache, dataset, plan, schedule,
-                                           step, forward, scaler=scaler),
-              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master, scaler=scaler,
-              state=state, export=Exporter(cfg, cn, master, reference),
+              step=lambda step: train_step(cfg, accelerator, training.model, cn, base, cache, dataset, plan,
+                                           schedule, step, forward, scaler=training.state.scaler),
+              training=training, export=Exporter(cfg, cn, training.state.master, reference),
               sample=sample_and_score if hints else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="controlnet", what="ControlNet")

@@ -104,7 +104,7 @@ def _pinned_accumulators(module: nn.Module) -> list:
 class GraphedStep:
     """`module(*args)` for a training step, replayed from CUDA graphs after the first call per shape."""
 
-    def __init__(self, module: nn.Module, enabled: bool = True, max_graphs: int = 4):
+    def __init__(self, module: nn.Module, enabled: bool = True, max_graphs: int = 8):
         self.module, self.max_graphs = module, max_graphs
         self.enabled = enabled
         self.graphs: dict[tuple, nn.Module] = {}

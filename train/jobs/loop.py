@@ -26,15 +26,18 @@ the LR schedule, every RNG and (fp16) the loss scaler.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from torch import nn
 
+from adapterkit.adapters.adapter import Adapter
 from adapterkit.train.jobs.checkpoints import save_checkpoint
 from adapterkit.train.jobs.guards import (
     TrainingInterrupted,
@@ -43,8 +46,13 @@ from adapterkit.train.jobs.guards import (
     check_writable,
     out_of_memory_explained,
 )
-from adapterkit.train.jobs.optimizer import optimizer_step
-from adapterkit.train.jobs.precision import LossScaler, MasterWeights
+from adapterkit.train.jobs.optimizer import (
+    adapter_master_weights,
+    full_precision_state,
+    make_optimizer,
+    optimizer_step,
+    use_loss_scaling,
+)
 from adapterkit.train.jobs.progress import LossLog, ProgressBar, StopSignals
 from adapterkit.train.jobs.recipe import DTYPES, ModelConfig
 from adapterkit.train.jobs.state import TrainingState
@@ -80,10 +88,34 @@ def load_frozen_base(cfg: ModelConfig, device: torch.device) -> tuple[BaseModel,
     return base, base.fingerprint.unet
 
 
+@dataclass
+class Training:
+    """The optimizer side of a run, built alike for every job (`prepare_training`): `model` is the
+    adapter's module as the accelerator prepared it (wrapped by DDP under several processes), `params`
+    its trained parameters, `state` the optimizer, LR schedule, fp32 masters and fp16 loss scaler, as a
+    checkpoint holds them (train/jobs/state.py)."""
+    model: nn.Module
+    params: list[nn.Parameter]
+    state: TrainingState
+
+
+def prepare_training(accelerator: Accelerator, cfg: Any, adapter: Adapter, dtype: torch.dtype) -> Training:
+    """`adapter`'s trainable tensors to the optimizer (through fp32 masters with a bf16/fp16 adapter
+    branch, `train.adapter_compute`), its module to the accelerator, and the state a checkpoint keeps:
+    the adapter's tensors (`adapter.state()`, frozen parts too), at full precision."""
+    params = list(adapter.trainable().values())
+    master = adapter_master_weights(params, dtype, cfg.train.adapter_compute)
+    optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
+    model, optimizer = accelerator.prepare(adapter.module, optimizer)
+    kept = adapter.state()
+    state = TrainingState(accelerator, lambda: full_precision_state(kept, master), optimizer, lr_schedule,
+                          master, use_loss_scaling(dtype), what=adapter.what)
+    return Training(model, params, state)
+
+
 def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
-              step: Callable[[int], float], optimizer, lr_schedule, params: Sequence[torch.nn.Parameter],
-              master: MasterWeights | None, state: TrainingState, export: Callable[..., Any],
-              scaler: LossScaler | None = None, sample: Callable[[int, Path], Any] | None,
+              step: Callable[[int], float], training: Training, export: Callable[..., Any],
+              sample: Callable[[int, Path], Any] | None,
               images_per_step: int, name: str, what: str,
               explain_oom: Callable[[Any, int, Path], AbstractContextManager] = out_of_memory_explained,
               after_step: Callable[[int], Any] | None = None) -> int:
@@ -92,12 +124,13 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     Each step: `step(s)` (forward + backward of step s, 0-based; returns the loss averaged over the
     processes; with an fp16 base it backpropagates `scale_loss(scaler, loss)`) inside
     `explain_oom(cfg, s, out)`, the NaN guard (`check_finite_loss`), the optimizer
-    (`optimizer_step` with `params`, `master` and `cfg.optim.max_grad_norm`), `after_step(s)` if given
+    (`optimizer_step` with `training`'s parameters, masters, loss scaler and `cfg.optim.max_grad_norm`),
+    `after_step(s)` if given
     (e.g. an EMA update), loss.jsonl (every
     step), the trackers (every `cfg.output.log_every` steps and the last), the progress bar
     (`images_per_step` images a step, all processes together), a checkpoint (every
-    `cfg.output.checkpoint_every` steps, the last step, and on a signal: `state` (the job's resumable
-    state, train/jobs/state.py), and `export(folder, step)` writes the job's files into it).
+    `cfg.output.checkpoint_every` steps, the last step, and on a signal: `training.state` (the job's
+    resumable state, train/jobs/state.py), and `export(folder, step)` writes the job's files into it).
 
     Samples: `sample(step, path)` (None: no samples) runs on the main process only, at every step
     s < cfg.train.steps that `cfg.sample.every` divides (to out/samples/step-<s>.png), and once at the
@@ -115,7 +148,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     ControlNet's zero convs then the encoder) still see update n at step n. A retry costs one more
     forward and backward; after the first steps' calibration they come every ~growth_interval steps.
     """
-    steps = cfg.train.steps
+    steps, state = cfg.train.steps, training.state
+    optimizer, lr_schedule, master, scaler = state.optimizer, state.lr_schedule, state.master, state.scaler
     losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
     done = start
     with StopSignals() as stop, ProgressBar(accelerator, start, steps, name) as bar:
@@ -125,7 +159,7 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
                 with explain_oom(cfg, done, out):
                     loss = step(done)
                 check_finite_loss(loss, done, out)
-                if optimizer_step(accelerator, optimizer, lr_schedule, params, master,
+                if optimizer_step(accelerator, optimizer, lr_schedule, training.params, master,
                                   cfg.optim.max_grad_norm, scaler):
                     break
                 check_loss_scale(scaler, done, out)

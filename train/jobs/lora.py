@@ -27,9 +27,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from adapterkit.adapters.lora import ADAPTER_PARAM, LoraSpec, add_lora, set_lora_weights
+from adapterkit.adapters.adapter import attach_layers
+from adapterkit.adapters.lora import ADAPTER_PARAM, LoraSpec, set_lora_weights
 from adapterkit.adapters.lora_files import save_lora
-from adapterkit.adapters.lycoris import LycorisSpec, add_lycoris
+from adapterkit.adapters.lycoris import LycorisSpec
 from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
@@ -38,13 +39,9 @@ from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
 from adapterkit.train.jobs.lock import one_run_per_output
-from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, run_steps
+from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, prepare_training, run_steps
 from adapterkit.train.jobs.optimizer import (
-    adapter_master_weights,
-    full_precision_state,
-    make_optimizer,
     scale_loss,
-    use_loss_scaling,
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
 from adapterkit.train.jobs.recipe import (
@@ -56,7 +53,6 @@ from adapterkit.train.jobs.recipe import (
     flat_dict,
     public_recipe,
 )
-from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -161,21 +157,14 @@ def main(cfg: LoraRecipe) -> Path:
 
     unet = base.unet
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run
-    spec = cfg.lora.spec()
-    (add_lora if isinstance(spec, LoraSpec) else add_lycoris)(unet, spec)
+    adapter = attach_layers(unet, cfg.lora.spec())
     channels_last(unet, accelerator.device)  # after the adapter (its convs too), before the optimizer
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    master = adapter_master_weights(params, unet.conv_in.weight.dtype, cfg.train.adapter_compute)
-    optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
-    model, optimizer = accelerator.prepare(unet, optimizer)
-    scaler = use_loss_scaling(unet.conv_in.weight.dtype)   # fp16 only
-    state = TrainingState(accelerator, lambda: adapter_state(unet, master), optimizer, lr_schedule, master,
-                          scaler, what="LoRA config")
-    forward = GraphedStep.for_job(model, cfg.train, accelerator)
+    training = prepare_training(accelerator, cfg, adapter, unet.conv_in.weight.dtype)
+    forward = GraphedStep.for_job(training.model, cfg.train, accelerator)
 
-    start = resume(state, out, cfg)
+    start = resume(training.state, out, cfg)
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
                      accelerator.num_processes, accelerator.process_index)
@@ -183,10 +172,9 @@ def main(cfg: LoraRecipe) -> Path:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
 
     run_steps(accelerator, cfg, out, start,
-              step=lambda step: train_step(cfg, accelerator, model, base, cache, dataset, plan, schedule,
-                                           step, forward, scaler=scaler),
-              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=master, scaler=scaler,
-              state=state, export=Exporter(cfg, unet, fingerprint, master),
+              step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
+                                           schedule, step, forward, scaler=training.state.scaler),
+              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="lora", what="adapter")
@@ -194,11 +182,6 @@ def main(cfg: LoraRecipe) -> Path:
 
 
 # --- the pieces, in the order main uses them ---------------------------------------------------------
-
-def adapter_state(unet: torch.nn.Module, master: MasterWeights | None = None) -> dict[str, torch.Tensor]:
-    """The adapter tensors by name, at full precision (the fp32 masters when there are some)."""
-    return full_precision_state({n: p for n, p in unet.named_parameters() if ADAPTER_PARAM.search(n)}, master)
-
 
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,
                dataset: CaptionedImageFolder, plan: BatchPlan, schedule: NoiseSchedule, step: int,

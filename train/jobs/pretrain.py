@@ -48,7 +48,7 @@ from adapterkit.train.jobs.checkpoints import MUTABLE, resume
 from adapterkit.train.jobs.ema import EMA
 from adapterkit.train.jobs.guards import check_writable
 from adapterkit.train.jobs.lock import one_run_per_output
-from adapterkit.train.jobs.loop import make_accelerator, run_steps
+from adapterkit.train.jobs.loop import Training, make_accelerator, run_steps
 from adapterkit.train.jobs.optimizer import full_precision_state, make_optimizer
 from adapterkit.train.jobs.recipe import OptimConfig, OutputConfig, SampleConfig, flat_dict
 from adapterkit.train.jobs.state import TrainingState
@@ -267,11 +267,12 @@ def main(cfg: PretrainRecipe) -> Path:
     def state() -> dict:
         return full_precision_state(named, None) | (ema.state() if ema else {})
 
-    training = TrainingState(accelerator, state, optimizer, lr_schedule, what="pretrain model config")
+    training = Training(model, params, TrainingState(accelerator, state, optimizer, lr_schedule,
+                                                     what="pretrain model config"))
     if cfg.train.compile and accelerator.device.type == "cuda":
         model = torch.compile(model)
 
-    start = resume(training, out, cfg, (*MUTABLE, "data.workers"))
+    start = resume(training.state, out, cfg, (*MUTABLE, "data.workers"))
     tokens = Tokens(tokenizer)
     scheduler_config = scheduler_config_named(cfg.model.scheduler)
     schedule = NoiseSchedule.from_config(scheduler_config)
@@ -295,8 +296,7 @@ def main(cfg: PretrainRecipe) -> Path:
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, model, text_model, data, tokens, schedule, step),
-              optimizer=optimizer, lr_schedule=lr_schedule, params=params, master=None, state=training,
-              export=export,
+              training=training, export=export,
               sample=(lambda s, path: sample_grid(cfg, base, path, averaged)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * accelerator.num_processes, name="pretrain",
               what="base model", after_step=ema.update if ema else None)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterkit.train.jobs.loop import run_steps
+from adapterkit.train.jobs.loop import Training, run_steps
 from adapterkit.train.jobs.optimizer import make_optimizer
 from adapterkit.train.jobs.pretrain import (
     PretrainLoopConfig,
@@ -55,8 +55,8 @@ def run(out: Path, steps: int, main: bool = True, **overrides):
         return loss.item()
 
     state = TrainingState(accelerator, lambda: {"weight": weight.detach()}, optimizer, lr_schedule)
-    kw = dict(step=step, optimizer=optimizer, lr_schedule=lr_schedule, params=[weight], master=None,
-              state=state, export=lambda folder, step=None: calls.append(
+    kw = dict(step=step, training=Training(weight, [weight], state),
+              export=lambda folder, step=None: calls.append(
                   ("export", "out" if Path(folder) == out else "checkpoint", step)),
               sample=lambda s, path: calls.append(("sample", s, path.name)),
               images_per_step=1, name="test", what="test") | overrides
