@@ -86,7 +86,7 @@ _SEED = Range(0, 2**63 - 1)
 _FINITE = Range()
 
 # Every numeric field of the recipes, by field name: what values make sense. A tuple field's range
-# applies to each item. tests/train/test_config.py checks that every numeric recipe field is here.
+# applies to each item. tests/train/test_config_ranges.py checks that every numeric recipe field is here.
 RANGES: dict[str, Range] = {
     # counts and sizes
     "steps": _COUNT, "batch_size": _COUNT, "grad_accum": _COUNT, "rank": _COUNT, "conv_rank": _COUNT,
