@@ -439,7 +439,12 @@ def write_lora(path: str | os.PathLike, lora: Lora, fmt: str = "kohya",
         raise ValueError(f"{lora.source}: nothing to write (no U-Net modules)")
     check_finite(lora)
     out = _uniform_attention_alpha(lora) if fmt == "kohya" else lora
-    tmp = _atomic_save(_tensors(out, fmt, dtype), _format_metadata(out, fmt), path)
+    tensors = _tensors(out, fmt, dtype)
+    overflow = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if overflow:                       # finite in fp32, not in the dtype asked for (a large merge ratio)
+        raise ValueError(f"{lora.source}: {len(overflow)} tensors overflow to inf in {dtype} "
+                         f"({_list(overflow, 4)}); write float32 (--dtype fp32) or use smaller ratios")
+    tmp = _atomic_save(tensors, _format_metadata(out, fmt), path)
     try:
         back = read_lora(tmp)
         err = delta_error(lora, back, tol=_tolerance(lora, dtype))

@@ -118,7 +118,8 @@ def os_error_message(e: OSError) -> str:
         return (f"no space left on device{where}: free some space or write to another disk; files written "
                 "before are intact")
     if e.errno in _DENIED:
-        return f"permission denied{where}: choose a folder you can write to, or fix its permissions"
+        return (f"permission denied{where}: check the file's permissions, or write to a folder you may "
+                "write to")
     if e.errno == errno.EROFS:
         return f"read-only file system{where}: choose a folder on a writable disk"
     if e.errno == errno.EISDIR:

@@ -22,15 +22,8 @@ GRID_ROWS = 8
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapterkit.train.cli.checks import check_numbers, check_output, writing
-    from adapterkit.train.cli.sample import (
-        check_loras,
-        load_loras,
-        lora_paths,
-        open_base,
-        require_paths,
-        seed_ranges,
-    )
+    from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
+    from adapterkit.train.cli.sample import check_loras, load_loras, lora_paths, open_base, seed_ranges
     from adapterkit.train.config import Range
     from adapterkit.train.images import save_grid
     from adapterkit.train.world.quality import evaluate
@@ -43,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                    ("--control-scale", args.control_scale, Range()), *seed_ranges([args.seed])])
     inputs = [("--base", args.base), ("--tokenizer", args.tokenizer), ("--controlnet", args.controlnet),
               *lora_paths(args)]
-    require_paths(inputs)
+    check_inputs(inputs)
     for flag, out in (("--grid", args.grid), ("--json", args.json)):
         if out:
             check_output(out, flag, inputs=inputs)

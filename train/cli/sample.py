@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from adapterkit.train.cli.checks import check_numbers
+from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
 from adapterkit.train.config import Range
 from adapterkit.train.images import read_image
 
@@ -31,7 +31,6 @@ HINT_BACKGROUND = (0, 0, 0)
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapterkit.train.cli.checks import check_output, writing
     from adapterkit.train.images import save_grid
     from adapterkit.train.pipeline.generate import generate_columns
 
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--guess-mode is a way to apply a ControlNet: give --controlnet and --hint")
     inputs = [("--base", args.base), ("--tokenizer", args.tokenizer), *(("--controlnet", p) for p in nets),
               *(("--hint", h) for h in hint_files), *lora_paths(args)]
-    require_paths(inputs)
+    check_inputs(inputs)                 # before the base is loaded (which takes a while), not after
     check_output(args.output, "-o", inputs=inputs)
     pictures = [read_image(h, "--hint", background=HINT_BACKGROUND) for h in hint_files]
     check_loras(args.lora)
@@ -81,13 +80,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def require_paths(flagged: Sequence[tuple[str, str | None]]) -> None:
-    """FileNotFoundError naming the flag of the first given path that does not exist: checked before
-    the base is loaded (which takes a while), not after."""
-    from adapterkit.train.cli.checks import check_inputs
-    check_inputs(flagged)
-
-
 def check_loras(specs: list[str]) -> None:
     """Read each --lora file once before the base is loaded, so that a broken one (not a LoRA, integer
     tensors, a nonsense alpha, ...) fails in a second, not after the load; LDM-named keys are placed
@@ -98,7 +90,7 @@ def check_loras(specs: list[str]) -> None:
 
 
 def lora_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """("--lora", path) of each --lora FILE[:WEIGHT], for `require_paths`; a weight must be finite."""
+    """("--lora", path) of each --lora FILE[:WEIGHT], for `check_inputs`; a weight must be finite."""
     from adapterkit.adapters.lora_files import split_lora_spec
     specs = [split_lora_spec(s) for s in args.lora]
     check_numbers([(f"--lora {path} weight", w, Range()) for path, w in specs])
