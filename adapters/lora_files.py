@@ -72,6 +72,7 @@ _PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up",
                ".lora.down.weight": "down", ".lora.up.weight": "up"}     # the second pair: diffusers scripts
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _ATTN_PROJ = (".to_q", ".to_k", ".to_v", ".to_out.0")
+_LYCORIS = ("hada_", "lokr_")           # LoHa / LoKr factors: other adapter forms, named as kohya's
 _PATTERN_KEY = re.compile(r"[\^]?[A-Za-z0-9_.\\-]{1,300}\$?")    # a module name, as peft's pattern keys
 
 
@@ -149,6 +150,11 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
         fmt = detect_format(tensors)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    lycoris = sorted({k.partition(".")[2] for k in tensors if k.partition(".")[2].startswith(_LYCORIS)})
+    if lycoris:
+        raise CheckpointError(f"{path} is a LyCORIS LoHa/LoKr file ({', '.join(lycoris[:4])} keys): "
+                              "adapterkit reads LoRA and LoCon (lora_down/lora_up) files only; convert it to "
+                              "a LoRA with LyCORIS' own tools")
     _check_float(tensors, path)
     recorded = _config_from_metadata(metadata, path) if "adapterkit.base_config" in metadata else None
     base = base or recorded

@@ -469,6 +469,17 @@ def with_foreign_module(t):
                 f"{extra}.alpha": torch.tensor(2.0)}
 
 
+def to_loha(t):
+    """The LoRA's modules renamed to LyCORIS LoHa parts (hada_w1_a/b, hada_w2_a/b), which we do not read."""
+    parts = {"lora_down.weight": ("hada_w1_a", "hada_w2_a"), "lora_up.weight": ("hada_w1_b", "hada_w2_b")}
+    out = {}
+    for k, v in t.items():
+        stem, _, part = k.partition(".")
+        for name in parts.get(part, (part,)):
+            out[f"{stem}.{name}"] = v.clone()
+    return out
+
+
 def to_int64(t):
     return {k: v.long() for k, v in t.items()}
 
@@ -590,6 +601,7 @@ CASES = [
     Case("merge: LoRA with one foreign module (B3)", merge_lora(lora_with(with_foreign_module)),
          "--allow-unmatched"),
     Case("merge: LoRA made for another base (B4)", merge_lora(lambda k, t: k.tiny_lora), "preset tiny"),
+    Case("convert: a LyCORIS LoHa file", convert(lora_with(to_loha)), "is a LyCORIS LoHa/LoKr file"),
     Case("convert: rank mismatch (B5)",
          convert(lora_with(replace_first("lora_down.weight", lambda v: torch.zeros(3, *v.shape[1:])))),
          "rank mismatch"),
