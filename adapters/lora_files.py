@@ -150,11 +150,6 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
         fmt = detect_format(tensors)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    lycoris = sorted({k.partition(".")[2] for k in tensors if k.partition(".")[2].startswith(_LYCORIS)})
-    if lycoris:
-        raise CheckpointError(f"{path} is a LyCORIS LoHa/LoKr file ({', '.join(lycoris[:4])} keys): "
-                              "adapterkit reads LoRA and LoCon (lora_down/lora_up) files only; convert it to "
-                              "a LoRA with LyCORIS' own tools")
     _check_float(tensors, path)
     recorded = _config_from_metadata(metadata, path) if "adapterkit.base_config" in metadata else None
     base = base or recorded
@@ -206,9 +201,12 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
             continue
         lora.modules[p] = LoraModule(down, up, alpha)
     if broken:
+        lycoris = any(k.partition(".")[2].startswith(_LYCORIS) for k in lora.unplaced)
+        why = ("It holds LyCORIS LoHa/LoKr factors (hada_*, lokr_*), which adapterkit does not read; convert "
+               "it to a LoRA with LyCORIS' own tools" if lycoris else
+               "The file is broken or was written by a tool adapterkit cannot read; re-export it")
         raise CheckpointError(f"{lora.source}: {len(broken)} malformed LoRA modules: {_list(broken, 8)}. "
-                              "The file is broken or was written by a tool adapterkit cannot read; "
-                              "re-export it")
+                              + why)
     if missing:
         if missing_alpha == "error":
             raise CheckpointError(

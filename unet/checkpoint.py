@@ -378,7 +378,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, "
                               "not an object of tensors. Get the file again.")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: the header's __metadata__ must map names to strings; it holds "
                               f"{_type_names(metadata)}. The file was written by a broken tool; "
