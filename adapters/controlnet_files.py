@@ -43,6 +43,7 @@ from adapterkit.unet import (
     read_weights,
 )
 from adapterkit.unet import write_safetensors as _write_safetensors
+from adapterkit.unet.checkpoint import CONFIG_ERRORS, error_phrase
 
 from .control_lora import control_lora_from_tensors
 from .controlnet import HINT_WIDTHS, ControlNet, check_base, same_architecture
@@ -283,13 +284,15 @@ def _resolve_config(state, layout, metadata, config_json, unet, label) -> tuple[
         origin = f"the adapterkit.base_config metadata of {label}"
         try:
             return UNetConfig.from_dict(json.loads(metadata["adapterkit.base_config"])), origin
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{origin} is not a valid U-Net config: {e}") from e
+        except CONFIG_ERRORS as e:
+            raise CheckpointError(f"{origin} is not a valid U-Net config ({error_phrase(e)}); the file was "
+                                  "edited or written by a broken tool: re-export it") from None
     if config_json is not None:
         try:
             return config_from_diffusers(json.loads(config_json.read_text()))[0], str(config_json)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config_json} is not a usable ControlNet config: {e}") from e
+        except (OSError, *CONFIG_ERRORS) as e:
+            raise CheckpointError(f"{config_json} is not a usable ControlNet config ({error_phrase(e)}); "
+                                  "fix it or download it again") from None
     inferred = _infer(state, layout, label)
     if unet is not None:
         if _visible(inferred) != _visible(unet.config):
@@ -309,7 +312,7 @@ def _infer(state: dict[str, Tensor], layout: str, label: Path) -> UNetConfig:
     conv_out = "out.2.weight" if layout == "lllyasviel" else "conv_out.weight"
     try:
         return infer_unet_config({**state, conv_out: fake})
-    except ValueError as e:
+    except (*CONFIG_ERRORS, IndexError) as e:
         raise CheckpointError(f"cannot infer the U-Net config of the ControlNet in {label}: {e}. Pass "
                               "unet= (the U-Net it was made for).") from e
 
@@ -327,8 +330,9 @@ def _check_config_json(config_json: Path, cfg: UNetConfig, hint_channels: int, w
     """config.json beside weights whose config came from metadata must describe the same model."""
     try:
         c, ch, w = config_from_diffusers(json.loads(config_json.read_text()))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_json} is not a usable ControlNet config: {e}") from e
+    except (OSError, *CONFIG_ERRORS) as e:
+        raise CheckpointError(f"{config_json} is not a usable ControlNet config ({error_phrase(e)}); fix it "
+                              "or download it again") from None
     if _visible(c) != _visible(cfg) or (ch, tuple(w)) != (hint_channels, tuple(widths)):
         raise CheckpointError(f"{config_json} contradicts the weights' metadata: {_visible(c)} vs "
                               f"{_visible(cfg)}, hint {ch}/{list(w)} vs {hint_channels}/{list(widths)}")
@@ -351,6 +355,12 @@ def _check_and_rename(state, layout, cfg, hint_channels, widths, origin, label) 
     if problems:
         raise CheckpointError(f"{label} does not fit the ControlNet described by {origin}: "
                               f"{'; '.join(problems)}. The file is incomplete or made for another U-Net.")
+    not_float = [f"{prefix}{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items()
+                 if not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{label} holds {len(not_float)} ControlNet tensors that are not floating "
+                              f"point: {_few(not_float)}. ControlNet weights are float16, bfloat16 or "
+                              "float32; use the original float weights")
     bad = [f"{prefix}{k}" for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{label} has NaN or inf values in {len(bad)} tensors: {_few(bad)}; the "

@@ -99,7 +99,7 @@ def attach_metadata(cn: ControlNet, metadata: dict[str, str], label: Path) -> No
     try:
         cn.hint = HintSpec.from_dict(json.loads(metadata["adapterkit.hint"])) \
             if "adapterkit.hint" in metadata else HintSpec()
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{label}: metadata adapterkit.hint is not a valid hint contract: {e}") from e
     cn.base_fingerprint = metadata.get("adapterkit.base_fingerprint")
     cn.metadata = {k: v for k, v in metadata.items() if not k.startswith("adapterkit.") and k != "format"}

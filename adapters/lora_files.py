@@ -45,7 +45,16 @@ import torch
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from adapterkit.unet import PRESETS, UNetConfig, family_of, read_weights, unet_fingerprint
+from adapterkit.unet import (
+    PRESETS,
+    CheckpointError,
+    UNet,
+    UNetConfig,
+    family_of,
+    read_weights,
+    unet_fingerprint,
+)
+from adapterkit.unet.checkpoint import CONFIG_ERRORS
 from adapterkit.unet.families import TINY, Family, family_like, family_of_ss_version
 
 from .lora import (
@@ -54,6 +63,7 @@ from .lora import (
     _exact,
     _list,
     check_finite,
+    fit,
     load_lora,
     lora_from_model,
     lora_names,
@@ -87,6 +97,8 @@ _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _ATTN_PROJ = (".to_q", ".to_k", ".to_v", ".to_out.0",                 # U-Net attention
               ".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.out_proj")  # CLIP
+_LYCORIS = ("hada_", "lokr_")           # LoHa / LoKr factors: other adapter forms, named as kohya's
+_PATTERN_KEY = re.compile(r"[\^]?[A-Za-z0-9_.\\-]{1,300}\$?")    # a module name, as peft's pattern keys
 
 
 def _format(fmt: str) -> str:
@@ -104,12 +116,12 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"no such LoRA file: {path}")
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the .safetensors file inside it")
+        raise CheckpointError(f"{path} is a folder; give the .safetensors file inside it")
     with open(path, "rb") as f:
         head = f.read(9)
     if head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        raise ValueError(f"{path} is a PyTorch pickle, not safetensors; adapterkit reads LoRA files as "
-                         "safetensors only (unpickling can run code): convert it with a trusted tool")
+        raise CheckpointError(f"{path} is a PyTorch pickle, not safetensors; adapterkit reads LoRA files as "
+                              "safetensors only (unpickling can run code): convert it with a trusted tool")
     return read_weights(path)
 
 
@@ -160,7 +172,11 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
         raise ValueError(f"missing_alpha must be 'error' or 'rank', got {missing_alpha!r}")
     path = Path(path)
     tensors, metadata = _load(path)
-    fmt = detect_format(tensors)
+    try:
+        fmt = detect_format(tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    _check_float(tensors, path)
     lora = Lora({}, metadata=metadata, source=f"LoRA file {path.name}", format=fmt)
     if base is None and "adapterkit.base_config" in metadata:
         base = _config_from_metadata(metadata, path)
@@ -177,7 +193,7 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
         if placed is not None:
             path_, part = placed
             if part in parts.setdefault(path_, {}):
-                raise ValueError(f"{lora.source}: layer {path_} appears twice (e.g. under diffusers and "
+                raise CheckpointError(f"{lora.source}: layer {path_} appears twice (e.g. under diffusers and "
                                  f"LDM names); keys {lora.key(path_)} and {key}")
             parts[path_][part] = t
     alphas = _peft_alphas(metadata, lora) if fmt == "peft" else {}
@@ -194,6 +210,10 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
         if up.shape[1] != down.shape[0]:
             broken.append(f"{lora.key(p)} (rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)})")
             continue
+        if down.shape[0] == 0 or 0 in down.shape[1:] or up.shape[0] == 0:
+            broken.append(f"{lora.key(p)} (empty: down {tuple(down.shape)}, up {tuple(up.shape)}; a LoRA "
+                          "module has rank >= 1)")
+            continue
         alpha = d.get("alpha")
         if alpha is not None:
             if alpha.numel() != 1:
@@ -209,12 +229,20 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
         if alpha is None or alpha == 0:
             missing.append(lora.key(p))
             alpha = float(down.shape[0])
+        if problem := _alpha_problem(alpha, down.shape[0]):
+            broken.append(f"{lora.key(p)}.alpha ({problem})")
+            continue
         lora.modules[p] = LoraModule(down, up, alpha)
     if broken:
-        raise ValueError(f"{lora.source}: {len(broken)} malformed LoRA modules: {_list(broken, 8)}")
+        lycoris = any(k.partition(".")[2].startswith(_LYCORIS) for k in lora.unplaced)
+        why = ("It holds LyCORIS LoHa/LoKr factors (hada_*, lokr_*), which adapterkit does not read; convert "
+               "it to a LoRA with LyCORIS' own tools" if lycoris else
+               "The file is broken or was written by a tool adapterkit cannot read; re-export it")
+        raise CheckpointError(f"{lora.source}: {len(broken)} malformed LoRA modules: {_list(broken, 8)}. "
+                              + why)
     if missing:
         if missing_alpha == "error":
-            raise ValueError(
+            raise CheckpointError(
                 f"{lora.source}: {len(missing)} of {len(lora.modules)} modules have no alpha (or alpha 0): "
                 f"{_list(missing)}. kohya, ComfyUI, A1111 and diffusers read a missing alpha as "
                 "alpha = rank (scale 1.0), but diffusers gives modules without one the majority alpha "
@@ -227,9 +255,37 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
 def _config_from_metadata(metadata: dict[str, str], source) -> UNetConfig:
     try:
         return UNetConfig.from_dict(json.loads(metadata["adapterkit.base_config"]))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{source}: metadata key adapterkit.base_config is not a valid U-Net config: "
-                         f"{e}") from e
+    except CONFIG_ERRORS as e:
+        raise CheckpointError(f"{source}: metadata key adapterkit.base_config is not a valid U-Net config "
+                              f"({type(e).__name__}: {str(e)[:200]}); the file was edited or written by a "
+                              "broken tool: re-export it") from None
+
+
+# Largest alpha / rank we accept. Trainers write scales of 1/rank to a few dozen; a file past this is
+# broken or hostile (alpha 1e30 turns a merge into inf weights).
+MAX_SCALE = 1000.0
+
+
+def _alpha_problem(alpha: float, rank: int) -> str | None:
+    """Why `alpha` cannot be a LoRA module's alpha, or None."""
+    if not math.isfinite(alpha):
+        return f"{alpha} is not a finite number"
+    if alpha < 0:
+        return (f"{alpha:g} is negative, which silently inverts the LoRA; to subtract a LoRA on purpose, "
+                "give it a negative weight (FILE:-1)")
+    if alpha / rank > MAX_SCALE:
+        return f"{alpha:g} at rank {rank} scales the update by {alpha / rank:.3g}, over the limit " \
+            f"{MAX_SCALE:g}"
+    return None
+
+
+def _check_float(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """LoRA factors and alphas are floating point; integer tensors are a broken or foreign file."""
+    bad = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items()
+           if not t.is_floating_point() and ("lora" in k or k.endswith(".alpha"))]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} LoRA tensors are not floating point: {_list(bad, 4)}. "
+                              "LoRA weights are float16, bfloat16 or float32; re-export the file")
 
 
 def _kohya_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Size, torch.Size]]:
@@ -311,10 +367,17 @@ def _peft_alphas(metadata: dict[str, str], lora: Lora) -> dict[str, tuple[float,
             if c:
                 configs[component] = (int(c["r"]), float(c["lora_alpha"]), c.get("rank_pattern") or {},
                                       c.get("alpha_pattern") or {}, bool(c.get("use_rslora", False)))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{lora.source}: metadata key lora_adapter_metadata is not a valid LoRA config "
-                         f"(needs JSON with <component>.r and <component>.lora_alpha, e.g. unet.r): "
-                         f"{e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+        raise CheckpointError(f"{lora.source}: metadata key lora_adapter_metadata is not a valid LoRA "
+                              f"config (needs JSON with <component>.r and <component>.lora_alpha, e.g. "
+                              f"unet.r): {type(e).__name__}: {str(e)[:200]}") from None
+    odd = [k[:80] for c in configs.values() for k in (*c[2], *c[3]) if not _PATTERN_KEY.fullmatch(k)]
+    if odd:
+        # peft matches these as regular expressions; a module name (dots escaped, ^ anchored) is all a
+        # LoRA file needs, and anything more could make matching take unbounded time.
+        raise CheckpointError(f"{lora.source}: lora_adapter_metadata has rank/alpha pattern keys that are "
+                              f"not module names: {_list(odd, 4)}. Re-export the file with plain module "
+                              "names")
     out = {}
     for path in lora.names:
         component = _component(path)
@@ -491,7 +554,12 @@ def write_lora(path: str | os.PathLike, lora: Lora, fmt: str = "kohya",
     check_finite(lora)
     base, family = _naming_base(lora, base)
     out = _diffusers_alphas(lora) if fmt == "kohya" else lora
-    tmp = _atomic_save(_tensors(out, fmt, dtype, base, family), _format_metadata(out, fmt), path)
+    tensors = _tensors(out, fmt, dtype, base, family)
+    overflow = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if overflow:                       # finite in fp32, not in the dtype asked for (a large merge ratio)
+        raise ValueError(f"{lora.source}: {len(overflow)} tensors overflow to inf in {dtype} "
+                         f"({_list(overflow, 4)}); write float32 (--dtype fp32) or use smaller ratios")
+    tmp = _atomic_save(tensors, _format_metadata(out, fmt), path)
     try:
         back = read_lora(tmp, base=base)
         err = delta_error(lora, back, tol=_tolerance(lora, dtype))
@@ -583,6 +651,7 @@ def convert_lora(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "koh
     """
     lora = read_lora(src, base=base, missing_alpha=missing_alpha)
     check_finite(lora)
+    notes = _check_layers(lora, base, allow_unmatched)
     if lora.unplaced and not (allow_unmatched and lora.modules):
         raise ValueError(f"{lora.source}: {len(lora.unplaced)} keys cannot be placed in a U-Net LoRA "
                          f"({len(lora.modules)} modules can): "
@@ -591,7 +660,21 @@ def convert_lora(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "koh
                             if lora.modules else ""))
     report = write_lora(dst, lora, fmt, dtype, base=base)
     return report | {"from": lora.format, "to": _format(fmt), "unplaced": dict(lora.unplaced),
-                     "notes": lora.notes + report["notes"]}
+                     "notes": lora.notes + notes + report["notes"]}
+
+
+def _check_layers(lora: Lora, base: UNetConfig | None, allow_unmatched: bool) -> list[str]:
+    """Every module fits its layer of the base (given, or the one the file records): shapes checked on
+    a meta-device U-Net, so a converted file never carries a factor no loader can apply. Returns
+    notes (none, or that nothing could be checked)."""
+    cfg = base or (_config_from_metadata(lora.metadata, Path(lora.source))
+                   if "adapterkit.base_config" in lora.metadata else None)
+    if cfg is None:
+        return ["layer shapes not checked: the file records no base config; pass --base to check them"]
+    with torch.device("meta"):
+        model = UNet(cfg)
+    fit(lora, model, allow_unmatched=allow_unmatched)
+    return []
 
 
 def summarize(path: str | os.PathLike, base: UNetConfig | None = None) -> dict:

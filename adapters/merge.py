@@ -67,13 +67,15 @@ def merge_loras(model: nn.Module, loras: Sequence[tuple[Lora | Lycoris, float]],
     with torch.no_grad():
         for path, d in delta.items():
             w = layers[path].weight
-            merged = w.float() + d.to(w.device)
+            merged = (w.float() + d.to(w.device)).to(w.dtype)      # checked as stored: fp16 overflows
             if not torch.isfinite(merged).all():
                 unmerge(model, record, text_encoders)
-                raise ValueError(f"merging gives non-finite weights in {path} (base dtype {w.dtype} "
-                                 "overflows?); nothing was merged")
+                bad = int((~torch.isfinite(merged)).sum())
+                raise ValueError(f"merging gives {bad} non-finite weights in {path} (in the base's "
+                                 f"{str(w.dtype).removeprefix('torch.')}): the LoRA ratios or alphas are far "
+                                 "too large; nothing was merged or written")
             record.originals[path] = w.detach().clone()
-            w.copy_(merged.to(w.dtype))
+            w.copy_(merged)
     return record
 
 

@@ -16,16 +16,26 @@ Rules:
 - A float field accepts `1e-4`, which PyYAML (YAML 1.1) reads as a string; an int field accepts an
   integral float (`1e4`, `1000.0`) and refuses `1.5`. A str field refuses numbers and bools: YAML
   turns `trigger: no` into False, so the error says to quote it.
+- Every number is checked against `RANGES`, the allowed values of each recipe field by name (one
+  name means one thing in every section: `steps` >= 1, `*_every` >= 0 with 0 = off, ...), and a
+  float must be finite. Fields in `FILE_NAMES` (`output.name`, `model.scheduler`) must be plain file
+  names: no folder separators, no `..`, so an output cannot land outside its folder.
+- Untrusted YAML is bounded: at most `MAX_RECIPE_BYTES`, `MAX_ALIASES` aliases and `MAX_NODES` nodes
+  once the aliases are expanded (a 671-byte alias bomb expands to gigabytes), and error messages show
+  values shortened, never expanded in full.
 - The dataclass's own `__post_init__` checks run last; their errors get the section's path.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -40,6 +50,67 @@ _NONE = {"none", "null", "~"}
 
 class ConfigError(ValueError):
     """A config that does not fit its dataclasses; the message names the dotted key."""
+
+
+MAX_RECIPE_BYTES = 1 << 20         # recipes are a few KB; a bigger file is not one
+MAX_ALIASES = 100                  # YAML `*name` references in one document
+MAX_NODES = 100_000                # scalars + lists + mappings after the aliases are expanded
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a number: low <= x <= high, with `open` ends excluded; `note` says what
+    an edge value means ("0 = off")."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, x: float) -> bool:
+        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
+            return False
+        return self.high is None or (x < self.high or (not self.high_open and x == self.high))
+
+    def __str__(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        text = " and ".join(t for t in (low, high) if t) or "any finite number"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+_COUNT = Range(1)
+_POSITIVE = Range(0, low_open=True)
+_FRACTION = Range(0, 1, high_open=True)
+_SEED = Range(0, 2**63 - 1)
+_FINITE = Range()
+
+# Every numeric field of the recipes, by field name: what values make sense. A tuple field's range
+# applies to each item. tests/train/test_config_ranges.py checks that every numeric recipe field is here.
+RANGES: dict[str, Range] = {
+    # counts and sizes
+    "steps": _COUNT, "batch_size": _COUNT, "grad_accum": _COUNT, "rank": _COUNT, "conv_rank": _COUNT,
+    "control_lora_rank": _COUNT, "train_rank": _COUNT, "resolution": _COUNT, "bucket_step": _COUNT,
+    "min_bucket_side": _COUNT, "max_bucket_side": _COUNT, "min_side": _COUNT, "max_pixels": _COUNT,
+    "image_size": _COUNT, "pixel_patch": _COUNT, "channels": _COUNT, "text_layers": _COUNT,
+    "text_width": _COUNT, "text_heads": _COUNT, "num_hints": _COUNT,
+    # intervals and amounts where 0 means "none"
+    "checkpoint_every": Range(0, note="0 = only at the end"), "every": Range(0, note="0 = only at the end"),
+    "log_every": Range(1, note="the loss is logged every N steps and at the last one"),
+    "keep_checkpoints": Range(0, note="0 = keep all"), "warmup_steps": Range(0),
+    "pool_size": Range(0, note="0 = render every image online"), "workers": Range(0),
+    "hint_cache_mb": Range(0, note="0 = no cache"), "seed": _SEED, "seeds": _SEED,
+    # rates, weights and scales
+    "lr": Range(0), "weight_decay": Range(0), "eps": _POSITIVE, "betas": _FRACTION,
+    "max_grad_norm": Range(0, note="0 = no clipping"), "min_snr_gamma": _POSITIVE, "noise_offset": Range(0),
+    "alpha": _POSITIVE, "conv_alpha": _POSITIVE, "dropout": _FRACTION, "caption_dropout": Range(0, 1),
+    "ema_decay": _FRACTION, "guidance": Range(0), "conditioning_scale": _POSITIVE,
+    "canny_low": Range(0), "canny_high": Range(0), "alpha_background": Range(0, 255),
+    "lora_scales": _FINITE, "control_scales": _FINITE,
+}
+
+# Fields that name a file inside a folder the program chooses; they must not lead out of it.
+FILE_NAMES = {"name": "the file name of the outputs", "scheduler": "a file in configs/schedulers/"}
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], cls: type[T],
@@ -81,6 +152,22 @@ def to_yaml(cfg: Any) -> str:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data, no Python objects) that refuses duplicate keys and counts
+    aliases."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name): recipes need a few at most",
+                    self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
@@ -93,15 +180,90 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the recipe's .yaml file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path} is over {MAX_RECIPE_BYTES // 1024} KiB: too large to be a recipe "
+                          "(they are a few KB); check that CONFIG names the YAML recipe")
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    data = _safe_yaml(text, str(path))
     return {} if data is None else data   # an empty recipe means "all defaults"
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """YAML -> plain data with the limits above checked on the node graph, before anything is built."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {_clip(str(e), 400)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node, where: str) -> None:
+    """Count the nodes the document has once every alias is expanded (an alias shares its anchor's
+    node, so the count is a walk of the graph with each shared node's size remembered), without
+    expanding anything; refuse a recursive alias or more than MAX_NODES."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = _children(node)
+        if finished:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_NODES:
+                raise ConfigError(f"{where}: the YAML expands to more than {MAX_NODES:,} values through its "
+                                  "aliases (*name): a recipe is far smaller; this looks like an alias bomb")
+            continue
+        if id(node) in sizes:
+            continue
+        on_path.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                raise ConfigError(f"{where}: a YAML alias refers to a value that contains it (line "
+                                  f"{child.start_mark.line + 1}); a recipe cannot be recursive")
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _short(value: Any) -> str:
+    """repr for a message, at most about a line: never a huge (alias-expanded) value in full."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, 60, 60
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
+    return _clip(short.repr(value), 120)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def _copy(data: Any) -> Any:
@@ -136,7 +298,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         return data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} keys, "
-                          f"got {type(data).__name__} {data!r}")
+                          f"got {type(data).__name__} {_short(data)}")
     fields = _fields(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -145,14 +307,34 @@ def _build(cls: type, data: Any, path: str) -> Any:
     for name, (f, tp) in fields.items():
         if name in data:
             kwargs[name] = _coerce(data[name], tp, _join(path, name))
+            _check_value(name, kwargs[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             missing.append(_join(path, name))
     if missing:
         raise ConfigError("; ".join(f"{p}: required key is missing" for p in missing))
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:   # the dataclass's own checks
-        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+    except (ValueError, TypeError, ArithmeticError) as e:   # the dataclass's own checks
+        raise ConfigError(f"{path or cls.__name__}: {_clip(str(e), 400)}") from None
+
+
+def _check_value(name: str, value: Any, path: str) -> None:
+    """A field's value against RANGES (numbers, also inside lists) and FILE_NAMES."""
+    if name in FILE_NAMES and isinstance(value, str):
+        if (not value or "/" in value or "\\" in value or value in (".", "..") or "\0" in value
+                or len(value) > 200):
+            raise ConfigError(f"{path}: {_short(value)} must be a plain file name ({FILE_NAMES[name]}): "
+                              "no folders, no '..'")
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for i, x in enumerate(items):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        where = f"{path}[{i}]" if items is value else path
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ConfigError(f"{where}: {x} is not a finite number")
+        allowed = RANGES.get(name)
+        if allowed is not None and x not in allowed:
+            raise ConfigError(f"{where}: must be {allowed}, got {_short(x)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -171,7 +353,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _bad(path: str, value: Any, tp: Any, why: str = "") -> ConfigError:
-    return ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{why}")
+    return ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}{why}")
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -195,7 +377,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         for choice in args:
             if value == choice and type(value) is type(choice):
                 return choice
-        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        raise ConfigError(f"{path}: {_short(value)} is not one of {', '.join(repr(a) for a in args)}")
     if origin in (tuple, list, Sequence):
         if not isinstance(value, (list, tuple)):
             raise _bad(path, value, tp)
@@ -350,7 +532,4 @@ def _int_or_fail(value: int | float, text: str, path: str) -> int:
 
 
 def _yaml_value(text: str, path: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: cannot read {text!r} as YAML: {e}") from None
+    return _safe_yaml(text, f"{path}={_clip(text, 60)}")

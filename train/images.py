@@ -15,6 +15,10 @@
   the run it is diagnosing.
 - `write_png`: the atomic write every PNG here goes through (temp file beside the target, fsync,
   os.replace), so a reader never sees half a file and an old file survives a failed write.
+- `read_image`: a picture named on the command line (a ControlNet hint), read the way the training
+  scan reads images (`train.data.folder.decode_image`: allow-listed decoders, the pixel count checked
+  on the header before any pixel is decoded, a full decode so a truncated file fails now, EXIF
+  orientation applied); every problem is a ValueError naming the file and what to do.
 """
 from __future__ import annotations
 
@@ -34,6 +38,12 @@ from adapterkit.unet import atomic_write
 logger = logging.getLogger(__name__)
 
 ImageLike = Image.Image | torch.Tensor | np.ndarray
+
+# Limits for a picture given on the command line. A hint the size of the largest sample we would
+# draw (4096 x 4096) decodes to 50 MB; a 291 KB PNG can declare 10000 x 10000 (300 MB, 3.9 GB once
+# converted to floats), so the size is checked on the header, before decoding.
+MAX_PICTURE_PIXELS = 4096 * 4096
+MAX_PICTURE_BYTES = 256 << 20
 
 
 # -- conversion and writing -----------------------------------------------------------------------
@@ -80,6 +90,36 @@ def write_png(image: Image.Image, path: str | os.PathLike, *, text: dict[str, st
     # A dot name: a leftover temp file is "hidden" to train.data's scan, never trained on.
     atomic_write([(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))])
     return path
+
+
+def read_image(path: str | os.PathLike, what: str = "image", *, max_pixels: int = MAX_PICTURE_PIXELS,
+               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """The picture file at `path` as an upright 8-bit RGB image (transparent pixels on `background`).
+    `what` names the argument in messages (e.g. "--hint"). Raises FileNotFoundError when it is
+    missing, ValueError for a folder, a file that is too big, not an image, truncated or damaged."""
+    from adapterkit.train.data.folder import FORMATS, BadImage, decode_image
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a picture file ({', '.join(FORMATS)})")
+    try:
+        size = path.stat().st_size
+        if size > MAX_PICTURE_BYTES:
+            raise ValueError(f"{what} {path} is {size / 2**20:.0f} MiB, over the {MAX_PICTURE_BYTES >> 20} "
+                             "MiB a picture file may have here; give a smaller PNG or JPEG")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    try:
+        image, _ = decode_image(data, ext=path.suffix.lower(), max_pixels=max_pixels, background=background)
+    except BadImage as e:
+        remedy = {"too_large": f"resize it to at most {max_pixels / 1e6:.1f} Mpx (e.g. 4096 x 4096)",
+                  "corrupt": "the file is truncated or damaged; make or download it again",
+                  "unreadable": f"give a {'/'.join(FORMATS)} picture"}.get(e.reason, "convert it to RGB PNG")
+        raise ValueError(f"{what} {path} cannot be used: {e.detail}; {remedy}") from None
+    return image
 
 
 def _to_image(x: ImageLike, value_range: tuple[float, float]) -> Image.Image:

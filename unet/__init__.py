@@ -4,8 +4,10 @@ from .checkpoint import (
     atomic_write,
     infer_unet_config,
     load_unet,
+    read_header,
     read_weights,
     save_unet,
+    stored_dtype,
     unet_fingerprint,
     write_safetensors,
 )
@@ -17,5 +19,5 @@ from .model import Encoder, Features, UNet
 
 __all__ = ["PRESETS", "Stage", "UNetConfig", "UNet", "Encoder", "Features",
            "load_unet", "save_unet", "CheckpointError", "infer_unet_config", "unet_fingerprint",
-           "ldm_key_map", "read_weights", "write_safetensors", "atomic_write",
+           "ldm_key_map", "read_header", "read_weights", "stored_dtype", "write_safetensors", "atomic_write",
            "FAMILIES", "Family", "family_named", "family_of", "Conditioning", "as_conditioning"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from collections import Counter
@@ -56,6 +57,9 @@ _DIFFUSERS = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.", "up_b
 _NOT_UNET = ("first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.", "vae.", "text_encoder.")
 _MAX_HEADER = 100_000_000      # safetensors' own limit on the JSON header
 _INFERRED = "the config inferred from the tensor shapes"
+# What building a UNetConfig from a file's JSON can raise (a zero norm_groups divides by zero, a list
+# where a dict belongs has no .get, ...): all of it means "this config is not usable".
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError)
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -233,10 +237,15 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
 
 def _shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index} is not a readable shard index ({e}); download it again") from e
-    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+        names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{index} is not a readable shard index ({error_phrase(e)}); download it "
+                              "again") from e
+    odd = [str(n)[:80] for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+    if odd:
+        raise CheckpointError(f"{index} names shards that are not file names in its folder: {_few(odd)}. "
+                              "A shard index lists files beside it; download it again.")
+    files = [index.parent / name for name in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{index} lists shards that are not in {index.parent}: {', '.join(missing)}. "
@@ -253,6 +262,9 @@ def read_weights(path: str | os.PathLike, *, allow_pickle: bool = False,
     entry is unwrapped and non-tensor entries are dropped. Raises CheckpointError.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a weights file; give the .safetensors file inside it "
+                              "(or, where a folder is accepted, a diffusers folder with config.json).")
     kind = _classify(path)
     if kind == "safetensors":
         return _read_safetensors(path, keep)
@@ -270,19 +282,43 @@ def read_weights(path: str | os.PathLike, *, allow_pickle: bool = False,
     return _read_pickle(path, keep), {}
 
 
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The float dtype a U-Net's weights are stored in: that of its first U-Net tensor, read from the
+    checked safetensors header (no tensor is read); float32 for pickles or when no float is found.
+    `path` is what `load_unet` accepts. Raises CheckpointError as `load_unet` does."""
+    files, _ = _locate(Path(path))
+    for f in files:
+        if f.is_dir() or _classify(f) != "safetensors":
+            continue
+        header, _ = read_header(f)
+        for name in sorted(header):
+            if not name.startswith(_NOT_UNET) and header[name]["dtype"] in FLOAT_DTYPES:
+                return FLOAT_DTYPES[header[name]["dtype"]]
+    return torch.float32
+
+
 def _classify(path: Path) -> str:
     """'safetensors' (header checked), 'zip pickle' or 'pickle'; raises CheckpointError otherwise."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); check the path and its "
+                              "permissions.") from None
     text = head.lstrip().lower()
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): a download or copy did not complete. "
                               "Get the file again.")
     # safetensors: a u64 header length (text files read as absurd lengths), then the JSON header
-    if len(head) > 8 and head[8:9] in (b"{", b" ") and int.from_bytes(head[:8], "little") <= _MAX_HEADER:
-        _check_safetensors_header(path, size)
+    declared = int.from_bytes(head[:8], "little")
+    if len(head) > 8 and head[8:9] in (b"{", b" ") and declared <= _MAX_HEADER:
+        read_header(path)
         return "safetensors"
+    if len(head) > 8 and head[8:9] == b"{":
+        raise CheckpointError(
+            f"{path} declares a safetensors header of {declared:,} bytes (the file has {size:,}; the format "
+            f"allows at most {_MAX_HEADER:,}): the length field is corrupt. Get the file again.")
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointError(
             f"{path} is a Git LFS pointer ({size} bytes of text), not the weights: the repository was "
@@ -304,6 +340,14 @@ def _classify(path: Path) -> str:
         "that the download completed and that the path names a weights file.")
 
 
+# Bytes per element of the safetensors dtypes that torch can hold (safetensors README, "Format").
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -315,23 +359,54 @@ def _no_duplicates(pairs):
     return out
 
 
-def _check_safetensors_header(path: Path, size: int) -> None:
-    """Our own pre-parse: the errors safetensors reports for these cases do not name the cause."""
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """The checked header of a safetensors file: ({tensor: {"dtype", "shape", "data_offsets"}}, metadata).
+
+    Our own parse, before safetensors sees the file: its errors for these cases do not name the cause
+    (reliability.md §1.2), and it loads duplicate keys silently. Checked: the length field against the
+    file, UTF-8 JSON object, no duplicate names, metadata a map of strings, every entry's dtype (one
+    torch can hold), shape (non-negative integers) and offsets (byte length = elements x dtype size,
+    contiguous from 0, no overlap or hole), and that the data ends exactly at the end of the file.
+    Raises CheckpointError naming the file, the tensor and the problem.
+    """
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n > _MAX_HEADER:
+            raise CheckpointError(f"{path} declares a safetensors header of {n:,} bytes, over the format's "
+                                  f"limit of {_MAX_HEADER:,}: the file is corrupt. Get it again.")
         raw = f.read(n)
     if len(raw) < n:
         raise CheckpointError(f"{path} is truncated: its header declares {n} bytes but the file has only "
                               f"{size}. The download or copy did not complete; get the file again.")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except _DuplicateKey as e:
-        raise CheckpointError(f"{path} names tensors more than once in its header ({e}); the file was "
-                              "written by a broken tool. Re-export it.") from e
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{path} has a corrupt safetensors header ({type(e).__name__}: {e}). "
-                              "Get the file again.") from e
+        names = _few([repr(k) for k in e.args[0]])
+        raise CheckpointError(f"{path} names tensors more than once in its header ({names}); the file was "
+                              "written by a broken tool. Re-export it.") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not UTF-8 JSON: "
+                              f"{type(e).__name__}: {str(e)[:120]}). Get the file again.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, "
+                              "not an object of tensors. Get the file again.")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: the header's __metadata__ must map names to strings; it holds "
+                              f"{_type_names(metadata)}. The file was written by a broken tool; "
+                              "re-export it.")
+    end = 0
+    for name, info in sorted(header.items(), key=_start_offset):
+        begin = _check_entry(path, name, info)
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a hole of {begin - end} bytes"
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, where the "
+                                  f"previous one ends at {end}: it {what}. The file is corrupt; get it "
+                                  "again.")
+        end = info["data_offsets"][1]
     expected = 8 + n + end
     if size < expected:
         raise CheckpointError(
@@ -340,6 +415,47 @@ def _check_safetensors_header(path: Path, size: int) -> None:
     if size > expected:
         raise CheckpointError(f"{path} has {size - expected} unexpected bytes after its last tensor "
                               f"(header describes {expected} bytes, file has {size}); the file is corrupt.")
+    return header, metadata
+
+
+def _start_offset(item) -> tuple:
+    """Sort key of a header entry: its (begin, end) bytes, as safetensors orders them (malformed
+    entries first, so that they are the ones named)."""
+    offsets = item[1].get("data_offsets") if isinstance(item[1], dict) else None
+    ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+    return tuple(offsets) if ok else (-1, -1)
+
+
+def _check_entry(path: Path, name: str, info) -> int:
+    """One tensor's header entry is well formed; returns its first data byte."""
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r} in the header {problem}. The file is corrupt or "
+                               "was written by a tool adapterkit cannot read; get it again or re-export it.")
+
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise bad(f"is not an entry of dtype, shape and data_offsets ({_type_names(info)})")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {str(dtype)[:20]!r}; "
+                              f"adapterkit reads {', '.join(SAFETENSORS_DTYPES)}. Re-export the file in "
+                              "float16, bfloat16 or float32.")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has a shape that is not a list of non-negative integers ({str(shape)[:60]})")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise bad(f"has data_offsets that are not [begin, end] with 0 <= begin <= end ({str(offsets)[:60]})")
+    count = math.prod(shape)
+    if count * SAFETENSORS_DTYPES[dtype] != offsets[1] - offsets[0]:
+        raise bad(f"covers {offsets[1] - offsets[0]} bytes, but shape {shape[:8]} of {dtype} needs "
+                  f"{count * SAFETENSORS_DTYPES[dtype]}")
+    return offsets[0]
+
+
+def _type_names(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{str(k)[:40]}: {type(v).__name__}" for k, v in list(value.items())[:4]) + \
+            (", ..." if len(value) > 4 else "") + "}"
+    return type(value).__name__
 
 
 def _read_safetensors(path: Path, keep: Callable[[str], bool] | None
@@ -424,21 +540,23 @@ def _resolve_config(config, config_json: Path | None, metadata: dict[str, str],
     if config_json is not None:
         try:
             return UNetConfig.from_diffusers(json.loads(config_json.read_text())), str(config_json)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config_json} is not a usable U-Net config: {e}. Fix or remove it "
-                                  "(the config is then inferred from the weights), or pass config=.") from e
+        except (OSError, *CONFIG_ERRORS) as e:
+            raise CheckpointError(f"{config_json} is not a usable U-Net config: {error_phrase(e)}. Fix or "
+                                  "remove it (the config is then inferred from the weights), or pass "
+                                  "config=.") from e
     if CONFIG_METADATA_KEY in metadata:
         try:
             return (UNetConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY])),
                     f"the {CONFIG_METADATA_KEY} metadata of {label}")
-        except (ValueError, TypeError) as e:
+        except CONFIG_ERRORS as e:
             raise CheckpointError(f"{label}: metadata {CONFIG_METADATA_KEY!r} is not a valid U-Net config "
-                                  f"({e}); pass config= to override it.") from e
+                                  f"({error_phrase(e)}); pass config= to override it.") from e
     try:
         return _infer(state), _INFERRED
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot infer the U-Net config from the tensors in {label}: {e}. Pass config= "
-                              "(a UNetConfig or preset name) if this is an SD1.x/2.x/SDXL U-Net.") from e
+    except (*CONFIG_ERRORS, IndexError) as e:
+        raise CheckpointError(f"cannot infer the U-Net config from the tensors in {label}: {e}. Pass "
+                              "config= (a UNetConfig or preset name) if this is an SD1.x/2.x/SDXL "
+                              "U-Net.") from e
 
 
 def _check_config(cfg: UNetConfig, origin: str, state: dict[str, Tensor], label: Path) -> None:
@@ -447,7 +565,7 @@ def _check_config(cfg: UNetConfig, origin: str, state: dict[str, Tensor], label:
         return
     try:
         found = _visible(_infer(state))
-    except (ValueError, KeyError):
+    except (*CONFIG_ERRORS, IndexError):
         return          # not inferable: the key and shape checks will say what is wrong
     wanted = _visible(cfg)
     diffs = [f"{field}: config {wanted[field]}, weights {found[field]}"
@@ -480,6 +598,13 @@ def _check_and_rename(state: dict[str, Tensor], layout: str, prefix: str, cfg: U
         raise CheckpointError(
             f"{label} does not fit the U-Net described by {origin}: {'; '.join(problems)}. Check that the "
             "file is a complete SD1.x/2.x/SDXL U-Net and that the config matches it (config=None infers it).")
+    not_float = [f"{prefix}{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items()
+                 if not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(
+            f"{label} holds {len(not_float)} U-Net tensors that are not floating point: {_few(not_float)}. "
+            "U-Net weights are float16, bfloat16 or float32; this file is not a U-Net checkpoint, or was "
+            "quantized by a tool adapterkit cannot read. Use the original float weights.")
     bad = []
     for k, v in state.items():
         # A sum is NaN/inf if any element is (and, rarely, on overflow): a fast screen, then count.
@@ -493,6 +618,12 @@ def _check_and_rename(state: dict[str, Tensor], layout: str, prefix: str, cfg: U
             "(a diverged training run or a bad half-precision conversion); use another copy.")
     from_file = {f: d for d, f in to_file.items()}
     return {from_file[k]: v for k, v in state.items()}
+
+
+def error_phrase(e: Exception) -> str:
+    """An exception as a short phrase for a message (a KeyError's str is only the quoted key)."""
+    text = str(e)[:200]
+    return f"missing key {text}" if isinstance(e, KeyError) else f"{type(e).__name__}: {text}"
 
 
 def _few(items: list[str], n: int = 5) -> str:

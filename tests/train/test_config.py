@@ -208,7 +208,9 @@ def test_missing_file_and_required_keys(tmp_path):
         load_config({"data": {}}, Needs)
     cfg = load_config({}, Needs, ["data.root=/images", "data.missing_caption=skip"])
     assert cfg.data.root == "/images" and cfg.data.missing_caption == "skip"
-    with pytest.raises(ConfigError, match=r"data: caption_dropout must be in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"data: caption_ext must start with '\.'"):   # __post_init__
+        load_config({"data": {"root": "x", "caption_ext": "txt"}}, Needs)
+    with pytest.raises(ConfigError, match=r"data\.caption_dropout: must be >= 0 and <= 1, got 1\.5"):
         load_config({"data": {"root": "x", "caption_dropout": 1.5}}, Needs)
     with pytest.raises(ConfigError, match=r"data\.missing_caption: 'drop' is not one of 'empty', 'skip'"):
         load_config({"data": {"root": "x", "missing_caption": "drop"}}, Needs)

@@ -37,7 +37,10 @@ from adapterkit.adapters.lora_files import (
 from adapterkit.adapters.lycoris import Lycoris
 from adapterkit.adapters.lycoris_files import convert_lycoris, read_adapter, summarize_lycoris
 from adapterkit.adapters.merge import combine_loras, extract_lora, merge_loras, resize_lora, save_merged
-from adapterkit.unet import PRESETS, UNetConfig, load_unet
+from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
+from adapterkit.train.config import Range
+from adapterkit.unet import PRESETS, CheckpointError, UNetConfig, load_unet, stored_dtype
+from adapterkit.unet.checkpoint import CONFIG_ERRORS, DIFFUSERS_WEIGHTS, error_phrase
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -109,11 +112,17 @@ def _merge(args) -> int:
     saved as a diffusers folder or single file, or (without --base, LoRAs only) into one LoRA file.
     Ratios multiply each file's ΔW."""
     items = [split_lora_spec(s) for s in args.loras]
+    inputs = [("LORA", p) for p, _ in items]
+    check_numbers([("--rank", args.rank, Range(1)), *((f"{p} ratio", r, Range()) for p, r in items)])
+    check_inputs([*inputs, ("--base", args.base)])
     if args.base is None:
+        _check_suffix(args.output, ".safetensors", "a LoRA file")
+        check_output(args.output, "-o", inputs=inputs)
         loras = [(_plain(read_adapter(p, missing_alpha=args.missing_alpha)), r) for p, r in items]
         lora, report = combine_loras(loras, rank=args.rank)
         dtype = None if args.dtype == "base" else DTYPES[args.dtype]
-        check = write_lora(args.output, lora, args.format, dtype)
+        with writing(args.output, "-o"):
+            check = write_lora(args.output, lora, args.format, dtype)
         print(f"combined {len(loras)} LoRAs into {args.output}: {check['modules']} layers, "
               f"ranks {_counts(lora.ranks())}")
         if args.rank:
@@ -121,11 +130,20 @@ def _merge(args) -> int:
         return 0
     if args.rank:
         raise ValueError("--rank applies to LoRA+LoRA merges; omit it when merging into --base")
-    dtype = _stored_dtype(args.base) if args.dtype == "base" else DTYPES[args.dtype]
+    folder = args.layout == "diffusers"
+    if folder and Path(args.output).suffix == ".safetensors":
+        raise ValueError(f"-o {args.output}: --layout diffusers writes a folder; pass --layout ldm for one "
+                         ".safetensors file")
+    if not folder:
+        _check_suffix(args.output, ".safetensors", "an LDM single file (--layout ldm)")
+    check_output(args.output, "-o", inputs=[("--base", args.base), *inputs], folder=folder,
+                 files=("config.json", DIFFUSERS_WEIGHTS[0]) if folder else ())
+    dtype = stored_dtype(args.base) if args.dtype == "base" else DTYPES[args.dtype]
     model = load_unet(args.base, dtype=dtype)
     loras = [(read_adapter(p, base=model.config, missing_alpha=args.missing_alpha), r) for p, r in items]
     record = merge_loras(model, loras, allow_unmatched=args.allow_unmatched)
-    out = save_merged(model, args.output, layout=args.layout)
+    with writing(args.output, "-o"):
+        out = save_merged(model, args.output, layout=args.layout)
     print(f"merged {len(loras)} adapters ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
           f"{len(record.originals)} layers of {args.base}; computed in fp32, written as {dtype}: {out}")
     return 0
@@ -135,18 +153,23 @@ def _convert(args) -> int:
     """Rewrite a LoRA file in the kohya or peft/diffusers layout. Each layer's ΔW is checked equal
     after the write; keys that cannot be placed fail the conversion (or, with --allow-unmatched,
     are listed)."""
+    check_inputs([("INPUT", args.input)])
+    _check_suffix(args.output, ".safetensors", "a LoRA file")
+    check_output(args.output, "OUTPUT", inputs=[("INPUT", args.input), ("--base", _path_or_none(args.base))])
     base = _base_config(args.base) if args.base else None
     source = read_adapter(args.input, base=base, missing_alpha="rank")
     to = args.to or ("peft" if source.format == "kohya" else "kohya")
     if isinstance(source, Lycoris):
-        report = convert_lycoris(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
-                                 allow_unmatched=args.allow_unmatched, dtype=DTYPES.get(args.dtype))
+        with writing(args.output, "OUTPUT"):
+            report = convert_lycoris(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
+                                     allow_unmatched=args.allow_unmatched, dtype=DTYPES.get(args.dtype))
         print(f"{'/'.join(sorted(source.kinds()))} {report['from']} -> {report['to']}: {report['modules']} "
               f"layers, every tensor verified: {args.output}")
         _print_unplaced(report["unplaced"])
         return 0
-    report = convert_lora(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
-                          allow_unmatched=args.allow_unmatched, dtype=DTYPES.get(args.dtype))
+    with writing(args.output, "OUTPUT"):
+        report = convert_lora(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
+                              allow_unmatched=args.allow_unmatched, dtype=DTYPES.get(args.dtype))
     print(f"{report['from']} -> {report['to']}: {report['modules']} layers, ΔW verified "
           f"(max relative difference {report['max_rel_error']:.1e}): {args.output}")
     for note in report["notes"]:
@@ -165,13 +188,18 @@ def _print_unplaced(unplaced: dict[str, str]) -> None:
 def _extract(args) -> int:
     """Extract a LoRA approximating (tuned - base) at a given rank by SVD, with conv layers (LoCon)
     under the default `full` targets, and report the relative error."""
+    check_numbers([("--rank", args.rank, Range(1)), ("--conv-rank", args.conv_rank, Range(1))])
+    check_inputs([("--base", args.base), ("--tuned", args.tuned)])
+    _check_suffix(args.output, ".safetensors", "a LoRA file")
+    check_output(args.output, "-o", inputs=[("--base", args.base), ("--tuned", args.tuned)])
     base, tuned = load_unet(args.base), load_unet(args.tuned)
     lora, report = extract_lora(base, tuned, args.rank, targets=args.targets, conv_rank=args.conv_rank)
     lora.metadata = base_metadata(base.config, base_fingerprint(base)) | {
         "modelspec.title": Path(args.output).stem,
         "adapterkit.adapter": json.dumps({"extracted": True, "rank": args.rank, "conv_rank": args.conv_rank,
                                           "targets": args.targets}, sort_keys=True)}
-    write_lora(args.output, lora, args.format, DTYPES.get(args.dtype))
+    with writing(args.output, "-o"):
+        write_lora(args.output, lora, args.format, DTYPES.get(args.dtype))
     print(f"extracted {len(lora.modules)} layers at rank {args.rank}: overall relative error "
           f"{report.overall:.3e}; worst: "
           + ", ".join(f"{p} {e:.2e}" for p, e in report.worst(3)))
@@ -185,10 +213,15 @@ def _extract(args) -> int:
 
 def _resize(args) -> int:
     """Change a LoRA's rank by SVD of each layer's ΔW, reporting the relative error."""
+    check_numbers([("--rank", args.rank, Range(1))])
+    check_inputs([("INPUT", args.input)])
+    _check_suffix(args.output, ".safetensors", "a LoRA file")
+    check_output(args.output, "-o", inputs=[("INPUT", args.input)])
     lora = _plain(read_adapter(args.input, missing_alpha=args.missing_alpha))
     _refuse_unplaced(lora, args.allow_unmatched)
     resized, report = resize_lora(lora, args.rank)
-    write_lora(args.output, resized, args.format, DTYPES.get(args.dtype))
+    with writing(args.output, "-o"):
+        write_lora(args.output, resized, args.format, DTYPES.get(args.dtype))
     print(f"resized {len(lora.modules)} layers from ranks {_counts(lora.ranks())} to "
           f"{_counts(resized.ranks())}: overall relative error {report.overall:.3e}; worst: "
           + ", ".join(f"{p} {e:.2e}" for p, e in report.worst(3)))
@@ -199,6 +232,7 @@ def _resize(args) -> int:
 def _inspect(args) -> int:
     """Print a LoRA/LyCORIS file's layout, kinds, the base it was made for, rank/alpha per block, size
     and metadata."""
+    check_inputs([("INPUT", args.input)])
     base = _base_config(args.base) if args.base else None
     lycoris = isinstance(read_adapter(args.input, base=base, missing_alpha="rank"), Lycoris)
     s = summarize_lycoris(args.input, base=base) if lycoris else summarize(args.input, base=base)
@@ -262,24 +296,24 @@ def _base_config(arg: str) -> UNetConfig:
     if arg in PRESETS:
         return PRESETS[arg]
     p = Path(arg)
+    if not p.exists():
+        raise FileNotFoundError(f"--base {arg}: no such file or folder, and not a preset "
+                                f"({', '.join(PRESETS)})")
     for cfg in (p / "config.json", p / "unet" / "config.json"):
         if cfg.is_file():
-            return UNetConfig.from_diffusers(json.loads(cfg.read_text()))
+            try:
+                return UNetConfig.from_diffusers(json.loads(cfg.read_text()))
+            except (OSError, *CONFIG_ERRORS) as e:
+                raise CheckpointError(f"{cfg} is not a usable U-Net config ({error_phrase(e)}); fix it, or "
+                                      f"pass a preset name ({', '.join(PRESETS)}) as --base") from None
     return load_unet(arg).config
 
 
-def _stored_dtype(path: str) -> torch.dtype:
-    """The float dtype a U-Net's weights are stored in (merge writes back in it); fp32 if unknown."""
-    from safetensors import safe_open
+def _path_or_none(arg: str | None) -> str | None:
+    """--base as a path for the output checks: None for a preset name."""
+    return None if arg is None or arg in PRESETS else arg
 
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(p.glob("diffusion_pytorch_model*.safetensors")) \
-        or sorted(p.glob("unet/diffusion_pytorch_model*.safetensors"))
-    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                dt = names.get(st.get_slice(k).get_dtype())
-                if dt is not None:
-                    return dt
-    return torch.float32
+
+def _check_suffix(path: str, suffix: str, what: str) -> None:
+    if Path(path).suffix != suffix:
+        raise ValueError(f"{path}: {what} is written as {suffix}; give a name ending in {suffix}")

@@ -3,11 +3,18 @@
 Each command module exposes `register(subparsers)`, which adds its subcommand(s) and sets
 `func=<callable(args) -> int | None>` as the parser default. The list below is the only place
 that knows them all; a subcommand that is not there does not exist.
+
+Exit status: 0 done; 2 bad input or environment (a file, recipe or argument that cannot be used, a
+full disk, a folder we may not write), with one message saying what and what to do; 1 a bug in
+adapterkit, with a one-line summary (set ADAPTERKIT_TRACEBACK=1 for the traceback); a training
+run's own codes (130/143 after a signal, ...) from its user-facing errors. No traceback reaches the
+user unless asked for.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = (
@@ -38,13 +45,30 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Our errors carry the what-and-how-to-fix; a traceback would bury it.
-        print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, str(e), 2)
+    except OSError as e:                               # the environment: disk full, permissions, ...
+        from adapterkit.train.cli.checks import os_error_message
+        return _fail(args, os_error_message(e), 2)
     except RuntimeError as e:
-        if not getattr(e, "user_facing", False):       # a bug: keep the traceback
-            raise
-        print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 3)
+        if getattr(e, "user_facing", False):
+            return _fail(args, str(e), getattr(e, "exit_code", 3))
+        return _bug(args, e)
+    except Exception as e:
+        return _bug(args, e)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(f"adapterkit {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _bug(args: argparse.Namespace, e: Exception) -> int:
+    """An error no check of ours anticipated: a bug. One line, exit 1; the traceback on request."""
+    if os.environ.get("ADAPTERKIT_TRACEBACK"):
+        raise e
+    first_line = (str(e).splitlines() or [""])[0][:300]
+    return _fail(args, f"internal error, a bug in adapterkit ({type(e).__name__}: {first_line}). Please "
+                       "report it with the command; ADAPTERKIT_TRACEBACK=1 shows the traceback.", 1)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,25 @@ GRID_ROWS = 8
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapterkit.train.cli.sample import load_loras, lora_paths, open_base, require_paths
+    from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
+    from adapterkit.train.cli.sample import check_loras, load_loras, lora_paths, open_base, seed_ranges
+    from adapterkit.train.config import Range
     from adapterkit.train.images import save_grid
     from adapterkit.train.world.quality import evaluate
+    from adapterkit.unet import atomic_write
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    require_paths([("--controlnet", args.controlnet), *lora_paths(args)])
+    check_numbers([("--steps", args.steps, Range(1)), ("--guidance", args.guidance, Range(0)),
+                   ("--batch-size", args.batch_size, Range(1)),
+                   ("--control-scale", args.control_scale, Range()), *seed_ranges([args.seed])])
+    inputs = [("--base", args.base), ("--tokenizer", args.tokenizer), ("--controlnet", args.controlnet),
+              *lora_paths(args)]
+    check_inputs(inputs)
+    for flag, out in (("--grid", args.grid), ("--json", args.json)):
+        if out:
+            check_output(out, flag, inputs=inputs)
+    check_loras(args.lora)
     base, _, nets = open_base(args.base, args.device, args.tokenizer,
                               controlnets=[args.controlnet] if args.controlnet else [])
     controlnet = nets[0] if nets else None
@@ -41,15 +53,16 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     if args.grid:
         cells, rows, cols = result.grid(GRID_ROWS)
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        save_grid(cells, len(rows), len(cols), args.grid, row_labels=rows, col_labels=cols)
+        with writing(args.grid, "--grid"):
+            save_grid(cells, len(rows), len(cols), args.grid, row_labels=rows, col_labels=cols)
         print(f"wrote {args.grid}")
     if args.json:
         out = result.to_json()
         out["settings"] |= {"base": str(args.base), "lora_files": list(args.lora),
                             "controlnet": args.controlnet}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        with writing(args.json, "--json"):
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write([(Path(args.json), lambda tmp: tmp.write_text(json.dumps(out, indent=1) + "\n"))])
         print(f"wrote {args.json}")
     return 0
 

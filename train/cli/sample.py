@@ -22,12 +22,22 @@ from pathlib import Path
 
 import torch
 
+from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
+from adapterkit.train.config import Range
+from adapterkit.train.images import read_image
+
+# Transparent pixels of a hint mean "no edge", as in training (train.jobs.controlnet.HINT_BACKGROUND).
+HINT_BACKGROUND = (0, 0, 0)
+
 
 def run(args: argparse.Namespace) -> int:
     from adapterkit.train.images import save_grid
     from adapterkit.train.pipeline.generate import generate_columns
 
     nets, hint_files, scales = args.controlnet, args.hint, args.control_scale or [1.0]
+    check_numbers([("--steps", args.steps, Range(1)), ("--guidance", args.guidance, Range(0)),
+                   ("--size", args.size, Range(1)), ("--batch-size", args.batch_size, Range(1)),
+                   *(("--control-scale", c, Range()) for c in scales), *seed_ranges(args.seed or [])])
     if len(nets) != len(hint_files):
         raise ValueError(f"each --controlnet needs its --hint picture, in the same order: {len(nets)} "
                          f"ControlNets, {len(hint_files)} hints")
@@ -36,12 +46,16 @@ def run(args: argparse.Namespace) -> int:
                          f"{len(scales)}")
     if args.guess_mode and not nets:
         raise ValueError("--guess-mode is a way to apply a ControlNet: give --controlnet and --hint")
-    require_paths([*(("--controlnet", p) for p in nets), *(("--hint", h) for h in hint_files),
-                   *lora_paths(args)])
+    inputs = [("--base", args.base), ("--tokenizer", args.tokenizer), *(("--controlnet", p) for p in nets),
+              *(("--hint", h) for h in hint_files), *lora_paths(args)]
+    check_inputs(inputs)                 # before the base is loaded (which takes a while), not after
+    check_output(args.output, "-o", inputs=inputs)
+    pictures = [read_image(h, "--hint", background=HINT_BACKGROUND) for h in hint_files]
+    check_loras(args.lora)
     base, _, controlnets = open_base(args.base, args.device, args.tokenizer, controlnets=nets)
     size, steer = args.size, {}
     if nets:
-        hints = [read_hint(h, args.size, base.latent_scale) for h in hint_files]
+        hints = [hint_tensor(p, h, args.size, base.latent_scale) for p, h in zip(pictures, hint_files)]
         if len({hint_size for _, hint_size in hints}) > 1:
             raise ValueError(f"the hints have different sizes {[hs for _, hs in hints]}: pass --size to "
                              "crop and resize them all to one")
@@ -58,25 +72,34 @@ def run(args: argparse.Namespace) -> int:
         steer["hints"] = per_net if len(nets) > 1 else per_net[0]
     cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
                              sampler=args.sampler, size=size, batch_size=args.batch_size, **steer)
-    save_grid(cells, len(rows), len(columns), args.output,
-              row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
-              col_labels=[name for name, _ in columns])
+    with writing(args.output, "-o"):
+        save_grid(cells, len(rows), len(columns), args.output,
+                  row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
+                  col_labels=[name for name, _ in columns])
     print(f"wrote {args.output} ({len(cells)} images)")
     return 0
 
 
-def require_paths(flagged: Sequence[tuple[str, str | None]]) -> None:
-    """FileNotFoundError naming the flag of the first given path that does not exist: checked before
-    the base is loaded (which takes a while), not after."""
-    for flag, path in flagged:
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+def check_loras(specs: list[str]) -> None:
+    """Read each --lora file once before the base is loaded, so that a broken one (not a LoRA, integer
+    tensors, a nonsense alpha, ...) fails in a second, not after the load; LDM-named keys are placed
+    later, against the base."""
+    from adapterkit.adapters.lora_files import read_lora, split_lora_spec
+    for spec in specs:
+        read_lora(split_lora_spec(spec)[0])
 
 
 def lora_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """("--lora", path) of each --lora FILE[:WEIGHT], for `require_paths`."""
+    """("--lora", path) of each --lora FILE[:WEIGHT], for `check_inputs`; a weight must be finite."""
     from adapterkit.adapters.lora_files import split_lora_spec
-    return [("--lora", split_lora_spec(s)[0]) for s in args.lora]
+    specs = [split_lora_spec(s) for s in args.lora]
+    check_numbers([(f"--lora {path} weight", w, Range()) for path, w in specs])
+    return [("--lora", path) for path, _ in specs]
+
+
+def seed_ranges(seeds: Sequence[int]) -> list[tuple[str, int, Range]]:
+    """--seed values for `check_numbers`: seeds are non-negative 63-bit integers (numpy's and torch's)."""
+    return [("--seed", s, Range(0, 2**63 - 1)) for s in seeds]
 
 
 def open_base(path, device: str | None = None, tokenizer=None, controlnets: Sequence = ()):
@@ -95,16 +118,13 @@ def open_base(path, device: str | None = None, tokenizer=None, controlnets: Sequ
     return base, dtype, nets
 
 
-def read_hint(path: str, size: int | None, latent_scale: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The hint picture as (3, H, W) in [0, 1] and the image size it sets: its own size (each side a
-    multiple of the base's latent scale), or `size` x `size` after a center crop to a square."""
-    from PIL import Image, ImageOps
-
+def hint_tensor(img, path: str, size: int | None, latent_scale: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The hint picture `img` (read from `path` by `read_image`) as (3, H, W) in [0, 1] and the image
+    size it sets: its own size (each side a multiple of the base's latent scale), or `size` x `size`
+    after a center crop to a square."""
     from adapterkit.train.data.buckets import plan_crop
     from adapterkit.train.images import unit_tensor
 
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
     if size is not None:
         return unit_tensor(plan_crop(img.size, (size, size)).apply(img)), (size, size)
     w, h = img.size
