@@ -81,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_loras(specs: list[str]) -> None:
-    """Read each --lora file once before the base is loaded, so that a broken one (not a LoRA, integer
-    tensors, a nonsense alpha, ...) fails in a second, not after the load; LDM-named keys are placed
-    later, against the base."""
-    from adapterkit.adapters.lora_files import read_lora, split_lora_spec
+    """Read each --lora file (LoRA, LoHa, LoKr, DoRA) once before the base is loaded, so that a broken
+    one (not an adapter, integer tensors, a nonsense alpha, ...) fails in a second, not after the load;
+    LDM-named keys are placed later, against the base."""
+    from adapterkit.adapters.lora_files import split_lora_spec
+    from adapterkit.adapters.lycoris_files import read_adapter
     for spec in specs:
-        read_lora(split_lora_spec(spec)[0])
+        read_adapter(split_lora_spec(spec)[0])
 
 
 def lora_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -137,13 +138,14 @@ def hint_tensor(img, path: str, size: int | None, latent_scale: int) -> tuple[to
 
 def load_loras(unet: torch.nn.Module, specs: list[str]) -> dict[str, float]:
     """Load each "FILE[:WEIGHT]" onto the U-Net as adapter lora0, lora1, ...; returns {name: weight}."""
-    from adapterkit.adapters.lora_files import load_lora_file, split_lora_spec
+    from adapterkit.adapters.lora_files import split_lora_spec
+    from adapterkit.adapters.lycoris_files import load_adapter_file
 
     weights = {}
     for i, spec in enumerate(specs):
         path, w = split_lora_spec(spec)
         name = f"lora{i}"
-        load_lora_file(unet, path, name=name, weight=w)
+        load_adapter_file(unet, path, name=name, weight=w)
         weights[name] = w
         print(f"{name}: {Path(path).name} x{w:g}")
     return weights

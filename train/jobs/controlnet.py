@@ -51,7 +51,8 @@ from adapterkit.adapters.control_lora import (
 from adapterkit.adapters.controlnet import ControlNet, base_encoder_state, hint_widths_for
 from adapterkit.adapters.controlnet_files import save_controlnet
 from adapterkit.adapters.lora import set_lora_weights
-from adapterkit.adapters.lora_files import load_lora_file, split_lora_spec
+from adapterkit.adapters.lora_files import split_lora_spec
+from adapterkit.adapters.lycoris_files import load_adapter_file
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.buckets import assign_bucket, plan_crop
 from adapterkit.train.data.cache import LatentCache, check_cacheable
@@ -247,7 +248,7 @@ def attach_lora(unet: torch.nn.Module, spec: str | None) -> float | None:
     if spec is None:
         return None
     path, weight = split_lora_spec(spec)
-    load_lora_file(unet, path, name=LORA_NAME, weight=weight)
+    load_adapter_file(unet, path, name=LORA_NAME, weight=weight)
     return weight
 
 

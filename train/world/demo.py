@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from adapterkit.adapters.controlnet_files import load_controlnet
-    from adapterkit.adapters.lora_files import load_lora_file
+    from adapterkit.adapters.lycoris_files import load_adapter_file
     from adapterkit.train.config import load_config, to_dict
     from adapterkit.train.images import save_grid
     from adapterkit.train.jobs.lora import LoraRecipe, adapter_files
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\n4. {scenes} scenes (seed {EVAL_SEED}) with and without the LoRA and the ControlNet, "
           f"{steps} DDIM steps, guidance {args.guidance:g}", flush=True)
-    load_lora_file(base.unet, lora_file, name="style")
+    load_adapter_file(base.unet, lora_file, name="style")
     controlnet = load_controlnet(canny_dir, base.unet)
     ev = evaluate(base, scenes, EVAL_SEED, style=args.style, trigger=args.trigger, loras={"style": 1.0},
                   controlnet=controlnet, steps=steps, guidance=args.guidance, batch_size=args.batch_size)
