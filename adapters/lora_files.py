@@ -31,6 +31,7 @@ nothing personal: no paths, no user names; the base is identified by a weights f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -280,9 +281,10 @@ def _alpha_problem(alpha: float, rank: int) -> str | None:
 
 
 def _check_float(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """LoRA factors and alphas are floating point; integer tensors are a broken or foreign file."""
+    """LoRA factors are floating point; integer factors are a broken or foreign file. An alpha may be an
+    integer scalar (diffusers' convert_state_dict_to_kohya writes `torch.tensor(alpha)` of an int)."""
     bad = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items()
-           if not t.is_floating_point() and ("lora" in k or k.endswith(".alpha"))]
+           if not t.is_floating_point() and "lora" in k and not k.endswith(".alpha")]
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} LoRA tensors are not floating point: {_list(bad, 4)}. "
                               "LoRA weights are float16, bfloat16 or float32; re-export the file")
@@ -673,7 +675,8 @@ def _check_layers(lora: Lora, base: UNetConfig | None, allow_unmatched: bool) ->
         return ["layer shapes not checked: the file records no base config; pass --base to check them"]
     with torch.device("meta"):
         model = UNet(cfg)
-    fit(lora, model, allow_unmatched=allow_unmatched)
+    unet_only = {p: m for p, m in lora.modules.items() if not is_text_path(p)}    # no encoders here
+    fit(dataclasses.replace(lora, modules=unet_only), model, allow_unmatched=allow_unmatched)
     return []
 
 

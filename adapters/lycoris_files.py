@@ -315,9 +315,11 @@ def _check_layout(lyco: Lycoris, fmt: str) -> None:
     odd = [f"{lyco.key(p)} ({m.label})" for p, m in lyco.modules.items()
            if m.kind != "lora" or m.dora_axis == "input"]
     if odd:
+        columns = any(m.kind == "lora" and m.dora_axis == "input" for m in lyco.modules.values())
+        why = ("diffusers would read a column-wise DoRA as row-wise" if columns else
+               "peft's LoHa/LoKr layers have no diffusers file form")
         raise ValueError(f"{lyco.source}: the peft layout holds LoRA and peft's row-wise DoRA only, not "
-                         f"{_list(odd, 4)}: diffusers would read a column-wise DoRA as row-wise. Write it in "
-                         "the kohya/LyCORIS layout (fmt='kohya')")
+                         f"{_list(odd, 4)}: {why}. Write it in the kohya/LyCORIS layout (fmt='kohya')")
 
 
 def _tensors(lyco: Lycoris, fmt: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
