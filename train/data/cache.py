@@ -72,10 +72,14 @@ def check_cacheable(data) -> None:
 class LatentCache:
     """Latents and text embeddings for one base model's VAE and text encoder, on disk under `root`."""
 
-    def __init__(self, root: str | os.PathLike, base_fingerprint: Fingerprint):
+    def __init__(self, root: str | os.PathLike, base_fingerprint: Fingerprint, memory_mb: int = 0):
         self.root = Path(root)
         self.fingerprint = base_fingerprint
         self.corrupt = 0          # corrupt entries found (and removed) since this object was made
+        # Entries read and checked (or written) once, kept for the run: a training step then opens no
+        # file and hashes no bytes. Up to `memory_mb`; past it, entries are read from disk each time.
+        self._memory: dict[str, dict[str, Tensor]] = {}
+        self._memory_room = memory_mb * 2**20
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -104,6 +108,9 @@ class LatentCache:
     def get(self, key: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor] | None:
         """The entry's tensors, or None when it is absent or corrupt (a corrupt file is removed with
         a warning). `shapes` is what the entry must hold: names and shapes."""
+        kept = self._memory.get(key)
+        if kept is not None:                                  # checked when it was read or written
+            return kept
         path = self.path(key)
         if not path.is_file():
             return None
@@ -124,7 +131,7 @@ class LatentCache:
             return self._corrupt(path, "checksum mismatch")
         if not all(torch.isfinite(v).all() for v in tensors.values()):
             return self._corrupt(path, "NaN/inf values")
-        return tensors
+        return self._remember(key, tensors)
 
     def put(self, key: str, tensors: Mapping[str, Tensor], what: Mapping | None = None) -> Path:
         """Write an entry atomically; `what` (the key's description) is stored for inspection."""
@@ -132,7 +139,15 @@ class LatentCache:
         path = self.path(key)
         write_safetensors(tensors, path, {_KEY_META: key, _ENTRY_META: json.dumps(what or {}),
                                           _CHECKSUM_META: _checksum(tensors)})
+        self._remember(key, tensors)
         return path
+
+    def _remember(self, key: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if key not in self._memory and size <= self._memory_room:
+            self._memory[key] = tensors
+            self._memory_room -= size
+        return tensors
 
     def _corrupt(self, path: Path, why: str) -> None:  # returns None: "not cached"
         self.corrupt += 1

@@ -134,6 +134,9 @@ class DataConfig:
     random_crop: bool = False                   # else center crop
     flip: bool = False                          # horizontal flip with p = 0.5
     seed: int = 0
+    # Cache entries (latent moments, text conditioning) kept in memory once read and checked, so that
+    # a step reads no file (train/data/cache.py); 0 = read every entry from disk each time.
+    cache_memory_mb: int = 2048
 
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout <= 1.0:

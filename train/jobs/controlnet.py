@@ -195,7 +195,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)
     hints = sample_hints(cfg, dataset) if cfg.sample.prompts else []
-    cache = LatentCache(out / "cache", base.fingerprint)
+    cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)
     if accelerator.is_main_process:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()

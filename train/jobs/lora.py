@@ -150,7 +150,7 @@ def main(cfg: LoraRecipe) -> Path:
     dataset = CaptionedImageFolder.scan(cfg.data)
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)
-    cache = LatentCache(out / "cache", base.fingerprint)
+    cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)
     if accelerator.is_main_process:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()
