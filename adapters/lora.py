@@ -107,20 +107,22 @@ class LoraModule:
 
 
 @dataclass
-class Lora:
-    """An adapter's weights, keyed by canonical module path (U-Net paths; text-encoder modules of a
-    file under `text_encoder.` / `text_encoder_2.`, placed only where the text encoders are given).
+class AdapterWeights:
+    """An adapter file's weights, keyed by canonical module path (U-Net paths; text-encoder modules
+    under `text_encoder.` / `text_encoder_2.`, placed only where the text encoders are given). The
+    modules are the kind's own records (LoraModule here, lycoris.LycorisModule), each with a rank and
+    an alpha.
 
     names: canonical path -> the key stem it had in its file (error messages name file keys).
     unplaced: file keys that name no U-Net layer, with the reason (text-encoder part, unknown key
         family, LDM names without a base config, ...). Never dropped silently: `fit` refuses them.
     notes: things a reader should know (e.g. alpha defaulted to rank on request).
     """
-    modules: dict[str, LoraModule]
+    modules: dict
     metadata: dict[str, str] = field(default_factory=dict)
     unplaced: dict[str, str] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
-    source: str = "LoRA"
+    source: str = "adapter"
     notes: list[str] = field(default_factory=list)
     format: str = ""
 
@@ -132,6 +134,13 @@ class Lora:
 
     def alphas(self) -> Counter:
         return Counter(m.alpha for m in self.modules.values())
+
+
+@dataclass
+class Lora(AdapterWeights):
+    """A LoRA/LoCon file's weights (AdapterWeights of LoraModule)."""
+    modules: dict[str, LoraModule]
+    source: str = "LoRA"
 
     def shapes(self) -> dict[str, tuple[torch.Size, torch.Size]]:
         return {p: (m.down.shape, m.up.shape) for p, m in self.modules.items()}

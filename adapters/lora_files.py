@@ -607,17 +607,21 @@ def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", 
     if name not in lora_names(model):
         raise ValueError(f"no LoRA named {name!r}; adapters: {lora_names(model)}")
     lora = lora_from_model(model, name)
-    spec = lora_spec(model, name)
-    cfg = getattr(model, "config", None)
-    lora.metadata = {
-        "modelspec.title": title or Path(path).stem,
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "adapterkit.adapter": json.dumps(spec.to_dict() if spec else {"targets": "custom"}, sort_keys=True),
-    }
-    if isinstance(cfg, UNetConfig):
-        lora.metadata |= base_metadata(cfg, base_fingerprint(model))
-    lora.metadata |= extra_metadata or {}
+    lora.metadata = adapter_metadata(model, lora_spec(model, name), title or Path(path).stem, extra_metadata)
     return write_lora(path, lora, fmt, dtype)
+
+
+def adapter_metadata(model: nn.Module, spec, title: str,
+                     extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The header a saved adapter starts from: its title and date, its spec (`adapterkit.adapter`),
+    the base it was trained on (config and fingerprint, when `model` is our U-Net) and `extra`."""
+    md = {"modelspec.title": title,
+          "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+          "adapterkit.adapter": json.dumps(spec.to_dict() if spec else {"targets": "custom"}, sort_keys=True)}
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, UNetConfig):
+        md |= base_metadata(cfg, base_fingerprint(model))
+    return md | (extra or {})
 
 
 def split_lora_spec(spec: str) -> tuple[str, float]:

@@ -38,7 +38,7 @@ import contextlib
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
@@ -53,6 +53,7 @@ from . import lora_fused, lycoris_dora
 from .lora import (
     _KXK,
     TARGET_PRESETS,
+    AdapterWeights,
     Lora,
     LoraModule,
     _active,
@@ -184,27 +185,13 @@ class LycorisModule:
 # A whole adapter --------------------------------------------------------------------------------------------
 
 @dataclass
-class Lycoris:
-    """A LyCORIS adapter's modules by canonical path; fields as `lora.Lora` (names, unplaced, notes)."""
+class Lycoris(AdapterWeights):
+    """A LyCORIS file's weights (AdapterWeights of LycorisModule)."""
     modules: dict[str, LycorisModule]
-    metadata: dict[str, str] = field(default_factory=dict)
-    unplaced: dict[str, str] = field(default_factory=dict)
-    names: dict[str, str] = field(default_factory=dict)
     source: str = "LyCORIS adapter"
-    notes: list[str] = field(default_factory=list)
-    format: str = ""
-
-    def key(self, path: str) -> str:
-        return self.names.get(path, path)
 
     def kinds(self) -> Counter:
         return Counter(m.label for m in self.modules.values())
-
-    def ranks(self) -> Counter:
-        return Counter(m.rank for m in self.modules.values())
-
-    def alphas(self) -> Counter:
-        return Counter(m.alpha for m in self.modules.values())
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """LoRA-like (down, up) shapes for lora_keys.guess_base: (r, in[, k, k]), (out, r). Flattened

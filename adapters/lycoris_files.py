@@ -35,7 +35,6 @@ import json
 import os
 import re
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -53,7 +52,7 @@ from .lora_files import (
     _load,
     _peft_alphas,
     _peft_config_json,
-    base_metadata,
+    adapter_metadata,
     read_lora,
 )
 from .lora_keys import (
@@ -429,16 +428,8 @@ def save_lycoris(model: nn.Module, path: str | os.PathLike, name: str = "default
     if name not in lora_names(model):
         raise ValueError(f"no adapter named {name!r}; adapters: {lora_names(model)}")
     lyco = lycoris_from_model(model, name)
-    spec = lycoris_spec(model, name)
-    cfg = getattr(model, "config", None)
-    lyco.metadata = {
-        "modelspec.title": title or Path(path).stem,
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "adapterkit.adapter": json.dumps(spec.to_dict() if spec else {"targets": "custom"}, sort_keys=True),
-    }
-    if isinstance(cfg, UNetConfig):
-        lyco.metadata |= base_metadata(cfg, base_fingerprint(model))
-    lyco.metadata |= extra_metadata or {}
+    lyco.metadata = adapter_metadata(model, lycoris_spec(model, name), title or Path(path).stem,
+                                     extra_metadata)
     return write_lycoris(path, lyco, fmt, dtype)
 
 
