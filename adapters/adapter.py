@@ -4,7 +4,7 @@
     adapter = beside(controlnet, "ControlNet")   # a ControlNet or Control-LoRA: a module next to the U-Net
     adapter.module                               # what the accelerator prepares and the step runs through
     adapter.trainable()                          # {name: parameter} the optimizer updates
-    adapter.state()                              # {name: tensor} a checkpoint holds (frozen parts too)
+    adapter.state()                              # {name: tensor} a checkpoint holds
 
 The kinds differ in where they live and in their files (lora_files.py, lycoris_files.py,
 controlnet_files.py, control_lora.py), not in how they train: a job asks an adapter these three
@@ -24,25 +24,29 @@ from .lycoris import LycorisSpec, add_lycoris
 @dataclass(frozen=True)
 class Adapter:
     """`module` holds the adapter's tensors; `owns(name)` says which of its parameters are the
-    adapter's (all of them for a module of its own); `what` names it in messages."""
+    adapter's (all of them for a module of its own); `what` names it in messages; `keeps_frozen`:
+    whether a checkpoint also holds its frozen tensors (a frozen second LoRA has no other source; a
+    Control-LoRA's frozen encoder is the base's copy, rebuilt on resume)."""
     module: nn.Module
     what: str
     owns: Callable[[str], bool] = lambda name: True
+    keeps_frozen: bool = False
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad and self.owns(n)}
 
     def state(self) -> dict[str, Tensor]:
-        """The adapter's parameters by name, trained or frozen (a frozen second LoRA, a Control-LoRA's
-        base encoder), as the live tensors."""
-        return {n: p for n, p in self.module.named_parameters() if self.owns(n)}
+        """The tensors a checkpoint holds, by name, as the live tensors: the trainable ones, and the
+        frozen ones too with `keeps_frozen`."""
+        return {n: p for n, p in self.module.named_parameters()
+                if self.owns(n) and (p.requires_grad or self.keeps_frozen)}
 
 
 def attach_layers(unet: nn.Module, spec: LoraSpec | LycorisSpec, name: str = "default") -> Adapter:
     """A fresh LoRA/LoCon (LoraSpec) or LoHa/LoKr/DoRA (LycorisSpec) injected into `unet`'s layers
     through peft; its init leaves the U-Net's output unchanged."""
     (add_lora if isinstance(spec, LoraSpec) else add_lycoris)(unet, spec, name)
-    return Adapter(unet, "LoRA config", lambda n: ADAPTER_PARAM.search(n) is not None)
+    return Adapter(unet, "LoRA config", lambda n: ADAPTER_PARAM.search(n) is not None, keeps_frozen=True)
 
 
 def beside(module: nn.Module, what: str) -> Adapter:

@@ -111,7 +111,7 @@ def straight(pipeline, images, tmp_path_factory):
 
 def test_unscaled_fp16_gradients_underflow_and_the_check_names_the_cause(pipeline, images, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(lt, "use_loss_scaling", lambda *args: None)      # the old behaviour
+    monkeypatch.setattr(loop, "use_loss_scaling", lambda *args: None)    # the old behaviour
     with pytest.raises(RuntimeError, match=r"got no gradient at step 2.*lora_A.*fp16 underflow"):
         lt.main(recipe(pipeline, images, tmp_path / "run", **{"train.steps": 2}))
 

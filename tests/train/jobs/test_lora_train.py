@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapterkit.adapters.adapter as adapter_mod
+import adapterkit.train.jobs.loop as loop
 import adapterkit.train.jobs.lora as lt
 from adapterkit.train.jobs.guards import TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory
 from adapterkit.train.jobs.lora import main
@@ -89,14 +91,14 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(pipeline, images, t
 
 
 def test_an_adapter_that_gets_no_gradient_stops_the_run(pipeline, images, tmp_path, monkeypatch):
-    real_add = lt.add_lora
+    real_add = adapter_mod.add_lora
 
     def add_and_bypass_one_layer(model, spec, *args, **kwargs):
         real_add(model, spec, *args, **kwargs)
         layer = next(m for n, m in model.named_modules() if n.endswith("attn1.to_q"))
         layer.forward = lambda x, *a, **k: layer.base_layer(x)       # the LoRA branch never runs
 
-    monkeypatch.setattr(lt, "add_lora", add_and_bypass_one_layer)
+    monkeypatch.setattr(adapter_mod, "add_lora", add_and_bypass_one_layer)
     with pytest.raises(RuntimeError, match=r"got no gradient at step 1.*attn1\.to_q\.lora_B"):
         main(recipe(pipeline, images, tmp_path / "run"))
 
@@ -290,7 +292,7 @@ def test_only_the_lora_reaches_the_optimizer_and_gradient_checkpointing_changes_
     """The optimizer gets exactly the LoRA tensors (and so keeps state for nothing else); the frozen
     U-Net has no gradients. Recomputing activations in the backward (train.gradient_checkpointing)
     trains the same adapter with the same losses."""
-    real, seen = lt.make_optimizer, {}
+    real, seen = loop.make_optimizer, {}
 
     def recording(cfg, params, steps):
         seen["params"] = list(params)
@@ -304,7 +306,7 @@ def test_only_the_lora_reaches_the_optimizer_and_gradient_checkpointing_changes_
                                 if ".lora_" not in n and p.grad is not None]
         return loss
 
-    monkeypatch.setattr(lt, "make_optimizer", recording)
+    monkeypatch.setattr(loop, "make_optimizer", recording)
     monkeypatch.setattr(lt, "train_step", step_and_look)
     over = {"train.steps": 3, "output.checkpoint_every": 0}
     plain = main(recipe(pipeline, images, tmp_path / "plain", **over))

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import adapterkit.adapters.adapter as adapter_mod
 import adapterkit.train.jobs.lora as lt
 from adapterkit.train.jobs.checkpoints import MARKER, STATE_FILE
 from adapterkit.train.jobs.guards import TrainingInterrupted
@@ -149,7 +150,7 @@ def test_sigterm_writes_a_final_checkpoint_and_the_run_resumes_to_the_same_resul
 # --- 4. the step-2 gradient check of lora_A --------------------------------------------------------
 
 def test_a_lora_a_that_gets_no_gradient_at_step_2_stops_the_run(pipeline, images, tmp_path, monkeypatch):
-    real_add, starved = lt.add_lora, []
+    real_add, starved = adapter_mod.add_lora, []
 
     def add_and_cut_one_lora_a(model, spec, *args, **kwargs):
         real_add(model, spec, *args, **kwargs)
@@ -158,7 +159,7 @@ def test_a_lora_a_that_gets_no_gradient_at_step_2_stops_the_run(pipeline, images
         p.register_hook(torch.zeros_like)                  # its gradient never arrives; lora_B's does
         starved.append(name)
 
-    monkeypatch.setattr(lt, "add_lora", add_and_cut_one_lora_a)
+    monkeypatch.setattr(adapter_mod, "add_lora", add_and_cut_one_lora_a)
     with pytest.raises(RuntimeError, match=r"got no gradient at step 2.*attn2\.to_k\.lora_A") as stopped:
         main(recipe(pipeline, images, tmp_path / "run", **{"output.checkpoint_every": 1}))
     assert starved and starved[0] in str(stopped.value)
@@ -171,14 +172,14 @@ def test_a_lora_a_that_gets_no_gradient_at_step_2_stops_the_run(pipeline, images
 def test_a_frozen_adapter_tensor_stops_the_run_at_step_1(pipeline, images, tmp_path, monkeypatch):
     """A lora_B left out of training (requires_grad off, so not in the optimizer either) would stay 0
     for the whole run: the step-1 check names it."""
-    real_add = lt.add_lora
+    real_add = adapter_mod.add_lora
 
     def add_and_freeze_one_lora_b(model, spec, *args, **kwargs):
         real_add(model, spec, *args, **kwargs)
         next(p for n, p in model.named_parameters()
              if n.endswith("attn1.to_v.lora_B.default.weight")).requires_grad_(False)
 
-    monkeypatch.setattr(lt, "add_lora", add_and_freeze_one_lora_b)
+    monkeypatch.setattr(adapter_mod, "add_lora", add_and_freeze_one_lora_b)
     with pytest.raises(RuntimeError, match=r"got no gradient at step 1.*attn1\.to_v\.lora_B"):
         main(recipe(pipeline, images, tmp_path / "run"))
 

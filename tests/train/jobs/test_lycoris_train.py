@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import adapterkit.adapters.adapter as adapter_mod
 import adapterkit.train.jobs.lora as lt
 from adapterkit.adapters.lycoris_files import read_lycoris
 from adapterkit.train.config import ConfigError
@@ -67,14 +68,14 @@ def test_a_loha_run_resumes_exactly(pipeline, images, tmp_path, monkeypatch):
 
 
 def test_a_loha_whose_zero_factor_gets_no_gradient_stops_the_run(pipeline, images, tmp_path, monkeypatch):
-    real_add = lt.add_lycoris
+    real_add = adapter_mod.add_lycoris
 
     def add_and_bypass_one_layer(model, spec, *args, **kwargs):
         real_add(model, spec, *args, **kwargs)
         layer = next(m for n, m in model.named_modules() if n.endswith("attn1.to_q"))
         layer.forward = lambda x, *a, **k: layer.base_layer(x)
 
-    monkeypatch.setattr(lt, "add_lycoris", add_and_bypass_one_layer)
+    monkeypatch.setattr(adapter_mod, "add_lycoris", add_and_bypass_one_layer)
     with pytest.raises(RuntimeError, match=r"got no gradient at step 1.*attn1\.to_q\.hada_w2_b"):
         main(recipe(pipeline, images, tmp_path / "run", **KINDS["loha"][0]))
 
