@@ -36,10 +36,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import safetensors.torch
 import torch
@@ -51,6 +52,7 @@ from adapterkit.unet import (
     CheckpointError,
     UNet,
     UNetConfig,
+    atomic_write,
     family_of,
     read_weights,
     unet_fingerprint,
@@ -126,21 +128,24 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return read_weights(path)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
-    """Write to a temp file beside `path` (same filesystem) and return it; the caller replaces."""
+T = TypeVar("T")
+
+
+def save_verified(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  verify: Callable[[Path], T]) -> T:
+    """Write `tensors` as a safetensors file that replaces `path` only after `verify(temp file)`
+    returned (its result is returned): one atomic write (unet.atomic_write), never a half-written or
+    unverified file where a good one was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    verified = []
+
+    def write(tmp: Path) -> None:
         # clone: safetensors refuses tensors that share storage (e.g. one factor reused by two layers)
-        safetensors.torch.save_file({k: v.detach().cpu().clone() for k, v in tensors.items()},
-                                    tmp, metadata={k: str(v) for k, v in metadata.items()})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
+        safetensors.torch.save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp),
+                                    metadata={k: str(v) for k, v in metadata.items()})
+        verified.append(verify(tmp))
+    atomic_write([(path, write)])
+    return verified[0]
 
 
 # Reading -------------------------------------------------------------------------------------------------
@@ -561,14 +566,8 @@ def write_lora(path: str | os.PathLike, lora: Lora, fmt: str = "kohya",
     if overflow:                       # finite in fp32, not in the dtype asked for (a large merge ratio)
         raise ValueError(f"{lora.source}: {len(overflow)} tensors overflow to inf in {dtype} "
                          f"({_list(overflow, 4)}); write float32 (--dtype fp32) or use smaller ratios")
-    tmp = _atomic_save(tensors, _format_metadata(out, fmt), path)
-    try:
-        back = read_lora(tmp, base=base)
-        err = delta_error(lora, back, tol=_tolerance(lora, dtype))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    err = save_verified(path, tensors, _format_metadata(out, fmt),
+                        lambda tmp: delta_error(lora, read_lora(tmp, base=base), tol=_tolerance(lora, dtype)))
     return {"modules": len(lora.modules), "max_rel_error": err, "notes": out.notes}
 
 

@@ -46,7 +46,6 @@ from adapterkit.unet.families import family_of_ss_version
 from .lora import Lora, _list, load_lora, lora_names
 from .lora_files import (
     FORMAT_VERSION,
-    _atomic_save,
     _block_of,
     _config_from_metadata,
     _load,
@@ -54,6 +53,7 @@ from .lora_files import (
     _peft_config_json,
     adapter_metadata,
     read_lora,
+    save_verified,
 )
 from .lora_keys import (
     KOHYA_PREFIX,
@@ -291,13 +291,8 @@ def write_lycoris(path: str | os.PathLike, lyco: Lycoris, fmt: str = "kohya",
     lyco.check_finite()
     _check_layout(lyco, fmt)
     tensors = _tensors(lyco, fmt, dtype)
-    tmp = _atomic_save(tensors, _metadata(lyco, fmt), path)
-    try:
-        _verify(lyco, read_lycoris(tmp, missing_alpha="rank"), dtype)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    save_verified(path, tensors, _metadata(lyco, fmt),
+                  lambda tmp: _verify(lyco, read_lycoris(tmp, missing_alpha="rank"), dtype))
     return {"modules": len(lyco.modules), "notes": list(lyco.notes)}
 
 

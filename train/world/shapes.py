@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from PIL import Image
 
 from adapterkit.train.data.canny import HIGH, LOW, SETTINGS_KEY, canny
 from adapterkit.train.images import write_png
+from adapterkit.unet import atomic_write
 
 SIZE = 64                      # the tiny base model's pixel size
 SUPERSAMPLE = 4                # rasterised at 4x, box-averaged down
@@ -271,16 +271,7 @@ _OURS = re.compile(r"\d{5,}\.(png|txt)")
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write([(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))])
 
 
 def _stale(folder: Path, overwrite: bool, what: str) -> list[Path]:
