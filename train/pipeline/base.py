@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,30 @@ def load_base(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                               _text_fingerprint(parts.text))
     return BaseModel(unet, vae, parts.text, scheduler, family, fingerprint, path, parts.pixel_patch,
                      parts.empty_prompt_zeros)
+
+
+def move_encoders(base: BaseModel, device: torch.device | str) -> None:
+    """The VAE and text encoders to `device`; the U-Net stays. A training job parks them on the CPU once
+    the cache holds every latent and caption (SDXL's are 3.6 GB in fp32); what it encodes later (a
+    corrupt cache entry) is encoded there."""
+    for module in (base.vae, *base.text_encoders):
+        if module is not None:
+            module.to(device)
+
+
+@contextmanager
+def encoders_on(base: BaseModel, device: torch.device | str):
+    """The VAE and text encoders on `device` inside the block (a job's samples), then back where they
+    were (each text encoder with the first's device)."""
+    where = base.text_encoder.device
+    vae_where = base.vae.device if base.vae is not None else None
+    move_encoders(base, device)
+    try:
+        yield base
+    finally:
+        move_encoders(base, where)
+        if base.vae is not None:
+            base.vae.to(vae_where)
 
 
 def scheduler_config_named(name: str) -> dict:

@@ -120,4 +120,4 @@ def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pixel_shuffle(latents, base.pixel_patch).clamp(-1, 1)
     shift = getattr(base.vae.config, "shift_factor", None) or 0.0
     z = latents / base.vae.config.scaling_factor + shift
-    return base.vae.decode(z.to(base.vae.dtype)).sample.float().clamp(-1, 1)
+    return base.vae.decode(z.to(base.vae.device, base.vae.dtype)).sample.float().clamp(-1, 1)

@@ -114,7 +114,8 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
             latents = sample(model_fn, schedule, shape, steps, cond=cond,
                              uncond=None if uncond is None else uncond.repeat(len(chunk)),
                              guidance_scale=guidance, noise=start_noise(chunk_seeds, shape[1:]))
-            out.append(decode(base, latents).float().cpu())                      # (b, 3, H, W)
+            # one picture at a time: the VAE decoder's activations at 1024 px are GBs per picture
+            out += [decode(base, z[None]).float().cpu() for z in latents]          # (1, 3, H, W) each
     finally:
         if controlnet is not None:
             controlnet.train(cn_was_training)
