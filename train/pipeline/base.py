@@ -375,8 +375,9 @@ def _listed(index: dict, part: str) -> bool:
 
 
 def _check_index(folder: Path, index: dict) -> None:
-    """The classes model_index.json names, and SDXL refiners (their first text encoder is absent and
-    their U-Net takes an aesthetic score among its ids)."""
+    """The classes model_index.json names, families adapterkit does not load (`Family.loads`), and SDXL
+    refiners (their first text encoder is absent and their U-Net takes an aesthetic score among its
+    ids)."""
     index_file = folder / "model_index.json"
     for part, classes in COMPONENT_CLASSES.items():
         entry = index.get(part)
@@ -384,11 +385,20 @@ def _check_index(folder: Path, index: dict) -> None:
         if name is not None and name not in classes:
             raise UnsupportedCheckpoint(f"{index_file} names {name} for {part}; adapterkit loads "
                                         f"{' or '.join(sorted(classes))} there.")
+    for family in FAMILIES.values():
+        extra = [te.folder for te in family.text_encoders[1:]]
+        named = str(index.get("_class_name", "")).startswith(family.pipeline_classes or ("-",))
+        if not family.loads and (named or extra and all(_listed(index, p) for p in extra)):
+            raise UnsupportedCheckpoint(f"{folder} is an {family.title} pipeline "
+                                        f"({index.get('_class_name')}); adapterkit cannot load "
+                                        f"{family.title} base models yet.")
     first, *later = [te.folder for te in SDXL.text_encoders]
-    if index.get("requires_aesthetics_score") or (any(_listed(index, p) for p in later)
-                                                  and not _listed(index, first)):
-        raise UnsupportedCheckpoint(refiner_message(folder, "its model_index.json lists no "
-                                                     f"{first} beside {', '.join(later)}"))
+    if any(_listed(index, p) for p in later) and not _listed(index, first):
+        raise UnsupportedCheckpoint(refiner_message(folder, f"its model_index.json lists no {first} beside "
+                                                    f"{', '.join(later)}"))
+    if index.get("requires_aesthetics_score"):
+        raise UnsupportedCheckpoint(refiner_message(folder, "its model_index.json sets "
+                                                    "requires_aesthetics_score"))
 
 
 def _check_listed_encoders(folder: Path, index: dict, layout: Family) -> None:

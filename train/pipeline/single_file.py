@@ -164,11 +164,16 @@ def openclip_names(state: dict[str, Tensor], width: int) -> tuple[dict[str, Tens
 # --- refusals ----------------------------------------------------------------------------------------
 
 def _refuse_unconverted(path: Path, parts: dict[str, Tensor]) -> None:
-    """SDXL refiners and SD2.x files, recognised by their text encoders' prefixes before the U-Net loads."""
+    """SDXL refiners, SD2.x files and families adapterkit does not load (`Family.loads`), recognised by
+    their text encoders' prefixes before the U-Net loads."""
     if any(k.startswith(_REFINER_PREFIX) for k in parts):
         raise UnsupportedCheckpoint(refiner_message(path, f"its only text encoder is OpenCLIP under "
                                                     f"{_REFINER_PREFIX}*"))
     holds = family_of_single_file(parts)
+    if holds is not None and not holds.loads:
+        prefix = holds.text_encoders[0].ldm_prefix.split(".")[0]
+        raise UnsupportedCheckpoint(f"{path} is an {holds.title} checkpoint ({prefix}.* text encoders); "
+                                    f"adapterkit cannot load {holds.title} base models yet.")
     if holds is not None:
         _refuse_sd2(path, holds)
 

@@ -261,6 +261,8 @@ def _file_with(single, out, changes):
     ("stray openclip tensor", CheckpointError,
      r"tensors that have no place \(conditioner\.embedders\.1\.model\.transformer\.extra\.weight\)"),
     ("refiner folder", UnsupportedCheckpoint, r"SDXL refiner \(its model_index\.json lists no text_encoder"),
+    ("aesthetic score", UnsupportedCheckpoint, r"SDXL refiner \(its model_index\.json sets "
+                                               r"requires_aesthetics_score\).*5 ids"),
     ("five-id U-Net", CheckpointError, r"takes 72 inputs, read as 24 pooled \+ 6 ids x 8, but text_encoder_2 "
                                        r"projects to 32.*72 inputs is an SDXL refiner's U-Net"),
     ("no text_encoder_2 folder", CheckpointError, r"has no text_encoder_2/"),
@@ -282,6 +284,10 @@ def test_bad_sdxl_input_is_refused_clearly(single, pipe_dir, tmp_path, case, err
         _file_with(single, f, {TE2 + "transformer.extra.weight": torch.zeros(2)})
     elif case == "refiner folder":
         _refiner_folder(pipe_dir, f := tmp_path / "refiner")
+    elif case == "aesthetic score":
+        index_file = shutil.copytree(pipe_dir, f := tmp_path / "aes") / "model_index.json"
+        index = json.loads(index_file.read_text()) | {"requires_aesthetics_score": True}
+        index_file.write_text(json.dumps(index))
     elif case == "five-id U-Net":
         _five_id_unet(pipe_dir, f := tmp_path / "five")
     elif case == "no text_encoder_2 folder":
