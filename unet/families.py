@@ -70,6 +70,9 @@ class Family:
         modelspec_by_size names variants by the U-Net's sample size (SD2.x 768-v: 96 latents).
     configs: configs/base/<configs>/ holds the part configs its single files need, if adapterkit ships them.
     pipeline_classes: prefixes of the diffusers pipeline class names (model_index.json) of this family.
+    empty_prompt_zeros: diffusers' `force_zeros_for_empty_prompt` default for its pipelines: guidance's
+        unconditional conditioning is all zeros, not the encoded empty prompt (SDXL). A folder's
+        model_index.json may say otherwise.
     loads: whether adapterkit loads bases of this family yet; a family that does not is still recognised,
         so the refusal can name it.
     """
@@ -92,6 +95,7 @@ class Family:
     modelspec_by_size: tuple[tuple[int, str], ...] = ()
     configs: str | None = None
     pipeline_classes: tuple[str, ...] = ()
+    empty_prompt_zeros: bool = False
     loads: bool = True
 
     @property
@@ -153,7 +157,7 @@ SDXL = Family(
                     kohya_prefix="lora_te2_")),                                         # bigG
     time_ids=6, vae_scale=0.13025, resolution=1024, schedules=(("epsilon", "sd1"),),
     kohya_unet_naming="ldm", ss_version="sdxl_base_v1-0", modelspec="stable-diffusion-xl-v1-base",
-    pipeline_classes=("StableDiffusionXL",), loads=False)
+    configs="sdxl", pipeline_classes=("StableDiffusionXL",), empty_prompt_zeros=True)
 
 TINY = Family(
     name="tiny", title="tiny (adapterkit's shapes world)", unet_preset="tiny", context_dim=None,

@@ -103,3 +103,70 @@ def build_tiny_pipeline_8x_vae(dir: str | os.PathLike) -> Path:
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   layers_per_block=1, norm_num_groups=8, sample_size=64).save_pretrained(path / "vae")
     return path
+
+
+# The reduced SDXL pipeline's text encoders: widths 16 + 48 = SDXL_TINY's 64-wide context (unequal, so
+# the order of the concatenation shows), the second projecting to SDXL_TINY's 32-wide pooled vector.
+SDXL_TEXT_WIDTHS = (16, 48)
+
+
+def sdxl_scheduler_config(prediction_type: str = "epsilon", **changes) -> dict:
+    """stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json (EulerDiscreteScheduler,
+    SD's betas, "leading" spacing; the PNDM/DDIM keys it carries included), with `changes`."""
+    return {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+            "num_train_timesteps": 1000, "prediction_type": prediction_type, "sample_max_value": 1.0,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+            "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False} | changes
+
+
+def build_tiny_sdxl_pipeline(dir: str | os.PathLike, unet_cfg=None, seed: int = 0,
+                             scheduler: dict | None = None) -> Path:
+    """Save a reduced random StableDiffusionXLPipeline under `dir`/sdxl and return that path.
+
+    U-Net: `unet_cfg` (default support.unets.SDXL_TINY: SDXL's block structure at small widths) with
+    random_unet's weights; text encoders: a 2-layer CLIPTextModel (16 wide, quick_gelu) and a 2-layer
+    CLIPTextModelWithProjection (48 wide, gelu, projection 32), as SDXL's ViT-L and bigG; tokenizers: the
+    character-level one, the second padding with "!" as SDXL's tokenizer_2 does; a 2x VAE with SDXL's
+    scaling factor; `scheduler` (a config dict, default `sdxl_scheduler_config()`).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from support.unets import SDXL_TINY, random_unet
+
+    cfg = unet_cfg or SDXL_TINY
+    out = Path(dir) / "sdxl"
+    vocab, merges = _write_tokenizer_files(Path(dir) / "tokenizer_src")
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(str(vocab), str(merges), model_max_length=77, pad_token="!")
+
+    def config(width, act, projection):
+        return CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                              hidden_act=act, projection_dim=projection, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=1)
+
+    w1, w2 = SDXL_TEXT_WIDTHS
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config(w1, "quick_gelu", w1))
+    text_encoder_2 = CLIPTextModelWithProjection(config(w2, "gelu", cfg.pooled_dim))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=32,
+        scaling_factor=0.13025, force_upcast=True)
+    unet = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+    unet.load_state_dict(random_unet(cfg, seed).state_dict(), strict=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler or sdxl_scheduler_config()),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(out)
+    return out

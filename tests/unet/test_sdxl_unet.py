@@ -144,7 +144,7 @@ def test_sdxl_ldm_names_are_what_diffusers_converts_and_infer_the_preset():
 def test_family_table_recognises_sdxl_by_its_added_embedding():
     sdxl = FAMILIES["sdxl"]
     assert family_of(PRESETS["sdxl"]) is sdxl
-    assert sdxl.unet_preset == "sdxl" and not sdxl.loads
+    assert sdxl.unet_preset == "sdxl" and sdxl.loads
     assert (PRESETS["sdxl"].pooled_dim, PRESETS["sdxl"].time_ids) == (sdxl.pooled_dim, sdxl.time_ids)
     assert family_of(PRESETS["sdxl"].replace(addition_embed=None)).name == "tiny"
     assert family_of(PRESETS["sd21"].replace(addition_embed="text_time")).name == "tiny"

@@ -6,7 +6,12 @@ sizes of (roughly) equal area, each image going to the bucket nearest its aspect
 batch drawn from one bucket so it stacks into one tensor.
 
 - `make_buckets`: for every width on the step grid, the tallest height that keeps
-  `width * height <= resolution**2`, within [min_side, max_side].
+  `width * height <= resolution**2`, within [min_side, max_side]; or, with `min_area`, every grid size
+  whose area lies in [min_area, 1] x resolution**2. SDXL's list (Podell et al. 2023, "SDXL", §2.3 and
+  App. I: "pixel count as close to 1024^2 as possible", sides multiples of 64, 512 to 2048) is exactly
+  `make_buckets(1024, 64, min_area=SDXL_MIN_AREA)`: 41 sizes from 512x2048 to 2048x512.
+- `size_conditioning`: SDXL's micro-conditioning of a training picture (§2.2): its original size, the
+  top-left of its crop in the resized picture, and the bucket it is trained at.
 - `assign_bucket`: nearest aspect ratio, measured as |log(w/h) - log(bw/bh)| so 2:1 and 1:2 are
   equally far from 1:1.
 - `plan_crop` -> `Crop`: resize-to-cover then crop (center, or seeded random), expressed as ONE
@@ -29,13 +34,18 @@ Size = tuple[int, int]  # (width, height), Pillow's order
 
 RESAMPLE = Image.Resampling.LANCZOS  # one filter for targets and hints: alike geometry, alike blur
 
+# SDXL's buckets are the 64-grid sizes of 90% to 100% of 1024^2 pixels: the smallest of its list,
+# 704x1344, has 0.902 of it, the largest left out, 640x1472, 0.898 (SDXL paper, App. I).
+SDXL_MIN_AREA = 0.9
+
 
 def make_buckets(resolution: int = 512, step: int = 64, min_side: int | None = None,
-                 max_side: int | None = None) -> tuple[Size, ...]:
+                 max_side: int | None = None, min_area: float | None = None) -> tuple[Size, ...]:
     """Bucket sizes (w, h), multiples of `step`, area <= resolution**2, sorted by aspect ratio.
 
     Defaults: min_side = resolution // 2, max_side = 2 * resolution (kohya's 256..1024 at 512),
-    i.e. aspect ratios from 1:4 to 4:1.
+    i.e. aspect ratios from 1:4 to 4:1. min_area None: only the largest size of each side length;
+    a fraction: every size of at least that fraction of resolution**2 (SDXL_MIN_AREA: SDXL's list).
     """
     min_side = resolution // 2 if min_side is None else min_side
     max_side = 2 * resolution if max_side is None else max_side
@@ -50,6 +60,12 @@ def make_buckets(resolution: int = 512, step: int = 64, min_side: int | None = N
     def grows(a: int, b: int) -> bool:   # could side `a` take one more step next to `b`?
         return a + step <= hi and (a + step) * b <= area
 
+    if min_area is not None:
+        if not 0 < min_area <= 1:
+            raise ValueError(f"min_area is a fraction of resolution**2 in (0, 1], got {min_area}")
+        sides = range(lo, hi + 1, step)
+        buckets = {(w, h) for w in sides for h in sides if min_area * area <= w * h <= area}
+        return tuple(sorted(buckets, key=lambda b: (b[0] / b[1], b[0])))
     buckets = set()
     for w in range(lo, hi + 1, step):
         h = min(hi, area // w // step * step)
@@ -83,6 +99,18 @@ class Crop:
         """(top, left) of the crop in bucket-scaled pixels: SDXL's `crops_coords_top_left`."""
         scale = self.bucket[0] / (self.box[2] - self.box[0])
         return round(self.box[1] * scale), round(self.box[0] * scale)
+
+
+def size_conditioning(size: Size, crop: Crop) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size/crop ids of a training picture (Podell et al. 2023, §2.2): (original height, width,
+    crop top, left, target height, width). `size` is the picture's own (w, h) before any resizing; the
+    crop's top-left is in the pixels of the picture resized to cover the bucket (`Crop.top_left`); the
+    target is the bucket. diffusers' train_text_to_image_lora_sdxl.py computes the same for its square
+    crops (original_sizes (h, w), crop_top_lefts (y1, x1), target (resolution, resolution)), kohya's
+    sdxl_train_util for its buckets."""
+    (w, h), (bw, bh) = size, crop.bucket
+    top, left = crop.top_left
+    return h, w, top, left, bh, bw
 
 
 def plan_crop(size: Size, bucket: Size, rng: np.random.Generator | None = None, *,

@@ -93,11 +93,18 @@ class LatentCache:
                 "vae": self.fingerprint.vae or "pixels", "dtype": str(dtype).removeprefix("torch.")}
         return "img-" + _digest(what), what
 
-    def text_key(self, caption: str, max_length: int, dtype: torch.dtype) -> tuple[str, dict]:
+    def text_key(self, caption: str, max_length: int, dtype: torch.dtype, layer: str = "last"
+                 ) -> tuple[str, dict]:
+        """(key, description) of a caption's text conditioning; `layer`: which hidden states of each
+        text encoder it holds ("last"; SDXL's two: "penultimate,penultimate")."""
         what = {"kind": "text", "version": CACHE_VERSION, "caption": caption,
                 "text_encoder": self.fingerprint.text_encoder, "max_length": max_length,
-                "layer": "last", "dtype": str(dtype).removeprefix("torch.")}
+                "layer": layer, "dtype": str(dtype).removeprefix("torch.")}
         return "txt-" + _digest(what), what
+
+    def _text_key(self, base: BaseModel, caption: str) -> tuple[str, dict]:
+        layer = ",".join(part.spec.layer for part in base.text)
+        return self.text_key(caption, base.max_length, base.text_encoder.dtype, layer)
 
     def path(self, key: str) -> Path:
         kind, digest = key.split("-", 1)
@@ -164,7 +171,13 @@ class LatentCache:
         return {"mean": shape} if base.vae is None else {"mean": shape, "logvar": shape}
 
     def _text_shapes(self, base: BaseModel) -> dict[str, tuple[int, ...]]:
-        return {"embedding": (base.max_length, base.text_encoder.config.hidden_size)}
+        """The context (tokens, the encoders' widths added up) and, where an encoder is pooled, its
+        projected pooled vector (SDXL: (77, 2048) and (1280,))."""
+        shapes = {"embedding": (base.max_length, base.context_dim)}
+        for part in base.text:
+            if part.spec.pooled:
+                shapes["pooled"] = (part.model.config.projection_dim,)
+        return shapes
 
     def _image_dtype(self, base: BaseModel) -> torch.dtype:
         return base.vae.dtype if base.vae is not None else torch.float32
@@ -254,20 +267,20 @@ class LatentCache:
         return len(captions) - len(missing), len(missing)
 
     def _texts(self, base: BaseModel, captions: Sequence[str]) -> dict[str, Conditioning | None]:
-        dtype, shapes = base.text_encoder.dtype, self._text_shapes(base)
+        shapes = self._text_shapes(base)
         out = {}
         for c in dict.fromkeys(captions):
-            entry = self.get(self.text_key(c, base.max_length, dtype)[0], shapes)
+            entry = self.get(self._text_key(base, c)[0], shapes)
             out[c] = _from_entry(entry) if entry is not None else None
         return out
 
     def _encode_texts(self, base: BaseModel, captions: Sequence[str]) -> list[Conditioning]:
         encoded = encode_text(base, list(captions))
-        dtype, rows = base.text_encoder.dtype, [encoded[j:j + 1] for j in range(len(captions))]
+        rows = [encoded[j:j + 1] for j in range(len(captions))]
         for caption, row in zip(captions, rows):
             entry = _to_entry(row)
             _check_finite(entry, f"caption {caption[:60]!r}")
-            key, what = self.text_key(caption, base.max_length, dtype)
+            key, what = self._text_key(base, caption)
             self.put(key, entry, what)
         return rows
 

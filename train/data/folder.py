@@ -122,6 +122,9 @@ class DataConfig:
     bucket_step: int = 64                       # bucket sides are multiples of this
     min_bucket_side: int | None = None          # default resolution // 2
     max_bucket_side: int | None = None          # default 2 * resolution
+    # None: the largest size per side length; a fraction of resolution**2: every size down to it
+    # (0.9 at resolution 1024: SDXL's 41 buckets, train/data/buckets.py SDXL_MIN_AREA)
+    min_bucket_area: float | None = None
     trigger: str = ""                           # prepended: "sks, a red circle"
     caption_dropout: float = 0.0                # probability of an empty caption (for CFG)
     caption_ext: str = ".txt"
@@ -147,7 +150,8 @@ class DataConfig:
             raise ValueError(f"alpha_background must be 3 values in 0..255, got {self.alpha_background}")
         if not self.caption_ext.startswith("."):
             raise ValueError(f"caption_ext must start with '.', got {self.caption_ext!r}")
-        make_buckets(self.resolution, self.bucket_step, self.min_bucket_side, self.max_bucket_side)
+        make_buckets(self.resolution, self.bucket_step, self.min_bucket_side, self.max_bucket_side,
+                     self.min_bucket_area)
 
 
 @dataclass(frozen=True)
@@ -507,7 +511,7 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
     def __init__(self, records: list[ImageRecord], cfg: DataConfig, report: ScanReport | None = None):
         self.records, self.cfg, self.report = records, cfg, report
         self.buckets = make_buckets(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side,
-                                    cfg.max_bucket_side)
+                                    cfg.max_bucket_side, cfg.min_bucket_area)
         self.bucket_of = [assign_bucket(r.size, self.buckets) for r in records]
 
     @classmethod

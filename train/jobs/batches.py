@@ -1,15 +1,23 @@
-"""Micro-batches: which pictures a (step, micro-batch, process) gets, and their noised latents.
+"""Micro-batches: which pictures a (step, micro-batch, process) gets, their noised latents and their
+conditioning.
 
 The batch order is a pure function of (seed, epoch) and every random draw of step s comes from a
-generator seeded by (seed, s, micro-batch, process): what makes resume exact."""
+generator seeded by (seed, s, micro-batch, process): what makes resume exact.
+
+Conditioning: each caption's text from the cache (context, and SDXL's pooled text), and for a U-Net
+with size/crop ids (SDXL) each picture's own: its original size, its crop's top-left in the resized
+picture and its bucket (`train.data.buckets.size_conditioning`, the SDXL paper's micro-conditioning as
+diffusers' and kohya's SDXL scripts compute it), from the crop `describe` gives."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from adapterkit.train.data.buckets import size_conditioning
 from adapterkit.train.data.cache import LatentCache
 from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.recipe import LoopConfig
@@ -62,9 +70,21 @@ def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCac
     batch["pixel_values"] = lambda keys=keys: torch.stack([dataset[k]["pixel_values"] for k in keys])
     g = torch.Generator(device).manual_seed(plan.seed(loop.seed, step, micro))
     latents = cache.latents(base, batch, dataset.cfg, generator=g, device=device).float()
-    cond = cache.text(base, batch["caption"], device=device).to(dtype)
+    cond = picture_conditioning(base, cache.text(base, batch["caption"], device=device), samples).to(dtype)
     noise = offset_noise(latents.shape, loop.noise_offset, g, device)
     t = schedule.sample_timesteps(len(latents), g, device)
     noisy = schedule.add_noise(latents, noise, t).to(dtype)
     return MicroBatch(keys, samples, latents, cond, noise, t, noisy)
 
+
+
+def picture_conditioning(base: BaseModel, text: Conditioning, samples: list[dict]) -> Conditioning:
+    """The captions' text conditioning with each picture's size/crop ids added, where the U-Net takes
+    them: (B, 6) int64 (original h, w, crop top, left, target h, w), exact whatever the model's dtype."""
+    if not base.time_ids:
+        return text
+    if base.time_ids != 6:
+        raise ValueError(f"the U-Net takes {base.time_ids} size/crop ids per picture; training knows "
+                         "SDXL's 6 (original size, crop top-left, target size)")
+    ids = torch.tensor([size_conditioning(s["size"], s["crop"]) for s in samples], dtype=torch.int64)
+    return dataclasses.replace(text, time_ids=ids.to(text.device))

@@ -53,7 +53,7 @@ from adapterkit.train.jobs.recipe import (
     flat_dict,
     public_recipe,
 )
-from adapterkit.train.pipeline.base import BaseModel
+from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def main(cfg: LoraRecipe) -> Path:
     if accelerator.is_main_process:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()
+    move_encoders(base, "cpu")              # every latent and caption is cached: the GPU holds the U-Net
 
     unet = base.unet
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run
@@ -270,9 +271,11 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
     unet.eval()
     rows = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
     f = base.latent_scale
-    cells = generate_columns(base, rows, [{"default": s} for s in cfg.sample.lora_scales],
-                             steps=cfg.sample.steps, guidance=cfg.sample.guidance, sampler=cfg.sample.sampler,
-                             size=cfg.data.resolution // f * f, batch_size=SAMPLE_BATCH)
+    with encoders_on(base, unet.conv_in.weight.device):
+        cells = generate_columns(base, rows, [{"default": s} for s in cfg.sample.lora_scales],
+                                 steps=cfg.sample.steps, guidance=cfg.sample.guidance,
+                                 sampler=cfg.sample.sampler, size=cfg.data.resolution // f * f,
+                                 batch_size=SAMPLE_BATCH)
     set_lora_weights(unet, {"default": 1.0})
     unet.train(was_training)
     return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path,

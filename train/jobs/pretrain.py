@@ -53,10 +53,11 @@ from adapterkit.train.jobs.optimizer import full_precision_state, make_optimizer
 from adapterkit.train.jobs.recipe import OptimConfig, OutputConfig, SampleConfig, flat_dict
 from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import PIXEL_PATCH_KEY, BaseModel, Fingerprint, scheduler_config_named
-from adapterkit.train.pipeline.parts import PIXEL_PATCHES
+from adapterkit.train.pipeline.parts import PIXEL_PATCHES, TextPart
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 from adapterkit.train.world import shapes as world
 from adapterkit.unet import PRESETS, UNet, save_unet
+from adapterkit.unet.families import TINY
 
 MAX_LENGTH = 77                                   # tokens per prompt, start and end included
 SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|unk|>")
@@ -328,8 +329,8 @@ def train_step(cfg: PretrainRecipe, accelerator, model, text_model, data: Shapes
 def as_base(cfg: PretrainRecipe, unet: UNet, text_encoder, tokenizer, scheduler_config: dict) -> BaseModel:
     """The models being trained as the BaseModel that `load_base` gives of their export (no VAE: pixels
     folded into channels), for `train.generate`. Its fingerprint is a placeholder: no cache keys on it."""
-    return BaseModel(unet=unet, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
-                     scheduler_config=scheduler_config, family="tiny",
+    text = (TextPart(TINY.text_encoders[0], text_encoder, tokenizer),)
+    return BaseModel(unet=unet, vae=None, text=text, scheduler_config=scheduler_config, family=TINY,
                      fingerprint=Fingerprint(unet="training", vae=None, text_encoder="training"),
                      pixel_patch=cfg.model.pixel_patch)
 

@@ -1,7 +1,7 @@
 """What a base makes of prompts and pictures: text conditioning, VAE posterior moments, latents,
 and pictures back from latents.
 
-    cond = encode_text(base, ["a red circle"])                              # Conditioning: context (B, 77, D)
+    cond = encode_text(base, ["a red circle"])          # Conditioning: context (B, 77, D) [, pooled (B, P)]
     moments = encode_moments(base, pixels)                                  # what the latent cache stores
     latents = moments_to_latents(base, moments, generator)                  # what the U-Net sees
     pixels = decode(base, latents)                                          # [-1, 1]
@@ -23,16 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapterkit.train.pipeline.base import BaseModel
+from adapterkit.train.pipeline.base import BaseModel, TextPart
 from adapterkit.unet import Conditioning
 
 
-def tokenize(base: BaseModel, prompts: list[str]) -> Tensor:
-    """Token ids (B, max_length): padded to max_length, truncated with a warning, once per caption,
-    that names how many tokens were dropped."""
+def tokenize(base: BaseModel, prompts: list[str], part: TextPart | None = None) -> Tensor:
+    """Token ids (B, max_length) for one text encoder (default: the first): padded to max_length with its
+    tokenizer's pad token, truncated with a warning, once per caption, that names how many tokens were
+    dropped."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
-    tok, n = base.tokenizer, base.max_length
+    part = part or base.text[0]
+    tok, n = part.tokenizer, part.max_length
     lengths = [len(ids) for ids in tok(list(prompts), truncation=False, verbose=False).input_ids]
     for prompt, length in zip(prompts, lengths):
         if length > n and prompt not in base._truncation_warned:
@@ -44,19 +46,34 @@ def tokenize(base: BaseModel, prompts: list[str]) -> Tensor:
 
 
 def encode_prompts(base: BaseModel, prompts: list[str]) -> Tensor:
-    """Text embeddings (B, max_length, D): the text encoder's last hidden state (after the final
-    layer norm), as StableDiffusionPipeline.encode_prompt computes it without clip_skip."""
-    ids = tokenize(base, prompts)
-    te = base.text_encoder
-    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in te.parameters())):
-        return te(ids.to(te.device))[0]                                  # (B, L, D)
+    """Text embeddings (B, max_length, D): the context of `encode_text`. With one encoder read at its
+    last layer (SD1.x) that is its last hidden state after the final layer norm, as
+    StableDiffusionPipeline.encode_prompt computes it without clip_skip."""
+    return encode_text(base, prompts).context
 
 
 def encode_text(base: BaseModel, prompts: list[str]) -> Conditioning:
-    """The text part of the U-Net's conditioning for `prompts`: the context (`encode_prompts`), and
-    for families whose U-Net takes them, the pooled text embedding. Time ids come from each picture's
-    geometry, not its caption; they are added where the pictures are (train/jobs/batches.py)."""
-    return Conditioning(encode_prompts(base, prompts))
+    """The text part of the U-Net's conditioning for `prompts`, from each text encoder as its family row
+    says (`TextEncoder.layer`, `.pooled`): the context is the encoders' hidden states concatenated along
+    the features, in their order, and `pooled` the projected pooled output of the pooled encoder. For
+    SDXL that is StableDiffusionXLPipeline.encode_prompt without clip_skip: hidden_states[-2] of both
+    (768 + 1280 = 2048 wide) and text_embeds of the second. Time ids come from each picture's geometry,
+    not its caption; they are added where the pictures are (train/jobs/batches.py, generate)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    contexts, pooled = [], None
+    for part in base.text:
+        ids = tokenize(base, prompts, part)
+        te = part.model
+        penultimate = part.spec.layer == "penultimate"
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in te.parameters())
+        with torch.set_grad_enabled(grad):
+            out = te(ids.to(te.device), output_hidden_states=True) if penultimate else te(ids.to(te.device))
+        # hidden_states[-2]: the input of the last block, before any final norm (SDXL's "penultimate")
+        contexts.append(out.hidden_states[-2] if penultimate else out[0])          # (B, L, D_i)
+        if part.spec.pooled:
+            pooled = out.text_embeds                                               # (B, projection)
+    return Conditioning(torch.cat(contexts, dim=-1) if len(contexts) > 1 else contexts[0], pooled=pooled)
 
 
 def encode_moments(base: BaseModel, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -103,4 +120,4 @@ def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pixel_shuffle(latents, base.pixel_patch).clamp(-1, 1)
     shift = getattr(base.vae.config, "shift_factor", None) or 0.0
     z = latents / base.vae.config.scaling_factor + shift
-    return base.vae.decode(z.to(base.vae.dtype)).sample.float().clamp(-1, 1)
+    return base.vae.decode(z.to(base.vae.device, base.vae.dtype)).sample.float().clamp(-1, 1)

@@ -19,6 +19,11 @@ the only randomness.
 Batches. `batch_size` prompts at a time; with guidance != 1 every U-Net call sees 2 x batch_size
 rows, unconditional first (train.sampling's layout), and the ControlNet's hints are tiled to match.
 
+Conditioning. The prompts' text (`encode_text`); for SDXL also the pooled text and the size/crop ids of
+a generated picture (`generated_time_ids`: original = target = the picture's size, crop (0, 0)), and
+guidance's unconditional half is all zeros where the base's pipeline says so (`unconditional`), so
+that `generate` gives StableDiffusionXLPipeline's picture for the same seed, scheduler and conditioning.
+
 Adapters. LoRAs are the caller's business: load them and set their weights
 (`adapters.lora.set_lora_weights`) before calling. A ControlNet and one hint per prompt steer the
 U-Net through the sampler's `model_fn`: `unet(x, t, ctx, *controlnet(x, t, ctx, hint, scale))`, each
@@ -27,6 +32,7 @@ pictures: the ControlNet's hint encoder must shrink them by the base's `latent_s
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -92,7 +98,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     dtype, device = unet.conv_in.weight.dtype, unet.conv_in.weight.device
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     sample = ddim_sample if sampler == "ddim" else euler_sample
-    uncond = encode_text(base, [""]).to(device, dtype) if guidance != 1.0 else None
+    uncond = unconditional(base, (height, width)).to(device, dtype) if guidance != 1.0 else None
     cn_was_training = controlnet.training if controlnet is not None else False
     if controlnet is not None:
         controlnet.eval()
@@ -101,18 +107,51 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
             shape = (len(chunk), base.latent_channels, height // f, width // f)
-            cond = encode_text(base, chunk).to(device, dtype)
+            cond = prompt_conditioning(base, chunk, (height, width)).to(device, dtype)
             rows = slice(i, i + batch_size)
             hint = _each(hint_batch, lambda h, rows=rows: h[rows].to(device))
             model_fn = _model_fn(unet, controlnet, hint, control_scale, guess_mode)
             latents = sample(model_fn, schedule, shape, steps, cond=cond,
                              uncond=None if uncond is None else uncond.repeat(len(chunk)),
                              guidance_scale=guidance, noise=start_noise(chunk_seeds, shape[1:]))
-            out.append(decode(base, latents).float().cpu())                      # (b, 3, H, W)
+            # one picture at a time: the VAE decoder's activations at 1024 px are GBs per picture
+            out += [decode(base, z[None]).float().cpu() for z in latents]          # (1, 3, H, W) each
     finally:
         if controlnet is not None:
             controlnet.train(cn_was_training)
     return torch.cat(out)
+
+
+def prompt_conditioning(base, prompts: Sequence[str], size: tuple[int, int]) -> Conditioning:
+    """What the U-Net is conditioned on for pictures of `size` (H, W) px of `prompts`: their text
+    (`encode_text`) and, for a U-Net with size/crop ids (SDXL), the ids of a generated picture."""
+    return _with_ids(base, encode_text(base, list(prompts)), size)
+
+
+def unconditional(base, size: tuple[int, int]) -> Conditioning:
+    """Guidance's unconditional conditioning (batch 1): the empty prompt's, or all zeros where the base
+    says so (`BaseModel.empty_prompt_zeros`: diffusers' force_zeros_for_empty_prompt, on for SDXL), with
+    the same size/crop ids as the conditional rows (diffusers' negative_add_time_ids default)."""
+    empty = encode_text(base, [""])
+    return _with_ids(base, empty.map(torch.zeros_like) if base.empty_prompt_zeros else empty, size)
+
+
+def generated_time_ids(size: tuple[int, int], n: int = 1) -> Tensor:
+    """SDXL's size/crop ids of a generated picture of `size` (H, W): original size = target size = its
+    size, crop top-left (0, 0): StableDiffusionXLPipeline._get_add_time_ids with the pipeline's defaults
+    (original_size and target_size (height, width), crops_coords_top_left (0, 0)). (n, 6) int64: exact
+    whatever the U-Net's dtype (the U-Net embeds them in fp32)."""
+    h, w = size
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.int64).repeat(n, 1)
+
+
+def _with_ids(base, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
+    if not base.time_ids:
+        return cond
+    if base.time_ids != 6:
+        raise ValueError(f"the U-Net takes {base.time_ids} size/crop ids per picture; generation knows "
+                         "SDXL's 6 (original size, crop top-left, target size)")
+    return dataclasses.replace(cond, time_ids=generated_time_ids(size, len(cond)).to(cond.device))
 
 
 def generate_columns(base, rows: Sequence[tuple[str, int]], columns: Sequence[dict[str, float]],

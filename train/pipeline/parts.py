@@ -1,9 +1,12 @@
 """What the folder and single-file loaders share: where the shipped configs are, the prefixes of a
-single file's parts, and the checks and casts every loaded part goes through."""
+single file's parts, the records they fill (`TextPart`, `Parts`), and the checks and casts every loaded
+part goes through."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +14,7 @@ from torch import Tensor, nn
 from adapterkit.train.paths import data_dir
 from adapterkit.unet import UNetConfig
 from adapterkit.unet.checkpoint import CheckpointError
-from adapterkit.unet.families import FAMILIES
+from adapterkit.unet.families import FAMILIES, TextEncoder
 
 CONFIGS = data_dir("configs")
 
@@ -28,17 +31,64 @@ PIXEL_PATCHES = (1, 2, 4)
 
 
 class UnsupportedCheckpoint(CheckpointError, NotImplementedError):
-    """A model of a kind adapterkit cannot load yet (SD2 or SDXL single files, SDXL pipelines)."""
+    """A model of a kind adapterkit cannot load (SD2.x single files, SDXL refiners)."""
 
 
-def load_tokenizer(folder: Path, cls):
-    if (folder / "tokenizer").is_dir() and not (folder / "vocab.json").is_file():
-        folder = folder / "tokenizer"          # a pipeline folder was given
+@dataclass(frozen=True)
+class TextPart:
+    """One text encoder of a base: its family row (`spec`: subfolders, which hidden states condition the
+    U-Net, whether its pooled output does), the transformers model and its tokenizer."""
+    spec: TextEncoder
+    model: Any                        # transformers CLIPTextModel | CLIPTextModelWithProjection
+    tokenizer: Any                    # transformers CLIPTokenizer
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt, start and end tokens included (77 for SD)."""
+        return min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+
+@dataclass
+class Parts:
+    """What a loader found, before load_base checks that the parts agree and freezes them.
+
+    scheduler: the scheduler config found beside the weights, or None (the family default applies).
+    prediction_type, zero_snr: what a single file's metadata or marker tensors say of its noise schedule
+        (None / False where they say nothing).
+    empty_prompt_zeros: the pipeline's `force_zeros_for_empty_prompt`.
+    """
+    unet: Any
+    vae: Any
+    text: tuple[TextPart, ...]
+    scheduler: dict | None
+    pixel_patch: int = 1
+    prediction_type: str | None = None
+    zero_snr: bool = False
+    empty_prompt_zeros: bool = False
+
+
+def refiner_message(path: Path, evidence: str) -> str:
+    """Why an SDXL refiner is refused, and what to load instead."""
+    return (f"{path} is an SDXL refiner ({evidence}): one text encoder (OpenCLIP bigG) and a U-Net whose "
+            "added embedding takes 5 ids (original size, crop, aesthetic score; 2560 inputs) instead of the "
+            "base's 6 (2816). adapterkit trains and samples on SDXL base models: load the base model "
+            "(stable-diffusion-xl-base-1.0 or a model made from it).")
+
+
+def load_tokenizer(folder: Path, cls, subfolder: str = "tokenizer", **overrides):
+    """The tokenizer in `folder`, or in `folder/subfolder` when `folder` is a pipeline folder.
+    `overrides` (special tokens) replace the saved settings."""
+    if (folder / subfolder).is_dir() and not (folder / "vocab.json").is_file():
+        folder = folder / subfolder            # a pipeline folder was given
     has_files = (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
     if not folder.is_dir() or not has_files:
         raise CheckpointError(f"{folder} holds no CLIP tokenizer: expected vocab.json + merges.txt or "
                               f"tokenizer.json{'; it holds ' + listing(folder) if folder.is_dir() else ''}.")
-    return library_call(folder, lambda: cls.from_pretrained(folder, local_files_only=True))
+    return library_call(folder, lambda: cls.from_pretrained(folder, local_files_only=True, **overrides))
 
 
 def check_finite(state: dict[str, Tensor], where: Path, part: str = "") -> None:

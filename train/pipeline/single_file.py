@@ -1,14 +1,33 @@
 """Single-file checkpoints (formats.md §2.1) as the parts of a base.
 
-The U-Net goes through `unet.load_unet`; the VAE from `first_stage_model.*` (or `vae.*`) through
-diffusers' `convert_ldm_vae_checkpoint`; the CLIP text encoder from `cond_stage_model.transformer.*`,
-whose names are transformers' own. Such a file holds no tokenizer and no component configs: the
-caller passes `tokenizer=`; the configs default to the standard ones the family ships in
-`configs/base/<family>/` and `config_dir=` overrides them. A family whose files this module cannot
-convert yet is refused with `UnsupportedCheckpoint`, naming what to do instead.
+Where a file keeps each part (the family rows' `ldm_prefix`, unet/families.py):
+
+    model.diffusion_model.*                U-Net, through `unet.load_unet` (config inferred)
+    first_stage_model.* (or vae.*)         VAE, through diffusers' `convert_ldm_vae_checkpoint`
+    cond_stage_model.transformer.*         SD1.x: CLIP ViT-L in transformers' names
+    conditioner.embedders.0.transformer.*  SDXL: CLIP ViT-L in transformers' names
+    conditioner.embedders.1.model.*        SDXL: OpenCLIP ViT-bigG in OpenCLIP's names (`openclip_names`)
+
+Which text encoders a file must hold follows from its U-Net's layout (`family_like`): an SDXL U-Net needs
+both of SDXL's, and a file that lacks one is refused naming the missing prefix. Refused as well: SD2.x
+files (`cond_stage_model.model.*`: diffusers' SD2 encoder is the file's OpenCLIP tower cut below its last
+block, which this module does not do) and SDXL refiners (`conditioner.embedders.0.model.*`: OpenCLIP
+alone, 5 ids).
+
+A file holds no tokenizer and no component configs: the caller passes `tokenizer=` (a bare CLIP
+tokenizer folder serves every encoder, adapted by the family's shipped settings in
+`configs/base/<family>/<tokenizer folder>/tokenizer_config.json`, e.g. SDXL's second tokenizer pads with
+"!"; or a pipeline folder with the family's tokenizer folders); the configs default to the standard ones
+the family ships in `configs/base/<family>/` and `config_dir=` overrides them.
+
+The noise schedule is not in the weights, but a file may say it (`file_schedule`): ModelSpec's
+`modelspec.prediction_type` metadata ("epsilon" | "v") and the marker tensors ComfyUI reads and writes,
+`v_pred` (v-prediction) and `ztsnr` (zero-terminal SNR: Lin et al. 2024, arXiv:2305.08891), as in
+ComfyUI's supported_models.py (SDXL.model_type). NoobAI-XL's v-prediction releases carry both.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +37,8 @@ from adapterkit.train.pipeline.parts import (
     CONFIGS,
     TEXT_PREFIXES,
     VAE_PREFIXES,
+    Parts,
+    TextPart,
     UnsupportedCheckpoint,
     check_finite,
     few,
@@ -25,70 +46,179 @@ from adapterkit.train.pipeline.parts import (
     load_tokenizer,
     move_to,
     read_json,
+    refiner_message,
     vae_dtype,
 )
 from adapterkit.unet import load_unet, read_weights
 from adapterkit.unet.checkpoint import CheckpointError
-from adapterkit.unet.families import Family, family_of, family_of_single_file
+from adapterkit.unet.families import Family, TextEncoder, family_like, family_of, family_of_single_file
+
+# Marker tensors of a file's noise schedule (ComfyUI), and ModelSpec's names for the prediction types.
+SCHEDULE_MARKERS = ("v_pred", "ztsnr")
+_MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
+
+# An SDXL refiner keeps its only text encoder (OpenCLIP bigG) where a base keeps CLIP ViT-L.
+_REFINER_PREFIX = "conditioner.embedders.0.model."
+
+# OpenCLIP text-tower names -> transformers' CLIPTextModel(WithProjection) names: the facts diffusers'
+# convert_open_clip_checkpoint applies (loaders/single_file_utils.py, DIFFUSERS_TO_LDM_MAPPING["openclip"]).
+_OPENCLIP_TOP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# The contrastive loss's temperature: saved with the text tower, no part of it.
+_OPENCLIP_UNUSED = ("logit_scale",)
 
 
-def from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer, prediction_type,
-                      config_dir: Path | None):
-    from transformers import CLIPTokenizer
-
+def from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer,
+                     config_dir: Path | None) -> Parts:
     if config_dir is not None and not config_dir.is_dir():
         raise CheckpointError(f"config_dir {config_dir} is not a folder")
     if tokenizer is None and not (config_dir is not None and (config_dir / "tokenizer").is_dir()):
         raise CheckpointError(
             f"{path} is a single-file checkpoint, and those do not contain a tokenizer: pass tokenizer= a "
             "local folder with the CLIP tokenizer files (vocab.json + merges.txt), e.g. the tokenizer/ "
-            "folder of any diffusers SD1.x pipeline (they all use openai/clip-vit-large-patch14's).")
-    parts, _ = read_weights(path, allow_pickle=allow_pickle,
-                            keep=lambda k: k.startswith((*VAE_PREFIXES, *TEXT_PREFIXES)))
-    holds = family_of_single_file(parts)
-    if holds is not None and not holds.loads:
-        prefix = holds.text_encoders[0].ldm_prefix.split(".")[0]
-        raise UnsupportedCheckpoint(f"{path} is an {holds.title} checkpoint ({prefix}.* text encoders); "
-                                    f"adapterkit cannot load {holds.title} base models yet.")
-    openclip = [te for te in holds.text_encoders if te.openclip] if holds is not None else []
-    if openclip:                                         # no converter of OpenCLIP names yet
-        raise UnsupportedCheckpoint(
-            f"{path} is an {holds.title} single file (OpenCLIP text encoder under "
-            f"{openclip[0].ldm_prefix}*), which load_base cannot convert yet. Use the model's diffusers "
-            "folder instead (or convert the file once with a tool you trust, e.g. diffusers' "
-            "from_single_file with a local config, then save_pretrained)." + ("" if holds.prediction else
-                                   " The folder's scheduler config also supplies the prediction type "
-                                   f"({holds.title} weights do not show it); without one, pass "
-                                   "prediction_type=."))
+            "folder of any diffusers SD1.x or SDXL pipeline (they all use openai/clip-vit-large-patch14's).")
+    parts, metadata = read_weights(path, allow_pickle=allow_pickle, keep=lambda k: k.startswith(
+        (*VAE_PREFIXES, *TEXT_PREFIXES)) or k in SCHEDULE_MARKERS)
+    _refuse_unconverted(path, parts)
     unet = load_unet(path, allow_pickle=allow_pickle, dtype=dtype, device=device)
-    family = family_of(unet.config)
-    if any(te.openclip for te in family.text_encoders):
-        raise UnsupportedCheckpoint(f"{path} has an {family.title} U-Net (context {family.context_dim}) but "
-                                    f"no text encoder under {family.text_encoders[0].ldm_prefix}*; load its "
-                                    "diffusers folder instead.")
-    clip_prefix = family.text_encoders[0].ldm_prefix
-    clip = {k[len(clip_prefix):]: v for k, v in parts.items() if k.startswith(clip_prefix)}
+    layout = family_like(unet.config)
+    _refuse_sd2(path, layout)
     vae_state = {k: v for k, v in parts.items() if k.startswith(VAE_PREFIXES)}
-    if not clip:
-        raise CheckpointError(f"{path} holds no text encoder (no {clip_prefix}* tensors): it is a U-Net-only "
-                              "or pruned file. Load the full checkpoint or the model's diffusers folder.")
+    encoders = {te.folder: _tensors_under(parts, te.ldm_prefix) for te in layout.text_encoders}
+    _check_encoders_present(path, parts, layout, encoders)
     if not vae_state and not is_pixel_space(unet.config):
         raise CheckpointError(f"{path} holds no VAE (no first_stage_model.* or vae.* tensors), and its U-Net "
                               "works on latents. Load the full checkpoint or the model's diffusers folder.")
+    # The shipped configs are the released models' sizes: a test-sized U-Net (the tiny family) has none.
+    family = family_of(unet.config)
     configs = config_dir if config_dir is not None else CONFIGS / "base" / (family.configs or family.name)
     vae = None
     if vae_state:
         vae = _vae_from_ldm(vae_state, _component_config(configs, "vae", path, family), path)
         vae = move_to(vae, device, vae_dtype(vae, dtype))
-    text_encoder = _clip_from_ldm(clip, _component_config(configs, "text_encoder", path, family), path,
-                                  clip_prefix)
-    text_encoder = move_to(text_encoder, device, dtype)
-    tok_dir = Path(tokenizer) if tokenizer is not None else config_dir / "tokenizer"
-    tok = load_tokenizer(tok_dir, CLIPTokenizer)
-    scheduler_file = (config_dir / "scheduler" / "scheduler_config.json") if config_dir is not None else None
-    scheduler = read_json(scheduler_file, "the scheduler config") \
-        if scheduler_file is not None and scheduler_file.is_file() else None
-    return unet, vae, text_encoder, tok, scheduler
+    text = []
+    for te in layout.text_encoders:
+        model = _text_encoder_from_ldm(encoders[te.folder], te, _component_config(configs, te.folder, path,
+                                                                                 family), path)
+        tok = _tokenizer(te, layout, tokenizer, config_dir, configs)
+        text.append(TextPart(te, move_to(model, device, dtype), tok))
+    scheduler, index = None, {}
+    if config_dir is not None:
+        if (config_dir / "scheduler" / "scheduler_config.json").is_file():
+            scheduler = read_json(config_dir / "scheduler" / "scheduler_config.json", "the scheduler config")
+        if (config_dir / "model_index.json").is_file():
+            index = read_json(config_dir / "model_index.json", "the pipeline index")
+    prediction_type, zero_snr = file_schedule(parts, metadata)
+    zeros = index.get("force_zeros_for_empty_prompt", layout.empty_prompt_zeros)
+    return Parts(unet, vae, tuple(text), scheduler, 1, prediction_type, zero_snr, bool(zeros))
+
+
+def file_schedule(tensors, metadata: dict[str, str]) -> tuple[str | None, bool]:
+    """(prediction type, zero-terminal SNR) as a single file states them: the `v_pred` / `ztsnr` marker
+    tensors, else ModelSpec's `modelspec.prediction_type`; (None, False) where it says nothing."""
+    prediction = "v_prediction" if "v_pred" in tensors else \
+        _MODELSPEC_PREDICTION.get(str(metadata.get("modelspec.prediction_type", "")).strip().lower())
+    return prediction, "ztsnr" in tensors
+
+
+def openclip_names(state: dict[str, Tensor], width: int) -> tuple[dict[str, Tensor], list[str]]:
+    """An OpenCLIP text tower's tensors (names without the file's prefix) in transformers' names, and
+    the names that have no place there.
+
+    The fused attention input `attn.in_proj_weight` (3 width, width) / `in_proj_bias` (3 width) is split
+    in order into q_proj, k_proj, v_proj; `text_projection` is stored (width, projection), applied as
+    x @ P, and becomes the Linear weight P^T; `logit_scale` is not part of the tower and is skipped.
+    (diffusers splits by the projection's width, which equals the tower's for every released model.)
+    """
+    out, unplaced = {}, []
+    for name, v in state.items():
+        block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", name)
+        if name in _OPENCLIP_TOP:
+            out[_OPENCLIP_TOP[name]] = v
+        elif name == "text_projection":
+            out["text_projection.weight"] = v.T.contiguous()
+        elif name in _OPENCLIP_UNUSED:
+            continue
+        elif block is None:
+            unplaced.append(name)
+        elif block[2] in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            layer, kind = f"text_model.encoder.layers.{block[1]}.self_attn.", block[2].rsplit("_", 1)[1]
+            chunks = v.split(width) if v.shape[0] == 3 * width else (v, v[:0], v[:0])  # wrong shape: reported
+            for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), chunks):
+                out[f"{layer}{proj}.{kind}"] = chunk.clone()
+        else:
+            module, _, param = block[2].rpartition(".")
+            if module in _OPENCLIP_BLOCK:
+                out[f"text_model.encoder.layers.{block[1]}.{_OPENCLIP_BLOCK[module]}.{param}"] = v
+            else:
+                unplaced.append(name)
+    return out, unplaced
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+def _refuse_unconverted(path: Path, parts: dict[str, Tensor]) -> None:
+    """SDXL refiners, SD2.x files and families adapterkit does not load (`Family.loads`), recognised by
+    their text encoders' prefixes before the U-Net loads."""
+    if any(k.startswith(_REFINER_PREFIX) for k in parts):
+        raise UnsupportedCheckpoint(refiner_message(path, f"its only text encoder is OpenCLIP under "
+                                                    f"{_REFINER_PREFIX}*"))
+    holds = family_of_single_file(parts)
+    if holds is not None and not holds.loads:
+        prefix = holds.text_encoders[0].ldm_prefix.split(".")[0]
+        raise UnsupportedCheckpoint(f"{path} is an {holds.title} checkpoint ({prefix}.* text encoders); "
+                                    f"adapterkit cannot load {holds.title} base models yet.")
+    if holds is not None:
+        _refuse_sd2(path, holds)
+
+
+def _refuse_sd2(path: Path, family: Family) -> None:
+    """An OpenCLIP encoder read at its "last" layer is SD2.x's: diffusers' form of it is the file's tower
+    cut below the final block, which this module does not convert."""
+    cut = [te for te in family.text_encoders if te.openclip and te.layer == "last"]
+    if cut:
+        raise UnsupportedCheckpoint(
+            f"{path} is an {family.title} single file (OpenCLIP text encoder under {cut[0].ldm_prefix}*), "
+            "which load_base cannot convert yet. Use the model's diffusers folder instead (or convert the "
+            "file once with a tool you trust, e.g. diffusers' from_single_file with a local config, then "
+            "save_pretrained)." + ("" if family.prediction else
+                                   " The folder's scheduler config also supplies the prediction type "
+                                   f"({family.title} weights do not show it); without one, pass "
+                                   "prediction_type="))
+
+
+def _check_encoders_present(path: Path, parts: dict[str, Tensor], layout: Family,
+                            encoders: dict[str, dict[str, Tensor]]) -> None:
+    """Every text encoder the U-Net's family reads must be in the file; name the missing ones and what
+    the file holds instead."""
+    missing = [te for te in layout.text_encoders if not encoders[te.folder]]
+    if not missing:
+        return
+    held = sorted({".".join(k.split(".")[:3 if k.startswith("conditioner.") else 2]) + ".*" for k in parts
+                   if k.startswith(TEXT_PREFIXES)})
+    holds = family_of_single_file(parts)
+    names = " or ".join(f"{te.ldm_prefix}*" for te in missing)
+    reads = f"{layout.title} U-Net reads {' and '.join(te.ldm_prefix + '*' for te in layout.text_encoders)}"
+    if not held:
+        has = "it holds no text-encoder tensors at all: it is a U-Net-only or pruned file"
+    elif holds is not None and holds is not layout:
+        has = f"it holds {holds.title}'s text encoders ({', '.join(held)}) instead: parts of different models"
+    else:
+        has = f"it holds {', '.join(held)} only: the file is incomplete"
+    raise CheckpointError(f"{path} holds no text encoder (no {names} tensors); an {reads}, and {has}. Load "
+                          "the full checkpoint or the model's diffusers folder.")
+
+
+# --- converting the parts ------------------------------------------------------------------------------
+
+def _tensors_under(parts: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in parts.items() if k.startswith(prefix)}
 
 
 def _component_config(configs: Path, part: str, path: Path, family: Family) -> tuple[dict, Path]:
@@ -99,6 +229,36 @@ def _component_config(configs: Path, part: str, path: Path, family: Family) -> t
         raise CheckpointError(f"{path}: a single file does not hold its {part} config, and {where}. Pass "
                               "config_dir= a diffusers folder of this model (its config files are enough).")
     return {k: v for k, v in read_json(f, f"the {part} config").items() if not k.startswith("_")}, f
+
+
+def _tokenizer(te: TextEncoder, family: Family, tokenizer, config_dir: Path | None, configs: Path):
+    """The tokenizer of one encoder: `tokenizer=` (a pipeline folder's `te.tokenizer` subfolder, or a
+    bare folder adapted by the family's shipped settings for this tokenizer), else config_dir's."""
+    from transformers import CLIPTokenizer
+
+    if tokenizer is None:
+        return load_tokenizer(config_dir / te.tokenizer, CLIPTokenizer)
+    given = Path(tokenizer)
+    if (given / te.tokenizer).is_dir() and not (given / "vocab.json").is_file():
+        return load_tokenizer(given, CLIPTokenizer, te.tokenizer)
+    if te.tokenizer != family.text_encoders[0].tokenizer and (given / "tokenizer").is_dir():
+        given = given / "tokenizer"            # a pipeline folder without this tokenizer: its first one
+    settings = [configs / te.tokenizer / "tokenizer_config.json",
+                CONFIGS / "base" / (family.configs or family.name) / te.tokenizer / "tokenizer_config.json"]
+    shipped = next((f for f in settings if f.is_file()), None)
+    return load_tokenizer(given, CLIPTokenizer, **(_special_tokens(shipped) if shipped else {}))
+
+
+def _special_tokens(f: Path) -> dict[str, str]:
+    """The special tokens a tokenizer_config.json sets (strings, or transformers' {"content": ...})."""
+    cfg = read_json(f, "the tokenizer settings")
+    out = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = cfg.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 def _vae_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Path):
@@ -121,27 +281,36 @@ def _vae_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Pat
     return vae.float()
 
 
-def _clip_from_ldm(state: dict[str, Tensor], config: tuple[dict, Path], path: Path, prefix: str):
-    """`cond_stage_model.transformer.*` tensors -> transformers CLIPTextModel. The names are
-    transformers' own; only the `text_model.` level differs between versions (v5 dropped it)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder_from_ldm(state: dict[str, Tensor], te: TextEncoder, config: tuple[dict, Path], path: Path):
+    """A text encoder's tensors (the file's prefix removed) -> its transformers class. transformers'
+    names are the file's for CLIP ViT-L (`*.transformer.*`); OpenCLIP towers go through
+    `openclip_names`. Only the `text_model.` level differs between transformers versions (v5 dropped it
+    from CLIPTextModel, not from CLIPTextModelWithProjection): the names follow the model's own."""
+    import transformers
+    from transformers import CLIPTextConfig
 
+    cls = getattr(transformers, te.cls)
     cfg, cfg_file = config
     config_obj = CLIPTextConfig(**cfg)
     with torch.device("meta"):
-        reference = CLIPTextModel(config_obj)
+        reference = cls(config_obj)
     expected = reference.state_dict()
-    model_prefix = "text_model." if any(k.startswith("text_model.") for k in expected) else ""
+    unplaced = []
+    if te.openclip:
+        state, unplaced = openclip_names(state, config_obj.hidden_size)
     renamed = {}
     for k, v in state.items():
-        name = model_prefix + k.removeprefix("text_model.")
+        name = k if k in expected else k.removeprefix("text_model.")
+        if name not in expected and "text_model." + name in expected:
+            name = "text_model." + name
         if name.endswith("position_ids") and name not in expected:
             continue                 # a buffer older files saved; recomputed by the model
         renamed[name] = v
-    _check_state(renamed, reference, path, f"text encoder ({prefix}*)", cfg_file, [])
+    _check_state(renamed, reference, path, f"text encoder ({te.ldm_prefix}*)", cfg_file,
+                 [te.ldm_prefix + k for k in unplaced])
     # from_pretrained(None, state_dict=...) builds without random init and restores the non-persistent
     # buffers; every key was checked above (it would silently random-init a missing one).
-    return CLIPTextModel.from_pretrained(None, config=config_obj, state_dict=renamed, local_files_only=True)
+    return cls.from_pretrained(None, config=config_obj, state_dict=renamed, local_files_only=True)
 
 
 def _check_state(state: dict[str, Tensor], model: nn.Module, path: Path, part: str, cfg_file: Path,
@@ -156,8 +325,7 @@ def _check_state(state: dict[str, Tensor], model: nn.Module, path: Path, part: s
                  (wrong, "tensors of the wrong shape")) if v]
     if problems:
         raise CheckpointError(f"the {part} in {path} does not fit the config {cfg_file}: "
-                              f"{'; '.join(problems)}. If the model's parts are not the standard SD1.x "
+                              f"{'; '.join(problems)}. If the model's parts are not the family's standard "
                               "ones, pass config_dir= a diffusers folder of this model (its config files "
                               "are enough).")
     check_finite(state, path, part)
-

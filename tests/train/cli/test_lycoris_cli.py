@@ -104,7 +104,8 @@ def test_inspect_shows_kinds_ranks_and_the_base(work, capsys):
 
 
 def test_a_loha_has_no_lora_form_to_combine_or_resize(work, tmp_path, capsys):
-    for argv in (["merge", work / "loha.safetensors", work / "plain.safetensors", "-o", tmp_path / "c.safetensors"],
+    for argv in (["merge", work / "loha.safetensors", work / "plain.safetensors",
+                  "-o", tmp_path / "c.safetensors"],
                  ["resize", work / "loha.safetensors", "--rank", "2", "-o", tmp_path / "r.safetensors"]):
         code, _, err = run(argv, capsys)
         assert code == 2 and re.search("loha adapter: it has no LoRA form .* --base", err), err

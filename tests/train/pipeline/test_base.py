@@ -189,16 +189,19 @@ def test_single_file_errors_name_the_file_and_what_is_missing(pipe_dir, pipe, tm
     assert str(f) in str(e.value)
 
 
-def test_sd2_and_sdxl_single_files_are_refused_with_directions(pipe_dir, pipe, tmp_path):
+def test_sd2_single_files_are_refused_and_mixed_parts_named(pipe_dir, pipe, tmp_path):
     f = _single_file(pipe_dir, pipe, tmp_path / "sd2.safetensors", clip=False, extra={
         "cond_stage_model.model.transformer.resblocks.0.ln_1.weight": torch.ones(4)})
     match = r"SD2\.x single file.*diffusers folder.*prediction_type="
     with pytest.raises(UnsupportedCheckpoint, match=match) as e:
         load_base(f, tokenizer=pipe_dir / "tokenizer")
     assert isinstance(e.value, NotImplementedError) and str(f) in str(e.value)
+    # SDXL single files load (tests/train/pipeline/test_sdxl_base.py); SDXL text encoders beside an SD1.x
+    # U-Net are parts of different models
     f = _single_file(pipe_dir, pipe, tmp_path / "xl.safetensors", clip=False, extra={
         "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4)})
-    with pytest.raises(UnsupportedCheckpoint, match="SDXL"):
+    with pytest.raises(CheckpointError, match=r"no cond_stage_model\.transformer\.\* tensors.*SDXL's text "
+                                              r"encoders \(conditioner\.embedders\.0\.\*\) instead"):
         load_base(f, tokenizer=pipe_dir / "tokenizer")
 
 
@@ -234,7 +237,7 @@ def _break(folder, case):
     ("te tensor missing", CheckpointError, r"1 missing tensors \(final_layer_norm\.weight\)"),
     ("lfs pointer", CheckpointError, r"vae/diffusion_pytorch_model\.safetensors is a Git LFS pointer"),
     ("pickle only", CheckpointError, r"allow_pickle=True"),
-    ("sdxl index", UnsupportedCheckpoint, r"SDXL pipeline"),
+    ("sdxl index", CheckpointError, r"lists text_encoder_2, but the U-Net .* is built like an SD1\.x U-Net"),
 ])
 def test_folder_errors_name_the_path_and_the_missing_part(pipe_dir, tmp_path, case, error, match):
     folder = shutil.copytree(pipe_dir, tmp_path / "pipe")
