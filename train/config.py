@@ -101,6 +101,7 @@ RANGES: dict[str, Range] = {
     "pool_size": Range(0, note="0 = render every image online"), "workers": Range(0),
     "hint_cache_mb": Range(0, note="0 = no cache"), "cache_memory_mb": Range(0, note="0 = disk only"),
     "seed": _SEED, "seeds": _SEED, "factor": Range(-1, note="-1 = LoKr's near-square split"),
+    "min_bucket_area": Range(0, 1, low_open=True, note="a fraction of resolution**2"),
     # rates, weights and scales
     "lr": Range(0), "weight_decay": Range(0), "eps": _POSITIVE, "betas": _FRACTION,
     "max_grad_norm": Range(0, note="0 = no clipping"), "min_snr_gamma": _POSITIVE, "noise_offset": Range(0),
