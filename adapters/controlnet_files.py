@@ -43,7 +43,8 @@ from adapterkit.unet import (
     read_weights,
 )
 from adapterkit.unet import write_safetensors as _write_safetensors
-from adapterkit.unet.checkpoint import CONFIG_ERRORS, error_phrase
+from adapterkit.unet.checkpoint import CONFIG_ERRORS
+from adapterkit.unet.weights import error_phrase
 
 from .control_lora import control_lora_from_tensors
 from .controlnet import HINT_WIDTHS, ControlNet, check_base, same_architecture

@@ -5,7 +5,7 @@ import shutil
 import torch
 
 from adapterkit.unet import read_weights, save_unet
-from adapterkit.unet.checkpoint import write_safetensors
+from adapterkit.unet.weights import write_safetensors
 
 
 def vae_to_ldm(state: dict) -> dict:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import adapterkit.unet.checkpoint as checkpoint_module
+import adapterkit.unet.weights as weights_module
 from adapterkit.unet import (
     PRESETS,
     CheckpointError,
@@ -411,7 +412,8 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temp(layout, tmp_path
             f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")          # half a file, then the disk is full
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", dies_midway)
+    for module in (checkpoint_module, weights_module):                  # folder and single-file writers
+        monkeypatch.setattr(module, "save_file", dies_midway)
     with pytest.raises(OSError, match="No space left"):
         save_unet(UNet(PRESETS["tiny"]), target, layout=layout)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

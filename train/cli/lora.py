@@ -40,7 +40,8 @@ from adapterkit.adapters.merge import combine_loras, extract_lora, merge_loras, 
 from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
 from adapterkit.train.config import Range
 from adapterkit.unet import PRESETS, CheckpointError, UNetConfig, load_unet, stored_dtype
-from adapterkit.unet.checkpoint import CONFIG_ERRORS, DIFFUSERS_WEIGHTS, error_phrase
+from adapterkit.unet.checkpoint import CONFIG_ERRORS
+from adapterkit.unet.weights import DIFFUSERS_WEIGHTS, error_phrase
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -78,8 +78,8 @@ from adapterkit.train.pipeline.parts import (
 )
 from adapterkit.train.pipeline.single_file import from_single_file
 from adapterkit.unet import UNet, load_unet, read_weights, unet_fingerprint
-from adapterkit.unet.checkpoint import CheckpointError
 from adapterkit.unet.families import FAMILIES, SDXL, Family, TextEncoder, family_like, family_named, family_of
+from adapterkit.unet.weights import CheckpointError
 
 logger = logging.getLogger(__name__)
 

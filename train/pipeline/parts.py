@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from adapterkit.train.paths import data_dir
 from adapterkit.unet import UNetConfig
-from adapterkit.unet.checkpoint import CheckpointError
 from adapterkit.unet.families import FAMILIES, TextEncoder
+from adapterkit.unet.weights import CheckpointError
 
 CONFIGS = data_dir("configs")
 

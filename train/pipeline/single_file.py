@@ -50,8 +50,8 @@ from adapterkit.train.pipeline.parts import (
     vae_dtype,
 )
 from adapterkit.unet import load_unet, read_weights
-from adapterkit.unet.checkpoint import CheckpointError
 from adapterkit.unet.families import Family, TextEncoder, family_like, family_of, family_of_single_file
+from adapterkit.unet.weights import CheckpointError
 
 # Marker tensors of a file's noise schedule (ComfyUI), and ModelSpec's names for the prediction types.
 SCHEDULE_MARKERS = ("v_pred", "ztsnr")

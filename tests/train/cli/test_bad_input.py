@@ -39,7 +39,7 @@ from adapterkit.adapters.controlnet_files import save_controlnet
 from adapterkit.adapters.lora import LoraSpec, add_lora, lora_layers
 from adapterkit.adapters.lora_files import save_lora
 from adapterkit.unet import PRESETS, Stage, UNet, UNetConfig, load_unet, save_unet
-from adapterkit.unet.checkpoint import DIFFUSERS_WEIGHTS
+from adapterkit.unet.weights import DIFFUSERS_WEIGHTS
 from support.pictures import png_bytes, shape_image
 
 # A U-Net small enough to write a dozen broken copies of per test run (~60 KB).
@@ -284,6 +284,7 @@ def disk_full(monkeypatch) -> None:
 
     monkeypatch.setattr("safetensors.torch.save_file", safetensors_full)
     monkeypatch.setattr("adapterkit.unet.checkpoint.save_file", safetensors_full)
+    monkeypatch.setattr("adapterkit.unet.weights.save_file", safetensors_full)
     monkeypatch.setattr(Image.Image, "save", pil_full)
     monkeypatch.setattr("adapterkit.train.cli.checks.shutil.disk_usage",
                         lambda p: shutil._ntuple_diskusage(1 << 30, (1 << 30) - 4096, 4096))

@@ -16,7 +16,7 @@ from adapterkit.train.pipeline.base import load_base
 from adapterkit.train.pipeline.encoding import decode, encode_images, encode_prompts
 from adapterkit.train.world import shapes as world
 from adapterkit.unet import PRESETS
-from adapterkit.unet.checkpoint import CheckpointError
+from adapterkit.unet.weights import CheckpointError
 from support import REPO
 
 

@@ -35,7 +35,7 @@ from adapterkit.unet import (
     read_weights,
     unet_fingerprint,
 )
-from adapterkit.unet.checkpoint import write_safetensors
+from adapterkit.unet.weights import write_safetensors
 from support.pipelines import build_tiny_pipeline
 from support.single_files import configs_only as _configs_only
 from support.single_files import single_file as _single_file

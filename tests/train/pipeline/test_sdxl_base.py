@@ -20,8 +20,8 @@ from adapterkit.train.pipeline.encoding import encode_images, encode_text
 from adapterkit.train.pipeline.parts import CONFIGS, UnsupportedCheckpoint
 from adapterkit.train.pipeline.single_file import openclip_names
 from adapterkit.unet import CheckpointError, read_weights
-from adapterkit.unet.checkpoint import write_safetensors
 from adapterkit.unet.families import family_like
+from adapterkit.unet.weights import write_safetensors
 from support.pipelines import SDXL_TEXT_WIDTHS, build_tiny_sdxl_pipeline, sdxl_scheduler_config
 from support.single_files import configs_only, openclip_from_transformers, sdxl_single_file
 from support.unets import SDXL_TINY
