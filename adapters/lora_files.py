@@ -28,6 +28,9 @@ formats.md §3.2).
 Writes are atomic (temp file + os.replace) and verified: the temp file is read back and every
 layer's ΔW compared with the source before it replaces the destination. Our own metadata carries
 nothing personal: no paths, no user names; the base is identified by a weights fingerprint.
+
+One coherent thing over 450 lines: LoRA file I/O in both layouts (read, write, verify,
+convert, summarize), one key table for both directions; the key names themselves are lora_keys.py.
 """
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ peft/diffusers layout (lycoris_files.py).
 
 Loading a record into a model injects peft layers of the file's ranks and then sets each adapter's
 tensors to exactly the file's (peft's own shape choices, e.g. LoKr's factorisation, play no part).
+
+One coherent thing over 450 lines: the LyCORIS adapter record and its peft layers (attach,
+read out, remove), whose conversions must agree with each other exactly.
 """
 from __future__ import annotations
 

@@ -28,6 +28,9 @@ branch divides by the base weight's norm), so it is written back in the peft lay
 
 Writes are atomic and verified: the temp file is read back and every tensor and scale compared with
 the source (up to the rounding of `dtype`) before it replaces the destination.
+
+One coherent thing over 450 lines: LyCORIS file I/O (detect, read, write, verify, convert,
+summarize), one layout table for both directions.
 """
 from __future__ import annotations
 

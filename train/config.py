@@ -24,6 +24,9 @@ Rules:
   once the aliases are expanded (a 671-byte alias bomb expands to gigabytes), and error messages show
   values shortened, never expanded in full.
 - The dataclass's own `__post_init__` checks run last; their errors get the section's path.
+
+One coherent thing over 450 lines: the recipe loader (YAML limits, overrides, types, ranges);
+its parts share the path-naming of every error.
 """
 from __future__ import annotations
 

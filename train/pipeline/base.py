@@ -44,6 +44,9 @@ each p x p patch folded into 3 p^2 channels (`pixel_patch`, from `_adapterkit_pi
 model_index.json; 1 = plain RGB). Folding by 2 makes a 64 px picture a 32 x 32 x 12 "latent", so
 the `tiny` preset runs at its native 32 x 32 at a quarter of the cost of working on 64 x 64 pixels,
 and unlike a small VAE it loses nothing (stripes 3 px apart survive).
+
+One coherent thing over 450 lines: loading a base from a folder, with the checks each part
+needs; single files, encoding and shared checks live in single_file.py, encoding.py and parts.py.
 """
 from __future__ import annotations
 

@@ -68,6 +68,9 @@ of the gaps, or (outline) toward the blurrier side.
 
 Inputs are PIL images or uint8 (H, W, 3) arrays; turn sampler tensors into images with
 `train.images.tensor_to_pil` (its value range is an argument there, never guessed here).
+
+One coherent thing over 450 lines: the shapes world's measures (classifier, style detectors,
+scores), each a few lines of one shared picture analysis.
 """
 from __future__ import annotations
 
