@@ -160,19 +160,29 @@ class BucketBatchSampler:
     randomness (crop, flip, caption dropout) with the same pair; works as a DataLoader
     `batch_sampler`.
 
+    Repeats: with `repeats[i] = n`, index i fills n slots of its bucket in every epoch (kohya's
+    `N_name` folders); the batches list slots, `key(epoch, slot)` turns one into the dataset key:
+    `(epoch, i)` for the first copy, `(epoch, i, copy)` for the others, so each copy draws its own
+    crop, flip and caption. Without repeats a slot is the index itself.
+
     Resume: `set_epoch(epoch, start_step=step)` skips the first `step` batches of that epoch; the
     rest are exactly those of an uninterrupted run. The trainer stores (epoch, step) in its
     checkpoint; the sampler itself holds no hidden state.
     """
 
     def __init__(self, buckets: Sequence[Size], batch_size: int, *, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False):
+                 shuffle: bool = True, drop_last: bool = False, repeats: Sequence[int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        repeats = [1] * len(buckets) if repeats is None else list(repeats)
+        if len(repeats) != len(buckets) or min(repeats, default=1) < 1:
+            raise ValueError(f"repeats must give each of the {len(buckets)} samples a count >= 1")
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        # slot -> (index, copy); slots of one index are adjacent, so with no repeats slot == index
+        self.slots = [(index, copy) for index, n in enumerate(repeats) for copy in range(n)]
         self.groups: dict[Size, list[int]] = {}
-        for index, bucket in enumerate(buckets):
-            self.groups.setdefault(tuple(bucket), []).append(index)
+        for slot, (index, _) in enumerate(self.slots):
+            self.groups.setdefault(tuple(buckets[index]), []).append(slot)
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -180,8 +190,14 @@ class BucketBatchSampler:
             raise ValueError(f"start_step {start_step} is outside epoch length {len(self)}")
         self.epoch, self.start_step = epoch, start_step
 
+    def key(self, epoch: int, slot: int) -> tuple[int, ...]:
+        """The dataset key of `slot` in `epoch`: (epoch, index), or (epoch, index, copy) for copy >= 1."""
+        index, copy = self.slots[slot]
+        return (epoch, index, copy) if copy else (epoch, index)
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All batches of `epoch`: shuffle inside each bucket, chunk, then shuffle the batch order."""
+        """All batches of `epoch` as slots: shuffle inside each bucket, chunk, then shuffle the batch
+        order."""
         rng = np.random.default_rng([self.seed, 0, epoch])   # stream 0: order (datasets use 1)
         batches = []
         for bucket in sorted(self.groups):                    # fixed bucket order before any draw
@@ -200,8 +216,8 @@ class BucketBatchSampler:
             n += len(idx) // self.batch_size if self.drop_last else -(-len(idx) // self.batch_size)
         return n
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         epoch, start = self.epoch, self.start_step
         self.start_step = 0   # a resume offset applies to one pass only
         for batch in self.epoch_batches(epoch)[start:]:
-            yield [(epoch, i) for i in batch]
+            yield [self.key(epoch, slot) for slot in batch]

@@ -44,7 +44,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from adapterkit.train.data.buckets import Crop, plan_crop
-from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, build_caption, to_tensor
+from adapterkit.train.data.captions import build_caption
+from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, to_tensor
 from adapterkit.train.pipeline.base import BaseModel, Fingerprint
 from adapterkit.train.pipeline.encoding import encode_moments, encode_text, moments_to_latents
 from adapterkit.unet import Conditioning, write_safetensors

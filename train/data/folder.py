@@ -46,24 +46,26 @@ Captions are cleaned (control characters and whitespace runs become one space). 
 read; symlinked folders are not followed.
 
 An empty folder, or one where nothing survives, raises ValueError with the counts per reason and
-what to do. Randomness at sample time (crop, flip, caption dropout) is a pure function of
-(seed, epoch, index), so DataLoader workers, resume and reruns agree. Each record carries the
-SHA-256 of its file bytes, the key for latent caches; a file that changes after the scan is an error.
+what to do. Randomness at sample time (crop, flip, caption dropout, tag shuffle and dropout:
+train/data/captions.py) is a pure function of (seed, epoch, index), so DataLoader workers, resume and
+reruns agree. Each record carries the SHA-256 of its file bytes, the key for latent caches; a file
+that changes after the scan is an error.
+
+Repeats (`data.kohya_repeats`, off by default): a top-level subfolder named `N_name` (kohya
+sd-scripts' convention, `10_mystyle/`) puts each of its images N times in every epoch; the summary
+then lists each folder's images, repeats and samples, and the epoch's length.
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
 import io
-import json
 import logging
 import os
 import re
-import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -71,6 +73,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from adapterkit.train.data.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, plan_crop
+from adapterkit.train.data.captions import build_caption, clean_caption, decode_caption, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,13 @@ class DataConfig:
     min_bucket_area: float | None = None
     trigger: str = ""                           # prepended: "sks, a red circle"
     caption_dropout: float = 0.0                # probability of an empty caption (for CFG)
+    # Tags (comma-separated caption parts) at batch time, kohya's shuffle_caption / keep_tokens /
+    # caption_tag_dropout_rate (train/data/captions.py): off by default, the caption as written.
+    shuffle_tags: bool = False
+    keep_tokens: int = 0                        # the first N tags stay in place, never dropped
+    tag_dropout: float = 0.0                    # each other tag dropped with this probability
+    # kohya's repeat folders: a top-level subfolder `N_name` repeats its pictures N times per epoch
+    kohya_repeats: bool = False
     caption_ext: str = ".txt"
     missing_caption: Literal["empty", "skip", "error"] = "empty"
     min_side: int = 64                          # smaller images are skipped
@@ -144,6 +154,10 @@ class DataConfig:
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if not 0.0 <= self.tag_dropout <= 1.0:
+            raise ValueError(f"tag_dropout must be in [0, 1], got {self.tag_dropout}")
+        if self.keep_tokens < 0:
+            raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
         if self.min_side < 1 or self.max_pixels < 1:
             raise ValueError("min_side and max_pixels must be >= 1")
         if len(self.alpha_background) != 3 or not all(0 <= c <= 255 for c in self.alpha_background):
@@ -163,6 +177,7 @@ class ImageRecord:
     size: Size
     caption: str                 # as written by the user, without trigger; "" if none
     fixes: tuple[str, ...] = ()  # POLICY keys applied when loading
+    repeats: int = 1             # times per epoch (kohya's `N_name` folders, data.kohya_repeats)
 
 
 @dataclass
@@ -174,6 +189,13 @@ class ScanReport:
     accepted: int = 0
     ignored: Counter = field(default_factory=Counter)   # other files, by extension
     entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # top-level folder ("." for the root itself) -> [accepted images, repeats of each]
+    folders: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples per epoch: every accepted image times its folder's repeats."""
+        return sum(n * repeats for n, repeats in self.folders.values())
 
     def add(self, key: str, rel: str, detail: str = "") -> None:
         self.entries.setdefault(key, []).append((rel, detail))
@@ -202,7 +224,17 @@ class ScanReport:
                          else "; trained on the trigger word alone (empty if there is none)")
             lines.append(f"  {self.action(key):6} {len(found):5}  {key}: {what}")
             lines += file_lines(found, names)
-        return "\n".join(lines)
+        return "\n".join(lines + self.folder_lines())
+
+    def folder_lines(self) -> list[str]:
+        """Per top-level folder: images, repeats and samples per epoch; nothing for one folder seen once."""
+        if len(self.folders) < 2 and all(r == 1 for _, r in self.folders.values()):
+            return []
+        lines = ["  folders: images x repeats = samples per epoch"]
+        lines += [f"    {name + '/' if name != '.' else './'}: {n} x {r} = {n * r}"
+                  for name, (n, r) in sorted(self.folders.items())]
+        lines.append(f"  epoch: {self.epoch_samples} samples from {self.accepted} images")
+        return lines
 
     __str__ = summary
 
@@ -301,84 +333,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)                # (3, H, W)
 
 
-# -- captions -------------------------------------------------------------------------------------
-
-
-def decode_caption(raw: bytes) -> tuple[str, str]:
-    """Caption bytes -> (text, note). UTF-16 by BOM, UTF-8 (BOM stripped), then cp1252 / latin-1
-    with a note naming the first bad byte. Never raises."""
-    note = ""
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        try:
-            return raw.decode("utf-16"), ""
-        except UnicodeDecodeError:
-            pass
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        try:
-            text, enc = raw.decode("cp1252"), "cp1252"
-        except UnicodeDecodeError:
-            text, enc = raw.decode("latin-1"), "latin-1"   # decodes every byte
-        note = f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); read as {enc}: {text[:40]!r}"
-    return text, note
-
-
-def clean_caption(text: str) -> str:
-    """Control characters become spaces, whitespace runs (newlines too) one space, ends stripped."""
-    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def build_caption(caption: str, trigger: str, dropout: float, rng: np.random.Generator) -> str:
-    """The training caption: "" with probability `dropout`, else "trigger, caption" (the caption as it
-    is when one of its comma-separated parts already is the trigger)."""
-    if dropout and rng.random() < dropout:
-        return ""
-    present = caption.startswith(trigger) or trigger in (part.strip() for part in caption.split(","))
-    if trigger and not present:
-        return f"{trigger}, {caption}" if caption else trigger
-    return caption
-
-
-def _read_metadata(path: Path, root: Path, report: ScanReport) -> dict[Path, str]:
-    """metadata.jsonl -> {normalized image path: caption}; bad lines go to the report."""
-    rel = path.relative_to(root).as_posix()
-    text, note = decode_caption(path.read_bytes())
-    if note:
-        report.add("caption_encoding", rel, note)
-        logger.warning("%s: %s", path, note)
-    out = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{rel}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            report.add("metadata", where, f"not JSON ({e.msg})")
-            continue
-        name = row.get("file_name") if isinstance(row, dict) else None
-        caption = row.get("text", row.get("caption")) if isinstance(row, dict) else None
-        if not isinstance(name, str) or not isinstance(caption, str):
-            report.add("metadata", where, "needs a string 'file_name' and a string 'text' (or 'caption')")
-            continue
-        # The same rule as datasets' PR #8325 (CWE-22): relative, inside the folder, no URL.
-        target = Path(os.path.normpath(path.parent / name))
-        if ("://" in name or name.startswith("file:") or PurePosixPath(name).is_absolute()
-                or PureWindowsPath(name).is_absolute() or not target.is_relative_to(root)):
-            report.add("metadata", where, f"unsafe file_name {name!r}: must be relative, inside the folder")
-            continue
-        if not target.is_file() or target.suffix.lower() not in IMAGE_EXTENSIONS:
-            report.add("metadata", where, f"file_name {name!r} is not an image file in the folder")
-            continue
-        if target in out:
-            report.add("metadata", where, f"second entry for {name!r}; the first is used")
-            continue
-        out[target] = caption
-    return out
-
-
 # -- the scan -------------------------------------------------------------------------------------
 
 
@@ -414,12 +368,13 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
             else:
                 report.ignored[ext] += 1
     images.sort(key=lambda p: p.relative_to(root).as_posix())
+    repeats = {p: folder_repeats(p.relative_to(root), cfg.kohya_repeats) for p in images}
     for p in sorted(unsupported):
         report.add("unsupported", p.relative_to(root).as_posix(), f"no {p.suffix} decoder; convert to PNG")
     report.image_files = len(images) + len(unsupported)
     meta_captions: dict[Path, str] = {}
     for m in sorted(metadata):
-        for target, caption in _read_metadata(m, root, report).items():
+        for target, caption in read_metadata(m, root, report, IMAGE_EXTENSIONS).items():
             meta_captions.setdefault(target, caption)
     for orphan in sorted(captions - {p.with_suffix(cfg.caption_ext) for p in images + unsupported}):
         report.add("orphan_caption", orphan.relative_to(root).as_posix())
@@ -448,10 +403,27 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
         for fix in fixes:
             report.add(fix, rel)
         seen[digest] = rel
-        records.append(ImageRecord(path, rel, digest, image.size, caption, tuple(fixes)))
+        folder, n = repeats[path]
+        report.folders.setdefault(folder, [0, n])[0] += 1
+        records.append(ImageRecord(path, rel, digest, image.size, caption, tuple(fixes), n))
     report.accepted = len(records)
     _check_usable(records, report, cfg)
     return records, report
+
+
+def folder_repeats(rel: Path, kohya: bool) -> tuple[str, int]:
+    """(top-level folder, repeats) of an image at `rel` under the root: with `kohya`, a folder named
+    `N_name` (kohya sd-scripts' convention, e.g. `10_mystyle`) repeats its images N times per epoch;
+    any other folder, and the root itself ("."), once."""
+    folder = rel.parts[0] if len(rel.parts) > 1 else "."
+    match = re.fullmatch(r"(\d+)_(.+)", folder) if kohya else None
+    if match is None:
+        return folder, 1
+    n = int(match.group(1))
+    if n < 1:
+        raise ValueError(f"folder {folder!r} asks for {n} repeats (data.kohya_repeats is on): name it "
+                         "N_name with N >= 1, or move it out of data.root")
+    return folder, n
 
 
 def _caption_for(path: Path, rel: str, cfg: DataConfig, meta: dict[Path, str],
@@ -504,8 +476,9 @@ def _check_usable(records: list[ImageRecord], report: ScanReport, cfg: DataConfi
 class CaptionedImageFolder(torch.utils.data.Dataset):
     """Scanned records served as training samples, each in its aspect-ratio bucket.
 
-    Index with an int, or with the `(epoch, index)` keys `batch_sampler()` yields; the key seeds
-    that sample's crop, flip and caption dropout.
+    Index with an int, or with the `(epoch, index)` keys `batch_sampler()` yields (`(epoch, index,
+    copy)` for the extra copies of a repeated image); the key seeds that sample's crop, flip and
+    caption (dropout, tags).
     """
 
     def __init__(self, records: list[ImageRecord], cfg: DataConfig, report: ScanReport | None = None):
@@ -537,32 +510,44 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
                                 background=self.cfg.alpha_background)
         return image
 
-    def describe(self, key: int | tuple[int, int]) -> dict:
+    def describe(self, key: int | tuple[int, ...]) -> dict:
         """Sample `key` without its pixels: caption, crop and identity. What a trainer that reads
         latents from a cache needs; `__getitem__` adds the pixels with the same crop."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index, copy = sample_key(key)
         rec, cfg = self.records[index], self.cfg
-        rng = np.random.default_rng([cfg.seed, 1, epoch, index])   # stream 1: samples (0: order)
+        # stream 1: samples (0: order); a repeat's extra copies (copy >= 1) draw their own
+        rng = np.random.default_rng([cfg.seed, 1, epoch, index] + ([copy] if copy else []))
         crop = plan_crop(rec.size, self.bucket_of[index], rng, random_crop=cfg.random_crop,
                          flip_prob=0.5 if cfg.flip else 0.0)
         return {
-            "caption": build_caption(rec.caption, cfg.trigger, cfg.caption_dropout, rng),
+            "caption": build_caption(rec.caption, cfg.trigger, cfg.caption_dropout, rng,
+                                     shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+                                     tag_dropout=cfg.tag_dropout),
             "sha256": rec.sha256,
             "path": str(rec.path),
             "size": rec.size,
             "crop": crop,
         }
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict:
         sample = self.describe(key)
-        index = key[1] if isinstance(key, tuple) else key
-        sample["pixel_values"] = to_tensor(sample["crop"].apply(self.load_image(index)))  # (3, bh, bw)
+        image = self.load_image(sample_key(key)[1])
+        sample["pixel_values"] = to_tensor(sample["crop"].apply(image))                   # (3, bh, bw)
         return sample
 
     def batch_sampler(self, batch_size: int, *, shuffle: bool = True,
                       drop_last: bool = False) -> BucketBatchSampler:
         return BucketBatchSampler(self.bucket_of, batch_size, seed=self.cfg.seed, shuffle=shuffle,
-                                  drop_last=drop_last)
+                                  drop_last=drop_last, repeats=[r.repeats for r in self.records])
+
+
+def sample_key(key: int | tuple[int, ...]) -> tuple[int, int, int]:
+    """(epoch, record index, copy) of a dataset key: an int index (epoch 0), `(epoch, index)`, or
+    `(epoch, index, copy)` for the extra copies of a repeated image (BucketBatchSampler.key)."""
+    if not isinstance(key, tuple):
+        return 0, key, 0
+    epoch, index, *copy = key
+    return epoch, index, copy[0] if copy else 0
 
 
 def collate(samples: list[dict]) -> dict:

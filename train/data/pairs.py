@@ -165,7 +165,7 @@ class PairedFolder(CaptionedImageFolder):
         size = self.records[index].size
         return image if image.size == size else image.resize(size, RESAMPLE)
 
-    def hint(self, key: int | tuple[int, int], crop: Crop | None = None) -> Tensor:
+    def hint(self, key: int | tuple[int, ...], crop: Crop | None = None) -> Tensor:
         """The hint of sample `key` (3, bh, bw), float in [0, 1], through `crop` (default: the
         sample's own, from `describe`)."""
         index = key[1] if isinstance(key, tuple) else key

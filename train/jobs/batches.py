@@ -36,12 +36,12 @@ class BatchPlan:
         self.accum, self.world, self.rank = accum, world, rank
         self._epoch, self._batches = -1, []
 
-    def keys(self, step: int, micro: int) -> list[tuple[int, int]]:
+    def keys(self, step: int, micro: int) -> list[tuple[int, ...]]:
         n = (step * self.accum + micro) * self.world + self.rank
         epoch, i = divmod(n, self.per_epoch)
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self.sampler.epoch_batches(epoch)
-        return [(epoch, index) for index in self._batches[i]]
+        return [self.sampler.key(epoch, slot) for slot in self._batches[i]]
 
     def seed(self, base_seed: int, step: int, micro: int) -> int:
         return int(np.random.SeedSequence([base_seed, step, micro, self.rank]).generate_state(1)[0])
@@ -50,7 +50,7 @@ class BatchPlan:
 @dataclass
 class MicroBatch:
     """One micro-batch, ready for the model: latents are fp32, `noisy` and `cond` in `dtype`."""
-    keys: list[tuple[int, int]]
+    keys: list[tuple[int, ...]]             # dataset keys: (epoch, index) or (epoch, index, copy)
     samples: list[dict]                # dataset.describe(key) of each: caption, crop, identity
     latents: Tensor                    # (B, C, h, w) clean
     cond: Conditioning                 # context (B, L, D); pooled and time ids where the family has them

@@ -18,7 +18,7 @@ the tiny base model works at 64 x 64 (`SIZE`).
   base's character-level text encoder has learned absolute positions, and a prefix would move every
   character of the caption off the places the base learned them at (measured on the demo's 16
   scenes: the bundled base's shape accuracy is 0.94 with the trigger last, 0.50 under a "sks, "
-  prefix). `train.data.build_caption` sees the trigger as one of the caption's comma-separated
+  prefix). `train.data.captions.build_caption` sees the trigger as one of the caption's comma-separated
   parts and does not add it again. The caption names content only: the trigger word stands for
   the style.
 - `canny_map(scene_or_image, size)` -> the ControlNet hint of the rendered picture (train.canny, its

@@ -23,14 +23,13 @@ from adapterkit.train.data.buckets import (
     plan_crop,
     transform_pair,
 )
+from adapterkit.train.data.captions import build_caption, decode_caption
 from adapterkit.train.data.folder import (
     POLICY,
     BadImage,
     CaptionedImageFolder,
     DataConfig,
-    build_caption,
     collate,
-    decode_caption,
     decode_image,
     scan_folder,
     to_tensor,
