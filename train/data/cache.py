@@ -275,14 +275,16 @@ class LatentCache:
             out[c] = _from_entry(entry) if entry is not None else None
         return out
 
-    def _encode_texts(self, base: BaseModel, captions: Sequence[str]) -> list[Conditioning]:
+    def _encode_texts(self, base: BaseModel, captions: Sequence[str], store: bool = True
+                      ) -> list[Conditioning]:
         encoded = encode_text(base, list(captions))
         rows = [encoded[j:j + 1] for j in range(len(captions))]
         for caption, row in zip(captions, rows):
             entry = _to_entry(row)
             _check_finite(entry, f"caption {caption[:60]!r}")
-            key, what = self._text_key(base, caption)
-            self.put(key, entry, what)
+            if store:
+                key, what = self._text_key(base, caption)
+                self.put(key, entry, what)
         return rows
 
     # -- serving a training batch ---------------------------------------------------------------
@@ -316,14 +318,15 @@ class LatentCache:
         return moments_to_latents(base, (mean, logvar), generator)
 
     def text(self, base: BaseModel, captions: Sequence[str],
-             device: str | torch.device | None = None) -> Conditioning:
+             device: str | torch.device | None = None, store: bool = True) -> Conditioning:
         """The text conditioning of `captions` (context (B, L, D), and pooled where the family has it),
-        from the cache; missing ones are encoded and stored."""
+        from the cache; missing ones are encoded, and stored unless `store` is False (captions made
+        anew every step, by tag shuffling or dropout, would grow the cache without end)."""
         self._check_base(base)
         rows = self._texts(base, captions)
         missing = [c for c, e in rows.items() if e is None]
         if missing:
-            rows.update(zip(missing, self._encode_texts(base, missing)))
+            rows.update(zip(missing, self._encode_texts(base, missing, store)))
         device = device if device is not None else base.unet.conv_in.weight.device
         return Conditioning.cat([rows[c].to(device) for c in captions])
 

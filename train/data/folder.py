@@ -151,6 +151,12 @@ class DataConfig:
     # a step reads no file (train/data/cache.py); 0 = read every entry from disk each time.
     cache_memory_mb: int = 2048
 
+    @property
+    def varies_captions(self) -> bool:
+        """Whether a picture's caption changes from draw to draw beyond dropout (shuffled or dropped
+        tags): such captions are encoded each step, not cached."""
+        return self.shuffle_tags or self.tag_dropout > 0
+
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")

@@ -154,7 +154,8 @@ def main(cfg: LoraRecipe) -> Path:
     if accelerator.is_main_process:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()
-    move_encoders(base, "cpu")              # every latent and caption is cached: the GPU holds the U-Net
+    if not cfg.data.varies_captions:        # every latent and caption is cached: the GPU holds the U-Net
+        move_encoders(base, "cpu")          # (shuffled/dropped tags are encoded each step: they stay)
 
     unet = base.unet
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run

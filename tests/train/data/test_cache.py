@@ -284,3 +284,16 @@ def test_to_tensor_pixels_are_what_the_cache_encodes(base, data, tmp_path):
     sample = ds[1]
     crop = sample["crop"]
     assert torch.equal(to_tensor(crop.apply(ds.load_image(1))), sample["pixel_values"])
+
+
+def test_captions_made_anew_each_step_are_encoded_but_not_stored(tmp_path):
+    """store=False (shuffled or dropped tags): the conditioning is the encoder's, and no entry is
+    written, so the cache cannot grow with the steps."""
+    from adapterkit.train.pipeline.encoding import encode_prompts
+    base = load_base(build_tiny_pipeline(tmp_path / "b", PRESETS["tiny"]))
+    cache = LatentCache(tmp_path / "c", base.fingerprint)
+    text = cache.text(base, ["b, a, c"], store=False)
+    assert torch.equal(text.context, encode_prompts(base, ["b, a, c"]))
+    assert not any((tmp_path / "c").rglob("*.safetensors"))
+    cache.text(base, ["b, a, c"])
+    assert len(list((tmp_path / "c").rglob("*.safetensors"))) == 1
