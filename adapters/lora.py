@@ -135,6 +135,33 @@ class AdapterWeights:
     def alphas(self) -> Counter:
         return Counter(m.alpha for m in self.modules.values())
 
+    def check_placement(self, model: nn.Module, wrong: list[str], missing: list[str], unplaced: list[str],
+                        unloaded: int, allow_unmatched: bool) -> None:
+        """Refuse (ValueError naming every problem and the base the file was made for) an adapter with
+        shape mismatches, with keys that place nowhere unless `allow_unmatched`, or of which nothing
+        loads (`unloaded` of its modules stay out); otherwise warn about what is skipped."""
+        nothing_fits = unloaded == len(self.modules)
+        if wrong or ((missing or unplaced) and not allow_unmatched) or nothing_fits:
+            cfg = getattr(model, "config", None)
+            parts = [f"{self.source} does not fit this U-Net"
+                     + (f" ({describe_config(cfg)})" if cfg is not None and hasattr(cfg, "stages") else "")]
+            if made_for := guess_base(self.shapes(), self.metadata, self.unplaced):
+                parts.append(f"it was made for: {made_for}")
+            if wrong:
+                parts.append(f"{len(wrong)} shape mismatches: {_list(wrong, 6)}")
+            if missing:
+                parts.append(f"{len(missing)} keys match no layer: {_list(missing)}")
+            if unplaced:
+                parts.append(f"{len(unplaced)} keys could not be placed: {_list(unplaced)}")
+            if not self.modules:
+                parts.append("it holds no U-Net modules")
+            if not wrong and not nothing_fits:
+                parts.append("pass allow_unmatched=True (--allow-unmatched) to load the part that fits")
+            raise ValueError("; ".join(parts))
+        if missing or unplaced:
+            warnings.warn(f"{self.source}: loading {len(self.modules) - unloaded} modules, skipping "
+                          f"{len(missing) + len(unplaced)} keys: {_list(missing + unplaced)}", stacklevel=3)
+
 
 @dataclass
 class Lora(AdapterWeights):
@@ -194,29 +221,7 @@ def fit(lora: Lora, model: nn.Module, allow_unmatched: bool = False,
     unplaced = [f"{k} ({why})" for k, why in lora.unplaced.items()]
     unplaced += [f"{lora.key(p)} (text-encoder module; no text encoders were given to place it in)"
                  for p in aside]
-    nothing_fits = len(missing) + len(aside) == len(lora.modules)
-    if wrong or ((missing or unplaced) and not allow_unmatched) or nothing_fits:
-        made_for = guess_base(lora.shapes(), lora.metadata, lora.unplaced)
-        cfg = getattr(model, "config", None)
-        parts = [f"{lora.source} does not fit this U-Net"
-                 + (f" ({describe_config(cfg)})" if cfg is not None and hasattr(cfg, "stages") else "")]
-        if made_for:
-            parts.append(f"it was made for: {made_for}")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches: {_list(wrong, 6)}")
-        if missing:
-            parts.append(f"{len(missing)} keys match no layer: {_list(missing)}")
-        if unplaced:
-            parts.append(f"{len(unplaced)} keys could not be placed: {_list(unplaced)}")
-        if not lora.modules:
-            parts.append("it holds no U-Net LoRA modules")
-        if not wrong and not nothing_fits:
-            parts.append("pass allow_unmatched=True (--allow-unmatched) to load the part that fits")
-        raise ValueError("; ".join(parts))
-    if missing or unplaced:
-        warnings.warn(f"{lora.source}: loading {len(lora.modules) - len(missing) - len(aside)} modules, "
-                      f"skipping {len(missing) + len(unplaced)} keys: {_list(missing + unplaced)}",
-                      stacklevel=2)
+    lora.check_placement(model, wrong, missing, unplaced, len(missing) + len(aside), allow_unmatched)
     return {p: layers[p] for p in lora.modules if p in layers}
 
 

@@ -66,7 +66,7 @@ from .lora import (
     load_lora,
     lora_names,
 )
-from .lora_keys import describe_config, guess_base, layer_paths
+from .lora_keys import layer_paths
 
 KINDS = ("loha", "lokr", "dora")                 # what a LycorisSpec trains
 DORA_AXES = ("input", "output")                  # input: the clients' DoRA; output: peft's
@@ -230,26 +230,7 @@ class Lycoris(AdapterWeights):
         wrong = [f"{self.key(p)}: {why}" for p, m in self.modules.items()
                  if p in layers and (why := m.problem(layers[p].weight.shape))]
         unplaced = [f"{k} ({why})" for k, why in self.unplaced.items()]
-        if wrong or ((missing or unplaced) and not allow_unmatched) or len(missing) == len(self.modules):
-            cfg = getattr(model, "config", None)
-            parts = [f"{self.source} does not fit this U-Net"
-                     + (f" ({describe_config(cfg)})" if hasattr(cfg, "stages") else "")]
-            if made_for := guess_base(self.shapes(), self.metadata, self.unplaced):
-                parts.append(f"it was made for: {made_for}")
-            if wrong:
-                parts.append(f"{len(wrong)} shape mismatches: {_list(wrong, 6)}")
-            if missing:
-                parts.append(f"{len(missing)} keys match no layer: {_list(missing)}")
-            if unplaced:
-                parts.append(f"{len(unplaced)} keys could not be placed: {_list(unplaced)}")
-            if not self.modules:
-                parts.append("it holds no U-Net modules")
-            if not wrong and self.modules and len(missing) < len(self.modules):
-                parts.append("pass allow_unmatched=True (--allow-unmatched) to load the part that fits")
-            raise ValueError("; ".join(parts))
-        if missing or unplaced:
-            warnings.warn(f"{self.source}: loading {len(self.modules) - len(missing)} modules, skipping "
-                          f"{len(missing) + len(unplaced)} keys: {_list(missing + unplaced)}", stacklevel=2)
+        self.check_placement(model, wrong, missing, unplaced, len(missing), allow_unmatched)
         return {p: layers[p] for p in self.modules if p in layers}
 
 

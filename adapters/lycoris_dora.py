@@ -185,32 +185,28 @@ def _fusable(layer, x: Tensor, name: str) -> bool:
     return type(base) is nn.Linear and len(dtypes) == 1
 
 
-class ColumnDoraLinear(_ColumnDoraForward, lora_fused.FusedLinear):
+class _ColumnDoraLayer(_ColumnDoraForward):
+    """A peft LoRA layer whose `use_dora` builds column-wise DoRA; `_conv` says which kind of layer."""
+    _conv = False
+
+    @property
+    def lora_variants(self):
+        return {**super().lora_variants, ("use_dora",): ColumnDoraVariant}
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        name = self._single_column_dora(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        return self._column_dora_forward(x, name, conv=self._conv)
+
+
+class ColumnDoraLinear(_ColumnDoraLayer, lora_fused.FusedLinear):
     """lora_fused's peft Linear whose `use_dora` builds column-wise DoRA."""
 
-    @property
-    def lora_variants(self):
-        return {**super().lora_variants, ("use_dora",): ColumnDoraVariant}
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        name = self._single_column_dora(x, args, kwargs)
-        if name is None:
-            return super().forward(x, *args, **kwargs)
-        return self._column_dora_forward(x, name, conv=False)
-
-
-class ColumnDoraConv2d(_ColumnDoraForward, PeftConv2d):
+class ColumnDoraConv2d(_ColumnDoraLayer, PeftConv2d):
     """peft's LoRA Conv2d whose `use_dora` builds column-wise DoRA."""
-
-    @property
-    def lora_variants(self):
-        return {**super().lora_variants, ("use_dora",): ColumnDoraVariant}
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        name = self._single_column_dora(x, args, kwargs)
-        if name is None:
-            return super().forward(x, *args, **kwargs)
-        return self._column_dora_forward(x, name, conv=True)
+    _conv = True
 
 
 def register(config) -> None:
