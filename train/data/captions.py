@@ -26,14 +26,17 @@ import re
 import unicodedata
 from collections.abc import Collection
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from adapterkit.train.data.folder import ScanReport
-
 logger = logging.getLogger(__name__)
+
+
+class Report(Protocol):
+    """Where problems found while reading captions go (train.data.folder.ScanReport is one)."""
+
+    def add(self, key: str, rel: str, detail: str = "") -> None: ...
 
 
 def decode_caption(raw: bytes) -> tuple[str, str]:
@@ -93,7 +96,7 @@ def build_caption(caption: str, trigger: str, dropout: float, rng: np.random.Gen
     return caption
 
 
-def read_metadata(path: Path, root: Path, report: ScanReport, image_extensions: Collection[str],
+def read_metadata(path: Path, root: Path, report: Report, image_extensions: Collection[str],
                   ) -> dict[Path, str]:
     """metadata.jsonl -> {normalized image path: caption}; bad lines go to the report. A `file_name`
     must name a file under `root` whose (lower-case) extension is in `image_extensions`."""

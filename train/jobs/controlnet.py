@@ -59,7 +59,6 @@ from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.canny import edge_fidelity
 from adapterkit.train.data.folder import (
     BadImage,
-    DataConfig,
     decode_image,
 )
 from adapterkit.train.data.pairs import HINT_BACKGROUND, HintSource, PairedFolder
@@ -77,9 +76,7 @@ from adapterkit.train.jobs.progress import JsonlLog
 from adapterkit.train.jobs.recipe import (
     DTYPES,
     PRIVATE_PATHS,
-    LoopConfig,
-    ModelConfig,
-    OptimConfig,
+    JobRecipe,
     OutputConfig,
     SampleConfig,
     flat_dict,
@@ -166,12 +163,8 @@ class ControlNetSampleConfig(SampleConfig):
 
 
 @dataclass(frozen=True)
-class ControlNetRecipe:
-    model: ModelConfig
-    data: DataConfig
+class ControlNetRecipe(JobRecipe):
     control: ControlConfig = field(default_factory=ControlConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
     output: ControlNetOutputConfig = field(default_factory=ControlNetOutputConfig)
     sample: ControlNetSampleConfig = field(default_factory=ControlNetSampleConfig)
 

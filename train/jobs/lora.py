@@ -34,7 +34,7 @@ from adapterkit.adapters.lycoris import LycorisSpec
 from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
-from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig
+from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
@@ -45,9 +45,7 @@ from adapterkit.train.jobs.optimizer import (
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
 from adapterkit.train.jobs.recipe import (
-    LoopConfig,
-    ModelConfig,
-    OptimConfig,
+    JobRecipe,
     OutputConfig,
     SampleConfig,
     flat_dict,
@@ -121,12 +119,8 @@ class LoraSampleConfig(SampleConfig):
 
 
 @dataclass(frozen=True)
-class LoraRecipe:
-    model: ModelConfig
-    data: DataConfig
+class LoraRecipe(JobRecipe):
     lora: AdapterConfig = field(default_factory=AdapterConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
     output: LoraOutputConfig = field(default_factory=LoraOutputConfig)
     sample: LoraSampleConfig = field(default_factory=LoraSampleConfig)
 

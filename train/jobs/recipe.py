@@ -3,13 +3,14 @@ record it (no personal paths)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from adapterkit.train.config import to_dict
+from adapterkit.train.data.folder import DataConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -74,6 +75,16 @@ class SampleConfig:
     steps: int = 20
     guidance: float = 7.5
     sampler: Literal["ddim", "euler"] = "ddim"
+
+
+@dataclass(frozen=True)
+class JobRecipe:
+    """The sections every adapter job's recipe has; a job adds its own (lora:, control:) and narrows
+    output: and sample: to its kinds of files and grids."""
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
 
 
 PRIVATE_PATHS = ("data.root", "model.base", "model.tokenizer", "model.config_dir", "output.dir")
