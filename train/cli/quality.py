@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
     from adapterkit.train.cli.sample import check_loras, load_loras, lora_paths, open_base, seed_ranges
     from adapterkit.train.config import Range
-    from adapterkit.train.images import save_grid
+    from adapterkit.train.images import image_format, save_grid
     from adapterkit.train.world.quality import evaluate
     from adapterkit.unet import atomic_write
 
@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, out in (("--grid", args.grid), ("--json", args.json)):
         if out:
             check_output(out, flag, inputs=inputs)
+    if args.grid:
+        image_format(args.grid, "--grid")          # .png/.jpg/.webp: an unknown suffix fails before the load
     check_loras(args.lora)
     base, _, nets = open_base(args.base, args.device, args.tokenizer,
                               controlnets=[args.controlnet] if args.controlnet else [])
