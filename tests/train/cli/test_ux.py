@@ -2,18 +2,26 @@
 
 - `sample -o` writes the format its suffix names (JPEG bytes for .jpg), and refuses an unknown suffix
   before the base is loaded.
+- `train lora|controlnet` end with a summary: the files written (names, sizes), the loss at the start and
+  end of loss.jsonl, the steps, the wall time and a `sample` line.
 """
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
+import yaml
 from PIL import Image
 
 import adapterkit.train.cli.sample as sample_cli
 from adapterkit.train.cli.main import main as cli
+from adapterkit.train.cli.train import loss_line
 from adapterkit.train.images import save_grid
 from support.fixtures import alias
 
 pipeline = alias("pipeline", "lora_pipeline")
+images = alias("images", "lora_images")
 
 MAGIC = {".png": b"\x89PNG", ".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".webp": b"RIFF"}
 
@@ -43,3 +51,48 @@ def test_sample_unknown_suffix_fails_before_the_base_loads(pipeline, tmp_path, m
     err = capsys.readouterr().err
     assert "grid.gif" in err and ".jpg" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_loss_line_means_the_first_and_last_steps(tmp_path):
+    log = tmp_path / "loss.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 if s <= 10 else 0.25, "lr": 1e-4}) + "\n"
+                           for s in range(1, 41)))
+    assert loss_line(log) == "steps 40, loss 1 -> 0.25 (mean of the first/last 10 steps)"
+    assert loss_line(tmp_path / "none.jsonl") == "no loss logged (no step was run)"
+
+
+def train_yaml(tmp_path, pipeline, images, sections=None, **data) -> str:
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"base": str(pipeline)},
+                                   "data": {"root": str(images), "min_side": 32, **data},
+                                   "train": {"steps": 3, "batch_size": 4}, **(sections or {})}))
+    return str(cfg)
+
+
+def test_train_lora_ends_with_files_sizes_and_losses(pipeline, images, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = train_yaml(tmp_path, pipeline, images, {"lora": {"rank": 2, "alpha": 2, "targets": "attn"}},
+                     resolution=32, bucket_step=8)
+    assert cli(["train", "lora", cfg, f"output.dir={out}", "output.name=style",
+                "output.formats=[kohya,peft]"]) == 0
+    text = capsys.readouterr().out
+    tail = text[text.index(f"done: {out}"):]
+    for name in ("style.safetensors", "style.peft.safetensors"):
+        size = (out / name).stat().st_size / 2**10
+        assert re.search(rf"{re.escape(name)}\s+{size:.1f} KiB", tail), tail
+    rows = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert f"steps 3, loss {rows[0]['loss']:.4g} -> {rows[-1]['loss']:.4g} (first/last step)" in tail, tail
+    assert re.search(r"done: .* \(\d+\.\d s\)", tail), tail
+    assert f"--lora {out / 'style.safetensors'}:1" in tail, tail
+
+
+def test_train_controlnet_ends_with_its_files(controlnet_pipeline, controlnet_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = train_yaml(tmp_path, controlnet_pipeline, controlnet_images, resolution=64, bucket_step=16)
+    assert cli(["train", "controlnet", cfg, f"output.dir={out}", "output.name=edges", "train.steps=1",
+                "output.formats=[diffusers,diffusers-file]"]) == 0
+    tail = capsys.readouterr().out.split(f"done: {out}")[1]
+    folder = sum(f.stat().st_size for f in (out / "edges").rglob("*") if f.is_file())
+    assert re.search(rf"edges/\s+{folder / 2**20:.1f} MiB", tail), tail
+    assert "edges.safetensors" in tail and "steps 1, loss " in tail, tail
+    assert f"--controlnet {out / 'edges'} --hint" in tail, tail
