@@ -6,11 +6,14 @@ by the field it sets (`optim.lr=5e-5 train.steps=200 data.trigger="sks style"`).
 
 A finished run ends with a summary (`summary`): the files the job exported (names and sizes), the
 loss over the first and last steps of out/loss.jsonl, the steps, the wall time and how to sample
-with the result.
+with the result. A run that fails leaves no empty folder behind it: when output.dir (or a folder
+above it) did not exist before and the run wrote no file in it, the folders it made are removed
+(`remove_if_empty`); a folder that existed before is never touched.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import shlex
 import time
 from pathlib import Path
@@ -44,9 +47,15 @@ def run(args) -> int:
     module = importlib.import_module(module_name)
     cfg = load_config(args.config, getattr(module, recipe_name), args.overrides)
     out = check_paths(cfg)
+    created = first_missing(out)
     t0 = time.monotonic()
-    with writing(out, "output.dir"):
-        out = module.main(cfg)
+    try:
+        with writing(out, "output.dir"):
+            out = module.main(cfg)
+    except BaseException:                       # an error or Ctrl-C: no empty output.dir left behind
+        if created is not None:
+            remove_if_empty(created)
+        raise
     print(summary(args.job, module, cfg, Path(out), time.monotonic() - t0))
     return 0
 
@@ -93,6 +102,30 @@ def _duration(seconds: float) -> str:
 
 def _quoted(path: Any) -> str:
     return shlex.quote(str(path))
+
+
+def first_missing(path: Path) -> Path | None:
+    """The topmost folder of `path` (itself included) that does not exist yet, which a run creating
+    `path` creates; None when `path` exists."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` and the folders under it when none of them holds a file (or anything but a
+    folder); otherwise leave all of it. Only `os.rmdir` is used, which refuses a folder that is not
+    empty, so a file another process writes meanwhile is never deleted."""
+    if not folder.is_dir() or any(not p.is_dir() or p.is_symlink() for p in folder.rglob("*")):
+        return
+    for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [folder]:
+        try:
+            sub.rmdir()
+        except OSError:
+            return
 
 
 def check_paths(cfg: Any) -> Path:

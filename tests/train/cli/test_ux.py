@@ -4,6 +4,7 @@
   before the base is loaded.
 - `train lora|controlnet` end with a summary: the files written (names, sizes), the loss at the start and
   end of loss.jsonl, the steps, the wall time and a `sample` line.
+- A failed run leaves no empty folder it made; a folder that was there before stays.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 import adapterkit.train.cli.sample as sample_cli
 from adapterkit.train.cli.main import main as cli
-from adapterkit.train.cli.train import loss_line
+from adapterkit.train.cli.train import loss_line, remove_if_empty
 from adapterkit.train.images import save_grid
 from support.fixtures import alias
 
@@ -96,3 +97,35 @@ def test_train_controlnet_ends_with_its_files(controlnet_pipeline, controlnet_im
     assert re.search(rf"edges/\s+{folder / 2**20:.1f} MiB", tail), tail
     assert "edges.safetensors" in tail and "steps 1, loss " in tail, tail
     assert f"--controlnet {out / 'edges'} --hint" in tail, tail
+
+
+def no_pictures(tmp_path, pipeline):
+    empty = tmp_path / "pictures"
+    empty.mkdir()
+    return train_yaml(tmp_path, pipeline, empty, {"lora": {"rank": 2, "alpha": 2, "targets": "attn"}},
+                      resolution=32, bucket_step=8)
+
+
+def test_a_failed_run_leaves_no_folder_it_made(pipeline, tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert cli(["train", "lora", no_pictures(tmp_path, pipeline), f"output.dir={out}"]) == 2
+    assert "no images" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_run_keeps_the_users_folder(pipeline, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    assert cli(["train", "lora", no_pictures(tmp_path, pipeline), f"output.dir={out}"]) == 2
+    assert out.is_dir()
+
+
+def test_remove_if_empty_keeps_a_tree_with_a_file(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "c").mkdir()
+    (tmp_path / "a" / "c" / "note.txt").write_text("x")
+    remove_if_empty(tmp_path / "a")
+    assert (tmp_path / "a" / "b").is_dir() and (tmp_path / "a" / "c" / "note.txt").is_file()
+    (tmp_path / "a" / "c" / "note.txt").unlink()
+    remove_if_empty(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
