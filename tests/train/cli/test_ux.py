@@ -5,20 +5,25 @@
 - `train lora|controlnet` end with a summary: the files written (names, sizes), the loss at the start and
   end of loss.jsonl, the steps, the wall time and a `sample` line.
 - A failed run leaves no empty folder it made; a folder that was there before stays.
+- A second Ctrl-C (StopSignals raises KeyboardInterrupt) ends in one line and exit 130, no traceback.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 
 import pytest
 import yaml
 from PIL import Image
 
 import adapterkit.train.cli.sample as sample_cli
+import adapterkit.train.cli.train as train_cli
 from adapterkit.train.cli.main import main as cli
 from adapterkit.train.cli.train import loss_line, remove_if_empty
 from adapterkit.train.images import save_grid
+from adapterkit.train.jobs.progress import StopSignals
 from support.fixtures import alias
 
 pipeline = alias("pipeline", "lora_pipeline")
@@ -129,3 +134,18 @@ def test_remove_if_empty_keeps_a_tree_with_a_file(tmp_path):
     (tmp_path / "a" / "c" / "note.txt").unlink()
     remove_if_empty(tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_a_second_ctrl_c_prints_one_line(tmp_path, monkeypatch, capsys):
+    def run(args):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)          # the first: "finishing this step ..."
+            assert stop.requested == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)          # the second: KeyboardInterrupt
+        raise AssertionError("not stopped")
+    monkeypatch.setattr(train_cli, "run", run)
+    assert cli(["train", "lora", str(tmp_path / "r.yaml")]) == 130
+    out, err = capsys.readouterr()
+    assert "again to abort" in out
+    assert err.startswith("adapterkit train: interrupted;") and err.count("\n") == 1, err
+    assert "resume" in err and "Traceback" not in err
