@@ -6,6 +6,7 @@
   end of loss.jsonl, the steps, the wall time and a `sample` line.
 - A failed run leaves no empty folder it made; a folder that was there before stays.
 - A second Ctrl-C (StopSignals raises KeyboardInterrupt) ends in one line and exit 130, no traceback.
+- `--lora F:strong` says the weight is not a number (not "no such file"); paths with colons stay whole.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 import adapterkit.train.cli.sample as sample_cli
 import adapterkit.train.cli.train as train_cli
+from adapterkit.adapters.lora_files import split_lora_spec
 from adapterkit.train.cli.main import main as cli
 from adapterkit.train.cli.train import loss_line, remove_if_empty
 from adapterkit.train.images import save_grid
@@ -149,3 +151,27 @@ def test_a_second_ctrl_c_prints_one_line(tmp_path, monkeypatch, capsys):
     assert "again to abort" in out
     assert err.startswith("adapterkit train: interrupted;") and err.count("\n") == 1, err
     assert "resume" in err and "Traceback" not in err
+
+
+def test_a_lora_weight_that_is_not_a_number(tmp_path):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    assert split_lora_spec(f"{lora}:0.5") == (str(lora), 0.5)
+    assert split_lora_spec(str(lora)) == (str(lora), 1.0)
+    assert split_lora_spec("C:\\x.safetensors") == ("C:\\x.safetensors", 1.0)    # a drive, not a weight
+    assert split_lora_spec("a:b.safetensors") == ("a:b.safetensors", 1.0)
+    (tmp_path / "odd:name").write_bytes(b"")
+    assert split_lora_spec(str(tmp_path / "odd:name")) == (str(tmp_path / "odd:name"), 1.0)   # exists whole
+    for spec in (f"{lora}:strong", f"{lora}:", "missing.safetensors:strong"):
+        with pytest.raises(ValueError, match="is not a number"):
+            split_lora_spec(spec)
+
+
+def test_sample_lora_weight_word_is_its_own_message(pipeline, tmp_path, monkeypatch, capsys):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    monkeypatch.setattr(sample_cli, "open_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    assert cli(["sample", "--base", str(pipeline), "--lora", f"{lora}:strong", "--prompt", "a",
+                "-o", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "weight 'strong' is not a number" in err and "no such file" not in err, err
