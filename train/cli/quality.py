@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     loras = load_loras(base.unet, args.lora)
     result = evaluate(base, args.n, args.seed, style=args.style, trigger=args.trigger, loras=loras,
                       controlnet=controlnet, control_scale=args.control_scale, steps=args.steps,
-                      guidance=args.guidance, sampler=args.sampler, batch_size=args.batch_size)
+                      guidance=args.guidance, sampler=args.sampler, batch_size=args.batch_size,
+                      progress=True)
     print(f"{args.n} scenes (seed {args.seed}), {args.steps} {args.sampler} steps, "
           f"guidance {args.guidance:g}, {result.settings['size']} px")
     print(result.table())

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         per_net = [[hint] * len(rows) for hint, _ in hints]
         steer["hints"] = per_net if len(nets) > 1 else per_net[0]
     cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
-                             sampler=args.sampler, size=size, batch_size=args.batch_size, **steer)
+                             sampler=args.sampler, size=size, batch_size=args.batch_size, progress=True,
+                             **steer)
     with writing(args.output, "-o"):
         save_grid(cells, len(rows), len(columns), args.output,
                   row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],

@@ -7,6 +7,8 @@
 - A failed run leaves no empty folder it made; a folder that was there before stays.
 - A second Ctrl-C (StopSignals raises KeyboardInterrupt) ends in one line and exit 130, no traceback.
 - `--lora F:strong` says the weight is not a number (not "no such file"); paths with colons stay whole.
+- Sampling shows a bar counting the images (`generate(progress=True)`, as `sample` asks); silent by
+  default.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from adapterkit.train.cli.main import main as cli
 from adapterkit.train.cli.train import loss_line, remove_if_empty
 from adapterkit.train.images import save_grid
 from adapterkit.train.jobs.progress import StopSignals
+from adapterkit.train.pipeline.base import load_base
+from adapterkit.train.pipeline.generate import generate
 from support.fixtures import alias
 
 pipeline = alias("pipeline", "lora_pipeline")
@@ -175,3 +179,20 @@ def test_sample_lora_weight_word_is_its_own_message(pipeline, tmp_path, monkeypa
                 "-o", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert "weight 'strong' is not a number" in err and "no such file" not in err, err
+
+
+def test_generate_counts_images_only_when_asked(pipeline, capsys):
+    base = load_base(pipeline)
+    capsys.readouterr()                                       # the text encoder's own loading bar
+    generate(base, ["a", "b", "c"], [0, 1, 2], steps=1, guidance=1.0, batch_size=2)
+    assert capsys.readouterr() == ("", "")                    # a library call prints nothing
+    generate(base, ["a", "b", "c"], [0, 1, 2], steps=1, guidance=1.0, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "sampling" in err and "3/3" in err, err
+
+
+def test_sample_shows_progress(pipeline, tmp_path, capsys):
+    assert cli(["sample", "--base", str(pipeline), "--prompt", "a", "--prompt", "b", "--steps", "1",
+                "--compare", "-o", str(tmp_path / "g.png")]) == 0
+    err = capsys.readouterr().err
+    assert "sampling" in err and "2/2" in err, err
