@@ -628,13 +628,17 @@ def adapter_metadata(model: nn.Module, spec, title: str,
 
 def split_lora_spec(spec: str) -> tuple[str, float]:
     """A "FILE[:WEIGHT]" argument: "file.safetensors:0.8" -> ("file.safetensors", 0.8); without a
-    (numeric) suffix -> (spec, 1.0), so "C:\\x.safetensors" and "a:b.safetensors" stay whole."""
+    (numeric) suffix -> (spec, 1.0), so "C:\\x.safetensors" and "a:b.safetensors" stay whole.
+    A suffix that is meant as a weight but is not a number ("F:strong", "F:": an existing F, or a word
+    with no path character) is a ValueError saying so, not a "no such file" for "F:strong" later."""
     head, sep, tail = spec.rpartition(":")
     if sep and head:
         try:
             return head, float(tail)
         except ValueError:
-            pass
+            if not Path(spec).exists() and (Path(head).exists() or not any(c in tail for c in "./\\")):
+                raise ValueError(f"{spec}: the weight {tail!r} is not a number; write FILE:WEIGHT with a "
+                                 f"number (e.g. {head}:0.8), or FILE alone for weight 1") from None
     return spec, 1.0
 
 

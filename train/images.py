@@ -15,6 +15,8 @@
   the run it is diagnosing.
 - `write_png`: the atomic write every PNG here goes through (temp file beside the target, fsync,
   os.replace), so a reader never sees half a file and an old file survives a failed write.
+  `write_image` is the same for a picture whose format the file name says (`image_format`: .png,
+  .jpg/.jpeg, .webp); `save_grid` goes through it, so `-o grid.jpg` holds JPEG bytes.
 - `read_image`: a picture named on the command line (a ControlNet hint), read the way the training
   scan reads images (`train.data.folder.decode_image`: allow-listed decoders, the pixel count checked
   on the header before any pixel is decoded, a full decode so a truncated file fails now, EXIF
@@ -76,6 +78,35 @@ def tensor_to_pil(t: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0
         x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
     a = x.permute(1, 2, 0).numpy()                                       # (H, W, C)
     return Image.fromarray(a[..., 0], "L") if a.shape[2] == 1 else Image.fromarray(a, "RGB")
+
+
+# The formats a grid or picture may be written in, by the output's suffix (lower case).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# JPEG/WebP quality for grids: high enough that thin outlines and labels stay crisp.
+LOSSY_QUALITY = 95
+
+
+def image_format(path: str | os.PathLike, what: str = "output") -> str:
+    """Pillow's format name for writing `path`, by its suffix; a ValueError naming `what` (e.g. "-o")
+    for a suffix that is not one of IMAGE_FORMATS, so a caller can refuse it before any work."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{what} {path}: cannot tell the picture format from {suffix or 'no suffix'!r}; "
+                         f"end the name in one of {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
+def write_image(image: Image.Image, path: str | os.PathLike, *, text: dict[str, str] | None = None) -> Path:
+    """Save `image` atomically in the format its suffix names (`image_format`); `text` goes into PNG
+    tEXt chunks and is dropped for the other formats."""
+    fmt = image_format(path)
+    if fmt == "PNG":
+        return write_png(image, path, text=text)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = image.convert("RGB")
+    atomic_write([(path, lambda tmp: rgb.save(tmp, format=fmt, quality=LOSSY_QUALITY))])
+    return path
 
 
 def write_png(image: Image.Image, path: str | os.PathLike, *, text: dict[str, str] | None = None) -> Path:
@@ -219,10 +250,12 @@ def make_grid(images: Sequence[ImageLike | None], rows: int, cols: int, *,
 def save_grid(images: Sequence[ImageLike | None], rows: int, cols: int, path: str | os.PathLike,
               row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
               title: str | None = None, **kwargs) -> Path:
-    """`make_grid` written atomically as one PNG at `path`; returns the path."""
+    """`make_grid` written atomically at `path` in the format its suffix names (`write_image`: PNG,
+    JPEG or WebP); returns the path."""
+    image_format(path)                                  # an unknown suffix fails before the drawing
     grid = make_grid(images, rows, cols, row_labels=row_labels, col_labels=col_labels, title=title,
                      **kwargs)
-    return write_png(grid, path)
+    return write_image(grid, path)
 
 
 # -- the loss curve -------------------------------------------------------------------------------

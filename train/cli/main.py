@@ -7,8 +7,9 @@ that knows them all; a subcommand that is not there does not exist.
 Exit status: 0 done; 2 bad input or environment (a file, recipe or argument that cannot be used, a
 full disk, a folder we may not write), with one message saying what and what to do; 1 a bug in
 adapterkit, with a one-line summary (set ADAPTERKIT_TRACEBACK=1 for the traceback); a training
-run's own codes (130/143 after a signal, ...) from its user-facing errors. No traceback reaches the
-user unless asked for.
+run's own codes (130/143 after a signal, ...) from its user-facing errors; 130 and one line for a
+Ctrl-C that reaches us as KeyboardInterrupt (any command's, or a training run's second one, which stops
+at once: the checkpoints already written stay). No traceback reaches the user unless asked for.
 """
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         return _bug(args, e)
     except Exception as e:
         return _bug(args, e)
+    except KeyboardInterrupt:                          # not an error: the user stopped it
+        what = INTERRUPTED_TRAINING if args.command == "train" else "files written before are intact"
+        print(f"adapterkit {args.command}: interrupted; {what}", file=sys.stderr)
+        return INTERRUPTED
+
+
+# The exit status of a Ctrl-C (128 + SIGINT), and what a stopped training run leaves.
+INTERRUPTED = 130
+INTERRUPTED_TRAINING = ("stopped at once, the checkpoints written before are intact: run the same command "
+                        "again to resume from the last one")
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
     from adapterkit.train.cli.sample import check_loras, load_loras, lora_paths, open_base, seed_ranges
     from adapterkit.train.config import Range
-    from adapterkit.train.images import save_grid
+    from adapterkit.train.images import image_format, save_grid
     from adapterkit.train.world.quality import evaluate
     from adapterkit.unet import atomic_write
 
@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, out in (("--grid", args.grid), ("--json", args.json)):
         if out:
             check_output(out, flag, inputs=inputs)
+    if args.grid:
+        image_format(args.grid, "--grid")          # .png/.jpg/.webp: an unknown suffix fails before the load
     check_loras(args.lora)
     base, _, nets = open_base(args.base, args.device, args.tokenizer,
                               controlnets=[args.controlnet] if args.controlnet else [])
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     loras = load_loras(base.unet, args.lora)
     result = evaluate(base, args.n, args.seed, style=args.style, trigger=args.trigger, loras=loras,
                       controlnet=controlnet, control_scale=args.control_scale, steps=args.steps,
-                      guidance=args.guidance, sampler=args.sampler, batch_size=args.batch_size)
+                      guidance=args.guidance, sampler=args.sampler, batch_size=args.batch_size,
+                      progress=True)
     print(f"{args.n} scenes (seed {args.seed}), {args.steps} {args.sampler} steps, "
           f"guidance {args.guidance:g}, {result.settings['size']} px")
     print(result.table())

@@ -6,6 +6,7 @@
                       [--controlnet PATH --hint IMAGE [--control-scale 1.0] ...] [--guess-mode]
                       -o grid.png
 
+The grid's format follows the output's suffix: .png, .jpg/.jpeg or .webp.
 Rows are prompt x seed; with --compare a first column shows the base alone (the same noise), so
 what the LoRAs change is visible side by side. With a ControlNet every image is steered by its hint
 picture (an edge map for a Canny ControlNet: `adapterkit canny` makes them); several ControlNets, each
@@ -24,7 +25,7 @@ import torch
 
 from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
 from adapterkit.train.config import Range
-from adapterkit.train.images import read_image
+from adapterkit.train.images import image_format, read_image
 
 # Transparent pixels of a hint mean "no edge", as in training (train.jobs.controlnet.HINT_BACKGROUND).
 HINT_BACKGROUND = (0, 0, 0)
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
               *(("--hint", h) for h in hint_files), *lora_paths(args)]
     check_inputs(inputs)                 # before the base is loaded (which takes a while), not after
     check_output(args.output, "-o", inputs=inputs)
+    image_format(args.output, "-o")      # the grid's format by suffix: an unknown one fails now
     pictures = [read_image(h, "--hint", background=HINT_BACKGROUND) for h in hint_files]
     check_loras(args.lora)
     base, _, controlnets = open_base(args.base, args.device, args.tokenizer, controlnets=nets)
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         per_net = [[hint] * len(rows) for hint, _ in hints]
         steer["hints"] = per_net if len(nets) > 1 else per_net[0]
     cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
-                             sampler=args.sampler, size=size, batch_size=args.batch_size, **steer)
+                             sampler=args.sampler, size=size, batch_size=args.batch_size, progress=True,
+                             **steer)
     with writing(args.output, "-o"):
         save_grid(cells, len(rows), len(columns), args.output,
                   row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],

@@ -3,10 +3,19 @@
 JOB names a recipe dataclass and its `main(cfg)`; CONFIG is a YAML file loaded into that dataclass
 (unknown keys fail with the closest valid name) and each `key=value` overrides one dotted key, typed
 by the field it sets (`optim.lr=5e-5 train.steps=200 data.trigger="sks style"`).
+
+A finished run ends with a summary (`summary`): the files the job exported (names and sizes), the
+loss over the first and last steps of out/loss.jsonl, the steps, the wall time and how to sample
+with the result. A run that fails leaves no empty folder behind it: when output.dir (or a folder
+above it) did not exist before and the run wrote no file in it, the folders it made are removed
+(`remove_if_empty`); a folder that existed before is never touched.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,13 @@ JOBS = {
 }
 
 
+# How `adapterkit sample` takes each job's file; a job not named here gets no usage line.
+USAGE = {"lora": "--lora {file}:1", "controlnet": "--controlnet {file} --hint EDGES.png"}
+# Steps averaged for the loss "at the start" and "at the end": one step's loss is mostly noise (its
+# timestep's), a handful of steps says which way the run went.
+LOSS_WINDOW = 10
+
+
 # Recipe fields that name what a job reads: (dotted key, "folder" | "file" | "any").
 INPUTS = (("model.base", "any"), ("model.tokenizer", "any"), ("model.config_dir", "folder"),
           ("data.root", "folder"), ("control.folder", "folder"), ("control.lora", "file"))
@@ -31,10 +47,85 @@ def run(args) -> int:
     module = importlib.import_module(module_name)
     cfg = load_config(args.config, getattr(module, recipe_name), args.overrides)
     out = check_paths(cfg)
-    with writing(out, "output.dir"):
-        out = module.main(cfg)
-    print(f"done: {out}")
+    created = first_missing(out)
+    t0 = time.monotonic()
+    try:
+        with writing(out, "output.dir"):
+            out = module.main(cfg)
+    except BaseException:                       # an error or Ctrl-C: no empty output.dir left behind
+        if created is not None:
+            remove_if_empty(created)
+        raise
+    print(summary(args.job, module, cfg, Path(out), time.monotonic() - t0))
     return 0
+
+
+def summary(job: str, module: Any, cfg: Any, out: Path, seconds: float) -> str:
+    """The lines a finished run ends with: the output folder, each exported file with its size (a
+    folder's is the sum of its files), the loss at the start and end of loss.jsonl, the steps and wall
+    time, and an `adapterkit sample` line using the first file."""
+    files = [f for f in getattr(module, "exported_files", lambda c, o: [])(cfg, out) if f.exists()]
+    lines = [f"done: {out} ({_duration(seconds)})"]
+    lines += [f"  {f.name}{'/' if f.is_dir() else ''}  {_size(f)}" for f in files]
+    lines.append(f"  {loss_line(out / 'loss.jsonl')}")
+    if files and job in USAGE:
+        use = USAGE[job].format(file=_quoted(files[0]))
+        lines.append(f"use it: adapterkit sample --base {_quoted(cfg.model.base)} {use} --prompt \"...\" "
+                     "-o grid.png")
+    return "\n".join(lines)
+
+
+def loss_line(path: Path) -> str:
+    """"steps N, loss A -> B (mean of the first/last k steps)" from a run's loss.jsonl."""
+    from adapterkit.train.jobs.progress import read_rows
+
+    rows = [r for r in read_rows(path) if isinstance(r.get("loss"), int | float)] if path.exists() else []
+    if not rows:
+        return "no loss logged (no step was run)"
+    k = min(LOSS_WINDOW, max(1, len(rows) // 4))
+    first = sum(r["loss"] for r in rows[:k]) / k
+    last = sum(r["loss"] for r in rows[-k:]) / k
+    span = "first/last step" if k == 1 else f"mean of the first/last {k} steps"
+    return f"steps {rows[-1]['step']}, loss {first:.4g} -> {last:.4g} ({span})"
+
+
+def _size(path: Path) -> str:
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    n = sum(f.stat().st_size for f in files)
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{seconds:.1f} s"
+
+
+def _quoted(path: Any) -> str:
+    return shlex.quote(str(path))
+
+
+def first_missing(path: Path) -> Path | None:
+    """The topmost folder of `path` (itself included) that does not exist yet, which a run creating
+    `path` creates; None when `path` exists."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` and the folders under it when none of them holds a file (or anything but a
+    folder); otherwise leave all of it. Only `os.rmdir` is used, which refuses a folder that is not
+    empty, so a file another process writes meanwhile is never deleted."""
+    if not folder.is_dir() or any(not p.is_dir() or p.is_symlink() for p in folder.rglob("*")):
+        return
+    for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [folder]:
+        try:
+            sub.rmdir()
+        except OSError:
+            return
 
 
 def check_paths(cfg: Any) -> Path:

@@ -332,19 +332,18 @@ class Exporter:
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
         name, dtype = self.cfg.output.name, DTYPES[self.cfg.output.dtype]
         meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+        paths = exported_files(self.cfg, folder)
         written = []
         with self.master.full_precision() if self.master else nullcontext():
             cn = self.cn
             if self.cfg.control.train_rank:       # the weights at fp32 from the base and the factors
                 cn = merged_controlnet(cn, base_encoder_state(self.reference))
-            for fmt in self.cfg.output.formats:
-                pattern, layout = FORMATS[fmt]
-                path = Path(folder) / pattern.format(name=name)
-                save_controlnet(cn, path, layout, metadata=meta, title=name, dtype=dtype)
+            for fmt, path in zip(self.cfg.output.formats, paths):
+                save_controlnet(cn, path, FORMATS[fmt][1], metadata=meta, title=name, dtype=dtype)
                 written.append(path)
             rank = self.cfg.control.export_rank
             if rank:
-                path = Path(folder) / f"{name}.control-lora.safetensors"
+                path = paths[-1]
                 report = save_control_lora(cn, self.reference, path, rank, dtype=dtype, metadata=meta,
                                            title=name)
                 print(f"control-LoRA rank {rank}: {path.name} {report.bytes / 2**20:.1f} MiB, "
@@ -353,6 +352,16 @@ class Exporter:
                 self.control_lora = report
                 written.append(path)
         return written
+
+
+def exported_files(cfg: ControlNetRecipe, folder: Path) -> list[Path]:
+    """What `Exporter` writes into `folder`, in its order: the ControlNet in each of output.formats
+    (a folder for "diffusers"), then the Control-LoRA when control.export_rank asks for one."""
+    name = cfg.output.name
+    files = [Path(folder) / FORMATS[fmt][0].format(name=name) for fmt in cfg.output.formats]
+    if cfg.control.export_rank:
+        files.append(Path(folder) / f"{name}.control-lora.safetensors")
+    return files
 
 
 def sample_hints(cfg: ControlNetRecipe, dataset: PairedFolder) -> list[tuple[str, Tensor]]:

@@ -234,6 +234,11 @@ def adapter_files(output: OutputConfig, folder: Path) -> dict[str, Path]:
             for fmt in output.formats}
 
 
+def exported_files(cfg: LoraRecipe, folder: Path) -> list[Path]:
+    """What `Exporter` writes into `folder`: one adapter file per output format."""
+    return list(adapter_files(cfg.output, folder).values())
+
+
 class Exporter:
     """Writes the adapter in each configured format with the training config in its metadata."""
 

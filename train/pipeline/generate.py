@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from adapterkit.adapters.controlnet import MultiControlNet, hint_widths_for
 from adapterkit.adapters.lora import set_lora_weights
@@ -55,7 +56,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
              controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
              hints: Sequence | Tensor | None = None, control_scale: float | Sequence[float] = 1.0,
-             guess_mode: bool = False, batch_size: int = 16) -> Tensor:
+             guess_mode: bool = False, batch_size: int = 16, progress: bool = False) -> Tensor:
     """One image per (prompt, seed), as a float32 CPU tensor (N, 3, H, W) in [-1, 1].
 
     base: a `train.base.BaseModel`; its U-Net runs in its own dtype (cast it beforehand, e.g. bf16).
@@ -68,6 +69,8 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     guess_mode: the ControlNet's residuals grow from 0.1x at the first skip to 1x at the mid block, and
         under guidance it steers the conditional half only (diffusers' guess mode: the hint alone
         carries the picture, as with an empty prompt).
+    progress: a tqdm bar on stderr counting the images as they are decoded, with the time left (the
+        command line's; off by default, so library calls and tests print nothing).
     Raises ValueError for mismatched lengths, sizes or an unknown sampler, before any sampling.
     """
 
@@ -103,6 +106,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     if controlnet is not None:
         controlnet.eval()
     out = []
+    bar = tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
@@ -115,8 +119,11 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
                              uncond=None if uncond is None else uncond.repeat(len(chunk)),
                              guidance_scale=guidance, noise=start_noise(chunk_seeds, shape[1:]))
             # one picture at a time: the VAE decoder's activations at 1024 px are GBs per picture
-            out += [decode(base, z[None]).float().cpu() for z in latents]          # (1, 3, H, W) each
+            for z in latents:
+                out.append(decode(base, z[None]).float().cpu())                   # (1, 3, H, W)
+                bar.update(1)
     finally:
+        bar.close()
         if controlnet is not None:
             controlnet.train(cn_was_training)
     return torch.cat(out)

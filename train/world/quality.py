@@ -489,7 +489,7 @@ class Evaluation:
 def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trigger: str | None = None,
              loras: Mapping[str, float] | None = None, controlnet=None, control_scale: float = 1.0,
              steps: int = 30, guidance: float = 3.0, sampler: str = "ddim", size: int | None = None,
-             batch_size: int = 16) -> Evaluation:
+             batch_size: int = 16, progress: bool = False) -> Evaluation:
     """Generate the world's scenes with a base model and measure the pictures (`quality_report`).
 
     n scenes from `seed` (`sample_scenes(n, seed, style)`), prompted with `caption(scene, trigger)`;
@@ -507,6 +507,7 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
     `style` only decides how the scenes' targets are drawn (`Evaluation.grid`); the prompts carry
     the trigger, never the style's name. The LoRA weights are restored afterwards. The measures are
     calibrated at 64 px and up (see the module docstring); smaller models get rougher figures.
+    `progress`: a bar per row's sampling (`generate`'s), for the command line.
     """
     from adapterkit.train.pipeline.generate import check_controlnet, generate, to_images
 
@@ -526,7 +527,7 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
     def run(cn) -> list[Image.Image]:
         return to_images(generate(base, prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
                                   size=size, controlnet=cn, hints=hints if cn is not None else None,
-                                  control_scale=control_scale, batch_size=batch_size))
+                                  control_scale=control_scale, batch_size=batch_size, progress=progress))
 
     settings = {"n": n, "seed": seed, "style": style, "trigger": trigger, "loras": loras,
                 "control_scale": control_scale if controlnet is not None else None, "steps": steps,
