@@ -99,7 +99,7 @@ RANGES: dict[str, Range] = {
     "text_width": _COUNT, "text_heads": _COUNT, "num_hints": _COUNT,
     # intervals and amounts where 0 means "none"
     "checkpoint_every": Range(0, note="0 = only at the end"), "every": Range(0, note="0 = only at the end"),
-    "log_every": Range(1, note="the loss is logged every N steps and at the last one"),
+    "log_every": Range(0, note="the trackers get the loss every N steps and at the last; 0 = the last only"),
     "keep_checkpoints": Range(0, note="0 = keep all"), "warmup_steps": Range(0),
     "pool_size": Range(0, note="0 = render every image online"), "workers": Range(0),
     "hint_cache_mb": Range(0, note="0 = no cache"), "cache_memory_mb": Range(0, note="0 = disk only"),

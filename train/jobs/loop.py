@@ -127,7 +127,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     (`optimizer_step` with `training`'s parameters, masters, loss scaler and `cfg.optim.max_grad_norm`),
     `after_step(s)` if given
     (e.g. an EMA update), loss.jsonl (every
-    step), the trackers (every `cfg.output.log_every` steps and the last), the progress bar
+    step), the trackers (every `cfg.output.log_every` steps and the last; 0: the last only), the
+    progress bar
     (`images_per_step` images a step, all processes together), a checkpoint (every
     `cfg.output.checkpoint_every` steps, the last step, and on a signal: `training.state` (the job's
     resumable state, train/jobs/state.py), and `export(folder, step)` writes the job's files into it).
@@ -168,7 +169,7 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
             done += 1
             lr = lr_schedule.get_last_lr()[0]
             losses.add(done, loss, lr)
-            if done % cfg.output.log_every == 0 or done == steps:
+            if (cfg.output.log_every and done % cfg.output.log_every == 0) or done == steps:
                 accelerator.log({"loss": loss, "lr": lr} | ({"loss_scale": scaler.scale} if scaler else {}),
                                 step=done)
             bar.update(loss, images_per_step / (time.perf_counter() - t0))

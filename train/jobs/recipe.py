@@ -63,7 +63,7 @@ class OutputConfig:
     dir: str = "out"
     checkpoint_every: int = 250                     # 0 = only at the end (and on a signal)
     keep_checkpoints: int = 3
-    log_every: int = 10
+    log_every: int = 10                             # TensorBoard every N steps (0: the last only)
 
 
 @dataclass(frozen=True)

@@ -695,7 +695,7 @@ CASES = [
     Case("train: train.steps -5", train("train.steps=-5"), "train.steps: must be >= 1, got -5"),
     Case("train: train.grad_accum 0", train("train.grad_accum=0"), "train.grad_accum: must be >= 1"),
     Case("train: train.batch_size 0", train("train.batch_size=0"), "train.batch_size: must be >= 1"),
-    Case("train: output.log_every 0", train("output.log_every=0"), "output.log_every: must be >= 1"),
+    Case("train: output.log_every -1", train("output.log_every=-1"), "output.log_every: must be >= 0"),
     Case("train: output.checkpoint_every -1", train("output.checkpoint_every=-1"),
          "output.checkpoint_every: must be >= 0 (0 = only at the end)"),
     Case("train: output.keep_checkpoints -1", train("output.keep_checkpoints=-1"), "output.keep_checkpoints"),

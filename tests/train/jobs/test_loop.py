@@ -40,9 +40,9 @@ class Accelerator:
         pass
 
 
-def run(out: Path, steps: int, main: bool = True, **overrides):
+def run(out: Path, steps: int, main: bool = True, log_every: int = 3, **overrides):
     cfg = PretrainRecipe(train=PretrainLoopConfig(steps=steps),
-                         output=PretrainOutputConfig(dir=str(out), checkpoint_every=0, log_every=3),
+                         output=PretrainOutputConfig(dir=str(out), checkpoint_every=0, log_every=log_every),
                          sample=PretrainSampleConfig(every=2))
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer, lr_schedule = make_optimizer(cfg.optim, [weight], steps)
@@ -99,3 +99,8 @@ def test_the_jobs_oom_explanation_wraps_each_step(tmp_path):
     with pytest.raises(ValueError, match="explained at 1"):
         run(tmp_path / "run", 4, step=oom_at_step_2, explain_oom=explain)
     assert seen == [0, 1]
+
+
+def test_log_every_zero_logs_the_last_step_only(tmp_path):
+    _, logged = run(tmp_path / "quiet", 5, log_every=0)
+    assert logged == [5]
