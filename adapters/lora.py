@@ -53,6 +53,17 @@ _KXK = ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")  # 3x3 con
 ADAPTER_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector|hada_\w+|lokr_\w+)\.([^.]+)(\.|$)")
 
 
+def check_shape_settings(spec, what: str = "") -> None:
+    """The checks every adapter spec shares: `targets` a preset, ranks >= 1, alphas > 0 (`what`
+    prefixes the messages, e.g. "LoRA ")."""
+    if spec.targets not in TARGET_PRESETS:
+        raise ValueError(f"unknown {what}targets {spec.targets!r}; choose one of {list(TARGET_PRESETS)}")
+    if spec.rank < 1 or (spec.conv_rank is not None and spec.conv_rank < 1):
+        raise ValueError(f"{what}rank must be >= 1, got rank={spec.rank} conv_rank={spec.conv_rank}")
+    if not spec.alpha > 0 or (spec.conv_alpha is not None and not spec.conv_alpha > 0):
+        raise ValueError(f"{what}alpha must be > 0, got alpha={spec.alpha} conv_alpha={spec.conv_alpha}")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """A LoRA to train. alpha/rank is the scale; conv_rank/conv_alpha apply to the 3x3 convs of
@@ -65,12 +76,7 @@ class LoraSpec:
     conv_alpha: float | None = None
 
     def __post_init__(self):
-        if self.targets not in TARGET_PRESETS:
-            raise ValueError(f"unknown LoRA targets {self.targets!r}; choose one of {list(TARGET_PRESETS)}")
-        if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
-            raise ValueError(f"LoRA rank must be >= 1, got rank={self.rank} conv_rank={self.conv_rank}")
-        if not self.alpha > 0 or (self.conv_alpha is not None and not self.conv_alpha > 0):
-            raise ValueError(f"LoRA alpha must be > 0, got alpha={self.alpha} conv_alpha={self.conv_alpha}")
+        check_shape_settings(self, "LoRA ")
 
     def peft_config(self) -> LoraConfig:
         convs = [t for t in _KXK if t in TARGET_PRESETS[self.targets]]

@@ -63,6 +63,7 @@ from .lora import (
     _exact,
     _list,
     _restore_grads,
+    check_shape_settings,
     load_lora,
     lora_names,
 )
@@ -267,12 +268,7 @@ class LycorisSpec:
         if self.kind not in KINDS:
             raise ValueError(f"unknown LyCORIS kind {self.kind!r}; choose one of {list(KINDS)} "
                              "(plain LoRA/LoCon: adapters.lora.LoraSpec)")
-        if self.targets not in TARGET_PRESETS:
-            raise ValueError(f"unknown targets {self.targets!r}; choose one of {list(TARGET_PRESETS)}")
-        if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
-            raise ValueError(f"rank must be >= 1, got rank={self.rank} conv_rank={self.conv_rank}")
-        if not self.alpha > 0 or (self.conv_alpha is not None and not self.conv_alpha > 0):
-            raise ValueError(f"alpha must be > 0, got alpha={self.alpha} conv_alpha={self.conv_alpha}")
+        check_shape_settings(self)
         if self.dora_axis not in DORA_AXES:
             raise ValueError(f"dora_axis must be one of {list(DORA_AXES)}, got {self.dora_axis!r}")
         if self.factor != -1 and self.factor < 1:

@@ -431,16 +431,6 @@ def save_lycoris(model: nn.Module, path: str | os.PathLike, name: str = "default
     return write_lycoris(path, lyco, fmt, dtype)
 
 
-def load_lycoris_file(model: nn.Module, path: str | os.PathLike, name: str = "default", weight: float = 1.0,
-                      missing_alpha: str = "error", allow_unmatched: bool = False,
-                      trainable: bool = False) -> Lycoris:
-    """Read a LyCORIS file against `model`'s config (LDM-named keys place too) and inject it."""
-    cfg = getattr(model, "config", None)
-    lyco = read_lycoris(path, base=cfg if isinstance(cfg, UNetConfig) else None, missing_alpha=missing_alpha)
-    load_lycoris(model, lyco, name, weight=weight, trainable=trainable, allow_unmatched=allow_unmatched)
-    return lyco
-
-
 def load_adapter_file(model: nn.Module, path: str | os.PathLike, name: str = "default", weight: float = 1.0,
                       missing_alpha: str = "error", allow_unmatched: bool = False,
                       trainable: bool = False) -> Lora | Lycoris:

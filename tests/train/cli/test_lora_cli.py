@@ -8,6 +8,7 @@ from adapterkit.adapters.lora import LoraSpec, add_lora, load_lora, lora_layers,
 from adapterkit.adapters.lora_files import read_lora, save_lora
 from adapterkit.adapters.lora_keys import to_kohya
 from adapterkit.unet import PRESETS, UNet, load_unet, save_unet
+from support.cli import out, run
 
 CFG = PRESETS["tiny"]
 
@@ -47,17 +48,6 @@ def kohya_tensors(lora):
     return out
 
 
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def out(model):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        return model(torch.randn(1, 4, 16, 16, generator=g), torch.tensor([50]),
-                     torch.randn(1, 5, CFG.context_dim, generator=g))
 
 
 def test_inspect_prints_format_base_ranks_and_metadata(work, capsys):

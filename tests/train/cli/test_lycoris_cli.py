@@ -12,6 +12,7 @@ from adapterkit.adapters.lora_files import save_lora
 from adapterkit.adapters.lycoris import LycorisSpec, add_lycoris, load_lycoris
 from adapterkit.adapters.lycoris_files import read_lycoris, save_lycoris
 from adapterkit.unet import PRESETS, UNet, load_unet, save_unet
+from support.cli import out, run
 
 CFG = PRESETS["tiny"]
 SPECS = {
@@ -48,17 +49,6 @@ def work(tmp_path_factory):
     return root
 
 
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def out(model):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        return model(torch.randn(1, 4, 16, 16, generator=g), torch.tensor([50]),
-                     torch.randn(1, 5, CFG.context_dim, generator=g))
 
 
 def test_merge_several_kinds_with_ratios_into_the_base_equals_attaching_them(work, tmp_path, capsys):
