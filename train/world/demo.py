@@ -305,9 +305,11 @@ def run(args: argparse.Namespace) -> int:
     cells = []
     for i in range(rows):
         cells += [render(ev.scenes[i]) if row is None else ev.samples[row][i] for row in cols.values()]
-    grid = save_grid(cells, rows, len(cols), out / GRID_NAME, row_labels=[p[:40] for p in ev.prompts[:rows]],
+    grid = save_grid(cells, rows, len(cols), out / GRID_NAME, row_labels=ev.prompts[:rows],
                      col_labels=list(cols),
-                     title=f"{args.style} LoRA, trigger {args.trigger!r}: {rows} of {scenes} measured scenes")
+                     title=f"{args.style} LoRA, trigger {args.trigger!r}: {rows} of {scenes} measured scenes",
+                     footer=f"DDIM, {steps} steps, guidance {args.guidance:g}, scenes of seed {EVAL_SEED} | "
+                            f"base {base_dir.name} | LoRA {lora_file.name} x1 | ControlNet {canny_dir.name} x1")
 
     reports = {label: {("style" if key == args.style else key): value for key, value in report.items()
                        if key not in STYLES or key == args.style}
