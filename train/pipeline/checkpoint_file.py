@@ -67,8 +67,7 @@ def write_checkpoint(path: str | os.PathLike, unet: nn.Module, vae: nn.Module | 
         raise ValueError(f"a single-file checkpoint must end in .safetensors, got {path.name!r}")
     tensors, metadata = checkpoint_tensors(unet, vae, text, dtype)
     if keep:
-        kept = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in keep.items()}
-        tensors = kept | tensors
+        tensors = _cpu(keep, dtype) | tensors
     if prediction_type in _MODELSPEC_PREDICTION:
         metadata["modelspec.prediction_type"] = _MODELSPEC_PREDICTION[prediction_type]
     write_safetensors(tensors, path, metadata)

@@ -6,7 +6,7 @@ Where a file keeps each part (the family rows' `ldm_prefix`, unet/families.py):
     first_stage_model.* (or vae.*)         VAE, through diffusers' `convert_ldm_vae_checkpoint`
     cond_stage_model.transformer.*         SD1.x: CLIP ViT-L in transformers' names
     conditioner.embedders.0.transformer.*  SDXL: CLIP ViT-L in transformers' names
-    conditioner.embedders.1.model.*        SDXL: OpenCLIP ViT-bigG in OpenCLIP's names (ldm_names.py, both directions)
+    conditioner.embedders.1.model.*        SDXL: OpenCLIP ViT-bigG, OpenCLIP's names (ldm_names.py)
 
 Which text encoders a file must hold follows from its U-Net's layout (`family_like`): an SDXL U-Net needs
 both of SDXL's, and a file that lacks one is refused naming the missing prefix. Refused as well: SD2.x
