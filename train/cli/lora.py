@@ -36,10 +36,20 @@ from adapterkit.adapters.lora_files import (
     summarize,
     write_lora,
 )
+from adapterkit.adapters.lora_files import (
+    _naming_base as naming_base,
+)
 from adapterkit.adapters.lora_keys import is_text_path
 from adapterkit.adapters.lycoris import Lycoris
 from adapterkit.adapters.lycoris_files import convert_lycoris, read_adapter, summarize_lycoris
-from adapterkit.adapters.merge import combine_loras, extract_lora, merge_loras, resize_lora, save_merged
+from adapterkit.adapters.merge import (
+    combine_loras,
+    extract_lora,
+    lycoris_to_lora,
+    merge_loras,
+    resize_lora,
+    save_merged,
+)
 from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
 from adapterkit.train.config import Range
 from adapterkit.train.pipeline.base import load_base
@@ -95,6 +105,11 @@ def register(subparsers) -> None:
                    help="target layout (default: the other one)")
     p.add_argument("--base", help="preset or U-Net path; needed for LDM-named kohya files")
     p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--rank", type=int, help="LoHa/LoKr: write a plain LoRA of this rank, by SVD of each "
+                                            "module's ΔW (the relative error is reported per module)")
+    p.add_argument("--conv-rank", type=int, help="with --rank: the rank of 3x3 convs (default: --rank)")
+    p.add_argument("--max-error", type=float, help="with --rank: refuse (write nothing) if any module's "
+                                                   "relative error exceeds this, e.g. 0.01")
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser("extract", parents=[fmt], help="LoRA from a base and a fine-tuned U-Net (SVD)",
@@ -232,9 +247,15 @@ def _convert(args) -> int:
     check_inputs([("INPUT", args.input)])
     _check_suffix(args.output, ".safetensors", "a LoRA file")
     check_output(args.output, "OUTPUT", inputs=[("INPUT", args.input), ("--base", _path_or_none(args.base))])
+    check_numbers([("--rank", args.rank, Range(1)), ("--conv-rank", args.conv_rank, Range(1)),
+                   ("--max-error", args.max_error, Range(0, 1, low_open=True))])
+    if args.rank is None and (args.conv_rank is not None or args.max_error is not None):
+        raise ValueError("--conv-rank and --max-error go with --rank (a LoHa/LoKr -> LoRA conversion)")
     base = _base_config(args.base) if args.base else None
     source = read_adapter(args.input, base=base, missing_alpha="rank")
     to = args.to or ("peft" if source.format == "kohya" else "kohya")
+    if args.rank is not None:
+        return _convert_to_lora(args, source, base, to if args.to else "kohya")
     if isinstance(source, Lycoris):
         with writing(args.output, "OUTPUT"):
             report = convert_lycoris(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
@@ -251,6 +272,29 @@ def _convert(args) -> int:
     for note in report["notes"]:
         print(f"note: {note}")
     _print_unplaced(report["unplaced"])
+    return 0
+
+
+def _convert_to_lora(args, source: Lora | Lycoris, base: UNetConfig | None, to: str) -> int:
+    """convert --rank: a LoHa/LoKr file as a plain LoRA, each module's ΔW truncated by SVD."""
+    if not isinstance(source, Lycoris) or source.kinds().keys() <= {"lora"}:
+        raise ValueError(f"{args.input} is a plain LoRA: change its rank with `adapterkit resize "
+                         f"{args.input} --rank {args.rank} -o OUT` (--rank converts LoHa/LoKr files)")
+    _refuse_unplaced(source, args.allow_unmatched)
+    if base is None:                    # the file's adapterkit.base_config, else its family's U-Net
+        base = naming_base(source)[0]
+    lora, report = lycoris_to_lora(source, base, args.rank, args.conv_rank, args.max_error)
+    with writing(args.output, "OUTPUT"):
+        check = write_lora(args.output, lora, to, DTYPES.get(args.dtype), base=base)
+    print(f"{'/'.join(sorted(source.kinds()))} -> LoRA ({to}) at rank {args.rank}"
+          f"{f' (3x3 convs {args.conv_rank})' if args.conv_rank else ''}: {check['modules']} layers, overall "
+          f"relative error {report.overall:.3e}: {args.output}")
+    worst = report.worst(len(report.errors))
+    print("relative error per module (||ΔW - ΔW_r|| / ||ΔW||), worst first:")
+    for path, err in worst[:20]:
+        print(f"  {source.key(path)}: {err:.3e}")
+    if len(worst) > 20:
+        print(f"  ... {len(worst) - 20} more, each <= {worst[20][1]:.3e}")
     return 0
 
 
