@@ -105,8 +105,9 @@ def register(subparsers) -> None:
                    help="target layout (default: the other one)")
     p.add_argument("--base", help="preset or U-Net path; needed for LDM-named kohya files")
     p.add_argument("--dtype", choices=DTYPES)
-    p.add_argument("--rank", type=int, help="LoHa/LoKr: write a plain LoRA of this rank, by SVD of each "
-                                            "module's ΔW (the relative error is reported per module)")
+    p.add_argument("--rank", type=int, help="LoHa/LoKr/Tucker LoCon: write a plain LoRA of this rank, by "
+                                            "SVD of each module's ΔW (the relative error is reported per "
+                                            "module)")
     p.add_argument("--conv-rank", type=int, help="with --rank: the rank of 3x3 convs (default: --rank)")
     p.add_argument("--max-error", type=float, help="with --rank: refuse (write nothing) if any module's "
                                                    "relative error exceeds this, e.g. 0.01")
@@ -276,10 +277,14 @@ def _convert(args) -> int:
 
 
 def _convert_to_lora(args, source: Lora | Lycoris, base: UNetConfig | None, to: str) -> int:
-    """convert --rank: a LoHa/LoKr file as a plain LoRA, each module's ΔW truncated by SVD."""
-    if not isinstance(source, Lycoris) or source.kinds().keys() <= {"lora"}:
+    """convert --rank: a LoHa/LoKr/Tucker-LoCon file as a plain LoRA, each module's ΔW truncated by SVD
+    (exact for a Tucker LoCon at its own ranks)."""
+    tucker = isinstance(source, Lycoris) and any("lora_mid.weight" in m.tensors
+                                                 for m in source.modules.values())
+    if not isinstance(source, Lycoris) or (source.kinds().keys() <= {"lora"} and not tucker):
         raise ValueError(f"{args.input} is a plain LoRA: change its rank with `adapterkit resize "
-                         f"{args.input} --rank {args.rank} -o OUT` (--rank converts LoHa/LoKr files)")
+                         f"{args.input} --rank {args.rank} -o OUT` (--rank converts LoHa/LoKr and Tucker "
+                         "LoCon files)")
     _refuse_unplaced(source, args.allow_unmatched)
     if base is None:                    # the file's adapterkit.base_config, else its family's U-Net
         base = naming_base(source)[0]
