@@ -6,8 +6,11 @@ than the tolerance. A change meant to alter results rewrites them in the same co
 (`PYTHONPATH=tests python3 tests/train/jobs/test_pinned_runs.py`) and says why.
 
 Exact hashes of the tensors are not stable across CPUs even for one torch wheel (vector widths change
-the order of the sums: two machines gave different bytes), hence a tolerance, far below the ~lr =
-1e-4 that any change to the training moves a tensor by. Metadata is not compared: it holds the run's
+the order of the sums: two machines gave different bytes), hence a tolerance. Adam amplifies those
+rounding differences where a gradient is near zero: between two CPUs (2026-12) single values of a
+4-step run differed by up to 1e-5 and a tensor's sum by 5e-4 of itself. The tolerance (4e-5 + 1e-3
+relative) sits above that and below the ~lr = 1e-4 per value and step that a real change moves a
+tensor by. Metadata is not compared: it holds the run's
 temporary paths."""
 import json
 from pathlib import Path
@@ -48,7 +51,7 @@ def assert_pinned(got: dict[str, Path], job: str) -> None:
         for key, (dtype, shape, *values) in want.items():
             assert ours[key][:2] == [dtype, shape], (name, key)
             torch.testing.assert_close(torch.tensor(ours[key][2:], dtype=torch.float64),
-                                       torch.tensor(values, dtype=torch.float64), rtol=1e-4, atol=2e-6,
+                                       torch.tensor(values, dtype=torch.float64), rtol=1e-3, atol=4e-5,
                                        msg=f"{name}: {key}")
 
 
