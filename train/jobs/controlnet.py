@@ -105,6 +105,7 @@ RECIPE_KEY = "adapterkit_training_config"
 @dataclass(frozen=True)
 class ControlConfig:
     folder: str | None = None               # conditioning images paired by path/name; None: Canny maps
+    column: str | None = None               # or: a `datasets` data.root's conditioning-image column
     kind: str = "canny"                     # what the hints show (the file's modelspec.preprocessor)
     canny_low: int = 100                    # cv2.Canny thresholds for automatic maps (lllyasviel's)
     canny_high: int = 200
@@ -120,9 +121,11 @@ class ControlConfig:
         if not 0 <= self.canny_low <= self.canny_high:
             raise ValueError(f"Canny thresholds need 0 <= canny_low <= canny_high, got {self.canny_low}, "
                              f"{self.canny_high}")
-        if self.folder is None and self.kind != "canny":
-            raise ValueError(f"control.kind={self.kind!r} needs control.folder: only Canny maps are made "
-                             "automatically")
+        if self.folder is not None and self.column is not None:
+            raise ValueError("control.folder and control.column both name conditioning images: keep one")
+        if self.folder is None and self.column is None and self.kind != "canny":
+            raise ValueError(f"control.kind={self.kind!r} needs control.folder (or control.column): only "
+                             "Canny maps are made automatically")
         if self.control_lora_rank is not None and self.control_lora_rank < 1:
             raise ValueError(f"control_lora_rank must be >= 1 (or null), got {self.control_lora_rank}")
         if self.train_rank is not None and self.train_rank < 1:
@@ -136,7 +139,8 @@ class ControlConfig:
     @property
     def hints(self) -> HintSource:
         """Where the training hints come from (train/data/pairs.py)."""
-        return HintSource(self.folder, self.kind, self.canny_low, self.canny_high, self.hint_cache_mb)
+        return HintSource(self.folder, self.kind, self.canny_low, self.canny_high, self.hint_cache_mb,
+                          self.column)
 
     @property
     def export_rank(self) -> int | None:
@@ -183,7 +187,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     check_controlnet(base, cn)
     if cfg.control.train_rank:
         train_as_low_rank(cn, cfg.control.train_rank)
-    dataset = PairedFolder.scan(cfg.data, cfg.control.hints)
+    dataset = PairedFolder.scan(cfg.data, cfg.control.hints, out / "cache" / "datasets")
     cn.hint = dataset.hint_spec
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)

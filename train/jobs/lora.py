@@ -35,6 +35,7 @@ from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
+from adapterkit.train.data.hf_datasets import open_data
 from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
@@ -141,7 +142,7 @@ def main(cfg: LoraRecipe) -> Path:
     check_cacheable(cfg.data)
     accelerator = make_accelerator(out)
     base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
-    dataset = CaptionedImageFolder.scan(cfg.data)
+    dataset = open_data(cfg.data, out / "cache" / "datasets")
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)
     cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)
