@@ -79,9 +79,11 @@ from adapterkit.train.jobs.recipe import (
     JobRecipe,
     OutputConfig,
     SampleConfig,
+    dtype_name,
     flat_dict,
     public_recipe,
 )
+from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -229,10 +231,12 @@ def main(cfg: ControlNetRecipe) -> Path:
             fidelity.write({"step": step, "edge_f1": {f"{s:g}": f for s, f in scores.items()}})
             accelerator.log({f"edge_f1/control_x{s:g}": f for s, f in scores.items()}, step=step)
 
+    run = run_metadata(cfg, dataset, batches_per_epoch=plan.per_epoch, world=accelerator.num_processes,
+                       base_dtype=dtype_name(dtype), prediction_type=base.prediction_type)
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, cn, base, cache, dataset, plan,
                                            schedule, step, forward, scaler=training.state.scaler),
-              training=training, export=Exporter(cfg, cn, training.state.master, reference),
+              training=training, export=Exporter(cfg, cn, training.state.master, reference, run),
               sample=sample_and_score if hints else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="controlnet", what="ControlNet")
@@ -326,8 +330,8 @@ class Exporter:
     masters cast to output.dtype, with the training recipe in the metadata."""
 
     def __init__(self, cfg: ControlNetRecipe, cn: ControlNet, master: MasterWeights | None,
-                 reference: torch.nn.Module):
-        self.cfg, self.cn, self.master, self.reference = cfg, cn, master, reference
+                 reference: torch.nn.Module, run: RunMetadata | None = None):
+        self.cfg, self.cn, self.master, self.reference, self.run = cfg, cn, master, reference, run
         recipe = public_recipe(cfg, (*PRIVATE_PATHS, "control.folder", "control.lora"))
         self.metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True),
                          "ss_training_comment": "trained with adapterkit"}
@@ -336,6 +340,9 @@ class Exporter:
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
         name, dtype = self.cfg.output.name, DTYPES[self.cfg.output.dtype]
         meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+        if self.run:       # save_controlnet computes the adapterkit.* keys itself: ours go as adapterkit_*
+            meta = self.metadata | {k.replace("adapterkit.", "adapterkit_", 1): v
+                                    for k, v in self.run.at(step).items()}
         paths = exported_files(self.cfg, folder)
         written = []
         with self.master.full_precision() if self.master else nullcontext():

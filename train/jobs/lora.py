@@ -49,9 +49,11 @@ from adapterkit.train.jobs.recipe import (
     JobRecipe,
     OutputConfig,
     SampleConfig,
+    dtype_name,
     flat_dict,
     public_recipe,
 )
+from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -168,10 +170,14 @@ def main(cfg: LoraRecipe) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
 
+    run = run_metadata(cfg, dataset, batches_per_epoch=plan.per_epoch, world=accelerator.num_processes,
+                       base_dtype=dtype_name(unet.conv_in.weight.dtype), prediction_type=base.prediction_type,
+                       adapter={"ss_network_dropout": cfg.lora.dropout})
+
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
                                            schedule, step, forward, scaler=training.state.scaler),
-              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master),
+              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master, run),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="lora", what="adapter")
@@ -244,8 +250,8 @@ class Exporter:
     """Writes the adapter in each configured format with the training config in its metadata."""
 
     def __init__(self, cfg: LoraRecipe, unet: torch.nn.Module, fingerprint: str,
-                 master: MasterWeights | None):
-        self.cfg, self.unet, self.master = cfg, unet, master
+                 master: MasterWeights | None, run: RunMetadata | None = None):
+        self.cfg, self.unet, self.master, self.run = cfg, unet, master, run
         self.metadata = {"adapterkit.training_config": json.dumps(public_recipe(cfg), sort_keys=True),
                          "adapterkit.base_fingerprint": fingerprint,
                          "ss_training_comment": "trained with adapterkit"}
@@ -253,7 +259,8 @@ class Exporter:
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
         written = []
         for fmt, path in adapter_files(self.cfg.output, folder).items():
-            meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+            meta = self.metadata | (self.run.at(step) if self.run else
+                                    {"ss_steps": str(step)} if step is not None else {})
             save = save_lora if self.cfg.lora.kind in ("lora", "locon") else save_lycoris
             with self.master.full_precision() if self.master else nullcontext():
                 save(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)

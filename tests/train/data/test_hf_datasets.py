@@ -188,4 +188,11 @@ def test_controlnet_job_trains_from_a_conditioning_column(controlnet_pipeline, t
     out = main(controlnet_recipe(controlnet_pipeline, tmp_path / "saved", tmp_path / "run",
                                  **{"control.column": "conditioning_image", "train.steps": 2,
                                     "train.batch_size": 2}))
-    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    weights = out / "controlnet" / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        md = f.metadata()
+    # the run's record (train/jobs/run_metadata.py) in the ControlNet file too, no path in it
+    assert md["ss_steps"] == "2" and md["ss_num_train_images"] == str(N) and "ss_tag_frequency" in md
+    assert md["modelspec.architecture"].endswith("/controlnet") and "adapterkit_precision" in md
+    assert not any(str(tmp_path) in v for v in md.values())
