@@ -46,6 +46,10 @@ def run(args) -> int:
     module_name, recipe_name = JOBS[args.job]
     module = importlib.import_module(module_name)
     cfg = load_config(args.config, getattr(module, recipe_name), args.overrides)
+    from adapterkit.train.jobs.precision import settle_precision  # torch: not before --help
+    cfg, note = settle_precision(cfg)              # accelerate launch --mixed_precision: mapped or refused
+    if note:
+        print(note, flush=True)
     out = check_paths(cfg)
     created = first_missing(out)
     t0 = time.monotonic()

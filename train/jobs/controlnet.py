@@ -181,7 +181,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     checkpoint."""
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
-    accelerator = make_accelerator(out)
+    accelerator = make_accelerator(out, cfg)
     base = open_base(cfg.model, accelerator.device)
     unet = base.unet
     set_seed(cfg.train.seed)                 # the hint encoder's random init: the same in every run

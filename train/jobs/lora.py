@@ -142,7 +142,7 @@ def main(cfg: LoraRecipe) -> Path:
     """Train the LoRA described by `cfg`; returns the output folder. Resumes from its last checkpoint."""
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
-    accelerator = make_accelerator(out)
+    accelerator = make_accelerator(out, cfg)
     base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
     dataset = open_data(cfg.data, out / "cache" / "datasets")
     if accelerator.is_main_process:

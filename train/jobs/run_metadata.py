@@ -44,6 +44,7 @@ from typing import Any
 
 from adapterkit.train.data.captions import build_caption
 from adapterkit.train.data.folder import CaptionedImageFolder
+from adapterkit.train.jobs.precision import outside_precision
 
 OLD_HASH_OFFSET, OLD_HASH_BYTES = 0x100000, 0x10000     # A1111's / kohya's model_hash
 
@@ -162,7 +163,8 @@ def run_metadata(cfg: Any, dataset: CaptionedImageFolder, *, batches_per_epoch: 
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "adapterkit.precision": {"base": base_dtype, "adapter_compute": train.adapter_compute,
-                                 "adapter_weights": "fp32", "accelerate_mixed_precision": "no"},
+                                 "adapter_weights": "fp32", "accelerate_mixed_precision": "no",
+                                 "outside_request": outside_precision() or "no"},
     } | (adapter or {})
     if data.trigger:
         md["modelspec.trigger_phrase"] = data.trigger
