@@ -273,6 +273,7 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
     """Prompts x seeds (rows) by LoRA scales (columns), fixed seeds: the same noise in every cell
     (`train.generate.generate_columns`)."""
     from adapterkit.train.images import save_grid
+    from adapterkit.train.infotext import PARAMETERS, infotext
     from adapterkit.train.pipeline.generate import generate_columns
     unet = base.unet
     was_training = unet.training
@@ -286,6 +287,13 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
                                  batch_size=SAMPLE_BATCH)
     set_lora_weights(unet, {"default": 1.0})
     unet.train(was_training)
+    # A1111's infotext of the first cell (train/infotext.py); the LoRA unhashed: no file holds it yet
+    (prompt, seed), first = rows[0], cells[0]                                        # (3, H, W)
+    params = infotext(prompt, steps=cfg.sample.steps, sampler=cfg.sample.sampler,
+                      guidance=cfg.sample.guidance, seed=seed, size=(first.shape[-1], first.shape[-2]),
+                      model=Path(cfg.model.base).name,
+                      loras=[(cfg.output.name, cfg.sample.lora_scales[0], None)])
     return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path,
                      row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
-                     col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales])
+                     col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales],
+                     text={PARAMETERS: params})

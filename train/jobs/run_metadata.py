@@ -32,7 +32,6 @@ stays beside these: `adapterkit.training_config` (the recipe) and `adapterkit.pr
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import secrets
@@ -45,6 +44,7 @@ from typing import Any
 from adapterkit.train.data.captions import build_caption
 from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.precision import outside_precision
+from adapterkit.unet.weights import file_sha256
 
 OLD_HASH_OFFSET, OLD_HASH_BYTES = 0x100000, 0x10000     # A1111's / kohya's model_hash
 
@@ -54,14 +54,8 @@ def file_hashes(path: Path) -> dict[str, str]:
     and calculate_sha256); {} for a folder."""
     if not path.is_file():
         return {}
-    full, old = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(OLD_HASH_OFFSET)
-        old.update(f.read(OLD_HASH_BYTES))
-        f.seek(0)
-        while chunk := f.read(1 << 20):
-            full.update(chunk)
-    return {"ss_sd_model_hash": old.hexdigest()[:8], "ss_new_sd_model_hash": full.hexdigest()}
+    return {"ss_sd_model_hash": file_sha256(path, OLD_HASH_OFFSET, OLD_HASH_BYTES)[:8],
+            "ss_new_sd_model_hash": file_sha256(path)}
 
 
 def tag_frequency(dataset: CaptionedImageFolder, trigger: str) -> dict[str, dict[str, int]]:
