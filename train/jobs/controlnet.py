@@ -397,6 +397,21 @@ def sample_hints(cfg: ControlNetRecipe, dataset: PairedFolder) -> list[tuple[str
 
 
 @torch.no_grad()
+def first_sample_infotext(cfg: ControlNetRecipe, pair: tuple[str, int], lora_scale: float | None,
+                          hint: Tensor) -> str:
+    """A1111's infotext (train/infotext.py) of the grid's first sample: the first row's prompt, seed and
+    hint (3, H, W), the first control scale, control.lora at the row's scale with its file's hash."""
+    from adapterkit.train.infotext import infotext, lora_hash
+    loras = []
+    if cfg.control.lora:
+        file = Path(split_lora_spec(cfg.control.lora)[0])
+        loras = [(file.stem, lora_scale, lora_hash(file))]
+    return infotext(pair[0], steps=cfg.sample.steps, sampler=cfg.sample.sampler, guidance=cfg.sample.guidance,
+                    seed=pair[1], size=(hint.shape[-1], hint.shape[-2]), model=Path(cfg.model.base).name,
+                    loras=loras, extra={"ControlNet": cfg.output.name,
+                                        "Control scale": f"{cfg.sample.control_scales[0]:g}"})
+
+
 def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: Sequence[tuple[str, Tensor]],
                 path: Path) -> dict[float, float]:
     """Rows: hint x prompt x seed (x LoRA scale, with control.lora); columns: the control image, then a
@@ -404,6 +419,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
     Returns the mean edge F1 of the samples against their hints per control scale
     (`train.canny.edge_fidelity`, the hint's own Canny thresholds)."""
     from adapterkit.train.images import save_grid, tensor_to_pil
+    from adapterkit.train.infotext import PARAMETERS
     low, high = (cn.hint.canny_low, cn.hint.canny_high) if cn.hint.canny_low is not None \
         else (cfg.control.canny_low, cfg.control.canny_high)
     lora_weight = split_lora_spec(cfg.control.lora)[1] if cfg.control.lora else None
@@ -434,6 +450,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
     if lora_weight is not None:
         set_lora_weights(base.unet, {LORA_NAME: lora_weight})
     cols = ["hint"] + [f"control x{s:g}" for s in cfg.sample.control_scales]
-    save_grid(cells, len(rows), len(cols), path, row_labels=rows, col_labels=cols)
+    save_grid(cells, len(rows), len(cols), path, row_labels=rows, col_labels=cols,
+              text={PARAMETERS: first_sample_infotext(cfg, pairs[0], lora_scales[0], hints[0][1])})
     return {s: float(np.mean(v)) for s, v in scores.items()}
 

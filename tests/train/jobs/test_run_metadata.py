@@ -75,7 +75,8 @@ def absolute_paths(md: dict[str, str], *roots) -> list[str]:
 @pytest.fixture(scope="module")
 def run(pipeline, images, tmp_path_factory):
     t0 = time.time()
-    out = main(lora_recipe(pipeline, images, tmp_path_factory.mktemp("run") / "out"))
+    out = main(lora_recipe(pipeline, images, tmp_path_factory.mktemp("run") / "out",
+                           **{"sample.prompts": "a red shape", "sample.seeds": "5", "sample.steps": 2}))
     return out, t0
 
 
@@ -162,3 +163,11 @@ def test_an_older_file_without_the_training_keys_still_loads(run, tmp_path):
     unet = UNet(PRESETS["tiny"])
     lora = load_adapter_file(unet, tmp_path / "old.safetensors")
     assert len(lora.modules) == len([k for k in tensors if k.endswith(".alpha")])
+
+
+def test_sample_grid_carries_a1111_parameters_of_its_first_cell(run, pipeline):
+    from PIL import Image
+    params = Image.open(run[0] / "samples" / "final.png").info["parameters"]
+    prompt, last = params.split("\n")
+    assert prompt == "a red shape"                       # first column: LoRA x0, no <lora:...> tag
+    assert last == f"Steps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 32x32, Model: {pipeline.name}"
