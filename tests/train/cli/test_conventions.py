@@ -91,7 +91,8 @@ def test_help_shows_defaults(capsys):
 def test_infotext_round_trips_through_a1111s_parser():
     text = infotext("a red star, on blue: sks", negative="blurry, dark", steps=20, sampler="euler",
                     guidance=7.5, seed=42, size=(640, 512), model="sd15", model_hash="0123456789",
-                    loras=[("style", 0.8, "abcdefabcdef"), ("other", 1.0, "0123456789ab"), ("off", 0.0, None)])
+                    loras=[("style", 0.8, "abcdefabcdef"), ("other", 1.0, "0123456789ab"),
+                           ("off", 0.0, None)])
     got = a1111_parse(text)
     assert got["Prompt"] == "a red star, on blue: sks <lora:style:0.8> <lora:other:1>"
     assert got["Negative prompt"] == "blurry, dark"
