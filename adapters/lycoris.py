@@ -72,11 +72,15 @@ from .lora_keys import layer_paths
 KINDS = ("loha", "lokr", "dora")                 # what a LycorisSpec trains
 DORA_AXES = ("input", "output")                  # input: the clients' DoRA; output: peft's
 PARTS = {
-    "lora": ("lora_down.weight", "lora_up.weight"),
+    "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
 }
 _TUCKER = "i j k l, j r, i p -> p r k l"         # core t, wb [r, in], wa [r, out] -> [out, in, k, l]
+# Tucker LoCon (LyCORIS locon use_tucker): lora_down a 1x1 conv in -> r, lora_mid the k x k conv r -> r,
+# lora_up a 1x1 conv r -> out, applied in that order: ΔW[o, i] = up[o, a] · mid[a, b] · down[b, i] per tap
+# (A1111 lyco_helpers.rebuild_cp_decomposition; ComfyUI weight_adapter/lora.py folds mid into down).
+_MID = "a b k l, b i -> a i k l"                 # mid [r, r, k, l], down [r, in] -> folded down [r, in, k, l]
 
 
 def kind_of_part(part: str) -> str | None:
@@ -128,7 +132,9 @@ class LycorisModule:
         """Unscaled ΔW from the factors, fp32: [out, in·k·k] or [out, in, k, k]."""
         t = {k: v.float() for k, v in self.tensors.items()}
         if self.kind == "lora":
-            return t["lora_up.weight"].flatten(1) @ t["lora_down.weight"].flatten(1)
+            down, up = self.lora_factors()
+            raw = up.float().flatten(1) @ down.float().flatten(1)
+            return raw.reshape(up.shape[0], *down.shape[1:]) if "lora_mid.weight" in t else raw
         if self.kind == "loha":
             if "hada_t1" in t:
                 return (torch.einsum(_TUCKER, t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
@@ -144,6 +150,16 @@ class LycorisModule:
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]                                   # [a, c, 1, 1]: w1 spans the kernel
         return torch.kron(w1, w2.contiguous())
+
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        """(lora_down, lora_up) of a lora-kind module; a Tucker LoCon's mid folded into down exactly
+        ([r, in, k, k]: the same ΔW as a plain LoCon of rank r, which is what peft can hold)."""
+        t = self.tensors
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        if "lora_mid.weight" in t:
+            mid = t["lora_mid.weight"]
+            down = torch.einsum(_MID, mid.float(), down.float().flatten(1)).to(down.dtype)
+        return down, up
 
     def delta(self, weight: Tensor) -> Tensor:
         """ΔW for base weight `weight`, fp32, shaped like it (DoRA's depends on its values; computed in
@@ -168,6 +184,8 @@ class LycorisModule:
             return f"{self.kind} factors do not multiply: {self.shapes()}"
         want = weight if raw.ndim == 4 else torch.Size((weight[0], weight[1:].numel()))
         down = self.tensors.get("lora_down.weight")
+        if "lora_mid.weight" in self.tensors:
+            down = None if self.tensors["lora_down.weight"].shape[2:] == (1, 1) else down   # the 1x1 half
         if raw.shape != want or (down is not None and down.ndim == 4 and down.shape[1:] != weight[1:]):
             return f"{self.kind} factors {self.shapes()} do not fit a layer of weight {tuple(weight)}"
         if self.dora_scale is not None:
@@ -205,7 +223,7 @@ class Lycoris(AdapterWeights):
             with torch.device("meta"):
                 raw = LycorisModule(m.kind, {k: v.to("meta") for k, v in m.tensors.items()}).raw()
             r = m.rank or 1
-            down = m.tensors.get("lora_down.weight")
+            down = m.lora_factors()[0] if m.kind == "lora" else None
             ins = tuple(down.shape[1:]) if down is not None else tuple(raw.shape[1:])
             if len(ins) == 1 and p.endswith(("proj_in", "proj_out")) and down is None:
                 continue
@@ -479,9 +497,8 @@ def load_lycoris(model: nn.Module, lyco: Lycoris, name: str = "default", weight:
                          "is one peft layer type: load each kind as its own adapter, or merge the file")
     label = next(iter(kinds))
     placed = lyco.fit(model, allow_unmatched)
-    if label == "lora":
-        plain = {p: LoraModule(m.tensors["lora_down.weight"], m.tensors["lora_up.weight"],
-                               m.alpha if m.alpha is not None else float(m.rank))
+    if label == "lora":                  # plain LoCon, or Tucker LoCon with its mid folded in (exact)
+        plain = {p: LoraModule(*m.lora_factors(), m.alpha if m.alpha is not None else float(m.rank))
                  for p, m in lyco.modules.items()}
         load_lora(model, Lora(plain, lyco.metadata, lyco.unplaced, lyco.names, lyco.source), name, weight,
                   trainable, allow_unmatched)

@@ -84,8 +84,7 @@ LAYOUTS = ("kohya", "peft")
 _EXTRA = ("alpha", "dora_scale")
 _PEFT_PARTS = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
                ".lora_magnitude_vector": "dora_scale"}
-_UNSUPPORTED = {"lora_mid.weight": "Tucker LoCon (lora_mid) is not supported",
-                "diff": "a full-weight difference (LyCORIS 'full') is not supported",
+_UNSUPPORTED = {"diff": "a full-weight difference (LyCORIS 'full') is not supported",
                 "oft_blocks": "OFT is not supported", "oft_diag": "OFT is not supported",
                 "w_norm": "a norm-layer adapter is not supported",
                 "b_norm": "a norm-layer adapter is not supported"}
@@ -94,7 +93,7 @@ _UNSUPPORTED = {"lora_mid.weight": "Tucker LoCon (lora_mid) is not supported",
 def is_lycoris(keys) -> bool:
     """Whether a file's keys hold LoHa/LoKr/DoRA tensors (else it is plain LoRA, lora_files.py)."""
     parts = {k.partition(".")[2] for k in keys}
-    return (any(kind_of_part(p) in ("loha", "lokr") or p == "dora_scale" for p in parts)
+    return (any(kind_of_part(p) in ("loha", "lokr") or p in ("dora_scale", "lora_mid.weight") for p in parts)
             or any(k.endswith(".lora_magnitude_vector") for k in keys))
 
 
@@ -243,8 +242,8 @@ def _module(parts: dict[str, torch.Tensor], peft_alpha: float | None, key: str,
 
 
 def _incomplete(kind: str, have: set[str]) -> str | None:
-    if kind == "lora":
-        return None if have == {"lora_down.weight", "lora_up.weight"} else "needs lora_down and lora_up"
+    if kind == "lora":                             # + lora_mid: Tucker LoCon
+        return None if {"lora_down.weight", "lora_up.weight"} <= have else "needs lora_down and lora_up"
     if kind == "loha":
         core = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
         if not core <= have:
@@ -310,12 +309,15 @@ def _check_layout(lyco: Lycoris, fmt: str) -> None:
                              "input column, and no exact conversion exists. Write it in the peft layout "
                              "(fmt='peft'), or train a column-wise DoRA (dora_axis='input')")
         return
-    odd = [f"{lyco.key(p)} ({m.label})" for p, m in lyco.modules.items()
-           if m.kind != "lora" or m.dora_axis == "input"]
+    odd = [f"{lyco.key(p)} ({m.label}{', Tucker' if 'lora_mid.weight' in m.tensors else ''})"
+           for p, m in lyco.modules.items()
+           if m.kind != "lora" or m.dora_axis == "input" or "lora_mid.weight" in m.tensors]
     if odd:
         columns = any(m.kind == "lora" and m.dora_axis == "input" for m in lyco.modules.values())
+        tucker = any("lora_mid.weight" in m.tensors for m in lyco.modules.values())
         why = ("diffusers would read a column-wise DoRA as row-wise" if columns else
-               "peft's LoHa/LoKr layers have no diffusers file form")
+               "peft's LoRA has no lora_mid (`convert --rank R`, R the module rank, writes the exact plain "
+               "LoCon)" if tucker else "peft's LoHa/LoKr layers have no diffusers file form")
         raise ValueError(f"{lyco.source}: the peft layout holds LoRA and peft's row-wise DoRA only, not "
                          f"{_list(odd, 4)}: {why}. Write it in the kohya/LyCORIS layout (fmt='kohya')")
 
@@ -350,7 +352,7 @@ def _network_args(lyco: Lycoris) -> dict[str, str]:
     if conv:
         args |= {"conv_dim": str(Counter(m.rank for m in conv).most_common(1)[0][0]),
                  "conv_alpha": str(Counter(m.alpha for m in conv).most_common(1)[0][0])}
-    if any("hada_t1" in m.tensors or "lokr_t2" in m.tensors for m in lyco.modules.values()):
+    if any(m.tensors.keys() & {"hada_t1", "lokr_t2", "lora_mid.weight"} for m in lyco.modules.values()):
         args["use_tucker"] = "True"
     axes = {m.dora_axis for m in lyco.modules.values()} - {None}
     if axes:
@@ -360,7 +362,7 @@ def _network_args(lyco: Lycoris) -> dict[str, str]:
 
 def _kernel(m: LycorisModule) -> int:
     """Kernel size of a conv module when its tensors say it (1 for Linear/1x1 or unknown)."""
-    for part in ("lora_down.weight", "hada_t1", "lokr_t2", "lokr_w2"):
+    for part in ("lora_mid.weight", "lora_down.weight", "hada_t1", "lokr_t2", "lokr_w2"):
         if part in m.tensors and m.tensors[part].ndim == 4:
             return m.tensors[part].shape[-1]
     return 1

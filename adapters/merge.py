@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from adapterkit.unet import UNet, UNetConfig
+
 from .lora import TARGET_PRESETS, Lora, LoraModule, _list, check_finite, fit
 from .lora_keys import layer_paths, text_layer_paths
 from .lycoris import Lycoris
@@ -157,6 +159,59 @@ def resize_lora(lora: Lora, rank: int) -> tuple[Lora, SvdReport]:
     out = Lora(modules, _derived_metadata([lora], {"derived": "resize", "rank": rank}),
                names=dict(lora.names), source=f"{lora.source} at rank {rank}")
     return out, _report(parts)
+
+
+def lycoris_to_lora(lyco: Lycoris, base: UNetConfig | None, rank: int, conv_rank: int | None = None,
+                    max_error: float | None = None) -> tuple[Lora, SvdReport]:
+    """A plain LoRA approximating each LoHa/LoKr module's full ΔW = scale·raw by its truncated SVD at
+    `rank` (3x3 convs at `conv_rank`, default `rank`): what LyCORIS's and kohya's extract tools do for a
+    fine-tune, here on the adapter's own ΔW. At a rank >= the ΔW's it is exact.
+
+    base: the U-Net the modules adapt (a LoHa conv's hada_w*_b [r, in·k·k] does not say k; the LoRA's
+        lora_down must be [r, in, k, k]). max_error: refuse (nothing returned) if any module's relative
+        Frobenius error ||ΔW − ΔW_r|| / ||ΔW|| exceeds it, naming each with the rank it would need.
+    DoRA modules are refused: their ΔW depends on the base weights (merge them into a base instead).
+    """
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise ValueError(f"rank must be >= 1, got {rank if rank < 1 else conv_rank}")
+    dora = [lyco.key(p) for p, m in lyco.modules.items() if m.dora_scale is not None]
+    if dora:
+        raise ValueError(f"{lyco.source}: {len(dora)} DoRA modules ({_list(dora, 4)}) have no LoRA form: "
+                         "their ΔW depends on the base's weights (W·dora_scale/||W + ΔW||). Merge the file "
+                         "into a base with --base instead")
+    if base is None:
+        raise ValueError(f"{lyco.source}: the U-Net it adapts is not known (no adapterkit.base_config in its "
+                         "metadata, no family its keys show): pass --base (a preset or U-Net path) so conv "
+                         "modules get their kernel shape")
+    with torch.device("meta"):                      # shapes only: no memory for a real-sized U-Net
+        model = UNet(base)
+    targets = lyco.fit(model)
+    modules, parts, short = {}, {}, []
+    for path, layer in sorted(targets.items()):
+        m = lyco.modules[path]
+        delta = (m.scale * m.raw()).reshape(layer.weight.shape)
+        r = conv_rank if (conv_rank and delta.ndim == 4 and delta.shape[-1] > 1) else rank
+        modules[path], dropped, total = _svd_factors(delta, r)
+        parts[path] = (dropped, total)
+        if max_error is not None and total > 0 and (dropped / total) ** 0.5 > max_error:
+            short.append(f"{lyco.key(path)} ({(dropped / total) ** 0.5:.2e} at rank {r}, needs rank "
+                         f"{_rank_for(delta, max_error)})")
+    if short:
+        raise ValueError(f"{lyco.source}: {len(short)} of {len(targets)} modules stay above --max-error "
+                         f"{max_error:g} at the ranks asked: {_list(short, 6)}; raise --rank/--conv-rank, or "
+                         "drop --max-error to accept the error. Nothing was written")
+    how = {"derived": "svd", "from": sorted(lyco.kinds()), "rank": rank, "conv_rank": conv_rank}
+    lora = Lora(modules, _derived_metadata([lyco], how), names={p: lyco.names[p] for p in modules
+                                                                if p in lyco.names},
+                source=f"{lyco.source} as a rank-{rank} LoRA")
+    return lora, _report(parts)
+
+
+def _rank_for(delta: Tensor, max_error: float) -> int:
+    """The smallest rank whose truncated SVD of `delta` has relative error <= max_error."""
+    s2 = torch.linalg.svdvals(delta.flatten(1)) ** 2
+    tail = s2.flip(0).cumsum(0).flip(0) / s2.sum()                  # tail[r] = error² at rank r
+    return int((tail > max_error ** 2).sum())
 
 
 # Keys that describe the base, kept on derived LoRAs when all sources agree on them.

@@ -339,20 +339,14 @@ def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
     """
     if layout not in ("diffusers", "ldm"):
         raise ValueError(f"layout must be 'diffusers' or 'ldm', not {layout!r}")
-    cfg, state = model.config, model.state_dict()
-    key_map = ldm_key_map(cfg)
-    if state.keys() != key_map.keys():
-        odd = sorted(state.keys() ^ key_map.keys())
-        raise ValueError(f"the model's tensors are not a plain U-Net's ({len(odd)} names differ, e.g. "
-                         f"{few(odd, 3)}): merge or remove adapter layers before saving")
-    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     path = Path(path)
     if layout == "ldm":
         if path.suffix != ".safetensors":
             raise ValueError(f"an LDM single file must end in .safetensors, got {path.name!r}")
-        write_safetensors({LDM_PREFIX + key_map[k]: v for k, v in tensors.items()}, path,
-                          {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict())})
+        tensors, metadata = ldm_tensors(model, dtype)
+        write_safetensors(tensors, path, metadata)
         return path
+    cfg, tensors = model.config, _plain_tensors(model, dtype)
     if path.suffix == ".safetensors":
         raise ValueError(f"layout='diffusers' writes a folder, not {path.name!r}; "
                          "use layout='ldm' for a single file")
@@ -362,6 +356,25 @@ def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
     atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
                    (path / "config.json", lambda tmp: tmp.write_text(config_text))])
     return weights
+
+
+def ldm_tensors(model: UNet, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The U-Net's tensors as a single file stores them (`model.diffusion_model.<LDM name>`, on the CPU,
+    cast to `dtype`), and the metadata that keeps its config (`adapterkit.unet_config`): what
+    save_unet(layout="ldm") writes, and the U-Net part of a whole checkpoint."""
+    key_map = ldm_key_map(model.config)
+    tensors = _plain_tensors(model, dtype)
+    return ({LDM_PREFIX + key_map[k]: v for k, v in tensors.items()},
+            {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
+
+
+def _plain_tensors(model: UNet, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    state, key_map = model.state_dict(), ldm_key_map(model.config)
+    if state.keys() != key_map.keys():
+        odd = sorted(state.keys() ^ key_map.keys())
+        raise ValueError(f"the model's tensors are not a plain U-Net's ({len(odd)} names differ, e.g. "
+                         f"{few(odd, 3)}): merge or remove adapter layers before saving")
+    return {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
 
 
 _SAMPLES = 1024

@@ -24,8 +24,6 @@ weight_decompose(wd_on_out=False)).
 """
 import copy
 import json
-import logging
-import warnings
 
 import pytest
 import torch
@@ -57,6 +55,7 @@ from adapterkit.adapters.lycoris_files import (
 )
 from adapterkit.adapters.merge import merge_loras, unmerge
 from adapterkit.unet import UNet
+from support.lycoris_networks import written_by_lycoris
 from support.unets import SD15ISH, TINY
 
 SPECS = {
@@ -340,22 +339,6 @@ def test_every_key_is_one_the_clients_consume(trained, kind):
 
 # --- files by lycoris-lora -------------------------------------------------------------------------------
 
-@pytest.fixture
-def lycoris_network():
-    """lycoris-lora's LycorisNetwork aimed at our U-Net's blocks, kohya-named; its class-level preset
-    is put back afterwards."""
-    from lycoris import LycorisNetwork
-
-    keep = {k: getattr(LycorisNetwork, k) for k in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME",
-                                                     "LORA_PREFIX")}
-    blocks = ["SpatialTransformer", "ResnetBlock", "Downsample", "Upsample"]
-    LycorisNetwork.apply_preset({"target_module": blocks, "target_name": [], "lora_prefix": "lora_unet"})
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    yield LycorisNetwork
-    for k, v in keep.items():
-        setattr(LycorisNetwork, k, v)
-
-
 @pytest.mark.parametrize("algo, options, label", [
     ("loha", {}, "loha"), ("loha", {"use_tucker": True}, "loha"),
     ("lokr", {"factor": 8}, "lokr"), ("lokr", {"use_tucker": True}, "lokr"),
@@ -365,18 +348,8 @@ def lycoris_network():
 ])
 def test_a_file_written_by_lycoris_lora_imports_with_its_delta(lycoris_network, tmp_path, algo, options,
                                                                label):
-    host = base_model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = lycoris_network(host, multiplier=1.0, lora_dim=4, alpha=2, conv_lora_dim=3, conv_alpha=1.5,
-                              network_module=algo, **options)
-    net.apply_to()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
     path = tmp_path / "theirs.safetensors"
-    net.save_weights(str(path), torch.float32, {})
+    net = written_by_lycoris(lycoris_network, base_model(), path, algo, options)
     lyco = read_lycoris(path)
     plain = layer_paths(base_model())
     assert lyco.kinds() == {label: len(net.loras)}

@@ -5,6 +5,8 @@ convert between the layouts that hold them, and inspect; a LoRA+LoRA merge and r
 LoRA only (a LoHa or LoKr has no LoRA form; merge it into the base instead).
 
     adapterkit merge --base BASE A.safetensors[:RATIO] ... -o OUT      LoRAs into base weights
+    adapterkit merge --base BASE A.safetensors ... --layout ldm -o OUT.safetensors [--unet-only]
+                                      a whole checkpoint (U-Net + VAE + text encoders; the U-Net alone)
     adapterkit merge A.safetensors[:RATIO] B.safetensors ... -o OUT.safetensors [--rank R]
                                                                        LoRAs into one LoRA
     adapterkit convert IN.safetensors OUT.safetensors [--to kohya|peft]
@@ -34,13 +36,29 @@ from adapterkit.adapters.lora_files import (
     summarize,
     write_lora,
 )
+from adapterkit.adapters.lora_files import (
+    _naming_base as naming_base,
+)
+from adapterkit.adapters.lora_keys import is_text_path
 from adapterkit.adapters.lycoris import Lycoris
 from adapterkit.adapters.lycoris_files import convert_lycoris, read_adapter, summarize_lycoris
-from adapterkit.adapters.merge import combine_loras, extract_lora, merge_loras, resize_lora, save_merged
+from adapterkit.adapters.merge import (
+    combine_loras,
+    extract_lora,
+    lycoris_to_lora,
+    merge_loras,
+    resize_lora,
+    save_merged,
+)
 from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
 from adapterkit.train.config import Range
-from adapterkit.unet import PRESETS, CheckpointError, UNetConfig, load_unet, stored_dtype
+from adapterkit.train.pipeline.base import load_base
+from adapterkit.train.pipeline.checkpoint_file import VAE_PREFIX, write_checkpoint
+from adapterkit.train.pipeline.parts import TEXT_PREFIXES, VAE_PREFIXES, is_pixel_space
+from adapterkit.train.pipeline.single_file import SCHEDULE_MARKERS, file_schedule, text_encoders_of_file
+from adapterkit.unet import PRESETS, CheckpointError, UNetConfig, load_unet, read_weights, stored_dtype
 from adapterkit.unet.checkpoint import CONFIG_ERRORS
+from adapterkit.unet.families import family_like
 from adapterkit.unet.weights import DIFFUSERS_WEIGHTS, error_phrase
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,7 +83,14 @@ def register(subparsers) -> None:
                                   "merge the LoRAs into one LoRA file")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--layout", choices=("diffusers", "ldm"), default="diffusers",
-                   help="merged U-Net as a diffusers folder or one LDM-named .safetensors")
+                   help="merged U-Net as a diffusers folder, or one .safetensors checkpoint (U-Net, VAE and "
+                        "text encoders in the names A1111 and ComfyUI read)")
+    p.add_argument("--unet-only", action="store_true",
+                   help="--layout ldm: write the U-Net alone (model.diffusion_model.*), not a whole "
+                        "checkpoint")
+    p.add_argument("--config-dir", help="--layout ldm, single-file --base, text-encoder LoRA modules: a "
+                                        "diffusers folder of the model whose text encoder configs describe "
+                                        "the file's (default: the family's shipped configs)")
     p.add_argument("--dtype", choices=(*DTYPES, "base"), default="base",
                    help="dtype of the merged weights / LoRA (default: the base's own)")
     p.add_argument("--rank", type=int, help="LoRA+LoRA: SVD the combined LoRA to this rank (default: exact)")
@@ -80,6 +105,12 @@ def register(subparsers) -> None:
                    help="target layout (default: the other one)")
     p.add_argument("--base", help="preset or U-Net path; needed for LDM-named kohya files")
     p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--rank", type=int, help="LoHa/LoKr/Tucker LoCon: write a plain LoRA of this rank, by "
+                                            "SVD of each module's ΔW (the relative error is reported per "
+                                            "module)")
+    p.add_argument("--conv-rank", type=int, help="with --rank: the rank of 3x3 convs (default: --rank)")
+    p.add_argument("--max-error", type=float, help="with --rank: refuse (write nothing) if any module's "
+                                                   "relative error exceeds this, e.g. 0.01")
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser("extract", parents=[fmt], help="LoRA from a base and a fine-tuned U-Net (SVD)",
@@ -110,8 +141,9 @@ def register(subparsers) -> None:
 
 def _merge(args) -> int:
     """Merge LoRAs, LoHa, LoKr or DoRA (each with an optional ratio, `file:0.7`) into a base U-Net,
-    saved as a diffusers folder or single file, or (without --base, LoRAs only) into one LoRA file.
-    Ratios multiply each file's ΔW."""
+    saved as a diffusers folder or, with --layout ldm, as one whole single-file checkpoint (U-Net, VAE and
+    text encoders, a LoRA's text-encoder modules merged into them; --unet-only: the U-Net alone), or
+    (without --base, LoRAs only) into one LoRA file. Ratios multiply each file's ΔW."""
     items = [split_lora_spec(s) for s in args.loras]
     inputs = [("LORA", p) for p, _ in items]
     check_numbers([("--rank", args.rank, Range(1)), *((f"{p} ratio", r, Range()) for p, r in items)])
@@ -137,9 +169,16 @@ def _merge(args) -> int:
                          ".safetensors file")
     if not folder:
         _check_suffix(args.output, ".safetensors", "an LDM single file (--layout ldm)")
-    check_output(args.output, "-o", inputs=[("--base", args.base), *inputs], folder=folder,
+    if args.unet_only and folder:
+        raise ValueError("--unet-only applies to --layout ldm (a diffusers-layout merge writes the U-Net "
+                         "folder alone)")
+    check_inputs([("--config-dir", args.config_dir)])
+    reads = [("--base", args.base), ("--config-dir", args.config_dir), *inputs]
+    check_output(args.output, "-o", inputs=reads, folder=folder,
                  files=("config.json", DIFFUSERS_WEIGHTS[0]) if folder else ())
     dtype = stored_dtype(args.base) if args.dtype == "base" else DTYPES[args.dtype]
+    if not folder and not args.unet_only:
+        return _merge_checkpoint(args, items, dtype)
     model = load_unet(args.base, dtype=dtype)
     loras = [(read_adapter(p, base=model.config, missing_alpha=args.missing_alpha), r) for p, r in items]
     record = merge_loras(model, loras, allow_unmatched=args.allow_unmatched)
@@ -150,6 +189,58 @@ def _merge(args) -> int:
     return 0
 
 
+def _merge_checkpoint(args, items: list[tuple[str, float]], dtype: torch.dtype) -> int:
+    """--layout ldm: the adapters merged into the base's U-Net (and its text encoders, for a LoRA's
+    text-encoder modules), written as one whole checkpoint (train/pipeline/checkpoint_file.py)."""
+    base = Path(args.base)
+    unet, text, vae, keep, prediction = _checkpoint_base(base, dtype)
+    loras = [(read_adapter(p, base=unet.config, missing_alpha=args.missing_alpha), r) for p, r in items]
+    wants_text = any(is_text_path(path) for lora, _ in loras if not isinstance(lora, Lycoris)
+                     for path in lora.modules)
+    if wants_text and text is None:                   # a single file: its encoders as modules
+        text = text_encoders_of_file(base, dtype, Path(args.config_dir) if args.config_dir else None)
+        keep = {k: v for k, v in keep.items() if not k.startswith(tuple(te.ldm_prefix for te, _ in text))}
+    encoders = {te.folder: model for te, model in text or ()} if wants_text else None
+    record = merge_loras(unet, loras, allow_unmatched=args.allow_unmatched, text_encoders=encoders)
+    with writing(args.output, "-o"):
+        out = write_checkpoint(args.output, unet, vae, text or (), dtype=dtype, keep=keep,
+                               prediction_type=prediction)
+    touched = sorted({"text encoder" if is_text_path(p) else "U-Net" for p in record.originals})
+    has_vae = vae is not None or any(k.startswith(VAE_PREFIX) for k in keep)
+    held = ["U-Net", *(["VAE"] if has_vae else []),
+            *(te.folder for te in family_like(unet.config).text_encoders)]
+    print(f"merged {len(loras)} adapters ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
+          f"{len(record.originals)} layers ({', '.join(touched) or 'none'}) of {args.base}; computed in "
+          f"fp32, written as {dtype}: {out}, a whole checkpoint ({', '.join(held)})")
+    return 0
+
+
+def _checkpoint_base(base: Path, dtype: torch.dtype):
+    """(U-Net, text encoders as (row, module) or None, VAE module or None, tensors to carry over as they
+    are, prediction type) of a --base that a whole checkpoint can be made from: a diffusers pipeline
+    folder (every part loaded), or a full single file (the U-Net loaded, the rest kept in its names)."""
+    unet_only = ("a whole checkpoint needs the base's VAE and text encoder(s): pass the model's pipeline "
+                 "folder or full single file as --base, or --unet-only to write the U-Net alone")
+    if base.is_dir():
+        if not (base / "model_index.json").is_file():
+            raise CheckpointError(f"--base {base} is a U-Net folder (no model_index.json); {unet_only}")
+        loaded = load_base(base, dtype=dtype)
+        return (loaded.unet, tuple((part.spec, part.model) for part in loaded.text), loaded.vae, {},
+                loaded.prediction_type)
+    parts, metadata = read_weights(base, keep=lambda k: k.startswith((*VAE_PREFIXES, *TEXT_PREFIXES))
+                                   or k in SCHEDULE_MARKERS)
+    unet = load_unet(base, dtype=dtype)
+    found = {"VAE (first_stage_model.*)": is_pixel_space(unet.config) or any(k.startswith(VAE_PREFIXES)
+                                                                              for k in parts),
+             "text encoder": any(k.startswith(TEXT_PREFIXES) for k in parts)}
+    missing = [what for what, there in found.items() if not there]
+    if missing:
+        raise CheckpointError(f"--base {base} holds no {' and no '.join(missing)}; {unet_only}")
+    keep = {(VAE_PREFIX + k.split(".", 1)[1] if k.startswith(VAE_PREFIXES) else k): v
+            for k, v in parts.items()}
+    return unet, None, None, keep, file_schedule(parts, metadata)[0]
+
+
 def _convert(args) -> int:
     """Rewrite a LoRA file in the kohya or peft/diffusers layout. Each layer's ΔW is checked equal
     after the write; keys that cannot be placed fail the conversion (or, with --allow-unmatched,
@@ -157,9 +248,15 @@ def _convert(args) -> int:
     check_inputs([("INPUT", args.input)])
     _check_suffix(args.output, ".safetensors", "a LoRA file")
     check_output(args.output, "OUTPUT", inputs=[("INPUT", args.input), ("--base", _path_or_none(args.base))])
+    check_numbers([("--rank", args.rank, Range(1)), ("--conv-rank", args.conv_rank, Range(1)),
+                   ("--max-error", args.max_error, Range(0, 1, low_open=True))])
+    if args.rank is None and (args.conv_rank is not None or args.max_error is not None):
+        raise ValueError("--conv-rank and --max-error go with --rank (a LoHa/LoKr -> LoRA conversion)")
     base = _base_config(args.base) if args.base else None
     source = read_adapter(args.input, base=base, missing_alpha="rank")
     to = args.to or ("peft" if source.format == "kohya" else "kohya")
+    if args.rank is not None:
+        return _convert_to_lora(args, source, base, to if args.to else "kohya")
     if isinstance(source, Lycoris):
         with writing(args.output, "OUTPUT"):
             report = convert_lycoris(args.input, args.output, to, base=base, missing_alpha=args.missing_alpha,
@@ -176,6 +273,33 @@ def _convert(args) -> int:
     for note in report["notes"]:
         print(f"note: {note}")
     _print_unplaced(report["unplaced"])
+    return 0
+
+
+def _convert_to_lora(args, source: Lora | Lycoris, base: UNetConfig | None, to: str) -> int:
+    """convert --rank: a LoHa/LoKr/Tucker-LoCon file as a plain LoRA, each module's ΔW truncated by SVD
+    (exact for a Tucker LoCon at its own ranks)."""
+    tucker = isinstance(source, Lycoris) and any("lora_mid.weight" in m.tensors
+                                                 for m in source.modules.values())
+    if not isinstance(source, Lycoris) or (source.kinds().keys() <= {"lora"} and not tucker):
+        raise ValueError(f"{args.input} is a plain LoRA: change its rank with `adapterkit resize "
+                         f"{args.input} --rank {args.rank} -o OUT` (--rank converts LoHa/LoKr and Tucker "
+                         "LoCon files)")
+    _refuse_unplaced(source, args.allow_unmatched)
+    if base is None:                    # the file's adapterkit.base_config, else its family's U-Net
+        base = naming_base(source)[0]
+    lora, report = lycoris_to_lora(source, base, args.rank, args.conv_rank, args.max_error)
+    with writing(args.output, "OUTPUT"):
+        check = write_lora(args.output, lora, to, DTYPES.get(args.dtype), base=base)
+    print(f"{'/'.join(sorted(source.kinds()))} -> LoRA ({to}) at rank {args.rank}"
+          f"{f' (3x3 convs {args.conv_rank})' if args.conv_rank else ''}: {check['modules']} layers, overall "
+          f"relative error {report.overall:.3e}: {args.output}")
+    worst = report.worst(len(report.errors))
+    print("relative error per module (||ΔW - ΔW_r|| / ||ΔW||), worst first:")
+    for path, err in worst[:20]:
+        print(f"  {source.key(path)}: {err:.3e}")
+    if len(worst) > 20:
+        print(f"  ... {len(worst) - 20} more, each <= {worst[20][1]:.3e}")
     return 0
 
 

@@ -294,6 +294,8 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
                       model=Path(cfg.model.base).name,
                       loras=[(cfg.output.name, cfg.sample.lora_scales[0], None)])
     return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path,
-                     row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
+                     row_labels=[f"{prompt} / seed {seed}" for prompt, seed in rows],
                      col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales],
+                     footer=f"{cfg.sample.sampler}, {cfg.sample.steps} steps, guidance {cfg.sample.guidance:g}, "
+                            f"{cfg.data.resolution // f * f} px | base {Path(cfg.model.base).name}",
                      text={PARAMETERS: params})

@@ -6,7 +6,7 @@ Where a file keeps each part (the family rows' `ldm_prefix`, unet/families.py):
     first_stage_model.* (or vae.*)         VAE, through diffusers' `convert_ldm_vae_checkpoint`
     cond_stage_model.transformer.*         SD1.x: CLIP ViT-L in transformers' names
     conditioner.embedders.0.transformer.*  SDXL: CLIP ViT-L in transformers' names
-    conditioner.embedders.1.model.*        SDXL: OpenCLIP ViT-bigG in OpenCLIP's names (`openclip_names`)
+    conditioner.embedders.1.model.*        SDXL: OpenCLIP ViT-bigG, OpenCLIP's names (ldm_names.py)
 
 Which text encoders a file must hold follows from its U-Net's layout (`family_like`): an SDXL U-Net needs
 both of SDXL's, and a file that lacks one is refused naming the missing prefix. Refused as well: SD2.x
@@ -27,12 +27,12 @@ ComfyUI's supported_models.py (SDXL.model_type). NoobAI-XL's v-prediction releas
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from adapterkit.train.pipeline.ldm_names import CLIP_LEVEL, openclip_names
 from adapterkit.train.pipeline.parts import (
     CONFIGS,
     TEXT_PREFIXES,
@@ -55,23 +55,10 @@ from adapterkit.unet.weights import CheckpointError
 
 # Marker tensors of a file's noise schedule (ComfyUI), and ModelSpec's names for the prediction types.
 SCHEDULE_MARKERS = ("v_pred", "ztsnr")
-_MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
 
 # An SDXL refiner keeps its only text encoder (OpenCLIP bigG) where a base keeps CLIP ViT-L.
 _REFINER_PREFIX = "conditioner.embedders.0.model."
-
-# OpenCLIP text-tower names -> transformers' CLIPTextModel(WithProjection) names: the facts diffusers'
-# convert_open_clip_checkpoint applies (loaders/single_file_utils.py, DIFFUSERS_TO_LDM_MAPPING["openclip"]).
-_OPENCLIP_TOP = {
-    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final.weight": "text_model.final_layer_norm.weight",
-    "ln_final.bias": "text_model.final_layer_norm.bias",
-}
-_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-# The contrastive loss's temperature: saved with the text tower, no part of it.
-_OPENCLIP_UNUSED = ("logit_scale",)
 
 
 def from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer,
@@ -119,46 +106,30 @@ def from_single_file(path: Path, allow_pickle: bool, dtype, device, tokenizer,
     return Parts(unet, vae, tuple(text), scheduler, 1, prediction_type, zero_snr, bool(zeros))
 
 
+def text_encoders_of_file(path: Path, dtype, config_dir: Path | None = None
+                          ) -> tuple[tuple[TextEncoder, nn.Module], ...]:
+    """The text encoders of a single file as transformers modules, without tokenizers (what a merge
+    into the file's encoders needs); the configs as `from_single_file` finds them."""
+    parts, _ = read_weights(path, keep=lambda k: k.startswith(TEXT_PREFIXES))
+    _refuse_unconverted(path, parts)
+    unet = load_unet(path, dtype=dtype)
+    layout, family = family_like(unet.config), family_of(unet.config)
+    _refuse_sd2(path, layout)
+    encoders = {te.folder: _tensors_under(parts, te.ldm_prefix) for te in layout.text_encoders}
+    _check_encoders_present(path, parts, layout, encoders)
+    configs = config_dir if config_dir is not None else CONFIGS / "base" / (family.configs or family.name)
+    return tuple((te, move_to(_text_encoder_from_ldm(encoders[te.folder], te,
+                                                     _component_config(configs, te.folder, path, family),
+                                                     path), "cpu", dtype))
+                 for te in layout.text_encoders)
+
+
 def file_schedule(tensors, metadata: dict[str, str]) -> tuple[str | None, bool]:
     """(prediction type, zero-terminal SNR) as a single file states them: the `v_pred` / `ztsnr` marker
     tensors, else ModelSpec's `modelspec.prediction_type`; (None, False) where it says nothing."""
     prediction = "v_prediction" if "v_pred" in tensors else \
-        _MODELSPEC_PREDICTION.get(str(metadata.get("modelspec.prediction_type", "")).strip().lower())
+        MODELSPEC_PREDICTION.get(str(metadata.get("modelspec.prediction_type", "")).strip().lower())
     return prediction, "ztsnr" in tensors
-
-
-def openclip_names(state: dict[str, Tensor], width: int) -> tuple[dict[str, Tensor], list[str]]:
-    """An OpenCLIP text tower's tensors (names without the file's prefix) in transformers' names, and
-    the names that have no place there.
-
-    The fused attention input `attn.in_proj_weight` (3 width, width) / `in_proj_bias` (3 width) is split
-    in order into q_proj, k_proj, v_proj; `text_projection` is stored (width, projection), applied as
-    x @ P, and becomes the Linear weight P^T; `logit_scale` is not part of the tower and is skipped.
-    (diffusers splits by the projection's width, which equals the tower's for every released model.)
-    """
-    out, unplaced = {}, []
-    for name, v in state.items():
-        block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", name)
-        if name in _OPENCLIP_TOP:
-            out[_OPENCLIP_TOP[name]] = v
-        elif name == "text_projection":
-            out["text_projection.weight"] = v.T.contiguous()
-        elif name in _OPENCLIP_UNUSED:
-            continue
-        elif block is None:
-            unplaced.append(name)
-        elif block[2] in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            layer, kind = f"text_model.encoder.layers.{block[1]}.self_attn.", block[2].rsplit("_", 1)[1]
-            chunks = v.split(width) if v.shape[0] == 3 * width else (v, v[:0], v[:0])  # wrong shape: reported
-            for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), chunks):
-                out[f"{layer}{proj}.{kind}"] = chunk.clone()
-        else:
-            module, _, param = block[2].rpartition(".")
-            if module in _OPENCLIP_BLOCK:
-                out[f"text_model.encoder.layers.{block[1]}.{_OPENCLIP_BLOCK[module]}.{param}"] = v
-            else:
-                unplaced.append(name)
-    return out, unplaced
 
 
 # --- refusals ----------------------------------------------------------------------------------------
@@ -300,9 +271,9 @@ def _text_encoder_from_ldm(state: dict[str, Tensor], te: TextEncoder, config: tu
         state, unplaced = openclip_names(state, config_obj.hidden_size)
     renamed = {}
     for k, v in state.items():
-        name = k if k in expected else k.removeprefix("text_model.")
-        if name not in expected and "text_model." + name in expected:
-            name = "text_model." + name
+        name = k if k in expected else k.removeprefix(CLIP_LEVEL)
+        if name not in expected and CLIP_LEVEL + name in expected:
+            name = CLIP_LEVEL + name
         if name.endswith("position_ids") and name not in expected:
             continue                 # a buffer older files saved; recomputed by the model
         renamed[name] = v

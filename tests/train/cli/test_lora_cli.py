@@ -106,7 +106,7 @@ def test_merge_into_base_equals_the_runtime_adapters(work, tmp_path, capsys):
 def test_merge_keeps_a_half_precision_base_in_half_precision(work, tmp_path, capsys):
     save_unet(load_unet(work / "base"), tmp_path / "base16", dtype=torch.float16)
     code, text, _ = run(["merge", "--base", tmp_path / "base16", work / "b.safetensors",
-                         "-o", tmp_path / "m.safetensors", "--layout", "ldm"], capsys)
+                         "-o", tmp_path / "m.safetensors", "--layout", "ldm", "--unet-only"], capsys)
     assert code == 0 and "torch.float16" in text
     from safetensors import safe_open
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:

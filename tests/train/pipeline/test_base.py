@@ -6,11 +6,12 @@ prompt embeddings and the VAE latents must equal what the pipeline itself comput
 Single files: the test assembles an SD1-layout checkpoint from the pipeline's parts. The U-Net keys
 come from `save_unet(layout="ldm")`; the text encoder keys are the CLIP names under
 `cond_stage_model.transformer.text_model.` (the real SD1 layout, position_ids buffer included); the VAE
-keys come from `_vae_to_ldm` below, our hand-written inverse of diffusers' `convert_ldm_vae_checkpoint`
-following the CompVis names (encoder.down.N.block.M, downsample.conv, mid.block_1, mid.attn_1.q as a
-1x1 conv, nin_shortcut, norm_out; the decoder's up.N counted from the bottom). So what is covered is:
-loading reassembles exactly the pipeline's weights from those names. No real SD file is available
-offline, so agreement with a real file rests on those names being the CompVis ones.
+keys come from the checkpoint writer's table (train/pipeline/ldm_names.py vae_to_ldm), the inverse of
+diffusers' `convert_ldm_vae_checkpoint` following the CompVis names (encoder.down.N.block.M,
+downsample.conv, mid.block_1, mid.attn_1.q as a 1x1 conv, nin_shortcut, norm_out; the decoder's up.N
+counted from the bottom), which diffusers' from_single_file reads back exactly (test_checkpoint_file.py).
+So what is covered is: loading reassembles exactly the pipeline's weights from those names. No real SD
+file is available offline, so agreement with a real file rests on those names being the CompVis ones.
 """
 import json
 import shutil
