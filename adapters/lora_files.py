@@ -439,6 +439,16 @@ def base_metadata(cfg: UNetConfig, fingerprint: str | None = None) -> dict[str, 
     return md
 
 
+# sd-scripts library/sai_model_spec.py determine_implementation: an SDXL LoRA in kohya's LDM names is
+# Stability's generative-models implementation, any other LoRA diffusers'.
+IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"
+
+
+def modelspec_implementation(ss_version: str, fmt: str) -> str:
+    """modelspec.implementation of an adapter file for a base of `ss_version` in layout `fmt`."""
+    return IMPL_STABILITY if fmt == "kohya" and ss_version.startswith("sdxl") else "diffusers"
+
+
 def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
     """Source metadata + the keys that describe these tensors in this layout (recomputed, never stale)."""
     md = {k: v for k, v in lora.metadata.items() if k not in ("lora_adapter_metadata", "format")}
@@ -452,7 +462,7 @@ def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
     md.update({
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps(args),
-        "modelspec.sai_model_spec": "1.0.1", "modelspec.implementation": "diffusers",
+        "modelspec.sai_model_spec": "1.0.1",
         "adapterkit.format_version": FORMAT_VERSION, "adapterkit.rank": str(rank),
         "adapterkit.alpha": str(alpha)})
     claimed = claimed_family(lora.shapes(), lora.metadata)         # 'unknown' rather than a guess
@@ -462,6 +472,7 @@ def _format_metadata(lora: Lora, fmt: str) -> dict[str, str]:
     family = family_of_ss_version(md["ss_base_model_version"])
     arch = family.modelspec if family else "unknown"
     md.setdefault("modelspec.architecture", f"{arch}/lora")
+    md["modelspec.implementation"] = modelspec_implementation(md["ss_base_model_version"], fmt)
     if fmt == "peft":
         md["format"] = "pt"
         md["lora_adapter_metadata"] = _peft_config_json(lora)

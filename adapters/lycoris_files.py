@@ -55,6 +55,7 @@ from .lora_files import (
     _peft_alphas,
     _peft_config_json,
     adapter_metadata,
+    modelspec_implementation,
     read_lora,
     save_verified,
 )
@@ -375,7 +376,7 @@ def _metadata(lyco: Lycoris, fmt: str) -> dict[str, str]:
     md |= {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(_network_args(lyco)),
            "ss_network_dim": str(ranks.most_common(1)[0][0]),
            "ss_network_alpha": str(alphas.most_common(1)[0][0]),
-           "modelspec.sai_model_spec": "1.0.1", "modelspec.implementation": "diffusers",
+           "modelspec.sai_model_spec": "1.0.1",
            "adapterkit.format_version": FORMAT_VERSION,
            "adapterkit.kind": kinds[0].removesuffix(" (row)") if len(kinds) == 1 else ",".join(kinds),
            "adapterkit.convention": "lycoris" if fmt == "kohya" else "peft"}
@@ -385,6 +386,7 @@ def _metadata(lyco: Lycoris, fmt: str) -> dict[str, str]:
     md.setdefault("modelspec.title", "adapterkit LyCORIS")
     family = family_of_ss_version(md["ss_base_model_version"])
     md.setdefault("modelspec.architecture", f"{family.modelspec if family else 'unknown'}/lora")
+    md["modelspec.implementation"] = modelspec_implementation(md["ss_base_model_version"], fmt)
     if fmt == "peft":
         cfg = json.loads(_peft_config_json(lyco))
         cfg["unet.use_dora"] = any(m.dora_scale is not None for m in lyco.modules.values())

@@ -281,13 +281,14 @@ def make_grid(images: Sequence[ImageLike | None], rows: int, cols: int, *,
 
 def save_grid(images: Sequence[ImageLike | None], rows: int, cols: int, path: str | os.PathLike,
               row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
-              title: str | None = None, footer: str | None = None, **kwargs) -> Path:
+              title: str | None = None, footer: str | None = None, text: dict[str, str] | None = None,
+              **kwargs) -> Path:
     """`make_grid` written atomically at `path` in the format its suffix names (`write_image`: PNG,
-    JPEG or WebP); returns the path."""
+    JPEG or WebP; `text`: PNG text chunks, e.g. train/infotext.py's `parameters`); returns the path."""
     image_format(path)                                  # an unknown suffix fails before the drawing
     grid = make_grid(images, rows, cols, row_labels=row_labels, col_labels=col_labels, title=title,
                      footer=footer, **kwargs)
-    return write_image(grid, path)
+    return write_image(grid, path, text=text)
 
 
 # -- the loss curve -------------------------------------------------------------------------------

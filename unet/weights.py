@@ -9,6 +9,7 @@ then only with `torch.load(weights_only=True)`. Every problem is a CheckpointErr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -403,3 +404,32 @@ def error_phrase(e: Exception) -> str:
     """An exception as a short phrase for a message (a KeyError's str is only the quoted key)."""
     text = str(e)[:200]
     return f"missing key {text}" if isinstance(e, KeyError) else f"{type(e).__name__}: {text}"
+
+
+# -- the hashes clients identify weight files by ---------------------------------------------------
+
+def file_sha256(path: str | os.PathLike, start: int = 0, length: int | None = None) -> str:
+    """SHA-256 (hex) of a file's bytes from `start`, `length` of them (None: to the end), read in
+    1 MiB chunks. A1111's checkpoint hash is the whole file's (its "Model hash" the first 10 digits);
+    its and kohya's old hash the 64 KiB at 1 MiB (first 8 digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = length
+        while left is None or left > 0:
+            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def safetensors_data_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a safetensors file after its header: the tensors' bytes alone, so editing the
+    metadata keeps it. A1111 identifies a LoRA by it (its "Lora hashes", first 12 digits; kohya
+    train_util.addnet_hash_safetensors, sd-webui-additional-networks' sshs_model_hash)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return file_sha256(path, start=8 + n)

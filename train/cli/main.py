@@ -14,6 +14,7 @@ at once: the checkpoints already written stay). No traceback reaches the user un
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
@@ -28,8 +29,45 @@ COMMAND_MODULES = (
 )
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help lists each option's default after its help, unless the help already says it or there is
+    none to tell (None, False, an empty list: the option is simply off or unset)."""
+
+    def _format_action(self, action):
+        told = "default" in (action.help or "") or action.help is argparse.SUPPRESS
+        if action.option_strings and not told and action.default not in (None, False, [], argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
+        return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the command line, subcommands included (they are made with the parser's own
+    class): defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    """"adapterkit X (torch Y, diffusers Z, peft W)" from the installed distributions' metadata (no
+    import: --version answers at once)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+    deps = ", ".join(f"{name} {of(name)}" for name in ("torch", "diffusers", "peft", "accelerate"))
+    return f"adapterkit {of('adapterkit')} ({deps})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adapterkit", description=__doc__.splitlines()[0])
+    parser = Parser(prog="adapterkit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

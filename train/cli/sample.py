@@ -33,6 +33,7 @@ HINT_BACKGROUND = (0, 0, 0)
 
 def run(args: argparse.Namespace) -> int:
     from adapterkit.train.images import save_grid
+    from adapterkit.train.infotext import PARAMETERS
     from adapterkit.train.pipeline.generate import generate_columns
 
     nets, hint_files, scales = args.controlnet, args.hint, args.control_scale or [1.0]
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
                              sampler=args.sampler, size=size, batch_size=args.batch_size, progress=True,
                              **steer)
+    params = first_cell_infotext(args, rows[0], columns[0][1], cells[0])   # before the hint column
     labels = [name for name, _ in columns]
     if nets:                            # the first column: what the ControlNet(s) were given
         ncol = len(columns)
@@ -92,9 +94,25 @@ def run(args: argparse.Namespace) -> int:
     with writing(args.output, "-o"):
         save_grid(cells, len(rows), len(labels), args.output,
                   row_labels=[f"{prompt} / seed {seed}" for prompt, seed in rows], col_labels=labels,
-                  footer=footer)
+                  footer=footer, text={PARAMETERS: params})
     print(f"wrote {args.output} ({len(cells)} images)")
     return 0
+
+
+def first_cell_infotext(args: argparse.Namespace, row: tuple[str, int], weights: dict[str, float],
+                        cell: torch.Tensor) -> str:
+    """A1111's infotext of the grid's first picture (train/infotext.py): its prompt and seed, each
+    LoRA by file name with its weight in that column and its hash, the base's name (and hash, for a
+    single file)."""
+    from adapterkit.adapters.lora_files import split_lora_spec
+    from adapterkit.train.infotext import infotext, lora_hash, model_hash
+
+    files = [Path(split_lora_spec(spec)[0]) for spec in args.lora]
+    loras = [(f.stem, weights.get(f"lora{i}", 0.0), lora_hash(f)) for i, f in enumerate(files)]
+    extra = {"ControlNet": ", ".join(Path(p).name for p in args.controlnet)} if args.controlnet else {}
+    return infotext(row[0], steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=row[1],
+                    size=(cell.shape[-1], cell.shape[-2]), model=Path(args.base).name,
+                    model_hash=model_hash(args.base), loras=loras, extra=extra)
 
 
 def check_loras(specs: list[str]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.train.cli.checks import check_output, writing
-from adapterkit.train.config import load_config
+from adapterkit.train.config import load_config, to_yaml
 
 # job -> (module, recipe class); imported only when that job runs.
 JOBS = {
@@ -46,6 +46,14 @@ def run(args) -> int:
     module_name, recipe_name = JOBS[args.job]
     module = importlib.import_module(module_name)
     cfg = load_config(args.config, getattr(module, recipe_name), args.overrides)
+    if args.print_config:                          # the recipe as it would run: every key, defaults filled in
+        print(f"# adapterkit train {args.job} {args.config}: the resolved recipe (defaults included)")
+        print(to_yaml(cfg), end="")
+        return 0
+    from adapterkit.train.jobs.precision import settle_precision  # torch: not before --help
+    cfg, note = settle_precision(cfg)              # accelerate launch --mixed_precision: mapped or refused
+    if note:
+        print(note, flush=True)
     out = check_paths(cfg)
     created = first_missing(out)
     t0 = time.monotonic()
@@ -166,7 +174,12 @@ def register(sub) -> None:
                        description=__doc__.splitlines()[0])
     jobs = p.add_subparsers(dest="job", metavar="JOB", required=True)
     for job in JOBS:
-        j = jobs.add_parser(job, help=f"train a {job} (recipe: configs/*{job}*.yaml)")
+        j = jobs.add_parser(job, help=f"train a {job} (recipe: configs/*{job}*.yaml)",
+                            epilog=f"Every recipe key with its value, defaults filled in: adapterkit "
+                                   f"train {job} CONFIG --print-config")
         j.add_argument("config", help="YAML recipe")
         j.add_argument("overrides", nargs="*", metavar="key=value", help="typed overrides of recipe keys")
+        j.add_argument("--print-config", action="store_true",
+                       help="print the resolved recipe (overrides applied, defaults filled in) as YAML, "
+                            "then exit")
         j.set_defaults(func=run)

@@ -41,6 +41,8 @@ counted in the `ScanReport`, whose `summary()` the trainer prints before it star
 | `metadata.jsonl` line not JSON, without text/caption, with   | note   | metadata         |
 |   an unsafe `file_name` (absolute, `..`, URL) or a missing   |        |                  |
 |   file: that line is ignored                                 |        |                  |
+| an image a `datasets` imagefolder (metadata.csv) leaves out | skip   | unlisted         |
+|   because its metadata does not list it (hf_datasets.py)     |        |                  |
 
 Captions are cleaned (control characters and whitespace runs become one space). Symlinked files are
 read; symlinked folders are not followed.
@@ -50,6 +52,10 @@ what to do. Randomness at sample time (crop, flip, caption dropout, tag shuffle 
 train/data/captions.py) is a pure function of (seed, epoch, index), so DataLoader workers, resume and
 reruns agree. Each record carries the SHA-256 of its file bytes, the key for latent caches; a file
 that changes after the scan is an error.
+
+`data.root` may also be a Hugging Face `datasets` dataset (a `save_to_disk` folder, a local Hub
+folder of parquet files, an imagefolder with metadata.csv): train/data/hf_datasets.py reads it
+through `datasets` and puts each row through this policy and report (`accept_image`).
 
 Repeats (`data.kohya_repeats`, off by default): a top-level subfolder named `N_name` (kohya
 sd-scripts' convention, `10_mystyle/`) puts each of its images N times in every epoch; the summary
@@ -64,9 +70,11 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -113,6 +121,7 @@ POLICY: dict[str, tuple[str, str]] = {
     "caption_conflict": ("note", ".txt and metadata.jsonl disagree; the .txt is used"),
     "orphan_caption": ("note", "caption file with no image of the same name"),
     "metadata": ("note", "metadata.jsonl line ignored"),
+    "unlisted": ("skip", "image file the dataset's metadata does not list (datasets leaves it out)"),
     "hidden": ("ignore", "hidden/system files and folders"),
 }
 
@@ -120,7 +129,13 @@ POLICY: dict[str, tuple[str, str]] = {
 @dataclass(frozen=True)
 class DataConfig:
     """The `data:` section of a training recipe."""
-    root: str                                   # the image folder (read-only to us)
+    root: str                                   # the image folder or dataset (read-only to us)
+    # What root is (train/data/hf_datasets.py): auto = detected; folder = images + .txt/metadata.jsonl
+    # (this module); imagefolder / saved / parquet = read through the `datasets` library.
+    source: Literal["auto", "folder", "imagefolder", "saved", "parquet"] = "auto"
+    image_column: str = "image"                 # a `datasets` source's picture column
+    caption_column: str | None = None           # ... its caption column; None: "text", else "caption"
+    split: str = "train"                        # ... the split trained on
     resolution: int = 512                       # bucket area ~ resolution**2
     bucket_step: int = 64                       # bucket sides are multiples of this
     min_bucket_side: int | None = None          # default resolution // 2
@@ -184,6 +199,7 @@ class ImageRecord:
     caption: str                 # as written by the user, without trigger; "" if none
     fixes: tuple[str, ...] = ()  # POLICY keys applied when loading
     repeats: int = 1             # times per epoch (kohya's `N_name` folders, data.kohya_repeats)
+    row: int | None = None       # a `datasets` row whose bytes hold the picture (hf_datasets.py); None: path
 
 
 @dataclass
@@ -191,6 +207,7 @@ class ScanReport:
     """What the scan found: per POLICY key, the (relative path, detail) pairs."""
     root: Path
     missing_caption: str = "empty"       # the policy in force, for the summary
+    source: str = "folder"               # what root is (DataConfig.source, resolved), for the summary
     image_files: int = 0                 # files with an image extension
     accepted: int = 0
     ignored: Counter = field(default_factory=Counter)   # other files, by extension
@@ -217,7 +234,11 @@ class ScanReport:
 
     def summary(self, names: int = 5) -> str:
         """The report as text: one line per key found, with the first `names` files."""
-        lines = [f"data: {self.accepted} of {self.image_files} image files accepted under {self.root}"]
+        if self.source == "folder":
+            lines = [f"data: {self.accepted} of {self.image_files} image files accepted under {self.root}"]
+        else:
+            lines = [f"data: {self.accepted} of {self.image_files} pictures accepted from the {self.source} "
+                     f"dataset {self.root}"]
         if self.ignored:
             top = ", ".join(f"{ext or '(none)'}: {n}" for ext, n in self.ignored.most_common(5))
             lines[0] += f"; {sum(self.ignored.values())} other files ignored ({top})"
@@ -393,28 +414,46 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
         except OSError as e:
             report.add("unreadable", rel, f"{type(e).__name__}: {e.strerror or e}")
             continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            report.add("duplicate", rel, f"same bytes as {seen[digest]}")
-            continue
-        try:
-            image, fixes = decode_image(data, ext=path.suffix.lower(), max_pixels=cfg.max_pixels,
-                                        min_side=cfg.min_side, background=cfg.alpha_background)
-        except BadImage as e:
-            report.add(e.reason, rel, e.detail)
-            continue
-        caption = _caption_for(path, rel, cfg, meta_captions, report)
-        if caption is None:                         # missing; "skip" policy
-            continue
-        for fix in fixes:
-            report.add(fix, rel)
-        seen[digest] = rel
-        folder, n = repeats[path]
-        report.folders.setdefault(folder, [0, n])[0] += 1
-        records.append(ImageRecord(path, rel, digest, image.size, caption, tuple(fixes), n))
+        rec = accept_image(data, rel, path, partial(_caption_for, path, rel, cfg, meta_captions, report),
+                           cfg, report, seen, repeats[path])
+        if rec is not None:
+            records.append(rec)
     report.accepted = len(records)
-    _check_usable(records, report, cfg)
+    check_usable(records, report, cfg)
     return records, report
+
+
+def accept_image(data: bytes, rel: str, path: Path, caption: Callable[[], str | None], cfg: DataConfig,
+                 report: ScanReport, seen: dict[str, str], repeats: tuple[str, int] = (".", 1),
+                 row: int | None = None) -> ImageRecord | None:
+    """One picture's bytes through the policy: duplicate, decode, caption (`caption()`: None = skip);
+    the record, or None with the reason in `report`. `seen` maps the accepted pictures' SHA-256 to
+    their names; `repeats` is (folder, repeats) as `folder_repeats` gives them."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in seen:
+        report.add("duplicate", rel, f"same bytes as {seen[digest]}")
+        return None
+    try:
+        image, fixes = decode_image(data, ext=path.suffix.lower(), max_pixels=cfg.max_pixels,
+                                    min_side=cfg.min_side, background=cfg.alpha_background)
+    except BadImage as e:
+        report.add(e.reason, rel, e.detail)
+        return None
+    text = caption()
+    if text is None:                                # missing; "skip" policy
+        return None
+    for fix in fixes:
+        report.add(fix, rel)
+    seen[digest] = rel
+    folder, n = repeats
+    report.folders.setdefault(folder, [0, n])[0] += 1
+    return ImageRecord(path, rel, digest, image.size, text, tuple(fixes), n, row)
+
+
+class RowSource(Protocol):
+    """Where a `datasets` source's pictures are read back from (hf_datasets.DatasetRows)."""
+
+    def image_bytes(self, row: int, column: str | None = None) -> bytes: ...
 
 
 def folder_repeats(rel: Path, kohya: bool) -> tuple[str, int]:
@@ -447,6 +486,11 @@ def _caption_for(path: Path, rel: str, cfg: DataConfig, meta: dict[Path, str],
             report.add("caption_conflict", rel,
                        f"{cfg.caption_ext} {text[:30]!r} vs metadata {caption[:30]!r}")
         caption = text
+    return settle_caption(caption, rel, cfg, report)
+
+
+def settle_caption(caption: str | None, rel: str, cfg: DataConfig, report: ScanReport) -> str | None:
+    """A found caption (None: none) cleaned, and the missing-caption policy: "" (empty) or None (skip)."""
     caption = clean_caption(caption or "")
     if not caption:
         report.add("missing_caption", rel)
@@ -455,7 +499,7 @@ def _caption_for(path: Path, rel: str, cfg: DataConfig, meta: dict[Path, str],
     return caption
 
 
-def _check_usable(records: list[ImageRecord], report: ScanReport, cfg: DataConfig) -> None:
+def check_usable(records: list[ImageRecord], report: ScanReport, cfg: DataConfig) -> None:
     missing = report.entries.get("missing_caption", [])
     if missing and cfg.missing_caption == "error":
         names = ", ".join(rel for rel, _ in missing[:20]) + (" ..." if len(missing) > 20 else "")
@@ -487,14 +531,17 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
     caption (dropout, tags).
     """
 
-    def __init__(self, records: list[ImageRecord], cfg: DataConfig, report: ScanReport | None = None):
-        self.records, self.cfg, self.report = records, cfg, report
+    def __init__(self, records: list[ImageRecord], cfg: DataConfig, report: ScanReport | None = None,
+                 rows: RowSource | None = None):
+        self.records, self.cfg, self.report, self.rows = records, cfg, report, rows
         self.buckets = make_buckets(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side,
                                     cfg.max_bucket_side, cfg.min_bucket_area)
         self.bucket_of = [assign_bucket(r.size, self.buckets) for r in records]
 
     @classmethod
     def scan(cls, cfg: DataConfig) -> CaptionedImageFolder:
+        """cfg.root as a plain folder; the jobs open any source (`datasets` too) with
+        hf_datasets.open_data."""
         records, report = scan_folder(cfg)
         return cls(records, cfg, report)
 
@@ -509,7 +556,7 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
     def load_image(self, index: int) -> Image.Image:
         """The upright RGB image of record `index`, re-checked against its scan-time hash."""
         rec = self.records[index]
-        data = rec.path.read_bytes()
+        data = rec.path.read_bytes() if rec.row is None else self.rows.image_bytes(rec.row)
         if hashlib.sha256(data).hexdigest() != rec.sha256:
             raise ValueError(f"{rec.path} changed since the folder was scanned; restart to rescan it")
         image, _ = decode_image(data, max_pixels=self.cfg.max_pixels, min_side=self.cfg.min_side,

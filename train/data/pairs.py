@@ -7,6 +7,10 @@ AFTER its bucket crop, so the thresholds act at training resolution (canny.py sa
 Either way the hint goes through the target's own `Crop` (same box, same flip: buckets.py), and is RGB
 in [0, 1] at pixel resolution (3, H, W). Images without a usable conditioning image are skipped and
 reported (`PAIR_POLICY`); no pair at all is an error. Nothing in either folder is modified.
+
+A `datasets` source (train/data/hf_datasets.py) pairs by row instead: `HintSource.column` names the
+column of each row's conditioning image (`control.column`, e.g. "conditioning_image" as diffusers'
+ControlNet example datasets name it), checked by the same rules.
 """
 from __future__ import annotations
 
@@ -33,12 +37,13 @@ from adapterkit.train.data.folder import (
     CaptionedImageFolder,
     DataConfig,
     ImageRecord,
+    RowSource,
     ScanReport,
     decode_image,
     file_lines,
-    scan_folder,
     to_tensor,
 )
+from adapterkit.train.data.hf_datasets import column, scan_data
 from adapterkit.train.images import unit_tensor
 
 HINT_BACKGROUND = (0, 0, 0)         # transparent pixels of a conditioning image: "no edge", not white
@@ -54,6 +59,7 @@ class HintSource:
     canny_low: int = 100
     canny_high: int = 200
     cache_mb: int = 1024
+    column: str | None = None           # a `datasets` source's conditioning-image column (instead of folder)
 
 
 # Report keys -> (action, what). Each image skipped here is named in the summary the trainer prints.
@@ -77,6 +83,7 @@ class ConditioningImage:
     sha256: str
     size: tuple[int, int]
     settings: str | None = None
+    row: int | None = None               # the `datasets` row holding it (HintSource.column); None: path
 
 
 @dataclass
@@ -116,8 +123,8 @@ class PairedFolder(CaptionedImageFolder):
 
     def __init__(self, records: list[ImageRecord], cfg: DataConfig, hints: HintSource,
                  conditions: list[ConditioningImage] | None, report: ScanReport | None = None,
-                 pairs: PairReport | None = None):
-        super().__init__(records, cfg, report)
+                 pairs: PairReport | None = None, rows: RowSource | None = None):
+        super().__init__(records, cfg, report, rows)
         self.source, self.conditions = hints, conditions
         # (index, crop) -> the hint as uint8 (3, h, w): exact (hints are k/255), 4x smaller than float.
         self._hints: dict[tuple[int, Crop], Tensor] = {}
@@ -126,16 +133,24 @@ class PairedFolder(CaptionedImageFolder):
                                          len(records))
 
     @classmethod
-    def scan(cls, data: DataConfig, hints: HintSource) -> PairedFolder:
-        records, report = scan_folder(data)
+    def scan(cls, data: DataConfig, hints: HintSource, cache_dir: str | os.PathLike | None = None
+             ) -> PairedFolder:
+        records, report, rows = scan_data(data, cache_dir)
+        if hints.column is not None:
+            if rows is None:
+                raise ValueError(f"control.column {hints.column!r} is a column of a `datasets` dataset, but "
+                                 f"data.root {data.root!r} is a plain folder: pair it with control.folder "
+                                 "instead, or point data.root at the dataset")
+            records, conditions, pairs = pair_column(records, rows, data, hints)
+            return cls(records, data, hints, conditions, report, pairs, rows)
         if hints.folder is None:
-            dataset = cls(records, data, hints, None, report)
+            dataset = cls(records, data, hints, None, report, rows=rows)
             for i, rec in enumerate(records):     # one decode + Canny per image, for the blank check
                 if not dataset.hint(i, plan_crop(rec.size, dataset.bucket_of[i])).any():
                     dataset.pairs.add("blank", rec.rel, "no edges at these thresholds")
             return dataset
         records, conditions, pairs = pair_folder(records, report.root, data, hints)
-        return cls(records, data, hints, conditions, report, pairs)
+        return cls(records, data, hints, conditions, report, pairs, rows)
 
     @property
     def hint_spec(self) -> HintSpec:
@@ -158,7 +173,8 @@ class PairedFolder(CaptionedImageFolder):
         """Record `index`'s conditioning image, re-checked against its scan-time hash, at the size of
         the training image (same aspect ratio, checked at scan time)."""
         cond = self.conditions[index]
-        data = cond.path.read_bytes()
+        data = (cond.path.read_bytes() if cond.row is None
+                else self.rows.image_bytes(cond.row, self.source.column))
         if _sha256(data) != cond.sha256:
             raise ValueError(f"{cond.path} changed since the folder was scanned; restart to rescan it")
         image, _ = decode_image(data, max_pixels=self.cfg.max_pixels, background=HINT_BACKGROUND)
@@ -222,7 +238,12 @@ def pair_folder(records: list[ImageRecord], root: Path, data: DataConfig, hints:
         if len(found) > 1:
             report.add("ambiguous", rec.rel, ", ".join(crels))
             continue
-        cond = _conditioning(found[0], crels[0], rec, data, report)
+        try:
+            raw = found[0].read_bytes()
+        except OSError as e:
+            report.add("bad_conditioning", rec.rel, f"{crels[0]}: {type(e).__name__}: {e.strerror or e}")
+            continue
+        cond = _conditioning(raw, found[0], crels[0], rec, data, report)
         if cond is not None:
             kept.append(rec)
             conditions.append(cond)
@@ -235,6 +256,32 @@ def pair_folder(records: list[ImageRecord], root: Path, data: DataConfig, hints:
                          f"{folder}. Name each like its image (same relative path or file name, any image "
                          "extension), or leave control.folder empty to train on Canny maps of the images.\n"
                          f"{report.summary()}")
+    return kept, conditions, report
+
+
+def pair_column(records: list[ImageRecord], rows: RowSource, data: DataConfig, hints: HintSource
+                ) -> tuple[list[ImageRecord], list[ConditioningImage], PairReport]:
+    """Each record's conditioning image from column `hints.column` of its own `datasets` row, checked
+    as pair_folder checks a file. Read-only."""
+    column(rows.ds, hints.column, "conditioning image", "control.column", where=repr(data.root))
+    report = PairReport(Path(data.root), (hints.canny_low, hints.canny_high), len(records))
+    kept, conditions = [], []
+    for rec in records:
+        crel = f"{hints.column}[{rec.row}]"
+        try:
+            raw = rows.image_bytes(rec.row, hints.column)
+        except (OSError, ValueError) as e:
+            report.add("missing" if isinstance(e, ValueError) else "bad_conditioning", rec.rel,
+                       f"{crel}: {type(e).__name__}: {e}")
+            continue
+        cond = _conditioning(raw, Path(data.root), crel, rec, data, report, row=rec.row)
+        if cond is not None:
+            kept.append(rec)
+            conditions.append(cond)
+    report.paired = len(kept)
+    if not kept:
+        raise ValueError(f"none of the {len(records)} training rows has a usable conditioning image in "
+                         f"column {hints.column!r}.\n{report.summary()}")
     return kept, conditions, report
 
 
@@ -259,19 +306,15 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _conditioning(path: Path, crel: str, rec: ImageRecord, data: DataConfig,
-                  report: PairReport) -> ConditioningImage | None:
-    """Decode `path` (the training data's bad-image policy, transparent = black) and check it against
-    its image `rec`; None (reported) when it cannot serve."""
+def _conditioning(raw: bytes, path: Path, crel: str, rec: ImageRecord, data: DataConfig,
+                  report: PairReport, row: int | None = None) -> ConditioningImage | None:
+    """Decode `raw`, the bytes of `path` (or of `row`'s cell), by the training data's bad-image policy
+    (transparent = black) and check it against its image `rec`; None (reported) when it cannot serve."""
     try:
-        raw = path.read_bytes()
         image, _ = decode_image(raw, ext=path.suffix.lower(), max_pixels=data.max_pixels,
                                 background=HINT_BACKGROUND)
     except BadImage as e:
         report.add("bad_conditioning", rec.rel, f"{crel}: {e.reason}: {e.detail}")
-        return None
-    except OSError as e:
-        report.add("bad_conditioning", rec.rel, f"{crel}: {type(e).__name__}: {e.strerror or e}")
         return None
     (w, h), (cw, ch) = rec.size, image.size
     if abs(cw * h - ch * w) > max(w, h):          # train.buckets.transform_pair's rule
@@ -282,9 +325,9 @@ def _conditioning(path: Path, crel: str, rec: ImageRecord, data: DataConfig,
     if not np.asarray(image).any():
         report.add("blank", rec.rel, crel)
     settings = None
-    if path.suffix.lower() == ".png":
+    if raw[:8] == b"\x89PNG\r\n\x1a\n":
         settings = Image.open(io.BytesIO(raw), formats=["PNG"]).info.get(SETTINGS_KEY)
-    return ConditioningImage(path, crel, _sha256(raw), image.size, settings)
+    return ConditioningImage(path, crel, _sha256(raw), image.size, settings, row)
 
 
 def _sha256(data: bytes) -> str:

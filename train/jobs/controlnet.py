@@ -79,9 +79,11 @@ from adapterkit.train.jobs.recipe import (
     JobRecipe,
     OutputConfig,
     SampleConfig,
+    dtype_name,
     flat_dict,
     public_recipe,
 )
+from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -105,6 +107,7 @@ RECIPE_KEY = "adapterkit_training_config"
 @dataclass(frozen=True)
 class ControlConfig:
     folder: str | None = None               # conditioning images paired by path/name; None: Canny maps
+    column: str | None = None               # or: a `datasets` data.root's conditioning-image column
     kind: str = "canny"                     # what the hints show (the file's modelspec.preprocessor)
     canny_low: int = 100                    # cv2.Canny thresholds for automatic maps (lllyasviel's)
     canny_high: int = 200
@@ -120,9 +123,11 @@ class ControlConfig:
         if not 0 <= self.canny_low <= self.canny_high:
             raise ValueError(f"Canny thresholds need 0 <= canny_low <= canny_high, got {self.canny_low}, "
                              f"{self.canny_high}")
-        if self.folder is None and self.kind != "canny":
-            raise ValueError(f"control.kind={self.kind!r} needs control.folder: only Canny maps are made "
-                             "automatically")
+        if self.folder is not None and self.column is not None:
+            raise ValueError("control.folder and control.column both name conditioning images: keep one")
+        if self.folder is None and self.column is None and self.kind != "canny":
+            raise ValueError(f"control.kind={self.kind!r} needs control.folder (or control.column): only "
+                             "Canny maps are made automatically")
         if self.control_lora_rank is not None and self.control_lora_rank < 1:
             raise ValueError(f"control_lora_rank must be >= 1 (or null), got {self.control_lora_rank}")
         if self.train_rank is not None and self.train_rank < 1:
@@ -136,7 +141,8 @@ class ControlConfig:
     @property
     def hints(self) -> HintSource:
         """Where the training hints come from (train/data/pairs.py)."""
-        return HintSource(self.folder, self.kind, self.canny_low, self.canny_high, self.hint_cache_mb)
+        return HintSource(self.folder, self.kind, self.canny_low, self.canny_high, self.hint_cache_mb,
+                          self.column)
 
     @property
     def export_rank(self) -> int | None:
@@ -175,7 +181,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     checkpoint."""
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
-    accelerator = make_accelerator(out)
+    accelerator = make_accelerator(out, cfg)
     base = open_base(cfg.model, accelerator.device)
     unet = base.unet
     set_seed(cfg.train.seed)                 # the hint encoder's random init: the same in every run
@@ -183,7 +189,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     check_controlnet(base, cn)
     if cfg.control.train_rank:
         train_as_low_rank(cn, cfg.control.train_rank)
-    dataset = PairedFolder.scan(cfg.data, cfg.control.hints)
+    dataset = PairedFolder.scan(cfg.data, cfg.control.hints, out / "cache" / "datasets")
     cn.hint = dataset.hint_spec
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)
@@ -225,10 +231,12 @@ def main(cfg: ControlNetRecipe) -> Path:
             fidelity.write({"step": step, "edge_f1": {f"{s:g}": f for s, f in scores.items()}})
             accelerator.log({f"edge_f1/control_x{s:g}": f for s, f in scores.items()}, step=step)
 
+    run = run_metadata(cfg, dataset, batches_per_epoch=plan.per_epoch, world=accelerator.num_processes,
+                       base_dtype=dtype_name(dtype), prediction_type=base.prediction_type)
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, cn, base, cache, dataset, plan,
                                            schedule, step, forward, scaler=training.state.scaler),
-              training=training, export=Exporter(cfg, cn, training.state.master, reference),
+              training=training, export=Exporter(cfg, cn, training.state.master, reference, run),
               sample=sample_and_score if hints else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="controlnet", what="ControlNet")
@@ -322,8 +330,8 @@ class Exporter:
     masters cast to output.dtype, with the training recipe in the metadata."""
 
     def __init__(self, cfg: ControlNetRecipe, cn: ControlNet, master: MasterWeights | None,
-                 reference: torch.nn.Module):
-        self.cfg, self.cn, self.master, self.reference = cfg, cn, master, reference
+                 reference: torch.nn.Module, run: RunMetadata | None = None):
+        self.cfg, self.cn, self.master, self.reference, self.run = cfg, cn, master, reference, run
         recipe = public_recipe(cfg, (*PRIVATE_PATHS, "control.folder", "control.lora"))
         self.metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True),
                          "ss_training_comment": "trained with adapterkit"}
@@ -332,6 +340,9 @@ class Exporter:
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
         name, dtype = self.cfg.output.name, DTYPES[self.cfg.output.dtype]
         meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+        if self.run:       # save_controlnet computes the adapterkit.* keys itself: ours go as adapterkit_*
+            meta = self.metadata | {k.replace("adapterkit.", "adapterkit_", 1): v
+                                    for k, v in self.run.at(step).items()}
         paths = exported_files(self.cfg, folder)
         written = []
         with self.master.full_precision() if self.master else nullcontext():
@@ -386,6 +397,21 @@ def sample_hints(cfg: ControlNetRecipe, dataset: PairedFolder) -> list[tuple[str
 
 
 @torch.no_grad()
+def first_sample_infotext(cfg: ControlNetRecipe, pair: tuple[str, int], lora_scale: float | None,
+                          hint: Tensor) -> str:
+    """A1111's infotext (train/infotext.py) of the grid's first sample: the first row's prompt, seed and
+    hint (3, H, W), the first control scale, control.lora at the row's scale with its file's hash."""
+    from adapterkit.train.infotext import infotext, lora_hash
+    loras = []
+    if cfg.control.lora:
+        file = Path(split_lora_spec(cfg.control.lora)[0])
+        loras = [(file.stem, lora_scale, lora_hash(file))]
+    return infotext(pair[0], steps=cfg.sample.steps, sampler=cfg.sample.sampler, guidance=cfg.sample.guidance,
+                    seed=pair[1], size=(hint.shape[-1], hint.shape[-2]), model=Path(cfg.model.base).name,
+                    loras=loras, extra={"ControlNet": cfg.output.name,
+                                        "Control scale": f"{cfg.sample.control_scales[0]:g}"})
+
+
 def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: Sequence[tuple[str, Tensor]],
                 path: Path) -> dict[float, float]:
     """Rows: hint x prompt x seed (x LoRA scale, with control.lora); columns: the control image, then a
@@ -393,6 +419,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
     Returns the mean edge F1 of the samples against their hints per control scale
     (`train.canny.edge_fidelity`, the hint's own Canny thresholds)."""
     from adapterkit.train.images import save_grid, tensor_to_pil
+    from adapterkit.train.infotext import PARAMETERS
     low, high = (cn.hint.canny_low, cn.hint.canny_high) if cn.hint.canny_low is not None \
         else (cfg.control.canny_low, cfg.control.canny_high)
     lora_weight = split_lora_spec(cfg.control.lora)[1] if cfg.control.lora else None
@@ -423,6 +450,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
     if lora_weight is not None:
         set_lora_weights(base.unet, {LORA_NAME: lora_weight})
     cols = ["hint"] + [f"control x{s:g}" for s in cfg.sample.control_scales]
-    save_grid(cells, len(rows), len(cols), path, row_labels=rows, col_labels=cols)
+    save_grid(cells, len(rows), len(cols), path, row_labels=rows, col_labels=cols,
+              text={PARAMETERS: first_sample_infotext(cfg, pairs[0], lora_scales[0], hints[0][1])})
     return {s: float(np.mean(v)) for s, v in scores.items()}
 

@@ -53,16 +53,22 @@ from adapterkit.train.jobs.optimizer import (
     optimizer_step,
     use_loss_scaling,
 )
+from adapterkit.train.jobs.precision import check_outside_precision
 from adapterkit.train.jobs.progress import LossLog, ProgressBar, StopSignals
 from adapterkit.train.jobs.recipe import DTYPES, ModelConfig
 from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import BaseModel, load_base
 
 
-def make_accelerator(out: Path) -> Accelerator:
+def make_accelerator(out: Path, cfg: Any = None) -> Accelerator:
+    """The run's Accelerator. Its mixed_precision is always "no": the precision is the recipe's
+    (precision.settle_precision), and an outside request `cfg` does not follow is refused here."""
     check_writable(out)
+    if cfg is not None:
+        check_outside_precision(cfg)
     return Accelerator(
         cpu=not torch.cuda.is_available(),      # CPU processes of `accelerate launch --multi_gpu`: gloo
+        mixed_precision="no",                   # not ACCELERATE_MIXED_PRECISION: the recipe decides
         gradient_accumulation_steps=1,          # accumulation is explicit in each job's step (exact resume)
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)))

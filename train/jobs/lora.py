@@ -35,6 +35,7 @@ from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
+from adapterkit.train.data.hf_datasets import open_data
 from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
@@ -48,9 +49,11 @@ from adapterkit.train.jobs.recipe import (
     JobRecipe,
     OutputConfig,
     SampleConfig,
+    dtype_name,
     flat_dict,
     public_recipe,
 )
+from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -139,9 +142,9 @@ def main(cfg: LoraRecipe) -> Path:
     """Train the LoRA described by `cfg`; returns the output folder. Resumes from its last checkpoint."""
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
-    accelerator = make_accelerator(out)
+    accelerator = make_accelerator(out, cfg)
     base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
-    dataset = CaptionedImageFolder.scan(cfg.data)
+    dataset = open_data(cfg.data, out / "cache" / "datasets")
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)
     cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)
@@ -167,10 +170,14 @@ def main(cfg: LoraRecipe) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
 
+    run = run_metadata(cfg, dataset, batches_per_epoch=plan.per_epoch, world=accelerator.num_processes,
+                       base_dtype=dtype_name(unet.conv_in.weight.dtype), prediction_type=base.prediction_type,
+                       adapter={"ss_network_dropout": cfg.lora.dropout})
+
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
                                            schedule, step, forward, scaler=training.state.scaler),
-              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master),
+              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master, run),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="lora", what="adapter")
@@ -243,8 +250,8 @@ class Exporter:
     """Writes the adapter in each configured format with the training config in its metadata."""
 
     def __init__(self, cfg: LoraRecipe, unet: torch.nn.Module, fingerprint: str,
-                 master: MasterWeights | None):
-        self.cfg, self.unet, self.master = cfg, unet, master
+                 master: MasterWeights | None, run: RunMetadata | None = None):
+        self.cfg, self.unet, self.master, self.run = cfg, unet, master, run
         self.metadata = {"adapterkit.training_config": json.dumps(public_recipe(cfg), sort_keys=True),
                          "adapterkit.base_fingerprint": fingerprint,
                          "ss_training_comment": "trained with adapterkit"}
@@ -252,7 +259,8 @@ class Exporter:
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
         written = []
         for fmt, path in adapter_files(self.cfg.output, folder).items():
-            meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+            meta = self.metadata | (self.run.at(step) if self.run else
+                                    {"ss_steps": str(step)} if step is not None else {})
             save = save_lora if self.cfg.lora.kind in ("lora", "locon") else save_lycoris
             with self.master.full_precision() if self.master else nullcontext():
                 save(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)
@@ -265,6 +273,7 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
     """Prompts x seeds (rows) by LoRA scales (columns), fixed seeds: the same noise in every cell
     (`train.generate.generate_columns`)."""
     from adapterkit.train.images import save_grid
+    from adapterkit.train.infotext import PARAMETERS, infotext
     from adapterkit.train.pipeline.generate import generate_columns
     unet = base.unet
     was_training = unet.training
@@ -278,8 +287,15 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
                                  batch_size=SAMPLE_BATCH)
     set_lora_weights(unet, {"default": 1.0})
     unet.train(was_training)
+    # A1111's infotext of the first cell (train/infotext.py); the LoRA unhashed: no file holds it yet
+    (prompt, seed), first = rows[0], cells[0]                                        # (3, H, W)
+    params = infotext(prompt, steps=cfg.sample.steps, sampler=cfg.sample.sampler,
+                      guidance=cfg.sample.guidance, seed=seed, size=(first.shape[-1], first.shape[-2]),
+                      model=Path(cfg.model.base).name,
+                      loras=[(cfg.output.name, cfg.sample.lora_scales[0], None)])
     return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path,
                      row_labels=[f"{prompt} / seed {seed}" for prompt, seed in rows],
                      col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales],
                      footer=f"{cfg.sample.sampler}, {cfg.sample.steps} steps, guidance {cfg.sample.guidance:g}, "
-                            f"{cfg.data.resolution // f * f} px | base {Path(cfg.model.base).name}")
+                            f"{cfg.data.resolution // f * f} px | base {Path(cfg.model.base).name}",
+                     text={PARAMETERS: params})

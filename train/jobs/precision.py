@@ -9,7 +9,9 @@ weights are rounded back into the model. An fp16 backward pass also needs its lo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,3 +144,75 @@ class LossScaler:
         if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0 and counts):
             raise ValueError(f"a loss scaler state needs a finite scale > 0 and counts >= 0, got {state}")
         self.scale, self.clean_steps, self.overflows = scale, clean, overflows
+
+
+# -- whose precision: the recipe's ------------------------------------------------------------------
+#
+# `accelerate launch --mixed_precision bf16`, or the default file `accelerate config` writes (which
+# `accelerate launch` reads), reach a script as ACCELERATE_MIXED_PRECISION; an Accelerator built
+# without `mixed_precision=` takes it and wraps the prepared model's forward in autocast (fp16 adds
+# its GradScaler), so an fp32 recipe would silently train in bf16. The jobs manage precision
+# themselves (the base's dtype, fp32 masters, the loss scale above) and always pass
+# mixed_precision="no" (loop.make_accelerator); an outside request is mapped onto the recipe where
+# the recipe left the choice open, and refused where it says otherwise.
+
+OUTSIDE_PRECISION = "ACCELERATE_MIXED_PRECISION"
+
+
+class PrecisionConflict(ValueError):
+    """An outside precision request that contradicts the recipe (a ValueError: exit status 2)."""
+
+
+def outside_precision() -> str | None:
+    """What accelerate was asked for from outside the recipe ("bf16", "fp16", "fp8"), None for none
+    ("no", accelerate's default, or unset)."""
+    value = os.environ.get(OUTSIDE_PRECISION, "").strip().lower()
+    return None if value in ("", "no") else value
+
+
+def _where(field: str) -> str:
+    return (f"accelerate asks for mixed precision {outside_precision()!r} ({OUTSIDE_PRECISION}, from "
+            f"`accelerate launch --mixed_precision` or the `accelerate config` default file), but the "
+            f"recipe's {field}")
+
+
+def settle_precision(cfg):
+    """`cfg` with an outside request mapped onto it, and the line that says so (None: nothing to say);
+    a PrecisionConflict when the recipe says otherwise. Adapter jobs: model.dtype "auto" takes bf16 or
+    fp16 (the base in that dtype, fp32 adapter masters); an explicit dtype must agree. Pretrain
+    (train.mixed_precision bf16 | no): bf16 must agree; "no" and fp16 are refused."""
+    asked = outside_precision()
+    if asked is None:
+        return cfg, None
+    fix = ("run without --mixed_precision (or with --mixed_precision no; `accelerate config` can set "
+           "its default to no), or")
+    model = getattr(cfg, "model", None)
+    if hasattr(model, "dtype"):
+        if asked not in ("bf16", "fp16"):
+            raise PrecisionConflict(f"{_where('model.dtype')} cannot be {asked}: {fix} set model.dtype to "
+                                    "bf16, fp16 or fp32")
+        if model.dtype == asked:
+            return cfg, None
+        if model.dtype == "auto":
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(model, dtype=asked))
+            return cfg, (f"precision: model.dtype auto -> {asked}, as accelerate was asked "
+                         f"({OUTSIDE_PRECISION}={asked}); the adapter keeps fp32 master weights")
+        raise PrecisionConflict(f"{_where('model.dtype')} is {model.dtype}: adapterkit trains at the "
+                                f"recipe's precision; {fix} set model.dtype={asked} to train in {asked}")
+    train = getattr(cfg, "train", None)
+    if hasattr(train, "mixed_precision"):
+        if asked == train.mixed_precision:
+            return cfg, None
+        raise PrecisionConflict(f"{_where('train.mixed_precision')} is {train.mixed_precision}: {fix} set "
+                                f"train.mixed_precision={'bf16' if asked == 'bf16' else 'no'}")
+    raise PrecisionConflict(f"accelerate asks for mixed precision {asked!r} ({OUTSIDE_PRECISION}), and "
+                            "this recipe has no precision key to take it: run without --mixed_precision")
+
+
+def check_outside_precision(cfg) -> None:
+    """Refuse an outside request that `cfg` does not already follow (settle_precision mapped nothing)."""
+    settled, note = settle_precision(cfg)
+    if note is not None:
+        raise PrecisionConflict(f"{_where('model.dtype')} is auto: set model.dtype={outside_precision()} to "
+                                "train in it (the command line maps it for you), or run without "
+                                "--mixed_precision")

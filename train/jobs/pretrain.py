@@ -247,7 +247,7 @@ def main(cfg: PretrainRecipe) -> Path:
     out = Path(cfg.output.dir)
     check_writable(out)                      # before the pool is rendered
     data = ShapesData(cfg)
-    accelerator = make_accelerator(out)
+    accelerator = make_accelerator(out, cfg)
     data.to(accelerator.device)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

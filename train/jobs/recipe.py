@@ -2,9 +2,10 @@
 record it (no personal paths)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
 import torch
@@ -13,6 +14,11 @@ from adapterkit.train.config import to_dict
 from adapterkit.train.data.folder import DataConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bf16" / "fp16" / "fp32" of a torch dtype (DTYPES backwards)."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ PRIVATE_PATHS = ("data.root", "model.base", "model.tokenizer", "model.config_dir
 
 def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:
     """The recipe as a dict for a shared file's metadata: each dotted key in `paths` cut to its last
-    path component (nothing personal: no full path)."""
+    path component, and so is any other absolute path in it (sample.hints, a LoRA file): nothing
+    personal, no full path."""
     recipe = to_dict(cfg)
     for dotted in paths:
         *parents, key = dotted.split(".")
@@ -101,7 +108,17 @@ def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:
             d = d.get(p) or {}
         if d.get(key) is not None:
             d[key] = Path(str(d[key])).name
-    return recipe
+    return _names_only(recipe)
+
+
+def _names_only(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _names_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_names_only(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or PureWindowsPath(value).is_absolute()):
+        return Path(value).name if not PureWindowsPath(value).drive else PureWindowsPath(value).name
+    return value
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:

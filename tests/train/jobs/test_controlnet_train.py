@@ -370,6 +370,10 @@ def test_trains_against_a_loraed_base_and_samples_lora_by_control_scales(pipelin
     assert rows(plain / "loss.jsonl")[0]["loss"] != rows(out / "loss.jsonl")[0]["loss"]   # the LoRA acts
     grid = Image.open(out / "samples" / "final.png")
     assert grid.width > 4 * 64 and 2 * 64 < grid.height < 3 * 64       # 2 rows (LoRA x0, x1) x 4 columns
+    # A1111's infotext of the first sample (LoRA x0, control x0; train/infotext.py): in its PNG chunk
+    params = grid.info["parameters"]
+    assert params.startswith("a shape\n") and "ControlNet: controlnet, Control scale: 0" in params
+    assert "Steps: 2, Sampler: DDIM" in params and "Size: 64x64" in params
     assert set(rows(out / "edge_fidelity.jsonl")[0]["edge_f1"]) == {"0", "0.5", "1"}
     # the file is made for the base: the LoRA was looked through
     assert load_controlnet(out / "controlnet").base_fingerprint == \
