@@ -119,3 +119,37 @@ def _fold_into_text_fingerprint(base: BaseModel, lora: Lora, name: str, weight: 
     base.fingerprint = dataclasses.replace(
         base.fingerprint, text_encoder=f"{base.fingerprint.text_encoder}+lora-{h.hexdigest()[:16]}")
 
+
+
+def write_merged_pipeline(base: BaseModel, source: Path, out: Path, dtype: torch.dtype) -> list[str]:
+    """A whole diffusers pipeline folder at `out`: the base's U-Net and text encoders as they are now
+    (LoRAs merged into them) in `dtype`, every other part (VAE, tokenizers, scheduler, model_index.json)
+    copied from the pipeline folder `source`. Built in a hidden folder beside `out` and renamed into
+    place, so a failure leaves no half-written pipeline; `out` must not exist or be empty.
+    Returns the components written anew."""
+    import secrets
+    import shutil
+
+    from adapterkit.unet import save_unet
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: a merged pipeline is written into a new or empty folder")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    written = ["unet", *text_encoders_of(base)]
+    try:
+        tmp.mkdir(parents=True)
+        for item in sorted(Path(source).iterdir()):
+            if item.name in written or item.name.startswith("."):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        save_unet(base.unet, tmp / "unet", dtype=dtype)
+        for folder, encoder in text_encoders_of(base).items():
+            encoder.to(dtype).save_pretrained(tmp / folder, safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return written
