@@ -104,13 +104,22 @@ def load_text_lora(encoders: dict[str, nn.Module], lora: Lora, name: str, weight
     return counts
 
 
-def add_text_lora(encoder: nn.Module, spec: TextLoraSpec, name: str = "default",
-                  trainable: bool = True) -> int:
+def add_text_lora(encoder: nn.Module, spec: TextLoraSpec, name: str = "default", trainable: bool = True,
+                  layers: int | None = None) -> int:
     """A fresh LoRA on `encoder`'s `spec.targets` layers (B zero: its outputs are unchanged); returns
-    how many layers it adapts. Only the adapter's tensors require grad."""
+    how many layers it adapts. Only the adapter's tensors require grad.
+
+    layers: adapt only the first N transformer layers (`encoder.layers.<i>`, i < N): an encoder read at
+    its penultimate hidden states (SDXL's first) never uses its last layer's output, so a LoRA there
+    would get no gradient and stay zero."""
     if name in lora_names(encoder):
         raise ValueError(f"the text encoder already has a LoRA named {name!r}")
-    _inject(encoder, spec.peft_config(), name, trainable)
+    config = spec.peft_config()
+    if layers is not None:
+        suffixes = tuple("." + t for t in config.target_modules)
+        config.target_modules = sorted(p for p in layer_paths(encoder) if p.endswith(suffixes)
+                                       and int(p.split("encoder.layers.")[1].split(".")[0]) < layers)
+    _inject(encoder, config, name, trainable)
     return len(lora_from_model(encoder, name).modules)
 
 
