@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
 import adapterkit.train.jobs.lora as lt
@@ -17,7 +18,7 @@ from adapterkit.train.pipeline.encoding import encode_text
 from adapterkit.train.pipeline.loras import load_lora_on_base
 from support.fixtures import alias
 from support.pipelines import build_tiny_sdxl_pipeline
-from support.recipes import last_adapter_state
+from support.recipes import crash_then_resume, last_adapter_state
 from support.recipes import lora_recipe as recipe
 
 pipeline = alias("pipeline", "lora_pipeline")
@@ -92,19 +93,8 @@ def test_the_encoder_lora_moves_only_while_it_trains(pipeline, images, trained, 
 def test_resume_equals_the_uninterrupted_run_with_the_encoder_training_and_stopping(pipeline, images, trained,
                                                                                      tmp_path, monkeypatch):
     over = TE | {"lora.text_encoder.stop_after_steps": 3}
-    real_step, calls = lt.train_step, []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:                      # steps 1-2 done, step 2's checkpoint written
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(lt, "train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(recipe(pipeline, images, tmp_path / "resumed", **over))
-    monkeypatch.setattr(lt, "train_step", real_step)
-    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **over))
+    resumed = crash_then_resume(monkeypatch, lt, lambda: main(recipe(pipeline, images, tmp_path / "resumed",
+                                                                     **over)))
     a, b = last_adapter_state(trained), last_adapter_state(resumed)
     assert a.keys() == b.keys() and text_state(a)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -125,6 +115,27 @@ def test_sdxl_trains_only_the_encoders_with_a_learning_rate(images, tmp_path):
     assert any(k.startswith("lora_te1_") for k in names) and not any(k.startswith("lora_te2_") for k in names)
     # the first encoder is read at its penultimate layer: its last (of 2) layer gets no LoRA
     assert not any(k.startswith("lora_te1_text_model_encoder_layers_1_") for k in names)
+    # diffusers' SDXL loader takes every key and its embeddings are ours
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipe_dir, local_files_only=True)
+    path = out / "lora.safetensors"
+    pipe.load_lora_weights(str(path))
+    attached = sum(hasattr(m, "lora_A") for m in pipe.text_encoder.modules())
+    ours = load_base(pipe_dir)
+    applied = load_lora_on_base(ours, path, "lora0")
+    assert applied.text == {"text_encoder": attached} and attached == 6
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    cond = encode_text(ours, PROMPTS)
+    assert (cond.context - embeds).abs().max() <= 1e-5 * embeds.abs().max()
+    assert (cond.context - encode_text(load_base(pipe_dir), PROMPTS).context).abs().max() > 1e-5
+
+
+def test_a_bf16_base_trains_the_encoder_lora_through_fp32_masters(pipeline, images, tmp_path):
+    out = main(recipe(pipeline, images, tmp_path / "run", **TE, **{"model.dtype": "bf16", "train.steps": 2,
+                                                                    "output.checkpoint_every": 2}))
+    state = text_state(checkpoint(out, 2))
+    assert state and all(t.dtype == torch.float32 for t in state.values())      # the masters, fp32
+    assert any(t.abs().max() > 0 for k, t in state.items() if ".lora_B." in k)
 
 
 def test_bad_text_encoder_settings_are_refused_by_name(pipeline, images, tmp_path):
