@@ -3,6 +3,9 @@ on identical weights in one process.
 
 Step = forward, loss, backward, AdamW step on LoRA r=16 over to_q/to_k/to_v/to_out.0, from cached
 latents (random tensors here: the VAE is not part of the step), batch 32, 64x64, 77x768 context, bf16.
+`--preset sdxl --size 128 --batch 4` is the SDXL step at 1024 px of shared/bench/diffusers_peft_sdxl_baseline.py
+(77x2048 context, pooled text 1280 and six size/crop ids through the added embedding);
+`--gradient-checkpointing` turns it on in every variant (the peer's enable_gradient_checkpointing).
 
 - peer: UNet2DConditionModel in bf16 + `unet.add_adapter(LoraConfig(...))`, LoRA params fp32,
   the step under torch.autocast(bf16): exactly the baseline script's step.
@@ -25,6 +28,7 @@ latents (random tensors here: the VAE is not part of the step), batch 32, 64x64,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -32,10 +36,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from adapterkit.unet import PRESETS, UNet  # noqa: E402
+from adapterkit.unet import PRESETS, Conditioning, UNet  # noqa: E402
 from benchmarks.unet_speed import add_graph_memory, compare_steps, json_writer, print_step_table  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# The U-Net presets, and `sdxl-tiny`: the SDXL block structure (text_time embedding, linear proj,
+# attention only in the lower stages) at small widths, for a CPU smoke run of the SDXL path.
+SDXL_TINY = PRESETS["sdxl"].replace(
+    stages=tuple(dataclasses.replace(s, channels=c, heads=2, depth=min(s.depth, 2))
+                 for s, c in zip(PRESETS["sdxl"].stages, (32, 64, 64))),
+    context_dim=64, pooled_dim=32, addition_time_embed_dim=8, sample_size=16)
+BENCH_PRESETS = PRESETS | {"sdxl-tiny": SDXL_TINY}
 
 # Variant -> the options its step runs under (unet.ops.OpsOptions, adapters.lora_fused.FusedLoraOptions
 # keyword arguments); the rest keep their defaults.
@@ -50,24 +61,28 @@ SWITCHES = {
 NCHW = {"ours-bf16-lora-nchw"}         # built without channels_last: the U-Net as before unet/kernels.py
 
 
-def peer(cfg, state, device):
+def peer(cfg, state, device, checkpointing: bool = False):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     unet = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})
     unet.load_state_dict(state)
     unet.to(device, torch.bfloat16).requires_grad_(False)
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=TARGETS))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     lora = [p for p in unet.parameters() if p.requires_grad]
     for p in lora:
         p.data = p.data.float()
     opt = torch.optim.AdamW(lora, lr=1e-4)
 
     def forward(x, t, c):
-        return unet(x, t, c).sample
+        added = None if c.pooled is None else {"text_embeds": c.pooled, "time_ids": c.time_ids}
+        return unet(x, t, c.context, added_cond_kwargs=added).sample
     return unet, forward, opt, lora, True
 
 
-def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True, targets: str = "attn"):
+def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True, targets: str = "attn",
+         checkpointing: bool = False):
     from adapterkit.adapters.lora import LoraSpec, add_lora
     unet = UNet(cfg)
     unet.load_state_dict(state)
@@ -76,6 +91,7 @@ def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True, target
         unet.to(memory_format=torch.channels_last)
     torch.manual_seed(0)
     add_lora(unet, LoraSpec(rank=16, alpha=16, targets=targets))
+    unet.set_gradient_checkpointing(checkpointing)
     lora = [p for p in unet.parameters() if p.requires_grad]
     if bf16_lora:
         from adapterkit.train.jobs.precision import MasterWeights
@@ -86,6 +102,17 @@ def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True, target
     else:
         opt = torch.optim.AdamW(lora, lr=1e-4)
     return unet, unet, opt, lora, False
+
+
+def conditioning(cfg, B: int, device, g: torch.Generator, side: int) -> Conditioning:
+    """Random text context (77 tokens) and, for text_time U-Nets (SDXL), pooled text and the size/crop
+    ids of an uncropped square `side`-px picture, as the SDXL peer script feeds them."""
+    context = torch.randn(B, 77, cfg.context_dim, device=device, generator=g, dtype=torch.bfloat16)
+    if not cfg.addition_embed:
+        return Conditioning(context)
+    ids = torch.tensor([[side, side, 0, 0, side, side]] * B, device=device, dtype=torch.bfloat16)
+    return Conditioning(context, torch.randn(B, cfg.pooled_dim, device=device, generator=g,
+                                             dtype=torch.bfloat16), ids)
 
 
 def make_step(model_fn, opt, autocast: bool, data, switches=(), sdpa: str = "default"):
@@ -144,7 +171,7 @@ def profile(name: str, step) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="sd15", choices=list(PRESETS))
+    ap.add_argument("--preset", default="sd15", choices=list(BENCH_PRESETS))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
@@ -160,10 +187,12 @@ def main():
     ap.add_argument("--sdpa", default="default",
                     choices=["default", "flash_attention", "efficient_attention", "cudnn_attention", "math"],
                     help="force one SDPA backend in our variants (the peer keeps PyTorch's choice)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="activation checkpointing in every variant (CUDA graphs then fall back to eager)")
     ap.add_argument("--profile", action="store_true", help="print each variant's top CUDA kernels, then stop")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "lora_step.json"))
     args = ap.parse_args()
-    device, cfg, H = args.device, PRESETS[args.preset], args.size
+    device, cfg, H = args.device, BENCH_PRESETS[args.preset], args.size
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -175,13 +204,14 @@ def main():
     B = args.batch
     data = (torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16),
             torch.randint(0, 1000, (B,), device=device, generator=g),
-            torch.randn(B, 77, cfg.context_dim, device=device, generator=g, dtype=torch.bfloat16),
+            conditioning(cfg, B, device, g, side=8 * H),
             torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
-    tg = args.targets
-    builders = {"peer": lambda: peer(cfg, state, device),
-                "ours": lambda: ours(cfg, state, device, False, targets=tg),
-                "ours-bf16-lora": lambda: ours(cfg, state, device, True, targets=tg)}
-    builders |= {n: (lambda n=n: ours(cfg, state, device, True, channels_last=n not in NCHW, targets=tg))
+    tg, ck = args.targets, args.gradient_checkpointing
+    builders = {"peer": lambda: peer(cfg, state, device, ck),
+                "ours": lambda: ours(cfg, state, device, False, targets=tg, checkpointing=ck),
+                "ours-bf16-lora": lambda: ours(cfg, state, device, True, targets=tg, checkpointing=ck)}
+    builders |= {n: (lambda n=n: ours(cfg, state, device, True, channels_last=n not in NCHW, targets=tg,
+                                      checkpointing=ck))
                  for n in SWITCHES}
     names = args.variants.split(",")
     unknown = [n for n in names if n not in builders]
@@ -205,7 +235,7 @@ def main():
     rows = compare_steps(make, modes, B, device, args.iters, args.warmup, json_writer(args.json, args))
     add_graph_memory(rows, {n: built[n][1] for n in built}, json_writer(args.json, args))
     print_step_table(rows, names, f"LoRA r16 attn training step, {args.preset}, batch {B}, {H}x{H} latents, "
-                     f"77x{cfg.context_dim} context, bf16, "
+                     f"77x{cfg.context_dim} context{', checkpointing' if ck else ''}, bf16, "
                      f"{torch.cuda.get_device_name() if device == 'cuda' else device}")
 
 

@@ -120,6 +120,14 @@ RANGES: dict[str, Range] = {
 FILE_NAMES = {"name": "the file name of the outputs", "scheduler": "a file in configs/schedulers/"}
 
 
+# Recipe keys that name something to read. A relative one written in a recipe file that is not found
+# from the working directory is looked for beside the recipe, then (`assets/...`, `configs/...`) in the
+# bundled data folders, so a recipe works from any directory. Outputs (`output.dir`) stay relative to
+# the working directory; command-line overrides are taken as given.
+INPUT_PATHS = ("model.base", "model.tokenizer", "model.config_dir", "data.root", "control.folder", "control.lora")
+BUNDLED = ("assets", "configs")
+
+
 def load_config(source: str | os.PathLike | Mapping[str, Any], cls: type[T],
                 overrides: Sequence[str] = ()) -> T:
     """Build `cls` from a YAML file (or an already-parsed mapping), then apply `key=value` overrides."""
@@ -129,12 +137,47 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], cls: type[T],
         data, where = _read_yaml(Path(source)), f"{source}: "
     if not isinstance(data, dict):
         raise ConfigError(f"{where}the top level must be a mapping of keys, got {type(data).__name__}")
+    if not isinstance(source, Mapping):
+        _resolve_inputs(data, Path(source).parent)
     for item in overrides:
         _apply_override(data, cls, item)
     try:
         return _build(cls, data, "")
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
+
+
+def _resolve_inputs(data: dict, recipe_dir: Path) -> None:
+    for key in INPUT_PATHS:
+        section, _, name = key.partition(".")
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(name), str):
+            values[name] = resolve_input(values[name], recipe_dir)
+
+
+def resolve_input(value: str, recipe_dir: Path) -> str:
+    """`value` (a path, or `path:weight` as control.lora takes it) as found from the working directory,
+    else beside the recipe, else in the bundled data folders; unchanged when none has it."""
+    from adapterkit.train.paths import data_dir
+    path, sep, weight = value.rpartition(":")
+    if not (sep and _is_number(weight)):
+        path, sep, weight = value, "", ""
+    p = Path(path)
+    if not path or p.is_absolute() or p.exists():
+        return value
+    candidates = [recipe_dir / p]
+    if p.parts[0] in BUNDLED:
+        candidates.append(data_dir(p.parts[0]).joinpath(*p.parts[1:]))
+    found = next((c for c in candidates if c.exists()), None)
+    return value if found is None else f"{found}{sep}{weight}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def to_dict(cfg: Any) -> Any:

@@ -191,15 +191,39 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_w: int) -> str:
     return "\n".join(out)
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, max_w: int, max_lines: int = 6) -> str:
+    """`text` broken at spaces into lines of at most `max_w` pixels (a word longer than a line is cut
+    with "..."), at most `max_lines` lines, the last one ending in "..." when text was left out."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and _text_size(draw, trial, font)[0] > max_w:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    cut = len(lines) > max_lines
+    lines = lines[:max_lines]
+    if cut:
+        lines[-1] += " ..."
+    return _fit(draw, "\n".join(lines), font, max_w)
+
+
 # -- grids ----------------------------------------------------------------------------------------
 
 
 def make_grid(images: Sequence[ImageLike | None], rows: int, cols: int, *,
               row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
-              title: str | None = None, value_range: tuple[float, float] = (-1.0, 1.0), gap: int = 0,
+              title: str | None = None, footer: str | None = None,
+              value_range: tuple[float, float] = (-1.0, 1.0), gap: int = 0,
               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Images in row-major order (None leaves a cell empty) as one labelled RGB image.
-    Tensors are read in `value_range`: (-1, 1) for decoded samples, (0, 1) for hints."""
+    """Images in row-major order (None leaves a cell empty) as one labelled RGB image. Labels are
+    wrapped, not cut (row labels up to two cells wide, column labels a cell wide); `footer` (e.g. the
+    sampling settings) is written under the grid in a smaller font. Tensors are read in
+    `value_range`: (-1, 1) for decoded samples, (0, 1) for hints."""
     if rows < 1 or cols < 1:
         raise ValueError(f"rows and cols must be >= 1, got {rows} x {cols}")
     if len(images) > rows * cols:
@@ -216,16 +240,22 @@ def make_grid(images: Sequence[ImageLike | None], rows: int, cols: int, *,
     font = _font(int(min(max(10, ch // 12), 28)))
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))                       # for measuring only
     pad = max(3, font.size // 3 if hasattr(font, "size") else 3)
-    rlabels = [_fit(draw, str(s), font, 2 * cw) for s in row_labels] if row_labels else None
-    clabels = [_fit(draw, str(s), font, cw - 2 * pad) for s in col_labels] if col_labels else None
+    rlabels = [_wrap(draw, str(s), font, max(2 * cw, 120)) for s in row_labels] if row_labels else None
+    clabels = [_wrap(draw, str(s), font, cw - 2 * pad, 3) for s in col_labels] if col_labels else None
     left = max(_text_size(draw, s, font)[0] for s in rlabels) + 2 * pad if rlabels else 0
     col_band = max(_text_size(draw, s, font)[1] for s in clabels) + 2 * pad if clabels else 0
     grid_w = cols * cw + (cols - 1) * gap
     title = _fit(draw, title, font, left + grid_w - 2 * pad) if title else None
     title_band = _text_size(draw, title, font)[1] + 2 * pad if title else 0
     top = title_band + col_band
+    small = _font(max(9, int(font.size * 0.7)) if hasattr(font, "size") else 10)
+    footer = _wrap(draw, footer, small, left + grid_w - 2 * pad, 8) if footer else None
+    foot_band = _text_size(draw, footer, small)[1] + 2 * pad if footer else 0
+    row_h = max([ch] + [_text_size(draw, s, font)[1] + pad for s in rlabels or ()])
+    if row_h > ch:                       # wrapped row labels taller than a cell: cells spread out
+        gap = max(gap, row_h - ch)
 
-    out = Image.new("RGB", (left + grid_w, top + rows * ch + (rows - 1) * gap), background)
+    out = Image.new("RGB", (left + grid_w, top + rows * ch + (rows - 1) * gap + foot_band), background)
     draw = ImageDraw.Draw(out)
     ink = (0, 0, 0) if sum(background) > 3 * 128 else (255, 255, 255)
     for i, cell in enumerate(cells):
@@ -237,24 +267,26 @@ def make_grid(images: Sequence[ImageLike | None], rows: int, cols: int, *,
     if title:
         w, _ = _text_size(draw, title, font)
         draw.multiline_text(((out.width - w) // 2, pad), title, fill=ink, font=font, align="center")
-    for c, s in enumerate(clabels or ()):
-        w, _ = _text_size(draw, s, font)
-        draw.multiline_text((left + c * (cw + gap) + (cw - w) // 2, title_band + pad), s, fill=ink,
+    for c, s in enumerate(clabels or ()):           # bottom-aligned: each label sits on its column
+        w, h = _text_size(draw, s, font)
+        draw.multiline_text((left + c * (cw + gap) + (cw - w) // 2, top - pad - h), s, fill=ink,
                             font=font, align="center")
     for r, s in enumerate(rlabels or ()):
         _, h = _text_size(draw, s, font)
         draw.multiline_text((pad, top + r * (ch + gap) + (ch - h) // 2), s, fill=ink, font=font)
+    if footer:
+        draw.multiline_text((pad, out.height - foot_band + pad), footer, fill=ink, font=small)
     return out
 
 
 def save_grid(images: Sequence[ImageLike | None], rows: int, cols: int, path: str | os.PathLike,
               row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
-              title: str | None = None, **kwargs) -> Path:
+              title: str | None = None, footer: str | None = None, **kwargs) -> Path:
     """`make_grid` written atomically at `path` in the format its suffix names (`write_image`: PNG,
     JPEG or WebP); returns the path."""
     image_format(path)                                  # an unknown suffix fails before the drawing
     grid = make_grid(images, rows, cols, row_labels=row_labels, col_labels=col_labels, title=title,
-                     **kwargs)
+                     footer=footer, **kwargs)
     return write_image(grid, path)
 
 

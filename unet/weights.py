@@ -357,13 +357,17 @@ def atomic_write(items: list[tuple[Path, Callable[[Path], None]]]) -> None:
     `items` pairs a final path with `write(tmp_path)`. The temp names start with a dot, so a leftover
     from a killed process is hidden from folder scans. On any error no target is touched (except the
     renames already done when several files are written: each file is replaced atomically, the set not).
+    The files get the permissions of a file created under the user's umask (some writers, safetensors'
+    among them, create their file mode 0600).
     """
     temps: list[Path] = []
+    mode = 0o666 & ~_umask()
     try:
         for final, write in items:
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
             temps.append(tmp)
             write(tmp)
+            os.chmod(tmp, mode)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         for (final, _), tmp in zip(items, temps):
@@ -374,6 +378,12 @@ def atomic_write(items: list[tuple[Path, Callable[[Path], None]]]) -> None:
         raise
     for folder in {final.parent for final, _ in items}:
         _fsync_dir(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)      # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -247,3 +247,32 @@ def test_nested_lists_of_dataclasses():
         load_config({"stages": [{"channels": 32}, {"chanels": 64}]}, UNetConfig)
     cfg = load_config({}, UNetConfig, ["stages=[{channels: 64}, {channels: 128}]", "norm_groups=32"])
     assert [s.channels for s in cfg.stages] == [64, 128]
+
+
+def test_recipe_inputs_resolve_beside_the_recipe_and_in_the_bundled_folders(tmp_path, monkeypatch):
+    """A recipe run from another directory finds its inputs: `base` beside the recipe, `assets/...`
+    in the bundled assets; the output folder stays relative to the working directory, and what the
+    working directory has, or an override gives, is taken as written."""
+    from adapterkit.train.jobs.controlnet import ControlNetRecipe
+    from adapterkit.train.jobs.lora import LoraRecipe
+    from adapterkit.train.paths import data_dir
+
+    recipes = tmp_path / "recipes"
+    (recipes / "pictures").mkdir(parents=True)
+    (recipes / "style.safetensors").write_bytes(b"")
+    (recipes / "r.yaml").write_text("model: {base: assets/tiny-base}\ndata: {root: pictures}\n"
+                                    "output: {dir: out/x}\ncontrol: {lora: 'style.safetensors:0.5'}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(recipes / "r.yaml", ControlNetRecipe)
+    assert Path(cfg.model.base) == data_dir("assets") / "tiny-base" and Path(cfg.model.base).is_dir()
+    assert Path(cfg.data.root) == recipes / "pictures"
+    assert cfg.control.lora == f"{recipes / 'style.safetensors'}:0.5"
+    assert cfg.output.dir == "out/x"
+    (elsewhere / "pictures").mkdir()                      # the working directory's own comes first
+    assert load_config(recipes / "r.yaml", ControlNetRecipe).data.root == "pictures"
+    cfg = load_config(recipes / "r.yaml", ControlNetRecipe, ["data.root=other"])
+    assert cfg.data.root == "other"
+    (recipes / "missing.yaml").write_text("model: {base: nowhere}\ndata: {root: nothing}\n")
+    assert load_config(recipes / "missing.yaml", LoraRecipe).model.base == "nowhere"   # the job names it

@@ -139,3 +139,22 @@ def test_loss_curve_survives_no_usable_values(tmp_path):
 def test_ema_is_bias_corrected():
     assert ema(np.array([2.0, 2.0, 2.0]), 10).tolist() == pytest.approx([2.0, 2.0, 2.0])
     assert ema(np.array([1.0, 3.0]), 1).tolist() == [1.0, 3.0]
+
+
+def test_grid_labels_wrap_whole_prompts_and_the_footer_is_drawn(tmp_path):
+    """A long prompt (the trigger word at its end) is wrapped onto several lines, never cut; the footer
+    adds a band of ink under the cells."""
+    from adapterkit.train.images import _font, _text_size, _wrap
+    from PIL import ImageDraw
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(12)
+    prompt = "a red star on a blue background with a thin outline and soft light, sks"
+    wrapped = _wrap(draw, prompt, font, 120)
+    assert wrapped.count("\n") >= 2 and "..." not in wrapped and wrapped.replace("\n", " ") == prompt
+    assert all(_text_size(draw, line, font)[0] <= 120 for line in wrapped.split("\n"))
+    assert _wrap(draw, "word " * 200, font, 60, max_lines=3).endswith("...")
+    ims = cells(2)
+    plain = make_grid(ims, 2, 1, row_labels=["a", "b"])
+    footed = make_grid(ims, 2, 1, row_labels=["a", "b"], footer="seed 0, euler, 20 steps, guidance 5")
+    assert footed.height > plain.height and footed.width == plain.width
+    a = np.asarray(footed.convert("RGB"))
+    assert (a[plain.height:] != WHITE).any()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -64,8 +65,12 @@ def run(args: argparse.Namespace) -> int:
         steer = {"controlnet": controlnets if len(nets) > 1 else controlnets[0],
                  "control_scale": scales[0] if len(scales) == 1 else scales, "guess_mode": args.guess_mode}
     weights = load_loras(base, args.lora)
-    columns = ([("base", {k: 0.0 for k in weights})] if args.compare and weights else []) + \
-        [("with LoRAs" if weights else "base", weights)]
+    from adapterkit.adapters.lora_files import split_lora_spec
+    files = [split_lora_spec(spec)[0] for spec in args.lora]
+    names = {name: Path(f).stem for name, f in zip(weights, files)}
+    control = f" + ControlNet {'/'.join(f'{c:g}' for c in scales)}" if nets else ""
+    columns = ([(f"base{control}", {k: 0.0 for k in weights})] if args.compare and weights else []) + \
+        [(" + ".join([f"{names[k]} {w:g}" for k, w in weights.items()] or ["base"]) + control, weights)]
     seeds = args.seed or [0]
     rows = [(prompt, seed) for prompt in args.prompt for seed in seeds]
     if nets:
@@ -74,10 +79,20 @@ def run(args: argparse.Namespace) -> int:
     cells = generate_columns(base, rows, [w for _, w in columns], steps=args.steps, guidance=args.guidance,
                              sampler=args.sampler, size=size, batch_size=args.batch_size, progress=True,
                              **steer)
+    labels = [name for name, _ in columns]
+    if nets:                            # the first column: what the ControlNet(s) were given
+        ncol = len(columns)
+        cells = [c for r in range(len(rows)) for c in [hints[0][0] * 2 - 1] + cells[r * ncol:(r + 1) * ncol]]
+        labels = ["hint" if len(nets) == 1 else "hint (1st)"] + labels
+    pixels = f"{size[1]}x{size[0]} px" if isinstance(size, tuple) else f"{size} px" if size else "the base's size"
+    footer = " | ".join([f"{args.sampler}, {args.steps} steps, guidance {args.guidance:g}, {pixels}",
+                         f"base {Path(args.base).name}", *(f"LoRA {Path(f).name}" for f in files),
+                         *(f"ControlNet {Path(n).name}" + (" (guess mode)" if args.guess_mode else "")
+                           for n in nets)])
     with writing(args.output, "-o"):
-        save_grid(cells, len(rows), len(columns), args.output,
-                  row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
-                  col_labels=[name for name, _ in columns])
+        save_grid(cells, len(rows), len(labels), args.output,
+                  row_labels=[f"{prompt} / seed {seed}" for prompt, seed in rows], col_labels=labels,
+                  footer=footer)
     print(f"wrote {args.output} ({len(cells)} images)")
     return 0
 

@@ -301,5 +301,7 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
     set_base_lora_weights(base, {"default": 1.0})
     unet.train(was_training)
     return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path,
-                     row_labels=[f"{prompt[:40]} / seed {seed}" for prompt, seed in rows],
-                     col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales])
+                     row_labels=[f"{prompt} / seed {seed}" for prompt, seed in rows],
+                     col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales],
+                     footer=f"{cfg.sample.sampler}, {cfg.sample.steps} steps, guidance {cfg.sample.guidance:g}, "
+                            f"{cfg.data.resolution // f * f} px | base {Path(cfg.model.base).name}")

@@ -352,7 +352,7 @@ def sample_grid(cfg: PretrainRecipe, base: BaseModel, path: Path, weights=nullco
                          size=cfg.model.image_size)
     for m, training in zip(models, was):
         m.train(training)
-    return save_grid(list(cells), len(prompts), len(seeds), path, row_labels=[p[:40] for p in prompts],
+    return save_grid(list(cells), len(prompts), len(seeds), path, row_labels=list(prompts),
                      col_labels=[f"seed {s}" for s in seeds])
 
 

@@ -18,7 +18,9 @@
    OUT/report.json, and prints the quality report.
 
 Everything goes under --out. A folder the demo did not make (no `.adapterkit-demo` marker) is
-refused unless empty; in its own folder a rerun replaces only what the demo writes.
+refused unless empty; in its own folder a rerun replaces only what the demo writes. A rerun with the
+same pictures and recipe reuses the finished LoRA (steps 2-3 skipped; `RUN_KEY` in OUT/lora records
+what it was trained from, written after the adapter files); `--fresh` trains it again.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ DEFAULT_ASSETS = data_dir("assets")
 DEFAULT_CONFIG = data_dir("configs") / "demo_lora.yaml"
 MARKER = ".adapterkit-demo"
 OURS = ("data", "lora", "demo_grid.png", "report.json")   # what a rerun replaces
+TRAINED = ("data", "lora")                                 # what a rerun with the same run key keeps
+RUN_KEY = ".demo-run.json"
 GRID_NAME, REPORT_NAME = "demo_grid.png", "report.json"
 EVAL_SEED = 1                 # the measured scenes: not the training pictures (those are seed --seed)
 GRID_ROWS = 8
@@ -81,8 +85,9 @@ def check_assets(assets: Path) -> tuple[Path, Path]:
     return base, canny
 
 
-def prepare_out(out: Path) -> None:
-    """Make `out` ours: refuse a non-empty folder without our marker; in ours, remove what we write."""
+def prepare_out(out: Path, keep: tuple[str, ...] = ()) -> None:
+    """Make `out` ours: refuse a non-empty folder without our marker; in ours, remove what we write
+    (but `keep`)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
@@ -90,7 +95,7 @@ def prepare_out(out: Path) -> None:
                               "file): choose an empty or new folder; nothing was changed")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by `adapterkit demo`; a rerun replaces " + ", ".join(OURS) + "\n")
-    for name in OURS:
+    for name in (n for n in OURS if n not in keep):
         p = out / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -163,6 +168,31 @@ def merge_check(base_dir: Path, lora_file: Path, unet_with_lora, weight: float =
             "unmerge_exact": restored}
 
 
+def run_key(cfg, images: int, seed: int, style: str, trigger: str) -> dict:
+    """What the demo's LoRA is a function of: the pictures (count, seed, style, trigger) and the recipe
+    (paths left out: the same folder may be reached by another path)."""
+    from adapterkit.train.config import to_dict
+    recipe = to_dict(cfg)
+    recipe["model"].pop("base", None)
+    recipe["data"].pop("root", None)
+    recipe["output"].pop("dir", None)
+    return {"images": images, "seed": seed, "style": style, "trigger": trigger, "recipe": recipe}
+
+
+def finished_lora(out: Path, key: dict, cfg) -> dict[str, Path] | None:
+    """The adapter files of an earlier run with the same `key`, if all are there; else None."""
+    from adapterkit.train.jobs.lora import adapter_files
+    marker, lora_dir = out / "lora" / RUN_KEY, out / "lora"
+    try:
+        if json.loads(marker.read_text()) != json.loads(json.dumps(key)):
+            return None
+        files = adapter_files(cfg.output, lora_dir)
+    except (OSError, ValueError):
+        return None
+    return files if files and all(p.is_file() for p in files.values()) and (lora_dir / "loss.jsonl").is_file() \
+        else None
+
+
 def summary(reports: dict) -> dict[str, float | None]:
     """The issue's figures from evaluate's rows."""
     from adapterkit.train.world.quality import ROW_BASE, ROW_CONTROL, ROW_LORA, ROW_LORA_CONTROL
@@ -220,7 +250,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config, LoraRecipe, [*preset["overrides"], *args.overrides,
                                            f"model.base={base_dir}", f"data.root={out / 'data'}",
                                            f"output.dir={out / 'lora'}"])   # validated before out is touched
-    prepare_out(out)
+    key = run_key(cfg, images, args.seed, args.style, args.trigger)
+    reused = None if args.fresh or not (out / MARKER).exists() else finished_lora(out, key, cfg)
+    prepare_out(out, keep=TRAINED if reused else ())
     clock = Clock()
     print(f"adapterkit demo: {args.style} style, trigger {args.trigger!r}, {images} training pictures, "
           f"{scenes} measured scenes x {steps} DDIM steps, torch {torch.__version__} on "
@@ -231,15 +263,21 @@ def run(args: argparse.Namespace) -> int:
     checks = oracle_check(base_dir / "unet", base.unet)
     clock.lap("checks")
 
-    print(f"\n2. {images} pictures in the {args.style} style, captions with {args.trigger!r} "
-          f"-> {out / 'data'}")
-    render_folder(out / "data", images, args.seed, style=args.style, trigger=args.trigger)
-    clock.lap("render")
+    if reused:
+        lora_dir, files = out / "lora", reused
+        print(f"\n2-3. reusing the LoRA trained earlier on the same {images} pictures and recipe "
+              f"({lora_dir}; --fresh trains it again)")
+    else:
+        print(f"\n2. {images} pictures in the {args.style} style, captions with {args.trigger!r} "
+              f"-> {out / 'data'}")
+        render_folder(out / "data", images, args.seed, style=args.style, trigger=args.trigger)
+        clock.lap("render")
 
-    print(f"\n3. the style LoRA: {cfg.lora.targets} rank {cfg.lora.rank}, lr {cfg.optim.lr:g}, "
-          f"{cfg.train.steps} steps of batch {cfg.train.batch_size} ({config.name})", flush=True)
-    lora_dir = train_lora(cfg)
-    files = adapter_files(cfg.output, lora_dir)
+        print(f"\n3. the style LoRA: {cfg.lora.targets} rank {cfg.lora.rank}, lr {cfg.optim.lr:g}, "
+              f"{cfg.train.steps} steps of batch {cfg.train.batch_size} ({config.name})", flush=True)
+        lora_dir = train_lora(cfg)
+        files = adapter_files(cfg.output, lora_dir)
+        (lora_dir / RUN_KEY).write_text(json.dumps(key, indent=1) + "\n")      # last: the run is finished
     lora_file = files.get("kohya", next(iter(files.values())))
     sizes = {fmt: p.stat().st_size for fmt, p in files.items()}
     for fmt, p in files.items():
@@ -267,9 +305,11 @@ def run(args: argparse.Namespace) -> int:
     cells = []
     for i in range(rows):
         cells += [render(ev.scenes[i]) if row is None else ev.samples[row][i] for row in cols.values()]
-    grid = save_grid(cells, rows, len(cols), out / GRID_NAME, row_labels=[p[:40] for p in ev.prompts[:rows]],
+    grid = save_grid(cells, rows, len(cols), out / GRID_NAME, row_labels=ev.prompts[:rows],
                      col_labels=list(cols),
-                     title=f"{args.style} LoRA, trigger {args.trigger!r}: {rows} of {scenes} measured scenes")
+                     title=f"{args.style} LoRA, trigger {args.trigger!r}: {rows} of {scenes} measured scenes",
+                     footer=f"DDIM, {steps} steps, guidance {args.guidance:g}, scenes of seed {EVAL_SEED} | "
+                            f"base {base_dir.name} | LoRA {lora_file.name} x1 | ControlNet {canny_dir.name} x1")
 
     reports = {label: {("style" if key == args.style else key): value for key, value in report.items()
                        if key not in STYLES or key == args.style}
@@ -289,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     clock.lap("report")
 
     report = {"settings": {"style": args.style, "trigger": args.trigger, "images": images, "seed": args.seed,
-                           "quick": bool(args.quick), "threads": torch.get_num_threads(),
+                           "quick": bool(args.quick), "reused_lora": bool(reused), "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "evaluation": ev.settings,
                            "recipe": to_dict(cfg)},
               "checks": checks, "adapter_files": {fmt: {"path": str(p), "bytes": sizes[fmt]}

@@ -51,6 +51,27 @@ def test_quick_demo(tmp_path, capsys):
     assert report["settings"]["recipe"]["train"]["steps"] == 2
 
 
+def test_rerun_reuses_the_finished_lora_unless_fresh_or_changed(tmp_path, capsys):
+    out = tmp_path / "demo"
+    lora = out / "lora" / "demo-style.safetensors"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "reusing the LoRA" not in first
+    stamp = lora.stat().st_mtime_ns, lora.read_bytes()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing the LoRA" in printed and "3. the style LoRA" not in printed
+    assert (lora.stat().st_mtime_ns, lora.read_bytes()) == stamp
+    report = check_outputs(out, printed, images=4, scenes=2)
+    assert report["settings"]["reused_lora"] is True
+    for again in (["--fresh"], ["optim.lr=2e-3"]):          # asked, or the recipe changed: trains again
+        assert main(["demo", "--quick", "--out", str(out), *again]) == 0
+        printed = capsys.readouterr().out
+        assert "reusing the LoRA" not in printed and "3. the style LoRA" in printed, again
+        assert lora.stat().st_mtime_ns != stamp[0]
+        stamp = lora.stat().st_mtime_ns, lora.read_bytes()
+
+
 def test_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
