@@ -91,6 +91,7 @@ from .lora_keys import (
     text_encoder_folders,
     text_path,
 )
+from .lora_text import text_lora_from_model
 
 FORMATS = ("kohya", "peft")           # "diffusers" is accepted as a synonym of "peft"
 FORMAT_VERSION = "1"
@@ -613,13 +614,18 @@ def delta_error(a: Lora, b: Lora, tol: float = 0.0) -> float:
 
 def save_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", fmt: str = "kohya",
               title: str | None = None, dtype: torch.dtype | None = None,
-              extra_metadata: dict[str, str] | None = None) -> dict:
+              extra_metadata: dict[str, str] | None = None,
+              text_encoders: dict[str, nn.Module] | None = None) -> dict:
     """Save adapter `name` of `model` with full metadata (adapter config, base config and fingerprint).
 
-    extra_metadata: more header strings, e.g. the training config (`adapterkit.training_config`)."""
+    extra_metadata: more header strings, e.g. the training config (`adapterkit.training_config`).
+    text_encoders: {component: transformers text encoder}; their adapter `name` (a trained text-encoder
+        LoRA, lora_text.py) goes into the same file (kohya `lora_te*_`, peft `text_encoder[_2].`)."""
     if name not in lora_names(model):
         raise ValueError(f"no LoRA named {name!r}; adapters: {lora_names(model)}")
     lora = lora_from_model(model, name)
+    for folder, encoder in (text_encoders or {}).items():
+        lora.modules |= text_lora_from_model(folder, encoder, name)
     lora.metadata = adapter_metadata(model, lora_spec(model, name), title or Path(path).stem, extra_metadata)
     return write_lora(path, lora, fmt, dtype)
 

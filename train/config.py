@@ -101,6 +101,7 @@ RANGES: dict[str, Range] = {
     "checkpoint_every": Range(0, note="0 = only at the end"), "every": Range(0, note="0 = only at the end"),
     "log_every": Range(0, note="the trackers get the loss every N steps and at the last; 0 = the last only"),
     "keep_checkpoints": Range(0, note="0 = keep all"), "warmup_steps": Range(0),
+    "stop_after_steps": Range(0, note="0 = trains to the end"),
     "pool_size": Range(0, note="0 = render every image online"), "workers": Range(0),
     "hint_cache_mb": Range(0, note="0 = no cache"), "cache_memory_mb": Range(0, note="0 = disk only"),
     "seed": _SEED, "seeds": _SEED, "factor": Range(-1, note="-1 = LoKr's near-square split"),

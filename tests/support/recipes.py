@@ -38,3 +38,24 @@ def controlnet_recipe(pipeline, images, out, **overrides) -> ControlNetRecipe:
 def last_adapter_state(out: Path) -> dict:
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     return load_file(str(ckpt / "adapter_state.safetensors"))
+
+
+def crash_then_resume(monkeypatch, job, run, at_call: int = 3):
+    """`run()` (a job's main on its recipe) with `job.train_step` raising KeyboardInterrupt at call
+    `at_call` (steps 1..at_call-1 done, their checkpoints written), then `run()` again, which resumes;
+    returns its output folder."""
+    import pytest
+
+    real_step, calls = job.train_step, []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(job, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(job, "train_step", real_step)
+    return run()

@@ -181,6 +181,10 @@ def _merge(args) -> int:
         return _merge_checkpoint(args, items, dtype)
     model = load_unet(args.base, dtype=dtype)
     loras = [(read_adapter(p, base=model.config, missing_alpha=args.missing_alpha), r) for p, r in items]
+    with_text = [(p, n) for (p, _), (lora, _) in zip(items, loras)
+                 if (n := sum(is_text_path(m) for m in lora.modules))]
+    if with_text and not args.allow_unmatched:
+        return _merge_with_text_encoders(args, items, loras, with_text, dtype)
     record = merge_loras(model, loras, allow_unmatched=args.allow_unmatched)
     with writing(args.output, "-o"):
         out = save_merged(model, args.output, layout=args.layout)
@@ -239,6 +243,34 @@ def _checkpoint_base(base: Path, dtype: torch.dtype):
     keep = {(VAE_PREFIX + k.split(".", 1)[1] if k.startswith(VAE_PREFIXES) else k): v
             for k, v in parts.items()}
     return unet, None, None, keep, file_schedule(parts, metadata)[0]
+
+
+def _merge_with_text_encoders(args, items, loras, with_text, dtype) -> int:
+    """Merge LoRAs that carry text-encoder modules (kohya lora_te*_, diffusers text_encoder[_2].) into a
+    whole pipeline: the U-Net and the text encoders of the --base pipeline folder, written as a new
+    pipeline folder (the other parts copied)."""
+    from adapterkit.train.pipeline.base import load_base
+    from adapterkit.train.pipeline.loras import text_encoders_of, write_merged_pipeline
+
+    which = ", ".join(f"{Path(p).name} ({n})" for p, n in with_text)
+    if args.layout != "diffusers" or not (Path(args.base) / "model_index.json").is_file():
+        raise ValueError(f"{which} hold text-encoder modules: merging them needs --base a diffusers "
+                         "pipeline folder (with model_index.json) and --layout diffusers, and writes a whole "
+                         "pipeline folder; pass --allow-unmatched to merge the U-Net part alone")
+    base = load_base(args.base, dtype=dtype)
+    encoders = text_encoders_of(base)
+    record = merge_loras(base.unet, loras, text_encoders=encoders)
+    counts = {"unet": 0, **dict.fromkeys(encoders, 0)}
+    for path in record.originals:
+        first = path.split(".", 1)[0]
+        counts[first if first in encoders else "unet"] += 1
+    with writing(args.output, "-o"):
+        write_merged_pipeline(base, Path(args.base), Path(args.output), dtype)
+    layers = ", ".join(f"{n} {'U-Net' if c == 'unet' else c} layers" for c, n in counts.items())
+    print(f"merged {len(loras)} adapters ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
+          f"{layers} of {args.base}; computed in fp32, written as {dtype}: the pipeline folder "
+          f"{args.output}")
+    return 0
 
 
 def _convert(args) -> int:

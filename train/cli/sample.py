@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         size = hints[0][1]
         steer = {"controlnet": controlnets if len(nets) > 1 else controlnets[0],
                  "control_scale": scales[0] if len(scales) == 1 else scales, "guess_mode": args.guess_mode}
-    weights = load_loras(base.unet, args.lora)
+    weights = load_loras(base, args.lora)
     from adapterkit.adapters.lora_files import split_lora_spec
     files = [split_lora_spec(spec)[0] for spec in args.lora]
     names = {name: Path(f).stem for name, f in zip(weights, files)}
@@ -171,18 +171,19 @@ def hint_tensor(img, path: str, size: int | None, latent_scale: int) -> tuple[to
     return unit_tensor(img), (h, w)
 
 
-def load_loras(unet: torch.nn.Module, specs: list[str]) -> dict[str, float]:
-    """Load each "FILE[:WEIGHT]" onto the U-Net as adapter lora0, lora1, ...; returns {name: weight}."""
+def load_loras(base, specs: list[str]) -> dict[str, float]:
+    """Load each "FILE[:WEIGHT]" onto the base as adapter lora0, lora1, ...: its U-Net part on the U-Net,
+    its text-encoder part (kohya lora_te*_, diffusers text_encoder[_2].) on the text encoders; prints
+    what went where. Returns {name: weight}."""
     from adapterkit.adapters.lora_files import split_lora_spec
-    from adapterkit.adapters.lycoris_files import load_adapter_file
+    from adapterkit.train.pipeline.loras import load_lora_on_base
 
     weights = {}
     for i, spec in enumerate(specs):
         path, w = split_lora_spec(spec)
-        name = f"lora{i}"
-        load_adapter_file(unet, path, name=name, weight=w)
-        weights[name] = w
-        print(f"{name}: {Path(path).name} x{w:g}")
+        applied = load_lora_on_base(base, path, name=f"lora{i}", weight=w)
+        weights[applied.name] = w
+        print(applied.line())
     return weights
 
 

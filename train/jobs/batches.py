@@ -11,6 +11,7 @@ diffusers' and kohya's SDXL scripts compute it), from the crop `describe` gives.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,16 +62,19 @@ class MicroBatch:
 
 def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCache, base: BaseModel,
                 schedule: NoiseSchedule, loop: LoopConfig, step: int, micro: int, device: torch.device,
-                dtype: torch.dtype) -> MicroBatch:
+                dtype: torch.dtype, text: Callable[[list[str]], Conditioning] | None = None) -> MicroBatch:
     """Micro-batch `micro` of `step`: latents and caption embeddings from the cache, then noise and
-    timesteps, every draw from the (seed, step, micro, process) generator in a fixed order."""
+    timesteps, every draw from the (seed, step, micro, process) generator in a fixed order.
+    `text`: the captions' text conditioning from elsewhere than the cache (a text encoder that trains,
+    train/jobs/text_encoder.py); it draws nothing from the generator."""
     keys = plan.keys(step, micro)
     samples = [dataset.describe(k) for k in keys]
     batch = {k: [s[k] for s in samples] for k in samples[0]}
     batch["pixel_values"] = lambda keys=keys: torch.stack([dataset[k]["pixel_values"] for k in keys])
     g = torch.Generator(device).manual_seed(plan.seed(loop.seed, step, micro))
     latents = cache.latents(base, batch, dataset.cfg, generator=g, device=device).float()
-    text = cache.text(base, batch["caption"], device=device, store=not dataset.cfg.varies_captions)
+    text = (text(batch["caption"]).to(device) if text is not None else
+            cache.text(base, batch["caption"], device=device, store=not dataset.cfg.varies_captions))
     cond = picture_conditioning(base, text, samples).to(dtype)
     noise = offset_noise(latents.shape, loop.noise_offset, g, device)
     t = schedule.sample_timesteps(len(latents), g, device)

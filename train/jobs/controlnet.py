@@ -50,9 +50,7 @@ from adapterkit.adapters.control_lora import (
 )
 from adapterkit.adapters.controlnet import ControlNet, base_encoder_state, hint_widths_for
 from adapterkit.adapters.controlnet_files import save_controlnet
-from adapterkit.adapters.lora import set_lora_weights
 from adapterkit.adapters.lora_files import split_lora_spec
-from adapterkit.adapters.lycoris_files import load_adapter_file
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.buckets import assign_bucket, plan_crop
 from adapterkit.train.data.cache import LatentCache, check_cacheable
@@ -86,6 +84,7 @@ from adapterkit.train.jobs.recipe import (
 from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
+from adapterkit.train.pipeline.loras import load_lora_on_base, set_base_lora_weights
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 from adapterkit.unet import Conditioning
 
@@ -194,15 +193,16 @@ def main(cfg: ControlNetRecipe) -> Path:
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)
     hints = sample_hints(cfg, dataset) if cfg.sample.prompts else []
+    dtype = frozen_dtype(cfg.model, accelerator.device)
+    reference = copy.deepcopy(unet).cpu() if cfg.control.export_rank and dtype != torch.float32 \
+        else unet                            # the fp32 base a Control-LoRA is the difference from
+    attach_lora(base, cfg.control.lora, accelerator.is_main_process)
+    # after the LoRA: its text-encoder part changes the captions' embeddings (and the text fingerprint)
     cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)
     if accelerator.is_main_process:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()
 
-    dtype = frozen_dtype(cfg.model, accelerator.device)
-    reference = copy.deepcopy(unet).cpu() if cfg.control.export_rank and dtype != torch.float32 \
-        else unet                            # the fp32 base a Control-LoRA is the difference from
-    attach_lora(unet, cfg.control.lora)
     unet.to(dtype).requires_grad_(False).eval()
     for m in (unet, cn):
         channels_last(m, accelerator.device)
@@ -243,13 +243,17 @@ def main(cfg: ControlNetRecipe) -> Path:
     return out
 
 
-def attach_lora(unet: torch.nn.Module, spec: str | None) -> float | None:
-    """Load control.lora ("file[:weight]") onto the U-Net, frozen, as adapter `LORA_NAME`; returns
-    its weight (None without one). The ControlNet then learns to steer the LoRA'd U-Net."""
+def attach_lora(base: BaseModel, spec: str | None, report: bool = False) -> float | None:
+    """Load control.lora ("file[:weight]") onto the base, frozen, as adapter `LORA_NAME`: its U-Net part
+    on the U-Net, its text-encoder part (kohya lora_te*_) on the text encoders
+    (train.pipeline.loras.load_lora_on_base); returns its weight (None without one). The ControlNet then
+    learns to steer the LoRA'd model. `report`: print what went where."""
     if spec is None:
         return None
     path, weight = split_lora_spec(spec)
-    load_adapter_file(unet, path, name=LORA_NAME, weight=weight)
+    applied = load_lora_on_base(base, path, name=LORA_NAME, weight=weight)
+    if report:
+        print(f"control.lora {applied.line()}", flush=True)
     return weight
 
 
@@ -430,7 +434,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
         images = {}                                       # (LoRA scale, control scale) -> one per pair
         for lora_scale in lora_scales:
             if lora_scale is not None:
-                set_lora_weights(base.unet, {LORA_NAME: lora_scale})
+                set_base_lora_weights(base, {LORA_NAME: lora_scale})
             for scale in cfg.sample.control_scales:
                 images[lora_scale, scale] = to_images(generate(
                     base, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
@@ -448,7 +452,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
                     scores[scale].append(edge_fidelity(image, hint, low, high)["f1"])
                     cells.append(image)
     if lora_weight is not None:
-        set_lora_weights(base.unet, {LORA_NAME: lora_weight})
+        set_base_lora_weights(base, {LORA_NAME: lora_weight})
     cols = ["hint"] + [f"control x{s:g}" for s in cfg.sample.control_scales]
     save_grid(cells, len(rows), len(cols), path, row_labels=rows, col_labels=cols,
               text={PARAMETERS: first_sample_infotext(cfg, pairs[0], lora_scales[0], hints[0][1])})

@@ -105,18 +105,35 @@ class Training:
     state: TrainingState
 
 
-def prepare_training(accelerator: Accelerator, cfg: Any, adapter: Adapter, dtype: torch.dtype) -> Training:
+def prepare_training(accelerator: Accelerator, cfg: Any, adapter: Adapter, dtype: torch.dtype,
+                     lr_of: Callable[[str], float | None] | None = None) -> Training:
     """`adapter`'s trainable tensors to the optimizer (through fp32 masters with a bf16/fp16 adapter
     branch, `train.adapter_compute`), its module to the accelerator, and the state a checkpoint keeps:
-    the adapter's tensors (`adapter.state()`, frozen parts too), at full precision."""
-    params = list(adapter.trainable().values())
+    the adapter's tensors (`adapter.state()`, frozen parts too), at full precision.
+
+    lr_of: a learning rate per trainable tensor name (None: the recipe's optim.lr), e.g. the text
+    encoders' LoRA (train/jobs/text_encoder.py): the optimizer then gets one parameter group per rate."""
+    named = adapter.trainable()
+    params = list(named.values())
     master = adapter_master_weights(params, dtype, cfg.train.adapter_compute)
-    optimizer, lr_schedule = make_optimizer(cfg.optim, master.params if master else params, cfg.train.steps)
+    trained = master.params if master else params
+    groups = lr_groups(list(named), trained, lr_of) if lr_of else trained
+    optimizer, lr_schedule = make_optimizer(cfg.optim, groups, cfg.train.steps)
     model, optimizer = accelerator.prepare(adapter.module, optimizer)
     kept = adapter.state()
     state = TrainingState(accelerator, lambda: full_precision_state(kept, master), optimizer, lr_schedule,
                           master, use_loss_scaling(dtype), what=adapter.what)
     return Training(model, params, state)
+
+
+def lr_groups(names: list[str], params: list[nn.Parameter],
+              lr_of: Callable[[str], float | None]) -> list[dict]:
+    """Optimizer parameter groups by learning rate, in the order the rates first appear (the recipe's
+    own rate, None, is the group without an "lr" of its own)."""
+    groups: dict[float | None, list[nn.Parameter]] = {}
+    for name, p in zip(names, params, strict=True):
+        groups.setdefault(lr_of(name), []).append(p)
+    return [{"params": ps} | ({} if lr is None else {"lr": lr}) for lr, ps in groups.items()]
 
 
 def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,

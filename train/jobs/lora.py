@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from adapterkit.adapters.adapter import attach_layers
-from adapterkit.adapters.lora import ADAPTER_PARAM, LoraSpec, set_lora_weights
+from adapterkit.adapters.lora import ADAPTER_PARAM, LoraSpec
 from adapterkit.adapters.lora_files import save_lora
 from adapterkit.adapters.lycoris import LycorisSpec
 from adapterkit.adapters.lycoris_files import save_lycoris
@@ -54,7 +54,9 @@ from adapterkit.train.jobs.recipe import (
     public_recipe,
 )
 from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
+from adapterkit.train.jobs.text_encoder import TextEncoderConfig, TextEncoderTraining
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
+from adapterkit.train.pipeline.loras import set_base_lora_weights
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
 logger = logging.getLogger(__name__)
@@ -79,8 +81,14 @@ class AdapterConfig:
     decompose_both: bool = False
     full_matrix: bool = False
     dora_axis: Literal["input", "output"] = "input"
+    # The text encoders' LoRA (train/jobs/text_encoder.py): off by default.
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
     def __post_init__(self):
+        if self.text_encoder.enabled and self.kind not in ("lora", "locon"):
+            raise ValueError(f"text_encoder.enabled trains a plain LoRA on the text encoders; kind "
+                             f"{self.kind} trains the U-Net only: set kind: lora or locon, or "
+                             "text_encoder.enabled: false")
         if self.kind == "locon" and self.targets != "full":
             raise ValueError("kind locon is LoRA on the ResNet convs too: set targets: full (or kind: lora "
                              f"for targets {self.targets})")
@@ -151,17 +159,25 @@ def main(cfg: LoraRecipe) -> Path:
     if accelerator.is_main_process:
         cache.build(dataset, base)
     accelerator.wait_for_everyone()
-    if not cfg.data.varies_captions:        # every latent and caption is cached: the GPU holds the U-Net
-        move_encoders(base, "cpu")          # (shuffled/dropped tags are encoded each step: they stay)
+    te_on = cfg.lora.text_encoder.enabled
+    # every latent and caption is cached: the GPU holds the U-Net (shuffled/dropped tags are encoded
+    # each step, and a text encoder that trains encodes every step: they stay)
+    if not cfg.data.varies_captions and not te_on:
+        move_encoders(base, "cpu")
 
     unet = base.unet
     set_seed(cfg.train.seed)                 # the LoRA's random A init: the same in every run
     adapter = attach_layers(unet, cfg.lora.spec())
+    text = TextEncoderTraining.attach(cfg.lora.text_encoder, base, cfg.lora.rank, cfg.lora.alpha,
+                                      cfg.optim.lr, accelerator.device) if te_on else None
     channels_last(unet, accelerator.device)  # after the adapter (its convs too), before the optimizer
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
-    training = prepare_training(accelerator, cfg, adapter, unet.conv_in.weight.dtype)
-    forward = GraphedStep.for_job(training.model, cfg.train, accelerator)
+    dtype = unet.conv_in.weight.dtype
+    training = (prepare_training(accelerator, cfg, text.adapter(adapter), dtype, text.lr_of) if text
+                else prepare_training(accelerator, cfg, adapter, dtype))
+    # a captured U-Net step takes no gradient for its conditioning: no CUDA graph while an encoder trains
+    forward = None if text else GraphedStep.for_job(training.model, cfg.train, accelerator)
 
     start = resume(training.state, out, cfg)
     schedule = NoiseSchedule.from_config(base.scheduler_config)
@@ -176,8 +192,9 @@ def main(cfg: LoraRecipe) -> Path:
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
-                                           schedule, step, forward, scaler=training.state.scaler),
-              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master, run),
+                                           schedule, step, forward, scaler=training.state.scaler, text=text),
+              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master, run,
+                                                 text.encoders if text else None),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
               name="lora", what="adapter")
@@ -188,14 +205,16 @@ def main(cfg: LoraRecipe) -> Path:
 
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,
                dataset: CaptionedImageFolder, plan: BatchPlan, schedule: NoiseSchedule, step: int,
-               forward: GraphedStep | None = None, scaler: LossScaler | None = None) -> float:
+               forward: GraphedStep | None = None, scaler: LossScaler | None = None,
+               text: TextEncoderTraining | None = None) -> float:
     """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
     `forward` runs the model (a GraphedStep around it); None calls `model` directly. `scaler`: the fp16
-    loss scale (`use_loss_scaling`)."""
+    loss scale (`use_loss_scaling`). `text`: the text encoders' LoRA, which then encodes the captions."""
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
     total = torch.zeros((), device=device)
+    captions = (lambda c: text.conditioning(c, step, dataset.cfg.varies_captions)) if text else None
     for micro in range(cfg.train.grad_accum):
-        b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype)
+        b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype, captions)
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.cond)
@@ -203,6 +222,8 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum
     check_adapter_gradients(base.unet, step)
+    if text:
+        text.after_backward(accelerator, step)
     return accelerator.reduce(total, reduction="mean").item()
 
 
@@ -250,8 +271,10 @@ class Exporter:
     """Writes the adapter in each configured format with the training config in its metadata."""
 
     def __init__(self, cfg: LoraRecipe, unet: torch.nn.Module, fingerprint: str,
-                 master: MasterWeights | None, run: RunMetadata | None = None):
+                 master: MasterWeights | None, run: RunMetadata | None = None,
+                 text_encoders: dict[str, torch.nn.Module] | None = None):
         self.cfg, self.unet, self.master, self.run = cfg, unet, master, run
+        self.text_encoders = text_encoders
         self.metadata = {"adapterkit.training_config": json.dumps(public_recipe(cfg), sort_keys=True),
                          "adapterkit.base_fingerprint": fingerprint,
                          "ss_training_comment": "trained with adapterkit"}
@@ -262,8 +285,9 @@ class Exporter:
             meta = self.metadata | (self.run.at(step) if self.run else
                                     {"ss_steps": str(step)} if step is not None else {})
             save = save_lora if self.cfg.lora.kind in ("lora", "locon") else save_lycoris
+            text = {"text_encoders": self.text_encoders} if self.text_encoders else {}
             with self.master.full_precision() if self.master else nullcontext():
-                save(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)
+                save(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta, **text)
             written.append(path)
         return written
 
@@ -285,7 +309,7 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
                                  steps=cfg.sample.steps, guidance=cfg.sample.guidance,
                                  sampler=cfg.sample.sampler, size=cfg.data.resolution // f * f,
                                  batch_size=SAMPLE_BATCH)
-    set_lora_weights(unet, {"default": 1.0})
+    set_base_lora_weights(base, {"default": 1.0})
     unet.train(was_training)
     # A1111's infotext of the first cell (train/infotext.py); the LoRA unhashed: no file holds it yet
     (prompt, seed), first = rows[0], cells[0]                                        # (3, H, W)

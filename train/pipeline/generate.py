@@ -24,8 +24,9 @@ a generated picture (`generated_time_ids`: original = target = the picture's siz
 guidance's unconditional half is all zeros where the base's pipeline says so (`unconditional`), so
 that `generate` gives StableDiffusionXLPipeline's picture for the same seed, scheduler and conditioning.
 
-Adapters. LoRAs are the caller's business: load them and set their weights
-(`adapters.lora.set_lora_weights`) before calling. A ControlNet and one hint per prompt steer the
+Adapters. LoRAs are the caller's business: load them (`train.pipeline.loras.load_lora_on_base`: a
+file's text-encoder part goes onto the text encoders, so `encode_text` carries it) and set their
+weights (`set_base_lora_weights`) before calling. A ControlNet and one hint per prompt steer the
 U-Net through the sampler's `model_fn`: `unet(x, t, ctx, *controlnet(x, t, ctx, hint, scale))`, each
 module in its own dtype; `control_scale` 0 is the plain U-Net, exactly. Hints are pixel-size
 pictures: the ControlNet's hint encoder must shrink them by the base's `latent_scale`.
@@ -41,9 +42,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adapterkit.adapters.controlnet import MultiControlNet, hint_widths_for
-from adapterkit.adapters.lora import set_lora_weights
 from adapterkit.train.images import tensor_to_pil
 from adapterkit.train.pipeline.encoding import decode, encode_text
+from adapterkit.train.pipeline.loras import set_base_lora_weights
 from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from adapterkit.unet import Conditioning
@@ -164,14 +165,14 @@ def _with_ids(base, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
 def generate_columns(base, rows: Sequence[tuple[str, int]], columns: Sequence[dict[str, float]],
                      **kwargs) -> list[Tensor]:
     """The cells of a grid, row by row: rows are (prompt, seed), columns LoRA weight settings
-    ({adapter name: weight}, set with `adapters.lora.set_lora_weights` before the column is
-    generated; {} leaves the U-Net as it is). Every cell of a row starts from the same noise. The
-    weights of the last column stay set. `kwargs` go to `generate`."""
+    ({adapter name: weight}, set with `train.pipeline.loras.set_base_lora_weights` before the column is
+    generated, on the U-Net and the text encoders alike; {} leaves them as they are). Every cell of a
+    row starts from the same noise. The weights of the last column stay set. `kwargs` go to `generate`."""
     prompts, seeds = [p for p, _ in rows], [s for _, s in rows]
     samples = []                                                   # one (rows, 3, H, W) per column
     for weights in columns:
         if weights:
-            set_lora_weights(base.unet, weights)
+            set_base_lora_weights(base, weights)
         samples.append(generate(base, prompts, seeds, **kwargs))
     return [column[r] for r in range(len(rows)) for column in samples]
 

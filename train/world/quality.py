@@ -498,7 +498,7 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
     scenes, both style columns shown):
       "base"                       the LoRAs named in `loras` at weight 0, no ControlNet;
       "base + LoRA"                with `loras` ({adapter name: weight}, already loaded on
-                                   base.unet, e.g. by `load_lora_file`);
+                                   the base, e.g. by `train.pipeline.loras.load_lora_on_base`);
       "base + ControlNet"          with `controlnet`, hints the Canny maps of the scenes drawn plain
                                    (`canny_map`, at the image size): "edge_f1" in every row, and in
                                    the ControlNet rows "edge_ratio" = edge_f1 / that of the same row
@@ -537,16 +537,16 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
         rows += [(ROW_CONTROL, False, True)] + ([(ROW_LORA_CONTROL, True, True)] if loras else [])
     samples: dict[str, list[Image.Image]] = {}
     if loras:
-        from adapterkit.adapters.lora import lora_weights, set_lora_weights
-        before = lora_weights(base.unet)
+        from adapterkit.train.pipeline.loras import base_lora_weights, set_base_lora_weights
+        before = base_lora_weights(base)
     try:
         for label, with_lora, with_cn in sorted(rows, key=lambda r: r[1]):    # LoRAs off, then on
             if loras:
-                set_lora_weights(base.unet, loras if with_lora else {k: 0.0 for k in loras})
+                set_base_lora_weights(base, loras if with_lora else {k: 0.0 for k in loras})
             samples[label] = run(controlnet if with_cn else None)
     finally:
         if loras and before:
-            set_lora_weights(base.unet, before)
+            set_base_lora_weights(base, before)
     samples = {label: samples[label] for label, _, _ in rows}
     reports = {label: quality_report(images, scenes, hints) for label, images in samples.items()}
     for label, plain in ((ROW_CONTROL, ROW_BASE), (ROW_LORA_CONTROL, ROW_LORA)):

@@ -34,9 +34,9 @@ def test_sample_takes_a_loha_and_its_weight_steers(pipeline, tmp_path):
     check_loras([f"{loha}:1"])                                  # read before the base loads: accepted
     base = prediction(load_base(pipeline).unet)
     for weight, same in ((0.0, True), (1.0, False)):
-        model = load_base(pipeline).unet
+        model = load_base(pipeline)
         load_loras(model, [f"{loha}:{weight}"])
-        assert torch.equal(prediction(model), base) is same
+        assert torch.equal(prediction(model.unet), base) is same
     assert cli(["sample", "--base", str(pipeline), "--lora", f"{loha}:0.5", "--prompt", "a red shape",
                 "--steps", "2", "--seed", "0", "-o", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").stat().st_size > 0
