@@ -35,7 +35,7 @@ from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
-from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
+from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
 from adapterkit.train.jobs.lock import one_run_per_output
@@ -167,9 +167,14 @@ def main(cfg: LoraRecipe) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
 
+    dtype = unet.conv_in.weight.dtype
+    batches = BatchPrefetch(lambda step, micro: noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step,
+                                                            micro, accelerator.device, dtype),
+                            cfg.train.grad_accum, cfg.train.steps, accelerator.device)
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
-                                           schedule, step, forward, scaler=training.state.scaler),
+                                           schedule, step, forward, scaler=training.state.scaler,
+                                           batches=batches),
               training=training, export=Exporter(cfg, unet, fingerprint, training.state.master),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
@@ -181,22 +186,27 @@ def main(cfg: LoraRecipe) -> Path:
 
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,
                dataset: CaptionedImageFolder, plan: BatchPlan, schedule: NoiseSchedule, step: int,
-               forward: GraphedStep | None = None, scaler: LossScaler | None = None) -> float:
-    """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
-    `forward` runs the model (a GraphedStep around it); None calls `model` directly. `scaler`: the fp16
-    loss scale (`use_loss_scaling`)."""
+               forward: GraphedStep | None = None, scaler: LossScaler | None = None,
+               batches: BatchPrefetch | None = None) -> torch.Tensor:
+    """Forward and backward over the step's micro-batches; returns the mean loss (all processes) as a
+    0-d device tensor (read back by run_steps when it needs the value: no sync here). `forward` runs
+    the model (a GraphedStep around it); None calls `model` directly. `scaler`: the fp16 loss scale
+    (`use_loss_scaling`). `batches`: the micro-batches made ahead (None: made here, `noisy_batch`)."""
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
     total = torch.zeros((), device=device)
     for micro in range(cfg.train.grad_accum):
-        b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype)
+        b = batches.get(step, micro) if batches else \
+            noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype)
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.cond)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
+        if batches:
+            batches.prefetch(step, micro)                     # the next one, while the GPU works on this
         total += loss.detach() / cfg.train.grad_accum
     check_adapter_gradients(base.unet, step)
-    return accelerator.reduce(total, reduction="mean").item()
+    return accelerator.reduce(total, reduction="mean")
 
 
 def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
