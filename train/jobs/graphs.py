@@ -38,6 +38,8 @@ its value test while a graph is being captured).
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 
@@ -110,6 +112,7 @@ class GraphedStep:
         self.graphs: dict[tuple, nn.Module] = {}
         self.why_not: str | None = None
         self.reserved_bytes = 0       # device memory the captures reserved (their pool and static tensors)
+        self.capture_seconds: list[float] = []     # per captured shape: its warm-up passes and capture
         self._pool = None             # the memory pool all captures share (made at the first capture)
         self._hooks: list = []        # gradient-cloning hooks on the trained parameters (see __call__)
         self._accumulators = _pinned_accumulators(module) if enabled else []
@@ -156,6 +159,7 @@ class GraphedStep:
                 return self.module(*args)
             # Capturing empties the allocator's cache first (torch.cuda.graph does); empty it here too
             # so that `before` holds live memory only and the difference is what the capture keeps.
+            t0, (_, compile_s) = time.perf_counter(), kernels.compile_stats()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             before = torch.cuda.memory_reserved()
@@ -164,11 +168,19 @@ class GraphedStep:
             static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in flat)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+            # Warm-up passes before the capture: three for the first shape (lazy initialisation of
+            # cuBLAS/cuDNN, the Triton kernels' compiles), one for each later one, which only has its
+            # own workspaces to allocate (the kernels take any shape: unet/kernels.py).
             graphed = torch.cuda.make_graphed_callables(_Call(self.module, spec), static,
+                                                        num_warmup_iters=1 if self.graphs else 3,
                                                         allow_unused_input=True, pool=self._pool)
             torch.cuda.synchronize()
             self.reserved_bytes += torch.cuda.memory_reserved() - before
             self.graphs[key] = graphed
+            seconds, kernel_s = time.perf_counter() - t0, kernels.compile_stats()[1] - compile_s
+            self.capture_seconds.append(seconds)
+            print(f"CUDA graphs: captured input shape {tuple(flat[0].shape)} in {seconds:.2f} s (Triton "
+                  f"kernels compiled or loaded in {kernel_s:.2f} s of it)", flush=True)
             if not self._hooks:
                 # A replay hands out the parameters' gradients in the graph's own buffers, and autograd
                 # keeps such a tensor as `.grad` instead of copying it: the next replay (the next
