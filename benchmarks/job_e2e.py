@@ -67,7 +67,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from adapterkit.unet import PRESETS, UNet, save_unet  # noqa: E402
 
-RECIPES = {"lora": REPO / "configs" / "sd15_lora.yaml", "controlnet": REPO / "configs" / "sd15_controlnet.yaml"}
+RECIPES = {"lora": REPO / "configs" / "sd15_lora.yaml",
+           "controlnet": REPO / "configs" / "sd15_controlnet.yaml"}
 BATCH = {"lora": 32, "controlnet": 8}                   # the step benchmarks' batches
 SHAPES = ((512, 512), (576, 448), (448, 576), (640, 384), (384, 640))     # (w, h) at 512 px, a bucket each
 PATH_KEYS = ("model.base", "data.root", "output.dir")     # overrides left out of the JSON: this machine's
@@ -179,7 +180,8 @@ def job_overrides(base: Path, pictures: Path, out: Path, steps: int, batch: int,
     return overrides + ([f"data.min_side={min_side}"] if min_side < 64 else [])   # 64: DataConfig's default
 
 
-def run_job(overrides: list[str], device: str, log: Path, job: str = "lora") -> tuple[float, list[tuple[float, str]]]:
+def run_job(overrides: list[str], device: str, log: Path,
+            job: str = "lora") -> tuple[float, list[tuple[float, str]]]:
     """Run the job; returns (wall seconds, its output lines stamped with seconds since start). Output
     lines end at \\n or \\r (universal newlines), so each progress-bar refresh is a line too."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

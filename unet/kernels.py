@@ -309,12 +309,13 @@ class GroupNormNHWC(torch.autograd.Function):
         bb, bg = _finalize_blocks(cpg)
         _launch(_gn_bwd_stats, grid, x, grad, part, mean, rstd, weight, bias, HW, C, cpg, G, SILU=ctx.silu,
                 BH=BLOCK_HW, BC=BLOCK_C)
-        _launch(_gn_bwd_finalize, (N, G), part, mean, rstd, weight, coef, chan, grid[1], HW, C, cpg, G, BB=bb, BG=bg)
+        _launch(_gn_bwd_finalize, (N, G), part, mean, rstd, weight, coef, chan, grid[1], HW, C, cpg, G,
+                BB=bb, BG=bg)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            _launch(_gn_bwd_apply, grid, x, grad, dx, mean, rstd, weight, bias, coef, HW, C, cpg, G, SILU=ctx.silu,
-                    BH=BLOCK_HW, BC=BLOCK_C)
+            _launch(_gn_bwd_apply, grid, x, grad, dx, mean, rstd, weight, bias, coef, HW, C, cpg, G,
+                    SILU=ctx.silu, BH=BLOCK_HW, BC=BLOCK_C)
         dw = chan[:, 1].sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = chan[:, 0].sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None
@@ -335,7 +336,8 @@ class GEGLU(torch.autograd.Function):
         I = p.shape[-1] // 2
         R = p.numel() // (2 * I)
         out = p.new_empty(*p.shape[:-1], I)
-        _launch(_geglu_fwd, (triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I)), p, out, R, I, BR=BLOCK_R, BI=BLOCK_I)
+        _launch(_geglu_fwd, (triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I)), p, out, R, I,
+                BR=BLOCK_R, BI=BLOCK_I)
         ctx.save_for_backward(p)
         return out
 
@@ -345,8 +347,8 @@ class GEGLU(torch.autograd.Function):
         I = p.shape[-1] // 2
         R = p.numel() // (2 * I)
         dp = torch.empty_like(p)
-        _launch(_geglu_bwd, (triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I)), p, grad.contiguous(), dp, R, I,
-                BR=BLOCK_R, BI=BLOCK_I)
+        _launch(_geglu_bwd, (triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I)), p, grad.contiguous(), dp,
+                R, I, BR=BLOCK_R, BI=BLOCK_I)
         return dp
 
 

@@ -113,12 +113,15 @@ def open_base(path, device: str | None = None, tokenizer=None, controlnets: Sequ
     keep) and cast alike. Returns (base, the U-Net's dtype, the ControlNets)."""
     from adapterkit.adapters.controlnet_files import load_controlnet
     from adapterkit.train.pipeline.base import load_base
+    from adapterkit.train.pipeline.graphed import channels_last
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_base(path, dtype=torch.float32, device=device, tokenizer=tokenizer)
     nets = [load_controlnet(p, unet=base.unet, device=device).to(dtype) for p in controlnets]
     base.unet.to(dtype)
+    for m in (base.unet, *nets):             # NHWC with the GroupNorm kernels, as in training (CUDA)
+        channels_last(m, device)
     return base, dtype, nets
 
 

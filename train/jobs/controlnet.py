@@ -65,7 +65,7 @@ from adapterkit.train.data.pairs import HINT_BACKGROUND, HintSource, PairedFolde
 from adapterkit.train.images import unit_tensor
 from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, MicroBatch, noisy_batch
 from adapterkit.train.jobs.checkpoints import MUTABLE, resume
-from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.graphs import GraphedStep
 from adapterkit.train.jobs.lock import one_run_per_output
 from adapterkit.train.jobs.loop import frozen_dtype, make_accelerator, open_base, prepare_training, run_steps
 from adapterkit.train.jobs.optimizer import (
@@ -84,6 +84,7 @@ from adapterkit.train.jobs.recipe import (
 )
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
+from adapterkit.train.pipeline.graphed import channels_last
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 from adapterkit.train.pipeline.transfer import stack_to_device
 from adapterkit.unet import Conditioning
@@ -226,8 +227,8 @@ def main(cfg: ControlNetRecipe) -> Path:
             fidelity.write({"step": step, "edge_f1": {f"{s:g}": f for s, f in scores.items()}})
             accelerator.log({f"edge_f1/control_x{s:g}": f for s, f in scores.items()}, step=step)
 
-    batches = BatchPrefetch(lambda step, micro: hinted_batch(cfg, base, cache, dataset, plan, schedule, step, micro,
-                                                             accelerator.device),
+    batches = BatchPrefetch(lambda step, micro: hinted_batch(cfg, base, cache, dataset, plan, schedule, step,
+                                                             micro, accelerator.device),
                             cfg.train.grad_accum, cfg.train.steps, accelerator.device)
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, cn, base, cache, dataset, plan,

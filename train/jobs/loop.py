@@ -202,8 +202,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
             if logs or checkpoint or samples or done % READ_EVERY == 0:
                 read = read_back(pending, losses, out)
                 if logs:
-                    accelerator.log({"loss": read, "lr": lr} | ({"loss_scale": scaler.scale} if scaler else {}),
-                                    step=done)
+                    scale = {"loss_scale": scaler.scale} if scaler else {}
+                    accelerator.log({"loss": read, "lr": lr} | scale, step=done)
             bar.update(images_per_step / (time.perf_counter() - t0), read)
             if checkpoint:
                 save_checkpoint(state, out, done, cfg, export)

@@ -37,7 +37,7 @@ from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
-from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.graphs import GraphedStep
 from adapterkit.train.jobs.lock import one_run_per_output
 from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, prepare_training, run_steps
 from adapterkit.train.jobs.optimizer import (
@@ -52,6 +52,7 @@ from adapterkit.train.jobs.recipe import (
     public_recipe,
 )
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
+from adapterkit.train.pipeline.graphed import channels_last
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
 logger = logging.getLogger(__name__)
@@ -168,8 +169,8 @@ def main(cfg: LoraRecipe) -> Path:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
 
     dtype = unet.conv_in.weight.dtype
-    batches = BatchPrefetch(lambda step, micro: noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step,
-                                                            micro, accelerator.device, dtype),
+    batches = BatchPrefetch(lambda step, micro: noisy_batch(dataset, plan, cache, base, schedule, cfg.train,
+                                                            step, micro, accelerator.device, dtype),
                             cfg.train.grad_accum, cfg.train.steps, accelerator.device)
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from adapterkit.train.jobs.checkpoints import MUTABLE
-from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.graphs import GraphedStep
 from adapterkit.train.jobs.recipe import LoopConfig
+from adapterkit.train.pipeline.graphed import channels_last
 from adapterkit.unet import PRESETS, UNet
 
 CPU = torch.device("cpu")

@@ -12,13 +12,13 @@ import torch
 from adapterkit.train.jobs.guards import TrainingDiverged
 from adapterkit.train.jobs.loop import Training, run_steps
 from adapterkit.train.jobs.optimizer import make_optimizer
-from adapterkit.train.jobs.progress import PendingSteps
 from adapterkit.train.jobs.pretrain import (
     PretrainLoopConfig,
     PretrainOutputConfig,
     PretrainRecipe,
     PretrainSampleConfig,
 )
+from adapterkit.train.jobs.progress import PendingSteps
 from adapterkit.train.jobs.state import TrainingState
 
 
