@@ -4,7 +4,8 @@ Two things make a small-batch step on a fast GPU slower than its kernels:
 
 - layout: cuDNN convolves in NHWC and transposes NCHW tensors in and out of every convolution.
   `channels_last(module, device)` (train/pipeline/graphed.py) keeps a U-Net (or ControlNet)
-  channels-last on CUDA, where unet/kernels.py normalises NHWC tensors without the copy PyTorch's GroupNorm makes.
+  channels-last on CUDA, where unet/kernels.py normalises NHWC tensors without the copy PyTorch's
+  GroupNorm makes.
 - launches: an SD1.5 step issues several thousand kernels, and Python spends ~0.1 s issuing them
   (measured on the H200's host: a batch-2 16x16 LoRA step takes 0.12 s, almost all of it host
   time). At batch 8 that is as long as the GPU work, so the GPU idles half the step.
