@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
               "graphs": len(fns["ours-graphs"].graphs)}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"sampling U-Net call, {args.preset}, batch {batch} (guidance), {args.size}x{args.size} latents, bf16, "
-          f"{result['gpu']}, torch {torch.__version__}")
+    print(f"sampling U-Net call, {args.preset}, batch {batch} (guidance), {args.size}x{args.size} latents, "
+          f"bf16, {result['gpu']}, torch {torch.__version__}")
     print(f"  {'variant':14} {'ms':>8} {'vs diffusers':>13} {'max |diff| vs diffusers':>24}")
     for name, r in rows.items():
         print(f"  {name:14} {r['ms']:8.2f} {r['vs_diffusers']:12.2f}x {diff.get(name, 0.0):24.2e}")
