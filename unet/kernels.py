@@ -22,6 +22,15 @@ deterministic. Statistics and arithmetic are fp32; storage is the input's dtype.
 GEGLU on p = [h | gate] (.., 2I): forward h * gelu(gate) in one pass (erf GELU, as F.gelu), backward
 both halves of dp in one pass from p and the output gradient.
 
+Warm-up (issue 21 item 3): Triton compiles a kernel per variant on its first launch, and by default
+specialises integer arguments on divisibility by 16 and on the value 1, which made each aspect-ratio
+bucket (72 x 56 latents: 18 x 14 and 9 x 7 levels) compile the GroupNorm kernels again, seconds each.
+The sizes that change with a picture's shape (rows HW, row blocks NB, GEGLU rows R) and the SiLU
+switch are `do_not_specialize`d, and the finalize tiles are one width for every group up to 64
+channels: an SD U-Net compiles one variant per kernel and dtype, whatever its buckets. Channel counts
+stay specialised (their divisibility by 16 is what lets the loads vectorise, and a U-Net's widths do
+not change with the picture). `compile_stats()` says how long the first launches took.
+
 `available()` is False without Triton or CUDA (CPU wheels of torch have no Triton); callers then use
 the PyTorch ops. Tests: tests/test_kernels.py (marked gpu) against the PyTorch ops.
 """
@@ -76,7 +85,7 @@ if triton is not None:
         return scale, shift
 
     @triton.jit
-    def _grad_in(x, g, scale, shift, SILU: tl.constexpr):
+    def _grad_in(x, g, scale, shift, SILU):
         # The gradient at the norm's output: through the SiLU, recomputing y from x.
         if SILU:
             y = x * scale[None, :] + shift[None, :]
@@ -125,8 +134,8 @@ if triton is not None:
         tl.store(mean_ptr + n * G + g, mean)
         tl.store(rstd_ptr + n * G + g, 1.0 / tl.sqrt(var + eps))
 
-    @triton.jit(do_not_specialize=["HW"])
-    def _gn_apply(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CPG, G, SILU: tl.constexpr,
+    @triton.jit(do_not_specialize=["HW", "SILU"])
+    def _gn_apply(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CPG, G, SILU,
                   BH: tl.constexpr, BC: tl.constexpr):
         n, hb, cb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         x, offs, mask, cols = _load_tile(x_ptr, n, hb, cb, HW, C, BH, BC)
@@ -136,9 +145,9 @@ if triton is not None:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["HW"])
+    @triton.jit(do_not_specialize=["HW", "SILU"])
     def _gn_bwd_stats(x_ptr, g_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CPG, G,
-                      SILU: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr):
+                      SILU, BH: tl.constexpr, BC: tl.constexpr):
         # part (N, blocks, 2, C): per block of rows and channel, sum(dy) and sum(dy * x).
         n, hb, cb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         x, offs, mask, cols = _load_tile(x_ptr, n, hb, cb, HW, C, BH, BC)
@@ -181,9 +190,9 @@ if triton is not None:
         tl.store(chan_ptr + n * 2 * C + ch, sum_dy, mask=cmask)
         tl.store(chan_ptr + n * 2 * C + C + ch, dy_xhat, mask=cmask)
 
-    @triton.jit(do_not_specialize=["HW"])
+    @triton.jit(do_not_specialize=["HW", "SILU"])
     def _gn_bwd_apply(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, coef_ptr, HW, C, CPG, G,
-                      SILU: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr):
+                      SILU, BH: tl.constexpr, BC: tl.constexpr):
         n, hb, cb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         x, offs, mask, cols = _load_tile(x_ptr, n, hb, cb, HW, C, BH, BC)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -268,8 +277,11 @@ def _grid(N: int, HW: int, C: int) -> tuple[int, int, int]:
 
 
 def _finalize_blocks(cpg: int) -> tuple[int, int]:
-    """(blocks, channels) tile of the finalize kernels: all of a group's channels, 4096 values."""
-    bg = triton.next_power_of_2(cpg)
+    """(blocks, channels) tile of the finalize kernels: all of a group's channels, 4096 values. At
+    least 64 channels wide, so that every group width up to 64 (SD's 10, 20 and 40) shares one compiled
+    variant: these kernels run one small program per (sample, group), and each variant compiled is
+    warm-up time (issue 21 item 3)."""
+    bg = max(64, triton.next_power_of_2(cpg))
     return max(1, 4096 // bg), bg
 
 
