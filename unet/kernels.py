@@ -24,7 +24,8 @@ both halves of dp in one pass from p and the output gradient.
 
 Warm-up (issue 21 item 3): Triton compiles a kernel per variant on its first launch, and by default
 specialises integer arguments on divisibility by 16 and on the value 1, which made each aspect-ratio
-bucket (72 x 56 latents: 18 x 14 and 9 x 7 levels) compile the GroupNorm kernels again, seconds each.
+bucket (72 x 56 latents: 18 x 14 and 9 x 7 levels) compile the GroupNorm kernels again (the sd15 job's
+second step, its second bucket, took 9 s on the H200, benchmarks/results/job_e2e_sd15_h200_*.json).
 The sizes that change with a picture's shape (rows HW, row blocks NB, GEGLU rows R) and the SiLU
 switch are `do_not_specialize`d, and the finalize tiles are one width for every group up to 64
 channels: an SD U-Net compiles one variant per kernel and dtype, whatever its buckets. Channel counts
