@@ -15,7 +15,8 @@ by default, `--preset sdxl --size 128 --batch 4` for SDXL at 1024 px.
   our U-Net (the same computation as peer-dora).
 
     python benchmarks/adapter_kinds_step.py --json $OUT/adapter_kinds.json
-    python benchmarks/adapter_kinds_step.py --preset sdxl-tiny --device cpu --batch 2 --size 16 --iters 1 --warmup 1
+    python benchmarks/adapter_kinds_step.py --preset sdxl-tiny --device cpu --batch 2 --size 16 \\
+        --iters 1 --warmup 1
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The LoRA training job end to end beside its step, in one call (issue 21 item 1): how much of the
-step benchmark's speed a user running `adapterkit train lora` gets.
+"""A training job end to end beside its step, in one call (issue 21 items 1 and 3): how much of the
+step benchmark's speed a user running `adapterkit train lora` (or `train controlnet`, `--job
+controlnet`) gets, and where the warm-up goes.
 
 It builds, offline and from random weights, an SD1.5-sized pipeline folder (our U-Net from
 PRESETS["sd15"] in unet/, the KL-f8 VAE and the CLIP-L text tower from configs/base/sd1/, the tiny
@@ -13,6 +14,11 @@ LoRA targets, and data.min_side where the pictures are smaller than 64 px), and
 benchmarks/lora_step.py's step on the same batch, latent size and LoRA targets
 (`ours-bf16-lora-graphs`, the job's step: bf16 base and adapter, fp32 masters, CUDA graphs).
 
+`--job controlnet`: configs/sd15_controlnet.yaml on the same pictures, the Canny hints made on the fly
+from them (control.folder null, the recipe's default), batch 8 without accumulation
+(train.grad_accum=1, so that a step is the step benchmark's), beside benchmarks/controlnet_step.py's
+`ours-bf16-cn-graphs` (the job's ControlledUNet through GraphedStep) at the same batch and size.
+
 Measured, into `--json`:
 - job_img_s: steady images/s from the job's own loss.jsonl (train/jobs/progress.py LossLog: "seconds"
   since the loop began, per step), batch * steps / time over the steps after the warm-up, which is
@@ -23,14 +29,22 @@ Measured, into `--json`:
   LatentCache.build) to the cache's "latent cache ...: ... encoded now" log line; the job runs through
   adapterkit/__main__.py as `python -m adapterkit` does, only with the `adapterkit` loggers at INFO.
 - wall_s: the job process from start to exit (imports, loading, scan, cache, loop, export).
+- warmup: where the time before the steady state goes, from the job's own output lines: load_s
+  (process start to the data summary: imports, the base, the folder scan), cache_build_s, setup_s
+  (the cache's last line to the progress bar: adapter, optimizer, resume), first_step_s, and per CUDA
+  graph capture (train/jobs/graphs.py says each: a new input shape's warm-up passes and capture) its
+  seconds and the Triton kernels' compile share of them (unet/kernels.py compile_stats).
 - step_img_s, job_vs_step = job_img_s / step_img_s (target: >= 0.95).
 
 On the H200, one device call (diffusers and datasets come as wheels in .whl):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && \\
         PYTHONPATH=/tmp/site:$PWD python3 benchmarks/job_e2e.py --json $OUT/job_e2e.json
+    ... python3 benchmarks/job_e2e.py --job controlnet --json $OUT/job_e2e_controlnet.json
 CPU smoke (tiny U-Net, a 2x VAE and a one-layer text encoder; < 60 s on 2 cores):
     python3 benchmarks/job_e2e.py --preset tiny --size 64 --pictures 12 --steps 4 --batch 2 --device cpu
+    python3 benchmarks/job_e2e.py --job controlnet --preset tiny --size 64 --pictures 12 --steps 4 \
+        --batch 2 --device cpu
 """
 from __future__ import annotations
 
@@ -53,7 +67,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from adapterkit.unet import PRESETS, UNet, save_unet  # noqa: E402
 
-RECIPE = REPO / "configs" / "sd15_lora.yaml"
+RECIPES = {"lora": REPO / "configs" / "sd15_lora.yaml",
+           "controlnet": REPO / "configs" / "sd15_controlnet.yaml"}
+BATCH = {"lora": 32, "controlnet": 8}                   # the step benchmarks' batches
 SHAPES = ((512, 512), (576, 448), (448, 576), (640, 384), (384, 640))     # (w, h) at 512 px, a bucket each
 PATH_KEYS = ("model.base", "data.root", "output.dir")     # overrides left out of the JSON: this machine's
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -155,21 +171,23 @@ def write_pictures(root: Path, count: int, sizes: list[tuple[int, int]],
 # --- the job and its log -----------------------------------------------------------------------------
 
 def job_overrides(base: Path, pictures: Path, out: Path, steps: int, batch: int, size: int,
-                  targets: str, min_side: int) -> list[str]:
-    """The recipe keys a benchmark must set; everything else stays configs/sd15_lora.yaml's."""
+                  targets: str, min_side: int, job: str = "lora") -> list[str]:
+    """The recipe keys a benchmark must set; everything else stays the job's configs/sd15_*.yaml."""
     overrides = [f"model.base={base}", f"data.root={pictures}", f"output.dir={out}", f"train.steps={steps}",
                  f"train.batch_size={batch}", "output.checkpoint_every=0", "sample.prompts=[]",
-                 f"data.resolution={size}", f"lora.targets={targets}"]
+                 f"data.resolution={size}"]
+    overrides += [f"lora.targets={targets}"] if job == "lora" else ["train.grad_accum=1"]
     return overrides + ([f"data.min_side={min_side}"] if min_side < 64 else [])   # 64: DataConfig's default
 
 
-def run_job(overrides: list[str], device: str, log: Path) -> tuple[float, list[tuple[float, str]]]:
+def run_job(overrides: list[str], device: str, log: Path,
+            job: str = "lora") -> tuple[float, list[tuple[float, str]]]:
     """Run the job; returns (wall seconds, its output lines stamped with seconds since start). Output
     lines end at \\n or \\r (universal newlines), so each progress-bar refresh is a line too."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""        # the job picks CUDA whenever it sees one
-    cmd = [sys.executable, "-c", JOB_BOOT, "train", "lora", str(RECIPE), *overrides]
+    cmd = [sys.executable, "-c", JOB_BOOT, "train", job, str(RECIPES[job]), *overrides]
     stamped, t0 = [], time.perf_counter()
     with open(log, "w") as f, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.STDOUT, text=True) as proc:
@@ -190,6 +208,24 @@ def cache_build_seconds(stamped: list[tuple[float, str]]) -> float | None:
     start = next((t for t, line in stamped if re.search(r"data: \d+ of \d+ image files", line)), None)
     end = next((t for t, line in stamped if "latent cache " in line and "encoded now" in line), None)
     return None if start is None or end is None else end - start
+
+
+CAPTURE = re.compile(r"CUDA graphs: captured input shape (\([^)]*\)) in ([\d.]+) s \(Triton kernels compiled "
+                     r"or loaded in ([\d.]+) s")
+
+
+def warmup_breakdown(stamped: list[tuple[float, str]], job: str) -> dict:
+    """Where the time before the loop's steady state went, from the job's output lines (None where a
+    line is missing): load_s, cache_build_s, setup_s, and each CUDA graph capture's shape, seconds and
+    Triton share (`CAPTURE`)."""
+    data = next((t for t, line in stamped if re.search(r"data: \d+ of \d+ image files", line)), None)
+    cached = next((t for t, line in stamped if "latent cache " in line and "encoded now" in line), None)
+    bar = next((t for t, line in stamped if line.lstrip().startswith(f"{job}:")), None)
+    captures = [{"shape": m.group(1), "s": float(m.group(2)), "triton_s": float(m.group(3))}
+                for _, line in stamped for m in [CAPTURE.search(line)] if m]
+    return {"load_s": data, "cache_build_s": cache_build_seconds(stamped),
+            "setup_s": None if cached is None or bar is None else bar - cached, "captures": captures,
+            "captures_s": sum(c["s"] for c in captures), "triton_s": sum(c["triton_s"] for c in captures)}
 
 
 def graph_lines(stamped: list[tuple[float, str]]) -> list[str]:
@@ -228,17 +264,23 @@ def steady_rate(rows: list[dict], batch: int, warmup_fraction: float = 0.1, min_
 # --- the step benchmark ------------------------------------------------------------------------------
 
 def step_benchmark(preset: str, device: str, batch: int, latent: int, targets: str, iters: int, warmup: int,
-                   path: Path) -> tuple[str, float]:
-    """benchmarks/lora_step.py's step for the job: (variant, img/s). On CUDA `ours-bf16-lora-graphs`;
-    elsewhere `ours-bf16-lora` (the job runs without graphs there too)."""
-    variant = "ours-bf16-lora-graphs" if device == "cuda" else "ours-bf16-lora"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "lora_step.py"), "--preset", preset, "--device", device,
-           "--batch", str(batch), "--size", str(latent), "--targets", targets, "--variants", variant,
+                   path: Path, job: str = "lora") -> tuple[str, float]:
+    """The job's step benchmark: (variant, img/s). LoRA: benchmarks/lora_step.py, on CUDA
+    `ours-bf16-lora-graphs`, elsewhere `ours-bf16-lora` (the job runs without graphs there too).
+    ControlNet: benchmarks/controlnet_step.py, `ours-bf16-cn-graphs` on CUDA, `ours-bf16-cn` elsewhere."""
+    cuda = device == "cuda"
+    if job == "lora":
+        script, variant = "lora_step.py", "ours-bf16-lora-graphs" if cuda else "ours-bf16-lora"
+        extra = ["--targets", targets]
+    else:
+        script, variant, extra = "controlnet_step.py", "ours-bf16-cn-graphs" if cuda else "ours-bf16-cn", []
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--preset", preset, "--device", device,
+           "--batch", str(batch), "--size", str(latent), *extra, "--variants", variant,
            "--iters", str(iters), "--warmup", str(warmup), "--json", str(path)]
     done = subprocess.run(cmd, cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True)
     if done.returncode:
-        raise RuntimeError(f"benchmarks/lora_step.py failed (exit {done.returncode}):\n{done.stdout[-3000:]}"
+        raise RuntimeError(f"benchmarks/{script} failed (exit {done.returncode}):\n{done.stdout[-3000:]}"
                            f"\n{done.stderr[-3000:]}")
     return variant, json.loads(path.read_text())["rows"][0][variant]["img_s"]
 
@@ -254,21 +296,23 @@ def measure(args, work: Path) -> dict:
           flush=True)
     out = work / "out"
     overrides = job_overrides(base, work / "pictures", out, args.steps, args.batch, args.size, args.targets,
-                              min(min(s) for s in sizes))
-    wall, stamped = run_job(overrides, args.device, work / "job.log")
+                              min(min(s) for s in sizes), args.job)
+    wall, stamped = run_job(overrides, args.device, work / "job.log", args.job)
     steady = steady_rate(read_loss_log(out / "loss.jsonl"), args.batch, args.warmup_fraction)
     latent = args.size // latent_scale(args.preset)
     variant, step_img_s = step_benchmark(args.preset, args.device, args.batch, latent, args.targets,
-                                         args.step_iters, args.step_warmup, work / "lora_step.json")
+                                         args.step_iters, args.step_warmup, work / "step.json", args.job)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    return {"torch": torch.__version__, "gpu": gpu, "preset": args.preset, "size": args.size,
-            "targets": args.targets, "buckets": args.buckets, "batch": args.batch, "pictures": len(sizes),
+    warmup = warmup_breakdown(stamped, args.job) | {"first_step_s": steady["first_step_s"]}
+    return {"job": args.job, "torch": torch.__version__, "gpu": gpu, "preset": args.preset, "size": args.size,
+            "targets": args.targets if args.job == "lora" else None, "buckets": args.buckets,
+            "batch": args.batch, "pictures": len(sizes),
             "steps": args.steps,
             "job_img_s": steady["img_s"], "step_img_s": step_img_s, "step_variant": variant,
             "job_vs_step": steady["img_s"] / step_img_s, "first_step_s": steady["first_step_s"],
             "cache_build_s": cache_build_seconds(stamped), "wall_s": wall,
             "per_step_img_s": steady["per_step_img_s"], "warmup_steps": steady["warmup_steps"],
-            "warmup_step_s": steady["warmup_step_s"],
+            "warmup_step_s": steady["warmup_step_s"], "warmup": warmup,
             "graphs": graph_lines(stamped),
             "overrides": [o for o in overrides if o.split("=")[0] not in PATH_KEYS]}
 
@@ -276,14 +320,20 @@ def measure(args, work: Path) -> dict:
 def print_table(r: dict) -> None:
     cache = "-" if r["cache_build_s"] is None else f"{r['cache_build_s']:.1f} s"
     p = r["per_step_img_s"]
-    print(f"\nLoRA job end to end, {r['preset']} {r['size']} px, targets {r['targets']}, batch {r['batch']}, "
+    w = r["warmup"]
+    what = f"targets {r['targets']}" if r["job"] == "lora" else "Canny hints"
+    print(f"\n{r['job']} job end to end, {r['preset']} {r['size']} px, {what}, batch {r['batch']}, "
           f"{r['pictures']} pictures, {r['steps']} steps, {r['gpu']}, torch {r['torch']}")
     for name, value in [("job steady img/s", f"{r['job_img_s']:.1f}"),
                         (f"step img/s ({r['step_variant']})", f"{r['step_img_s']:.1f}"),
                         ("job / step", f"{r['job_vs_step']:.3f}"),
                         ("per-step img/s p10/p50/p90", f"{p['p10']:.1f} / {p['p50']:.1f} / {p['p90']:.1f}"),
                         ("first step", f"{r['first_step_s']:.1f} s"), ("cache build", cache),
-                        ("job wall", f"{r['wall_s']:.1f} s")] + [(line, "") for line in r["graphs"]]:
+                        ("job wall", f"{r['wall_s']:.1f} s"),
+                        ("load / setup", " / ".join("-" if w[k] is None else f"{w[k]:.1f} s"
+                                                    for k in ("load_s", "setup_s"))),
+                        (f"{len(w['captures'])} graph captures (Triton)",
+                         f"{w['captures_s']:.1f} s ({w['triton_s']:.1f} s)")]:
         print(f"  {name:40} {value}")
 
 
@@ -295,7 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--buckets", type=int, default=len(SHAPES), choices=range(1, len(SHAPES) + 1),
                     help="how many of the aspect ratios (a bucket each) the pictures take, in SHAPES' order")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--job", default="lora", choices=list(RECIPES))
+    ap.add_argument("--batch", type=int, help="train.batch_size (default: the step benchmark's, 32 for lora, "
+                                              "8 for controlnet)")
     ap.add_argument("--targets", default="attn-ff", choices=["attn", "attn-ff", "full"],
                     help="LoRA targets of the job and of the step (attn-ff: the sd15 recipe's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -309,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "job_e2e.json"))
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
+    args.batch = args.batch or BATCH[args.job]
     args.step_iters = args.step_iters or (10 if cuda else 2)
     args.step_warmup = args.step_warmup if args.step_warmup is not None else (3 if cuda else 1)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="job_e2e-"))

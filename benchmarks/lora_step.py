@@ -3,8 +3,9 @@ on identical weights in one process.
 
 Step = forward, loss, backward, AdamW step on LoRA r=16 over to_q/to_k/to_v/to_out.0, from cached
 latents (random tensors here: the VAE is not part of the step), batch 32, 64x64, 77x768 context, bf16.
-`--preset sdxl --size 128 --batch 4` is the SDXL step at 1024 px of shared/bench/diffusers_peft_sdxl_baseline.py
-(77x2048 context, pooled text 1280 and six size/crop ids through the added embedding);
+`--preset sdxl --size 128 --batch 4` is the SDXL step at 1024 px of
+shared/bench/diffusers_peft_sdxl_baseline.py (77x2048 context, pooled text 1280 and six size/crop ids
+through the added embedding);
 `--gradient-checkpointing` turns it on in every variant (the peer's enable_gradient_checkpointing).
 
 - peer: UNet2DConditionModel in bf16 + `unet.add_adapter(LoraConfig(...))`, LoRA params fp32,

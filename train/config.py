@@ -124,7 +124,8 @@ FILE_NAMES = {"name": "the file name of the outputs", "scheduler": "a file in co
 # from the working directory is looked for beside the recipe, then (`assets/...`, `configs/...`) in the
 # bundled data folders, so a recipe works from any directory. Outputs (`output.dir`) stay relative to
 # the working directory; command-line overrides are taken as given.
-INPUT_PATHS = ("model.base", "model.tokenizer", "model.config_dir", "data.root", "control.folder", "control.lora")
+INPUT_PATHS = ("model.base", "model.tokenizer", "model.config_dir", "data.root", "control.folder",
+               "control.lora")
 BUNDLED = ("assets", "configs")
 
 

@@ -22,12 +22,23 @@ deterministic. Statistics and arithmetic are fp32; storage is the input's dtype.
 GEGLU on p = [h | gate] (.., 2I): forward h * gelu(gate) in one pass (erf GELU, as F.gelu), backward
 both halves of dp in one pass from p and the output gradient.
 
+Warm-up (issue 21 item 3): Triton compiles a kernel per variant on its first launch, and by default
+specialises integer arguments on divisibility by 16 and on the value 1, which made each aspect-ratio
+bucket (72 x 56 latents: 18 x 14 and 9 x 7 levels) compile the GroupNorm kernels again (the sd15 job's
+second step, its second bucket, took 9 s on the H200, benchmarks/results/job_e2e_sd15_h200_*.json).
+The sizes that change with a picture's shape (rows HW, row blocks NB, GEGLU rows R) and the SiLU
+switch are `do_not_specialize`d, and the finalize tiles are one width for every group up to 64
+channels: an SD U-Net compiles one variant per kernel and dtype, whatever its buckets. Channel counts
+stay specialised (their divisibility by 16 is what lets the loads vectorise, and a U-Net's widths do
+not change with the picture). `compile_stats()` says how long the first launches took.
+
 `available()` is False without Triton or CUDA (CPU wheels of torch have no Triton); callers then use
 the PyTorch ops. Tests: tests/test_kernels.py (marked gpu) against the PyTorch ops.
 """
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from torch import Tensor
@@ -75,7 +86,7 @@ if triton is not None:
         return scale, shift
 
     @triton.jit
-    def _grad_in(x, g, scale, shift, SILU: tl.constexpr):
+    def _grad_in(x, g, scale, shift, SILU):
         # The gradient at the norm's output: through the SiLU, recomputing y from x.
         if SILU:
             y = x * scale[None, :] + shift[None, :]
@@ -83,7 +94,7 @@ if triton is not None:
             g = g * sig * (1.0 + y * (1.0 - sig))
         return g
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["HW"])
     def _gn_stats(x_ptr, part_ptr, HW, C, BH: tl.constexpr, BC: tl.constexpr):
         # part (N, blocks, 2, C): per block of rows and channel, the sum and the sum of squares
         # about the block's own mean (exact, whatever the mean).
@@ -95,7 +106,7 @@ if triton is not None:
         tl.store(out + cols, s, mask=cols < C)
         tl.store(out + C + cols, tl.sum(d * d, axis=0), mask=cols < C)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NB", "HW"])
     def _gn_finalize(part_ptr, mean_ptr, rstd_ptr, NB, HW, C, CPG, G, eps,
                      BH: tl.constexpr, BB: tl.constexpr, BG: tl.constexpr):
         # One program per (sample, group): Chan et al.'s combination of the blocks' partial sums.
@@ -124,8 +135,8 @@ if triton is not None:
         tl.store(mean_ptr + n * G + g, mean)
         tl.store(rstd_ptr + n * G + g, 1.0 / tl.sqrt(var + eps))
 
-    @triton.jit
-    def _gn_apply(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CPG, G, SILU: tl.constexpr,
+    @triton.jit(do_not_specialize=["HW", "SILU"])
+    def _gn_apply(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CPG, G, SILU,
                   BH: tl.constexpr, BC: tl.constexpr):
         n, hb, cb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         x, offs, mask, cols = _load_tile(x_ptr, n, hb, cb, HW, C, BH, BC)
@@ -135,9 +146,9 @@ if triton is not None:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["HW", "SILU"])
     def _gn_bwd_stats(x_ptr, g_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CPG, G,
-                      SILU: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr):
+                      SILU, BH: tl.constexpr, BC: tl.constexpr):
         # part (N, blocks, 2, C): per block of rows and channel, sum(dy) and sum(dy * x).
         n, hb, cb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         x, offs, mask, cols = _load_tile(x_ptr, n, hb, cb, HW, C, BH, BC)
@@ -148,7 +159,7 @@ if triton is not None:
         tl.store(out + cols, tl.sum(dy, axis=0), mask=cols < C)
         tl.store(out + C + cols, tl.sum(dy * x, axis=0), mask=cols < C)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NB", "HW"])
     def _gn_bwd_finalize(part_ptr, mean_ptr, rstd_ptr, w_ptr, coef_ptr, chan_ptr, NB, HW, C, CPG, G,
                          BB: tl.constexpr, BG: tl.constexpr):
         # One program per (sample, group). With xhat = (x - mean) * rstd and M = HW * CPG:
@@ -180,9 +191,9 @@ if triton is not None:
         tl.store(chan_ptr + n * 2 * C + ch, sum_dy, mask=cmask)
         tl.store(chan_ptr + n * 2 * C + C + ch, dy_xhat, mask=cmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["HW", "SILU"])
     def _gn_bwd_apply(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, coef_ptr, HW, C, CPG, G,
-                      SILU: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr):
+                      SILU, BH: tl.constexpr, BC: tl.constexpr):
         n, hb, cb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         x, offs, mask, cols = _load_tile(x_ptr, n, hb, cb, HW, C, BH, BC)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -198,7 +209,7 @@ if triton is not None:
     def _gelu(z):
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])
     def _geglu_fwd(p_ptr, out_ptr, R, I, BR: tl.constexpr, BI: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         cols = tl.program_id(1) * BI + tl.arange(0, BI)
@@ -209,7 +220,7 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * I + cols[None, :], (h * _gelu(gate)).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])
     def _geglu_bwd(p_ptr, g_ptr, dp_ptr, R, I, BR: tl.constexpr, BI: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         cols = tl.program_id(1) * BI + tl.arange(0, BI)
@@ -224,13 +235,54 @@ if triton is not None:
         tl.store(dp_ptr + pair + I, (g * h * (cdf + gate * pdf)).to(dp_ptr.dtype.element_ty), mask=mask)
 
 
+# Host seconds and count of the kernels' first launches per compiled variant (`compile_stats`): a first
+# launch compiles the variant (or loads it from Triton's disk cache) before it queues the kernel.
+_FIRST_LAUNCHES: dict[tuple, float] = {}
+_UNSPECIALISED: dict[int, set[int]] = {}          # per kernel: the argument positions not specialised
+
+
+def _variant(kernel, args: tuple, constexprs: dict) -> tuple:
+    """What Triton compiles a variant per: the tensors' dtypes, the specialised integers' divisibility
+    by 16 and equality to 1, and the constexprs (the sizes in `do_not_specialize` are left out)."""
+    skip = _UNSPECIALISED.get(id(kernel))
+    if skip is None:
+        names = list(getattr(kernel, "arg_names", ()))
+        skip = _UNSPECIALISED[id(kernel)] = {names.index(n) if isinstance(n, str) else n
+                                             for n in getattr(kernel, "do_not_specialize", ())
+                                             if not isinstance(n, str) or n in names}
+    kinds = tuple(a.dtype if isinstance(a, Tensor) else
+                  (None if i in skip or not isinstance(a, int) else (a % 16 == 0, a == 1))
+                  for i, a in enumerate(args))
+    return id(kernel), kinds, tuple(sorted(constexprs.items()))
+
+
+def _launch(kernel, grid, *args, **constexprs) -> None:
+    key = _variant(kernel, args, constexprs)
+    if key in _FIRST_LAUNCHES:
+        kernel[grid](*args, **constexprs)
+        return
+    t0 = time.perf_counter()
+    kernel[grid](*args, **constexprs)
+    _FIRST_LAUNCHES[key] = time.perf_counter() - t0
+
+
+def compile_stats() -> tuple[int, float]:
+    """(variants launched so far, host seconds their first launches took: compiling or loading them).
+    The warm-up share of the kernels; the sizes that vary with a picture's shape (rows, the number of
+    row blocks) are `do_not_specialize`d, so a new aspect-ratio bucket compiles nothing new."""
+    return len(_FIRST_LAUNCHES), sum(_FIRST_LAUNCHES.values())
+
+
 def _grid(N: int, HW: int, C: int) -> tuple[int, int, int]:
     return N, triton.cdiv(HW, BLOCK_HW), triton.cdiv(C, BLOCK_C)
 
 
 def _finalize_blocks(cpg: int) -> tuple[int, int]:
-    """(blocks, channels) tile of the finalize kernels: all of a group's channels, 4096 values."""
-    bg = triton.next_power_of_2(cpg)
+    """(blocks, channels) tile of the finalize kernels: all of a group's channels, 4096 values. At
+    least 64 channels wide, so that every group width up to 64 (SD's 10, 20 and 40) shares one compiled
+    variant: these kernels run one small program per (sample, group), and each variant compiled is
+    warm-up time (issue 21 item 3)."""
+    bg = max(64, triton.next_power_of_2(cpg))
     return max(1, 4096 // bg), bg
 
 
@@ -247,11 +299,11 @@ class GroupNormNHWC(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         y = torch.empty_like(x)                                          # channels-last, like x
         bb, bg = _finalize_blocks(cpg)
-        _gn_stats[grid](x, part, HW, C, BH=BLOCK_HW, BC=BLOCK_C)
-        _gn_finalize[(N, groups)](part, mean, rstd, grid[1], HW, C, cpg, groups, eps,
-                                  BH=BLOCK_HW, BB=bb, BG=bg)
-        _gn_apply[grid](x, y, mean, rstd, weight, bias, HW, C, cpg, groups, SILU=silu,
-                        BH=BLOCK_HW, BC=BLOCK_C)
+        _launch(_gn_stats, grid, x, part, HW, C, BH=BLOCK_HW, BC=BLOCK_C)
+        _launch(_gn_finalize, (N, groups), part, mean, rstd, grid[1], HW, C, cpg, groups, eps,
+                BH=BLOCK_HW, BB=bb, BG=bg)
+        _launch(_gn_apply, grid, x, y, mean, rstd, weight, bias, HW, C, cpg, groups, SILU=silu,
+                BH=BLOCK_HW, BC=BLOCK_C)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups, ctx.silu = groups, silu
         return y
@@ -268,14 +320,15 @@ class GroupNormNHWC(torch.autograd.Function):
         coef = x.new_empty(N, G, 2, dtype=torch.float32)
         chan = x.new_empty(N, 2, C, dtype=torch.float32)
         bb, bg = _finalize_blocks(cpg)
-        _gn_bwd_stats[grid](x, grad, part, mean, rstd, weight, bias, HW, C, cpg, G, SILU=ctx.silu,
-                            BH=BLOCK_HW, BC=BLOCK_C)
-        _gn_bwd_finalize[(N, G)](part, mean, rstd, weight, coef, chan, grid[1], HW, C, cpg, G, BB=bb, BG=bg)
+        _launch(_gn_bwd_stats, grid, x, grad, part, mean, rstd, weight, bias, HW, C, cpg, G, SILU=ctx.silu,
+                BH=BLOCK_HW, BC=BLOCK_C)
+        _launch(_gn_bwd_finalize, (N, G), part, mean, rstd, weight, coef, chan, grid[1], HW, C, cpg, G,
+                BB=bb, BG=bg)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            _gn_bwd_apply[grid](x, grad, dx, mean, rstd, weight, bias, coef, HW, C, cpg, G, SILU=ctx.silu,
-                                BH=BLOCK_HW, BC=BLOCK_C)
+            _launch(_gn_bwd_apply, grid, x, grad, dx, mean, rstd, weight, bias, coef, HW, C, cpg, G,
+                    SILU=ctx.silu, BH=BLOCK_HW, BC=BLOCK_C)
         dw = chan[:, 1].sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = chan[:, 0].sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None
@@ -296,7 +349,8 @@ class GEGLU(torch.autograd.Function):
         I = p.shape[-1] // 2
         R = p.numel() // (2 * I)
         out = p.new_empty(*p.shape[:-1], I)
-        _geglu_fwd[(triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I))](p, out, R, I, BR=BLOCK_R, BI=BLOCK_I)
+        _launch(_geglu_fwd, (triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I)), p, out, R, I,
+                BR=BLOCK_R, BI=BLOCK_I)
         ctx.save_for_backward(p)
         return out
 
@@ -306,8 +360,8 @@ class GEGLU(torch.autograd.Function):
         I = p.shape[-1] // 2
         R = p.numel() // (2 * I)
         dp = torch.empty_like(p)
-        _geglu_bwd[(triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I))](p, grad.contiguous(), dp, R, I,
-                                                                      BR=BLOCK_R, BI=BLOCK_I)
+        _launch(_geglu_bwd, (triton.cdiv(R, BLOCK_R), triton.cdiv(I, BLOCK_I)), p, grad.contiguous(), dp,
+                R, I, BR=BLOCK_R, BI=BLOCK_I)
         return dp
 
 

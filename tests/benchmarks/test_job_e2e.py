@@ -142,3 +142,42 @@ def test_tiny_end_to_end_run_reports_every_figure(tmp_path):
     assert r["pictures"] == 12 and r["steps"] == 4 and r["batch"] == 2
     assert set(r["per_step_img_s"]) == {"p10", "p50", "p90"}
     assert (tmp_path / "work" / "out" / "sd15-style.safetensors").is_file()      # the recipe's export ran
+
+
+def test_warm_up_breakdown_reads_the_jobs_own_lines():
+    stamped = [(4.0, "data: 320 of 320 image files accepted under /x"),
+               (10.0, "adapterkit.train.data.cache: latent cache /o/cache: 0 images and 0 captions cached, "
+                      "320 + 321 encoded now"),
+               (12.5, "controlnet:   0%|          | 0/150"),
+               (20.0, "CUDA graphs: captured input shape (8, 4, 64, 64) in 6.25 s (Triton kernels "
+                      "compiled or loaded in 4.50 s of it)"),
+               (29.0, "controlnet:   1%|▏ | 1/150 [00:09<...]CUDA graphs: captured input shape "
+                      "(8, 4, 72, 56) in 1.50 s (Triton kernels compiled or loaded in 0.00 s of it)")]
+    w = e2e.warmup_breakdown(stamped, "controlnet")
+    assert w["load_s"] == 4.0 and w["cache_build_s"] == pytest.approx(6.0)
+    assert w["setup_s"] == pytest.approx(2.5)
+    assert [c["shape"] for c in w["captures"]] == ["(8, 4, 64, 64)", "(8, 4, 72, 56)"]
+    assert w["captures_s"] == pytest.approx(7.75) and w["triton_s"] == pytest.approx(4.5)
+    assert e2e.warmup_breakdown(stamped[:1], "lora")["setup_s"] is None
+
+
+def test_the_controlnet_job_trains_without_accumulation_like_its_step():
+    overrides = e2e.job_overrides(Path("/b"), Path("/p"), Path("/o"), 10, 8, 512, "attn-ff", 384,
+                                  "controlnet")
+    assert "train.grad_accum=1" in overrides and "train.batch_size=8" in overrides
+    assert not any(o.startswith("lora.") for o in overrides)
+    assert "lora.targets=attn-ff" in e2e.job_overrides(Path("/b"), Path("/p"), Path("/o"), 10, 32, 512,
+                                                       "attn-ff", 384)
+    assert e2e.RECIPES["controlnet"].is_file() and e2e.BATCH == {"lora": 32, "controlnet": 8}
+
+
+@pytest.mark.slow
+def test_tiny_controlnet_end_to_end_run_reports_every_figure(tmp_path):
+    r = e2e.main(["--job", "controlnet", "--preset", "tiny", "--size", "64", "--pictures", "12",
+                  "--steps", "4", "--batch", "2", "--device", "cpu", "--json", str(tmp_path / "e2e.json"),
+                  "--work", str(tmp_path / "work")])
+    for key in ("job_img_s", "step_img_s", "job_vs_step", "first_step_s", "cache_build_s", "wall_s"):
+        assert r[key] > 0, key
+    assert r["job"] == "controlnet" and r["step_variant"] == "ours-bf16-cn"
+    assert r["warmup"]["load_s"] > 0 and r["warmup"]["setup_s"] >= 0 and r["warmup"]["captures"] == []
+    assert (tmp_path / "work" / "out" / "sd15-canny" / "config.json").is_file()     # the recipe's export ran

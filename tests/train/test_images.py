@@ -144,8 +144,9 @@ def test_ema_is_bias_corrected():
 def test_grid_labels_wrap_whole_prompts_and_the_footer_is_drawn(tmp_path):
     """A long prompt (the trigger word at its end) is wrapped onto several lines, never cut; the footer
     adds a band of ink under the cells."""
-    from adapterkit.train.images import _font, _text_size, _wrap
     from PIL import ImageDraw
+
+    from adapterkit.train.images import _font, _text_size, _wrap
     draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(12)
     prompt = "a red star on a blue background with a thin outline and soft light, sks"
     wrapped = _wrap(draw, prompt, font, 120)

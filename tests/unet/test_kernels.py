@@ -128,3 +128,32 @@ def test_unet_channels_last_with_kernels_matches_nchw():
     assert (out_cl - out_ref).abs().max().item() < 1e-4
     for name, g in grads_ref.items():
         assert (grads_cl[name] - g).abs().max().item() <= 1e-4 * (g.abs().max().item() + 1e-3), name
+
+
+def test_a_new_picture_shape_compiles_no_new_variant():
+    # The warm-up of an aspect-ratio bucket (issue 21 item 3): the sizes that change with the
+    # picture's shape are not specialised on, so 64x64 latents and then 72x56 ones (whose 18x14 and
+    # 9x7 levels are not multiples of 16) use the kernels the first shape compiled.
+    def run(h, w):
+        for c in (320, 640):
+            x = torch.randn(2, c, h, w, device=CUDA, dtype=torch.bfloat16).contiguous(
+                memory_format=torch.channels_last).requires_grad_(True)
+            weight = torch.ones(c, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+            bias = torch.zeros(c, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+            kernels.group_norm(x, weight, bias, 32, 1e-5, True).sum().backward()
+            p = torch.randn(2, h * w, 2 * c, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+            kernels.geglu(p).sum().backward()
+        torch.cuda.synchronize()
+
+    def compiled() -> int:                  # Triton's own count of compiled variants (its JIT caches)
+        jits = [k for k in vars(kernels).values() if hasattr(k, "device_caches")]
+        if not jits:
+            pytest.skip("this Triton keeps no device_caches to count")
+        return sum(len(cache[0]) for k in jits for cache in k.device_caches.values())
+
+    run(16, 16)
+    before, (variants, _) = compiled(), kernels.compile_stats()
+    for h, w in ((18, 14), (9, 7), (1, 1), (33, 31)):
+        run(h, w)
+    assert compiled() == before
+    assert kernels.compile_stats()[0] == variants

@@ -25,7 +25,8 @@ def register(sub) -> None:
                    help=f"a smoke run: {demo.QUICK['images']} pictures, {demo.QUICK['scenes']} scenes, "
                         f"{demo.QUICK['sample_steps']} DDIM steps, {' '.join(demo.QUICK['overrides'])}")
     p.add_argument("--fresh", action="store_true",
-                   help="train the LoRA again even when --out holds one trained on the same pictures and recipe")
+                   help="train the LoRA again even when --out holds one trained on the same pictures and "
+                        "recipe")
     p.add_argument("--assets", default=str(demo.DEFAULT_ASSETS),
                    help="folder with tiny-base/ and tiny-canny/")
     p.add_argument("--config", default=str(demo.DEFAULT_CONFIG), help="the LoRA recipe (YAML)")

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         ncol = len(columns)
         cells = [c for r in range(len(rows)) for c in [hints[0][0] * 2 - 1] + cells[r * ncol:(r + 1) * ncol]]
         labels = ["hint" if len(nets) == 1 else "hint (1st)"] + labels
-    pixels = f"{size[1]}x{size[0]} px" if isinstance(size, tuple) else f"{size} px" if size else "the base's size"
+    pixels = (f"{size[1]}x{size[0]} px" if isinstance(size, tuple) else f"{size} px" if size
+              else "the base's size")
     footer = " | ".join([f"{args.sampler}, {args.steps} steps, guidance {args.guidance:g}, {pixels}",
                          f"base {Path(args.base).name}", *(f"LoRA {Path(f).name}" for f in files),
                          *(f"ControlNet {Path(n).name}" + (" (guess mode)" if args.guess_mode else "")
@@ -145,12 +146,15 @@ def open_base(path, device: str | None = None, tokenizer=None, controlnets: Sequ
     keep) and cast alike. Returns (base, the U-Net's dtype, the ControlNets)."""
     from adapterkit.adapters.controlnet_files import load_controlnet
     from adapterkit.train.pipeline.base import load_base
+    from adapterkit.train.pipeline.graphed import channels_last
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_base(path, dtype=torch.float32, device=device, tokenizer=tokenizer)
     nets = [load_controlnet(p, unet=base.unet, device=device).to(dtype) for p in controlnets]
     base.unet.to(dtype)
+    for m in (base.unet, *nets):             # NHWC with the GroupNorm kernels, as in training (CUDA)
+        channels_last(m, device)
     return base, dtype, nets
 
 

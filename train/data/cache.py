@@ -48,6 +48,7 @@ from adapterkit.train.data.captions import build_caption
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, to_tensor
 from adapterkit.train.pipeline.base import BaseModel, Fingerprint
 from adapterkit.train.pipeline.encoding import encode_moments, encode_text, moments_to_latents
+from adapterkit.train.pipeline.transfer import conditioning_to_device, stack_to_device
 from adapterkit.unet import Conditioning, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -313,8 +314,9 @@ class LatentCache:
                 _check_finite(entries[j], batch["path"][j] if "path" in batch else key)
                 self.put(key, entries[j], what)
         device = device if device is not None else base.unet.conv_in.weight.device
-        mean = torch.stack([e["mean"] for e in entries]).to(device)
-        logvar = torch.stack([e["logvar"] for e in entries]).to(device) if "logvar" in entries[0] else None
+        # Stacked on the host and moved in one copy per tensor, without a sync (train.pipeline.transfer)
+        mean = stack_to_device([e["mean"] for e in entries], device)
+        logvar = stack_to_device([e["logvar"] for e in entries], device) if "logvar" in entries[0] else None
         return moments_to_latents(base, (mean, logvar), generator)
 
     def text(self, base: BaseModel, captions: Sequence[str],
@@ -328,7 +330,10 @@ class LatentCache:
         if missing:
             rows.update(zip(missing, self._encode_texts(base, missing, store)))
         device = device if device is not None else base.unet.conv_in.weight.device
-        return Conditioning.cat([rows[c].to(device) for c in captions])
+        parts = [rows[c] for c in captions]
+        if all(p.device.type == "cpu" for p in parts):     # cached: concatenated on the host, one copy
+            return conditioning_to_device(Conditioning.cat(parts), device)   # per field, without a sync
+        return Conditioning.cat([conditioning_to_device(p, device) for p in parts])   # some just encoded
 
 
 # A text entry's tensor names: the context is stored as `embedding` (the name cache files have always

@@ -7,12 +7,17 @@ generator seeded by (seed, s, micro-batch, process): what makes resume exact.
 Conditioning: each caption's text from the cache (context, and SDXL's pooled text), and for a U-Net
 with size/crop ids (SDXL) each picture's own: its original size, its crop's top-left in the resized
 picture and its bucket (`train.data.buckets.size_conditioning`, the SDXL paper's micro-conditioning as
-diffusers' and kohya's SDXL scripts compute it), from the crop `describe` gives."""
+diffusers' and kohya's SDXL scripts compute it), from the crop `describe` gives.
+
+On CUDA a job makes each micro-batch one ahead (`BatchPrefetch`): while the GPU runs micro-batch n,
+the host reads n + 1 from the cache and its copies and random draws are queued on a side stream, so
+the step finds its inputs on the GPU and the copies overlap the compute."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.recipe import LoopConfig
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.schedule import NoiseSchedule, offset_noise
+from adapterkit.train.pipeline.transfer import to_device
 from adapterkit.unet import Conditioning
 
 
@@ -92,4 +98,59 @@ def picture_conditioning(base: BaseModel, text: Conditioning, samples: list[dict
         raise ValueError(f"the U-Net takes {base.time_ids} size/crop ids per picture; training knows "
                          "SDXL's 6 (original size, crop top-left, target size)")
     ids = torch.tensor([size_conditioning(s["size"], s["crop"]) for s in samples], dtype=torch.int64)
-    return dataclasses.replace(text, time_ids=ids.to(text.device))
+    return dataclasses.replace(text, time_ids=to_device(ids, text.device))
+
+
+class BatchPrefetch:
+    """A job's micro-batches, each made one ahead on a side CUDA stream.
+
+    `make(step, micro)` makes a micro-batch (tensors on the device). A job's step asks for its
+    micro-batches in order (`get`) and, once the forward and backward of one are queued, calls
+    `prefetch(step, micro)`: the next one (micro + 1, or the next step's first) is made then, under a
+    side stream, while the GPU is still busy. `get` makes the current stream wait for that stream's
+    event and marks the tensors as used there (`record_stream`, so their memory is not reused early).
+    A micro-batch depends on (step, micro) only (every draw comes from its own generator), so making
+    it ahead gives the same tensors; a request for another one (the fp16 retry of a step, a resume)
+    makes it on the spot. Off CUDA nothing is made ahead: `get` is `make`."""
+
+    def __init__(self, make: Callable[[int, int], Any], accum: int, steps: int, device: torch.device):
+        self.make, self.accum, self.steps = make, accum, steps
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ahead: tuple[tuple[int, int], Any, torch.cuda.Event] | None = None
+
+    def get(self, step: int, micro: int) -> Any:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != (step, micro):
+            return self.make(step, micro)
+        _, batch, ready = ahead
+        stream = torch.cuda.current_stream()
+        stream.wait_event(ready)
+        for t in _tensors(batch):
+            if t.is_cuda:
+                t.record_stream(stream)
+        return batch
+
+    def prefetch(self, step: int, micro: int) -> None:
+        """Start making the micro-batch that follows (step, micro), if there is one to make."""
+        following = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        if self.stream is None or following[0] >= self.steps:
+            return
+        with torch.cuda.stream(self.stream):
+            batch = self.make(*following)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self._ahead = (following, batch, ready)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors in a micro-batch: in its dataclass fields, conditioning records, tuples and lists."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, Conditioning):
+        yield from value.tensors().values()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)

@@ -61,9 +61,9 @@ from adapterkit.train.data.folder import (
 )
 from adapterkit.train.data.pairs import HINT_BACKGROUND, HintSource, PairedFolder
 from adapterkit.train.images import unit_tensor
-from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
+from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, MicroBatch, noisy_batch
 from adapterkit.train.jobs.checkpoints import MUTABLE, resume
-from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.graphs import GraphedStep
 from adapterkit.train.jobs.lock import one_run_per_output
 from adapterkit.train.jobs.loop import frozen_dtype, make_accelerator, open_base, prepare_training, run_steps
 from adapterkit.train.jobs.optimizer import (
@@ -84,8 +84,10 @@ from adapterkit.train.jobs.recipe import (
 from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
+from adapterkit.train.pipeline.graphed import channels_last
 from adapterkit.train.pipeline.loras import load_lora_on_base, set_base_lora_weights
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
+from adapterkit.train.pipeline.transfer import stack_to_device
 from adapterkit.unet import Conditioning
 
 LORA_NAME = "lora"                  # the frozen LoRA of control.lora, as an adapter name on the U-Net
@@ -233,9 +235,13 @@ def main(cfg: ControlNetRecipe) -> Path:
 
     run = run_metadata(cfg, dataset, batches_per_epoch=plan.per_epoch, world=accelerator.num_processes,
                        base_dtype=dtype_name(dtype), prediction_type=base.prediction_type)
+    batches = BatchPrefetch(lambda step, micro: hinted_batch(cfg, base, cache, dataset, plan, schedule, step,
+                                                             micro, accelerator.device),
+                            cfg.train.grad_accum, cfg.train.steps, accelerator.device)
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, cn, base, cache, dataset, plan,
-                                           schedule, step, forward, scaler=training.state.scaler),
+                                           schedule, step, forward, scaler=training.state.scaler,
+                                           batches=batches),
               training=training, export=Exporter(cfg, cn, training.state.master, reference, run),
               sample=sample_and_score if hints else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
@@ -270,26 +276,42 @@ class ControlledUNet(torch.nn.Module):
 
 def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: ControlNet, base: BaseModel,
                cache: LatentCache, dataset: PairedFolder, plan: BatchPlan, schedule: NoiseSchedule,
-               step: int, forward: GraphedStep | None = None, scaler: LossScaler | None = None) -> float:
-    """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
+               step: int, forward: GraphedStep | None = None, scaler: LossScaler | None = None,
+               batches: BatchPrefetch | None = None) -> Tensor:
+    """Forward and backward over the step's micro-batches; returns the mean loss (all processes) as a
+    0-d device tensor (no sync here: run_steps reads it back when it needs the value).
     `forward(x, t, cond, hint)` is the controlled U-Net (a GraphedStep); None calls it directly.
-    `scaler`: the fp16 loss scale (`use_loss_scaling`)."""
+    `scaler`: the fp16 loss scale (`use_loss_scaling`). `batches`: the micro-batches with their hints
+    made ahead (`hinted_batch`; None: made here)."""
     forward = forward or ControlledUNet(base.unet, model, cfg.control.conditioning_scale)
-    device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=accelerator.device)
     hinted = False
     for micro in range(cfg.train.grad_accum):
-        b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype)
-        hint = torch.stack([dataset.hint(k, s["crop"]) for k, s in zip(b.keys, b.samples)]).to(device)
-        hinted |= bool(hint.any())                                             # (B, 3, H, W) in [0, 1]
+        b, hint, any_hint = batches.get(step, micro) if batches else \
+            hinted_batch(cfg, base, cache, dataset, plan, schedule, step, micro, accelerator.device)
+        hinted |= any_hint
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = forward(b.noisy, b.t, b.cond, hint)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
+        if batches:
+            batches.prefetch(step, micro)                     # the next one, while the GPU works on this
         total += loss.detach() / cfg.train.grad_accum
     check_controlnet_gradients(cn, step, hinted)
-    return accelerator.reduce(total, reduction="mean").item()
+    return accelerator.reduce(total, reduction="mean")
+
+
+def hinted_batch(cfg: ControlNetRecipe, base: BaseModel, cache: LatentCache, dataset: PairedFolder,
+                 plan: BatchPlan, schedule: NoiseSchedule, step: int, micro: int,
+                 device: torch.device) -> tuple[MicroBatch, Tensor, bool]:
+    """Micro-batch `micro` of `step` (`noisy_batch`), its hints (B, 3, H, W) in [0, 1] on `device`
+    (one copy from pinned memory), and whether any hint has an edge (asked on the host, before the
+    copy: no GPU sync)."""
+    b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device,
+                    base.unet.conv_in.weight.dtype)
+    hints = [dataset.hint(k, s["crop"]) for k, s in zip(b.keys, b.samples)]
+    return b, stack_to_device(hints, device), any(bool(h.any()) for h in hints)
 
 
 def gradient_onset(name: str) -> int:

@@ -3,8 +3,9 @@
 Two things make a small-batch step on a fast GPU slower than its kernels:
 
 - layout: cuDNN convolves in NHWC and transposes NCHW tensors in and out of every convolution.
-  `channels_last(module, device)` keeps a U-Net (or ControlNet) channels-last on CUDA, where
-  unet/kernels.py normalises NHWC tensors without the copy PyTorch's GroupNorm makes.
+  `channels_last(module, device)` (train/pipeline/graphed.py) keeps a U-Net (or ControlNet)
+  channels-last on CUDA, where unet/kernels.py normalises NHWC tensors without the copy PyTorch's
+  GroupNorm makes.
 - launches: an SD1.5 step issues several thousand kernels, and Python spends ~0.1 s issuing them
   (measured on the H200's host: a batch-2 16x16 LoRA step takes 0.12 s, almost all of it host
   time). At batch 8 that is as long as the GPU work, so the GPU idles half the step.
@@ -38,22 +39,18 @@ its value test while a graph is being captured).
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 
+from adapterkit.train.pipeline.graphed import flatten, layout_key, unflatten
 from adapterkit.unet import Conditioning, kernels
-
-
-def channels_last(module: nn.Module, device: torch.device) -> nn.Module:
-    """`module` in channels-last layout where it pays (CUDA with the NHWC kernels); else unchanged."""
-    if device.type == "cuda" and kernels.available():
-        module.to(memory_format=torch.channels_last)
-    return module
 
 
 class _Call(nn.Module):
     """A fresh module around `inner` for each captured shape (make_graphed_callables patches the
-    forward of the module it is given). It takes the flat tensors of `_flatten` and calls `inner`
+    forward of the module it is given). It takes the flat tensors of `flatten` and calls `inner`
     with the arguments they came from (a Conditioning rebuilt from its fields)."""
 
     def __init__(self, inner: nn.Module, spec: tuple):
@@ -61,34 +58,7 @@ class _Call(nn.Module):
         self.inner, self.spec = inner, spec
 
     def forward(self, *flat: Tensor) -> Tensor:
-        return self.inner(*_unflatten(flat, self.spec))
-
-
-def _flatten(args: tuple) -> tuple[tuple[Tensor, ...], tuple]:
-    """The tensors of `args` (a Conditioning gives its fields') and how to rebuild the arguments:
-    per argument None (a tensor) or its Conditioning's field names."""
-    flat, spec = [], []
-    for a in args:
-        if isinstance(a, Conditioning):
-            fields = a.tensors()
-            flat += fields.values()
-            spec.append(tuple(fields))
-        else:
-            flat.append(a)
-            spec.append(None)
-    return tuple(flat), tuple(spec)
-
-
-def _unflatten(flat: tuple[Tensor, ...], spec: tuple) -> list:
-    args, i = [], 0
-    for names in spec:
-        if names is None:
-            args.append(flat[i])
-            i += 1
-        else:
-            args.append(Conditioning(**dict(zip(names, flat[i:i + len(names)]))))
-            i += len(names)
-    return args
+        return self.inner(*unflatten(flat, self.spec))
 
 
 def _pinned_accumulators(module: nn.Module) -> list:
@@ -110,6 +80,7 @@ class GraphedStep:
         self.graphs: dict[tuple, nn.Module] = {}
         self.why_not: str | None = None
         self.reserved_bytes = 0       # device memory the captures reserved (their pool and static tensors)
+        self.capture_seconds: list[float] = []     # per captured shape: its warm-up passes and capture
         self._pool = None             # the memory pool all captures share (made at the first capture)
         self._hooks: list = []        # gradient-cloning hooks on the trained parameters (see __call__)
         self._accumulators = _pinned_accumulators(module) if enabled else []
@@ -144,8 +115,8 @@ class GraphedStep:
     def __call__(self, *args: Tensor | Conditioning) -> Tensor:
         if not self.enabled or not torch.is_grad_enabled():
             return self.module(*args)
-        flat, spec = _flatten(args)
-        key = (spec, tuple((tuple(a.shape), a.dtype, a.stride(), a.requires_grad) for a in flat))
+        flat, spec = flatten(args)
+        key = layout_key(flat, spec)
         graphed = self.graphs.get(key)
         if graphed is None:
             if len(self.graphs) >= self.max_graphs:
@@ -156,6 +127,7 @@ class GraphedStep:
                 return self.module(*args)
             # Capturing empties the allocator's cache first (torch.cuda.graph does); empty it here too
             # so that `before` holds live memory only and the difference is what the capture keeps.
+            t0, (_, compile_s) = time.perf_counter(), kernels.compile_stats()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             before = torch.cuda.memory_reserved()
@@ -164,11 +136,19 @@ class GraphedStep:
             static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in flat)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+            # Warm-up passes before the capture: three for the first shape (lazy initialisation of
+            # cuBLAS/cuDNN, the Triton kernels' compiles), one for each later one, which only has its
+            # own workspaces to allocate (the kernels take any shape: unet/kernels.py).
             graphed = torch.cuda.make_graphed_callables(_Call(self.module, spec), static,
+                                                        num_warmup_iters=1 if self.graphs else 3,
                                                         allow_unused_input=True, pool=self._pool)
             torch.cuda.synchronize()
             self.reserved_bytes += torch.cuda.memory_reserved() - before
             self.graphs[key] = graphed
+            seconds, kernel_s = time.perf_counter() - t0, kernels.compile_stats()[1] - compile_s
+            self.capture_seconds.append(seconds)
+            print(f"CUDA graphs: captured input shape {tuple(flat[0].shape)} in {seconds:.2f} s (Triton "
+                  f"kernels compiled or loaded in {kernel_s:.2f} s of it)", flush=True)
             if not self._hooks:
                 # A replay hands out the parameters' gradients in the graph's own buffers, and autograd
                 # keeps such a tensor as `.grad` instead of copying it: the next replay (the next

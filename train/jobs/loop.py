@@ -54,7 +54,7 @@ from adapterkit.train.jobs.optimizer import (
     use_loss_scaling,
 )
 from adapterkit.train.jobs.precision import check_outside_precision
-from adapterkit.train.jobs.progress import LossLog, ProgressBar, StopSignals
+from adapterkit.train.jobs.progress import LossLog, PendingSteps, ProgressBar, StopSignals
 from adapterkit.train.jobs.recipe import DTYPES, ModelConfig
 from adapterkit.train.jobs.state import TrainingState
 from adapterkit.train.pipeline.base import BaseModel, load_base
@@ -136,6 +136,21 @@ def lr_groups(names: list[str], params: list[nn.Parameter],
     return [{"params": ps} | ({} if lr is None else {"lr": lr}) for lr, ps in groups.items()]
 
 
+# Losses are read back from the device at the log, checkpoint and sample steps, and at least this often
+# (the NaN guard's longest wait; log_every 0 logs the last step only).
+READ_EVERY = 100
+
+
+def read_back(pending: PendingSteps, losses: LossLog, out: Path) -> float:
+    """The pending steps' losses into loss.jsonl, in order; the NaN guard on each (`check_finite_loss`
+    names the first non-finite step: the rows before it are written, it and those after are not).
+    Returns the last loss."""
+    for step, loss, lr, seconds in pending.read():
+        check_finite_loss(loss, step - 1, out)
+        losses.add(step, loss, lr, seconds)
+    return loss
+
+
 def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
               step: Callable[[int], float], training: Training, export: Callable[..., Any],
               sample: Callable[[int, Path], Any] | None,
@@ -145,13 +160,11 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     """Train from step `start` to `cfg.train.steps`; returns the last step done.
 
     Each step: `step(s)` (forward + backward of step s, 0-based; returns the loss averaged over the
-    processes; with an fp16 base it backpropagates `scale_loss(scaler, loss)`) inside
-    `explain_oom(cfg, s, out)`, the NaN guard (`check_finite_loss`), the optimizer
-    (`optimizer_step` with `training`'s parameters, masters, loss scaler and `cfg.optim.max_grad_norm`),
-    `after_step(s)` if given
-    (e.g. an EMA update), loss.jsonl (every
-    step), the trackers (every `cfg.output.log_every` steps and the last; 0: the last only), the
-    progress bar
+    processes, as a device tensor or a float; with an fp16 base it backpropagates
+    `scale_loss(scaler, loss)`) inside `explain_oom(cfg, s, out)`, the optimizer (`optimizer_step`
+    with `training`'s parameters, masters, loss scaler and `cfg.optim.max_grad_norm`), `after_step(s)`
+    if given (e.g. an EMA update), loss.jsonl (a row per step), the trackers (every
+    `cfg.output.log_every` steps and the last; 0: the last only), the progress bar
     (`images_per_step` images a step, all processes together), a checkpoint (every
     `cfg.output.checkpoint_every` steps, the last step, and on a signal: `training.state` (the job's
     resumable state, train/jobs/state.py), and `export(folder, step)` writes the job's files into it).
@@ -160,6 +173,14 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     s < cfg.train.steps that `cfg.sample.every` divides (to out/samples/step-<s>.png), and once at the
     end (out/samples/final.png). The last step is sampled only as final.png (not twice), and a run
     stopped by a signal writes no final samples.
+
+    The host never waits for the GPU within a step (train/jobs/progress.py PendingSteps): the losses
+    stay on the device until a log, checkpoint or sample step, or READ_EVERY steps, whichever comes
+    first; then one copy reads them all, loss.jsonl gets their rows and the NaN guard
+    (`check_finite_loss`) looks at each in order. A NaN stops the run at that read, naming the first
+    non-finite step, before any checkpoint or sample could hold its weights: the steps after it ran
+    on a diverged model, and nothing of theirs is saved. (With an fp16 base each attempt's loss is
+    checked at once, before the optimizer: its overflow test reads the gradients every step anyway.)
 
     At the end (main process, not after a signal): `export(out)`, out/loss.png, the final samples.
     SIGINT/SIGTERM (`StopSignals`) finish the current step, write a checkpoint and raise
@@ -175,6 +196,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     steps, state = cfg.train.steps, training.state
     optimizer, lr_schedule, master, scaler = state.optimizer, state.lr_schedule, state.master, state.scaler
     losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
+    pending = PendingSteps(lambda: time.perf_counter() - losses.t0)
+    every_log, every_sample = cfg.output.log_every, cfg.sample.every if sample else 0
     done = start
     with StopSignals() as stop, ProgressBar(accelerator, start, steps, name) as bar:
         while done < steps and not stop.requested:
@@ -182,7 +205,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
             while True:
                 with explain_oom(cfg, done, out):
                     loss = step(done)
-                check_finite_loss(loss, done, out)
+                if scaler:                      # fp16: the overflow test reads the gradients anyway
+                    check_finite_loss(float(loss), done, out)
                 if optimizer_step(accelerator, optimizer, lr_schedule, training.params, master,
                                   cfg.optim.max_grad_norm, scaler):
                     break
@@ -191,17 +215,22 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
                 after_step(done)
             done += 1
             lr = lr_schedule.get_last_lr()[0]
-            losses.add(done, loss, lr)
-            if (cfg.output.log_every and done % cfg.output.log_every == 0) or done == steps:
-                accelerator.log({"loss": loss, "lr": lr} | ({"loss_scale": scaler.scale} if scaler else {}),
-                                step=done)
-            bar.update(loss, images_per_step / (time.perf_counter() - t0))
+            pending.add(done, loss, lr)
             stop.agree(accelerator)
-            every = cfg.output.checkpoint_every
-            if (every and done % every == 0) or stop.requested or done == steps:
+            logs = (every_log and done % every_log == 0) or done == steps
+            checkpoint = (cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0) \
+                or stop.requested or done == steps
+            samples = every_sample and done % every_sample == 0 and done < steps
+            read = None
+            if logs or checkpoint or samples or done % READ_EVERY == 0:
+                read = read_back(pending, losses, out)
+                if logs:
+                    scale = {"loss_scale": scaler.scale} if scaler else {}
+                    accelerator.log({"loss": read, "lr": lr} | scale, step=done)
+            bar.update(images_per_step / (time.perf_counter() - t0), read)
+            if checkpoint:
                 save_checkpoint(state, out, done, cfg, export)
-            if (sample and cfg.sample.every and done % cfg.sample.every == 0 and done < steps
-                    and accelerator.is_main_process):
+            if samples and accelerator.is_main_process:
                 sample(done, out / "samples" / f"step-{done:06d}.png")
     if not stop.requested and accelerator.is_main_process:
         export(out)

@@ -36,9 +36,9 @@ from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.data.hf_datasets import open_data
-from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
+from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
-from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.graphs import GraphedStep
 from adapterkit.train.jobs.lock import one_run_per_output
 from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, prepare_training, run_steps
 from adapterkit.train.jobs.optimizer import (
@@ -56,6 +56,7 @@ from adapterkit.train.jobs.recipe import (
 from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.jobs.text_encoder import TextEncoderConfig, TextEncoderTraining
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
+from adapterkit.train.pipeline.graphed import channels_last
 from adapterkit.train.pipeline.loras import set_base_lora_weights
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -189,10 +190,15 @@ def main(cfg: LoraRecipe) -> Path:
     run = run_metadata(cfg, dataset, batches_per_epoch=plan.per_epoch, world=accelerator.num_processes,
                        base_dtype=dtype_name(unet.conv_in.weight.dtype), prediction_type=base.prediction_type,
                        adapter={"ss_network_dropout": cfg.lora.dropout})
-
+    # micro-batches made one ahead; not while a text encoder trains (its captions are encoded in the step)
+    batches = None if text else BatchPrefetch(
+        lambda step, micro: noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro,
+                                        accelerator.device, dtype),
+        cfg.train.grad_accum, cfg.train.steps, accelerator.device)
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
-                                           schedule, step, forward, scaler=training.state.scaler, text=text),
+                                           schedule, step, forward, scaler=training.state.scaler, text=text,
+                                           batches=batches),
               training=training, export=Exporter(cfg, unet, fingerprint, training.state.master, run,
                                                  text.encoders if text else None),
               sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
@@ -206,25 +212,30 @@ def main(cfg: LoraRecipe) -> Path:
 def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel, cache: LatentCache,
                dataset: CaptionedImageFolder, plan: BatchPlan, schedule: NoiseSchedule, step: int,
                forward: GraphedStep | None = None, scaler: LossScaler | None = None,
-               text: TextEncoderTraining | None = None) -> float:
-    """Forward and backward over the step's micro-batches; returns the mean loss (all processes).
-    `forward` runs the model (a GraphedStep around it); None calls `model` directly. `scaler`: the fp16
-    loss scale (`use_loss_scaling`). `text`: the text encoders' LoRA, which then encodes the captions."""
+               text: TextEncoderTraining | None = None, batches: BatchPrefetch | None = None) -> torch.Tensor:
+    """Forward and backward over the step's micro-batches; returns the mean loss (all processes) as a
+    0-d device tensor (read back by run_steps when it needs the value: no sync here). `forward` runs
+    the model (a GraphedStep around it); None calls `model` directly. `scaler`: the fp16 loss scale
+    (`use_loss_scaling`). `text`: the text encoders' LoRA, which then encodes the captions. `batches`:
+    the micro-batches made ahead (None: made here, `noisy_batch`)."""
     device, dtype = accelerator.device, base.unet.conv_in.weight.dtype
     total = torch.zeros((), device=device)
     captions = (lambda c: text.conditioning(c, step, dataset.cfg.varies_captions)) if text else None
     for micro in range(cfg.train.grad_accum):
-        b = noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype, captions)
+        b = batches.get(step, micro) if batches else \
+            noisy_batch(dataset, plan, cache, base, schedule, cfg.train, step, micro, device, dtype, captions)
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.cond)
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
+        if batches:
+            batches.prefetch(step, micro)                     # the next one, while the GPU works on this
         total += loss.detach() / cfg.train.grad_accum
     check_adapter_gradients(base.unet, step)
     if text:
         text.after_backward(accelerator, step)
-    return accelerator.reduce(total, reduction="mean").item()
+    return accelerator.reduce(total, reduction="mean")
 
 
 def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
@@ -320,6 +331,7 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
     return save_grid(cells, len(rows), len(cfg.sample.lora_scales), path,
                      row_labels=[f"{prompt} / seed {seed}" for prompt, seed in rows],
                      col_labels=[f"LoRA x{s:g}" for s in cfg.sample.lora_scales],
-                     footer=f"{cfg.sample.sampler}, {cfg.sample.steps} steps, guidance {cfg.sample.guidance:g}, "
+                     footer=f"{cfg.sample.sampler}, {cfg.sample.steps} steps, "
+                            f"guidance {cfg.sample.guidance:g}, "
                             f"{cfg.data.resolution // f * f} px | base {Path(cfg.model.base).name}",
                      text={PARAMETERS: params})

@@ -1,15 +1,18 @@
-"""What a person watches: loss.jsonl (JsonlLog, LossLog), the progress bar, and SIGINT/SIGTERM
-(StopSignals: finish the step, write a checkpoint)."""
+"""What a person watches: loss.jsonl (JsonlLog, LossLog), the step losses read back from the GPU in
+batches (PendingSteps), the progress bar, and SIGINT/SIGTERM (StopSignals: finish the step, write a
+checkpoint)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch import Tensor
 
 
 class JsonlLog:
@@ -79,14 +82,61 @@ class LossLog(JsonlLog):
         super().__init__(path, start, active)
         self.t0 = time.perf_counter()
 
-    def add(self, step: int, loss: float, lr: float) -> None:
-        self.write({"step": step, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - self.t0, 3)})
+    def add(self, step: int, loss: float, lr: float, seconds: float | None = None) -> None:
+        """Row `step`; `seconds`: when the step ended, since `t0` (None: now)."""
+        seconds = time.perf_counter() - self.t0 if seconds is None else seconds
+        self.write({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 3)})
 
     def plot(self, path: Path) -> None:
         from adapterkit.train.images import loss_curve_png
         if self.rows:
             loss_curve_png([r["step"] for r in self.rows], [r["loss"] for r in self.rows], path,
                            title="training loss")
+
+
+class PendingSteps:
+    """Steps done whose losses the device still holds, read back together (`read`).
+
+    Reading a loss on the host (`.item()`) waits for the GPU to finish everything queued, and then the
+    GPU idles while the host prepares and launches the next step (with a read every step the sd15 job
+    held 0.92 of its step's speed on the H200: benchmarks/results/job_e2e_sd15_h200_cache_in_memory.json).
+    So a step's loss stays a device tensor until the loop needs the values (a log line, a
+    checkpoint, a sample, the end: `run_steps`), and one copy then brings them all back.
+
+    Each row also gets the time its step ended, as loss.jsonl's "seconds" always meant: the host
+    records an event behind step s and, once it has queued step s + 1, waits for step s's event (the
+    GPU is busy with step s + 1 meanwhile, so this costs it nothing) and stamps row s. That also keeps
+    the host at most one step ahead of the GPU. On the CPU a step is done when its call returns."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock                     # seconds since the loss log began
+        self.rows: list[list] = []             # [step, loss (float or 0-d tensor), lr, seconds or None]
+        self._waiting: tuple[list, torch.cuda.Event] | None = None
+
+    def add(self, step: int, loss: Tensor | float, lr: float) -> None:
+        row = [step, loss.detach() if isinstance(loss, Tensor) else loss, lr, None]
+        self.rows.append(row)
+        event = None
+        if isinstance(loss, Tensor) and loss.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            row[3] = self.clock()
+        if self._waiting is not None:          # the step before this one: done when its event is
+            before, its_event = self._waiting
+            its_event.synchronize()
+            before[3] = self.clock()
+        self._waiting = (row, event) if event is not None else None
+
+    def read(self) -> list[tuple[int, float, float, float]]:
+        """(step, loss, lr, seconds) of every pending step, in order, and none pending after. One
+        device-to-host copy for all the device losses (it waits for the last step to finish)."""
+        rows, self.rows, self._waiting = self.rows, [], None
+        on_device = [r[1] for r in rows if isinstance(r[1], Tensor)]
+        values = iter(torch.stack([t.float().reshape(()) for t in on_device]).tolist() if on_device else [])
+        now = self.clock()
+        return [(step, next(values) if isinstance(loss, Tensor) else float(loss), lr,
+                 now if seconds is None else seconds) for step, loss, lr, seconds in rows]
 
 
 class StopSignals:
@@ -136,12 +186,17 @@ class ProgressBar:
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, initial=start, disable=not accelerator.is_local_main_process,
                         desc=desc, dynamic_ncols=True)
+        self.loss: float | None = None
 
     def __enter__(self):
         return self
 
-    def update(self, loss: float, images_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+    def update(self, images_per_s: float, loss: float | None = None) -> None:
+        """One step more; `loss`: the latest loss read back (None: keep showing the last one)."""
+        if loss is not None:
+            self.loss = loss
+        postfix = {"loss": f"{self.loss:.4f}"} if self.loss is not None else {}
+        self.bar.set_postfix(postfix | {"img_s": f"{images_per_s:.1f}"})
         self.bar.update(1)
 
     def __exit__(self, *exc):

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from adapterkit.adapters.controlnet import MultiControlNet, hint_widths_for
 from adapterkit.train.images import tensor_to_pil
 from adapterkit.train.pipeline.encoding import decode, encode_text
+from adapterkit.train.pipeline.graphed import GraphedCall
 from adapterkit.train.pipeline.loras import set_base_lora_weights
 from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
 from adapterkit.train.pipeline.schedule import NoiseSchedule
@@ -57,7 +58,8 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
              controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
              hints: Sequence | Tensor | None = None, control_scale: float | Sequence[float] = 1.0,
-             guess_mode: bool = False, batch_size: int = 16, progress: bool = False) -> Tensor:
+             guess_mode: bool = False, batch_size: int = 16, progress: bool = False,
+             cuda_graphs: bool = True) -> Tensor:
     """One image per (prompt, seed), as a float32 CPU tensor (N, 3, H, W) in [-1, 1].
 
     base: a `train.base.BaseModel`; its U-Net runs in its own dtype (cast it beforehand, e.g. bf16).
@@ -72,6 +74,10 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         carries the picture, as with an empty prompt).
     progress: a tqdm bar on stderr counting the images as they are decoded, with the time left (the
         command line's; off by default, so library calls and tests print nothing).
+    cuda_graphs: on CUDA, replay the sampler's model call (U-Net, and ControlNet) from a CUDA graph
+        captured at its first call per batch shape (train/pipeline/graphed.py: at batch 2 a U-Net
+        call is launch-bound); the settings above and the LoRA weights are fixed for the call, the
+        latents, timesteps, conditioning and hints are the graph's inputs. Off CUDA: the plain call.
     Raises ValueError for mismatched lengths, sizes or an unknown sampler, before any sampling.
     """
 
@@ -106,6 +112,9 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     cn_was_training = controlnet.training if controlnet is not None else False
     if controlnet is not None:
         controlnet.eval()
+    # One graphed model call for the whole run: its settings are fixed; the hints are inputs.
+    call = lambda x, t, c, h: _model_fn(unet, controlnet, h, control_scale, guess_mode)(x, t, c)  # noqa: E731
+    graphed = GraphedCall(call, enabled=cuda_graphs)
     out = []
     bar = tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress, dynamic_ncols=True)
     try:
@@ -115,7 +124,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
             cond = prompt_conditioning(base, chunk, (height, width)).to(device, dtype)
             rows = slice(i, i + batch_size)
             hint = _each(hint_batch, lambda h, rows=rows: h[rows].to(device))
-            model_fn = _model_fn(unet, controlnet, hint, control_scale, guess_mode)
+            model_fn = lambda x, t, c, hint=hint: graphed(x, t, c, hint)      # noqa: E731
             latents = sample(model_fn, schedule, shape, steps, cond=cond,
                              uncond=None if uncond is None else uncond.repeat(len(chunk)),
                              guidance_scale=guidance, noise=start_noise(chunk_seeds, shape[1:]))

@@ -63,6 +63,7 @@ class NoiseSchedule:
         if self.steps_offset < 0:
             raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
         object.__setattr__(self, "alphas_cumprod", _alphas_cumprod(self))
+        object.__setattr__(self, "_tables", {})        # (name, dtype, device) -> table there (`_table`)
 
     # -- the diffusers file ------------------------------------------------------------------------
 
@@ -93,22 +94,21 @@ class NoiseSchedule:
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, with `t` (B,) integer timesteps; x0's dtype."""
-        a = self._at(self.alphas_cumprod.sqrt(), t, x0)
-        s = self._at((1 - self.alphas_cumprod).sqrt(), t, x0)
+        a = self._at("sqrt_a", t, x0)
+        s = self._at("sqrt_1ma", t, x0)
         return a * x0 + s * noise
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """What the model is trained to output: eps itself, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0."""
         if self.prediction_type == "epsilon":
             return noise
-        a = self._at(self.alphas_cumprod.sqrt(), t, x0)
-        s = self._at((1 - self.alphas_cumprod).sqrt(), t, x0)
+        a = self._at("sqrt_a", t, x0)
+        s = self._at("sqrt_1ma", t, x0)
         return a * noise - s * x0
 
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = a_t / (1 - a_t), float32, shape of `t`; 0 at the end of a zero-terminal-SNR schedule."""
-        a = self.alphas_cumprod
-        return (a / (1 - a)).to(device=t.device, dtype=torch.float32)[t]
+        return self._table("snr", torch.float32, t.device)[t]
 
     def min_snr_weights(self, t: Tensor, gamma: float) -> Tensor:
         """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556), float32.
@@ -139,12 +139,25 @@ class NoiseSchedule:
         t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
-    def _at(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
-        # Gather a float64 table at `t`, rounded once to `like`'s dtype; shape (B, 1, 1, ...) to broadcast.
-        # Rounding before moving keeps float64 off devices without it (MPS).
+    def _table(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Table `name` (sqrt_a: sqrt(a_t), sqrt_1ma: sqrt(1 - a_t), snr: a_t / (1 - a_t)) from the float64
+        a_t, rounded once to `dtype` and then moved to `device` (rounding first keeps float64 off devices
+        without it: MPS). Kept per (name, dtype, device): a training step then gathers from a table
+        already on the GPU instead of copying one there, which synchronises with the GPU every call
+        (train.pipeline.transfer). Made with a blocking copy, so any stream may read it at once."""
+        key = (name, dtype, torch.device(device))
+        table = self._tables.get(key)
+        if table is None:
+            a = self.alphas_cumprod
+            full = {"sqrt_a": a.sqrt, "sqrt_1ma": lambda: (1 - a).sqrt(), "snr": lambda: a / (1 - a)}[name]()
+            table = self._tables[key] = full.to(dtype=dtype).to(device)
+        return table
+
+    def _at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        # Gather table `name` at `t`, in `like`'s dtype; shape (B, 1, 1, ...) to broadcast.
         if t.ndim != 1 or len(t) != len(like):
             raise ValueError(f"timesteps must have shape ({len(like)},), got {tuple(t.shape)}")
-        vals = table.to(dtype=like.dtype).to(like.device)[t.to(like.device)]
+        vals = self._table(name, like.dtype, like.device)[t.to(like.device)]
         return vals.reshape(-1, *([1] * (like.ndim - 1)))
 
 

@@ -189,8 +189,8 @@ def finished_lora(out: Path, key: dict, cfg) -> dict[str, Path] | None:
         files = adapter_files(cfg.output, lora_dir)
     except (OSError, ValueError):
         return None
-    return files if files and all(p.is_file() for p in files.values()) and (lora_dir / "loss.jsonl").is_file() \
-        else None
+    complete = files and all(p.is_file() for p in files.values()) and (lora_dir / "loss.jsonl").is_file()
+    return files if complete else None
 
 
 def summary(reports: dict) -> dict[str, float | None]:
@@ -309,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
                      col_labels=list(cols),
                      title=f"{args.style} LoRA, trigger {args.trigger!r}: {rows} of {scenes} measured scenes",
                      footer=f"DDIM, {steps} steps, guidance {args.guidance:g}, scenes of seed {EVAL_SEED} | "
-                            f"base {base_dir.name} | LoRA {lora_file.name} x1 | ControlNet {canny_dir.name} x1")
+                            f"base {base_dir.name} | LoRA {lora_file.name} x1 | "
+                            f"ControlNet {canny_dir.name} x1")
 
     reports = {label: {("style" if key == args.style else key): value for key, value in report.items()
                        if key not in STYLES or key == args.style}
@@ -329,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
     clock.lap("report")
 
     report = {"settings": {"style": args.style, "trigger": args.trigger, "images": images, "seed": args.seed,
-                           "quick": bool(args.quick), "reused_lora": bool(reused), "threads": torch.get_num_threads(),
+                           "quick": bool(args.quick), "reused_lora": bool(reused),
+                           "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "evaluation": ev.settings,
                            "recipe": to_dict(cfg)},
               "checks": checks, "adapter_files": {fmt: {"path": str(p), "bytes": sizes[fmt]}

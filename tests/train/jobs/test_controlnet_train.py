@@ -567,7 +567,8 @@ def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path
     steered = grid("steered.png", "--controlnet", str(tmp_path / "cn"), "--hint", str(hint))
     # the grid shows the hint the ControlNet got, names the column honestly, and says the settings
     assert drawn["cols"] == 2 and drawn["col_labels"] == ["hint", "base + ControlNet 1"]
-    assert torch.allclose(drawn["cells"][0], drawn["cells"][0].clamp(-1, 1)) and "ControlNet cn" in drawn["footer"]
+    assert torch.allclose(drawn["cells"][0], drawn["cells"][0].clamp(-1, 1))
+    assert "ControlNet cn" in drawn["footer"]
     assert "2 steps" in drawn["footer"] and "a red shape / seed 0" in drawn["row_labels"][0]
     off = grid("off.png", "--controlnet", str(tmp_path / "cn"), "--hint", str(hint), "--control-scale", "0")
     assert plain.shape == steered.shape and np.abs(plain.astype(int) - steered).max() > 0

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from adapterkit.train.jobs.checkpoints import MUTABLE
-from adapterkit.train.jobs.graphs import GraphedStep, channels_last
+from adapterkit.train.jobs.graphs import GraphedStep
 from adapterkit.train.jobs.recipe import LoopConfig
+from adapterkit.train.pipeline.graphed import channels_last
 from adapterkit.unet import PRESETS, UNet
 
 CPU = torch.device("cpu")
@@ -50,9 +51,12 @@ def test_captures_copies_per_shape_and_stops_at_the_limit(monkeypatch, capsys):
 
     pools = []
 
-    def fake_capture(module, args, allow_unused_input=False, pool=None):
+    warmups = []
+
+    def fake_capture(module, args, num_warmup_iters=3, allow_unused_input=False, pool=None):
         captured.append(args)
         pools.append(pool)
+        warmups.append(num_warmup_iters)
         return module
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
@@ -67,8 +71,11 @@ def test_captures_copies_per_shape_and_stops_at_the_limit(monkeypatch, capsys):
     assert len(captured) == 2 and len(step.graphs) == 2
     assert pools[0] is not None and pools[0] is pools[1]                      # one pool for all shapes
     assert captured[0][0] is not a and torch.equal(captured[0][0], a)          # a copy of the input
+    assert warmups == [3, 1]                        # lazy initialisation once, then a shape's workspaces
     assert "more than 2 input shapes" in step.why_not
-    assert capsys.readouterr().out.count("more than 2 input shapes") == 1
+    out = capsys.readouterr().out
+    assert out.count("more than 2 input shapes") == 1
+    assert out.count("CUDA graphs: captured input shape") == 2 and len(step.capture_seconds) == 2
 
 
 def test_channels_last_leaves_cpu_models_alone():

@@ -2,12 +2,14 @@
 (test_lora_train, test_controlnet_train, test_pretrain) do not pin down: the exact schedule of
 samples, tracker logs, checkpoint exports and the final export, on the main process and elsewhere,
 and the job's OOM explanation wrapping each step."""
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+from adapterkit.train.jobs.guards import TrainingDiverged
 from adapterkit.train.jobs.loop import Training, run_steps
 from adapterkit.train.jobs.optimizer import make_optimizer
 from adapterkit.train.jobs.pretrain import (
@@ -16,6 +18,7 @@ from adapterkit.train.jobs.pretrain import (
     PretrainRecipe,
     PretrainSampleConfig,
 )
+from adapterkit.train.jobs.progress import PendingSteps
 from adapterkit.train.jobs.state import TrainingState
 
 
@@ -104,3 +107,47 @@ def test_the_jobs_oom_explanation_wraps_each_step(tmp_path):
 def test_log_every_zero_logs_the_last_step_only(tmp_path):
     _, logged = run(tmp_path / "quiet", 5, log_every=0)
     assert logged == [5]
+
+
+def test_losses_are_read_back_at_log_checkpoint_and_sample_steps_only(tmp_path, monkeypatch):
+    # A step returns its loss as a tensor (the jobs' device tensor); the loop reads the values only
+    # where it needs them: samples every 2, log_every 3, the last step. Every step still gets its row.
+    from adapterkit.train.jobs import progress
+    reads, real_read = [], progress.PendingSteps.read
+
+    def counted(self):
+        rows = real_read(self)
+        reads.append([r[0] for r in rows])
+        return rows
+
+    monkeypatch.setattr(progress.PendingSteps, "read", counted)
+    _, logged = run(tmp_path / "run", 7, step=lambda s: torch.tensor(0.1 * s))
+    assert reads == [[1, 2], [3], [4], [5, 6], [7]]            # sample 2, log 3, sample 4, log+sample 6, last
+    assert logged == [3, 6, 7]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert all(a["seconds"] <= b["seconds"] for a, b in zip(rows, rows[1:]))
+
+
+def test_a_nan_between_reads_stops_at_the_next_read_naming_its_step(tmp_path):
+    # log_every 5, no samples in between: the NaN of step 2 (0-based 1) is seen at step 5's read; the
+    # message names step 2, loss.jsonl keeps step 1 only, and nothing was exported.
+    def nan_at_step_2(s):
+        return torch.tensor(float("nan") if s == 1 else 1.0)
+
+    with pytest.raises(TrainingDiverged, match="became nan at step 2;"):
+        run(tmp_path / "run", 8, log_every=5, step=nan_at_step_2, sample=None)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+
+
+def test_pending_steps_read_floats_and_tensors_in_order():
+    clock = iter(range(100)).__next__
+    pending = PendingSteps(lambda: float(clock()))
+    pending.add(1, torch.tensor(0.5), 1e-3)
+    pending.add(2, 0.25, 1e-3)
+    pending.add(3, torch.tensor([2.0]).sum(), 2e-3)
+    rows = pending.read()
+    assert [(s, loss, lr) for s, loss, lr, _ in rows] == [(1, 0.5, 1e-3), (2, 0.25, 1e-3), (3, 2.0, 2e-3)]
+    assert [t for *_, t in rows] == sorted(t for *_, t in rows)     # each stamped when its step ended
+    assert pending.read() == []
