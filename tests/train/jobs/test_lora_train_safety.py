@@ -271,17 +271,23 @@ def two_loras(pipeline, images, tmp_path_factory):
 
 
 def sample_cells(pipeline, tmp_path, name, *args, compare=False) -> list[np.ndarray]:
-    """Run `adapterkit sample` for one 32 px image (seed 0); the grid's cells, left to right."""
+    """Run `adapterkit sample` for one 32 px image (seed 0); the grid's cells, left to right, as the
+    8-bit pictures written (taken where the grid is drawn: the PNG also holds labels and a footer)."""
+    import adapterkit.train.images as images_module
     from adapterkit.train.cli.main import main as cli
-    grid = tmp_path / f"{name}.png"
-    assert cli(["sample", "--base", str(pipeline), "--prompt", "a red shape", "--seed", "0",
-                "--steps", "3", "--size", "32", *(["--compare"] if compare else []), *args,
-                "-o", str(grid)]) == 0
-    img = np.asarray(Image.open(grid).convert("RGB"))
-    cols = 2 if compare else 1
-    assert img.shape[0] >= 32 and img.shape[1] >= 32 * cols
-    right = img.shape[1]
-    return [img[-32:, right - 32 * (cols - c):right - 32 * (cols - c - 1)] for c in range(cols)]
+    grid, drawn, save_grid = tmp_path / f"{name}.png", {}, images_module.save_grid
+
+    def recording(cells, rows, cols, path, **labels):
+        drawn["cells"] = cells
+        return save_grid(cells, rows, cols, path, **labels)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(images_module, "save_grid", recording)
+        assert cli(["sample", "--base", str(pipeline), "--prompt", "a red shape", "--seed", "0",
+                    "--steps", "3", "--size", "32", *(["--compare"] if compare else []), *args,
+                    "-o", str(grid)]) == 0
+    cells = [np.asarray(images_module.tensor_to_pil(c)) for c in drawn["cells"]]
+    assert len(cells) == (2 if compare else 1) and all(c.shape == (32, 32, 3) for c in cells)
+    return cells
 
 
 def test_sample_with_two_loras_and_euler(pipeline, two_loras, tmp_path, capsys):
