@@ -70,6 +70,10 @@ from adapterkit.unet import PRESETS, UNet, save_unet  # noqa: E402
 RECIPES = {"lora": REPO / "configs" / "sd15_lora.yaml",
            "controlnet": REPO / "configs" / "sd15_controlnet.yaml"}
 BATCH = {"lora": 32, "controlnet": 8}                   # the step benchmarks' batches
+# `--preset sdxl` (or sdxl-tiny, a CPU smoke): an SDXL-sized pipeline (benchmarks/sdxl_base.py), 1024 px
+# pictures, configs/sdxl_lora.yaml (the 12 GB recipe: gradient checkpointing, so no CUDA graphs) at its
+# batch of 4, beside lora_step.py's SDXL step with checkpointing.
+SDXL_RECIPE, SDXL_BATCH = REPO / "configs" / "sdxl_lora.yaml", 4
 SHAPES = ((512, 512), (576, 448), (448, 576), (640, 384), (384, 640))     # (w, h) at 512 px, a bucket each
 PATH_KEYS = ("model.base", "data.root", "output.dir")     # overrides left out of the JSON: this machine's
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -181,13 +185,13 @@ def job_overrides(base: Path, pictures: Path, out: Path, steps: int, batch: int,
 
 
 def run_job(overrides: list[str], device: str, log: Path,
-            job: str = "lora") -> tuple[float, list[tuple[float, str]]]:
+            job: str = "lora", recipe: Path | None = None) -> tuple[float, list[tuple[float, str]]]:
     """Run the job; returns (wall seconds, its output lines stamped with seconds since start). Output
     lines end at \\n or \\r (universal newlines), so each progress-bar refresh is a line too."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""        # the job picks CUDA whenever it sees one
-    cmd = [sys.executable, "-c", JOB_BOOT, "train", job, str(RECIPES[job]), *overrides]
+    cmd = [sys.executable, "-c", JOB_BOOT, "train", job, str(recipe or RECIPES[job]), *overrides]
     stamped, t0 = [], time.perf_counter()
     with open(log, "w") as f, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.STDOUT, text=True) as proc:
@@ -264,14 +268,15 @@ def steady_rate(rows: list[dict], batch: int, warmup_fraction: float = 0.1, min_
 # --- the step benchmark ------------------------------------------------------------------------------
 
 def step_benchmark(preset: str, device: str, batch: int, latent: int, targets: str, iters: int, warmup: int,
-                   path: Path, job: str = "lora") -> tuple[str, float]:
+                   path: Path, job: str = "lora", checkpointing: bool = False) -> tuple[str, float]:
     """The job's step benchmark: (variant, img/s). LoRA: benchmarks/lora_step.py, on CUDA
     `ours-bf16-lora-graphs`, elsewhere `ours-bf16-lora` (the job runs without graphs there too).
     ControlNet: benchmarks/controlnet_step.py, `ours-bf16-cn-graphs` on CUDA, `ours-bf16-cn` elsewhere."""
     cuda = device == "cuda"
     if job == "lora":
-        script, variant = "lora_step.py", "ours-bf16-lora-graphs" if cuda else "ours-bf16-lora"
-        extra = ["--targets", targets]
+        graphs = cuda and not checkpointing           # the job's own rule (train/jobs/graphs.py)
+        script, variant = "lora_step.py", "ours-bf16-lora-graphs" if graphs else "ours-bf16-lora"
+        extra = ["--targets", targets] + (["--gradient-checkpointing"] if checkpointing else [])
     else:
         script, variant, extra = "controlnet_step.py", "ours-bf16-cn-graphs" if cuda else "ours-bf16-cn", []
     cmd = [sys.executable, str(REPO / "benchmarks" / script), "--preset", preset, "--device", device,
@@ -289,7 +294,14 @@ def step_benchmark(preset: str, device: str, batch: int, latent: int, targets: s
 
 def measure(args, work: Path) -> dict:
     t0 = time.perf_counter()
-    base = build_pipeline(work / "base", args.preset, args.seed)
+    sdxl = is_sdxl(args.preset)
+    if sdxl:
+        from benchmarks.lora_step import BENCH_PRESETS
+        from benchmarks.sdxl_base import build_sdxl_pipeline
+        base = build_sdxl_pipeline(work / "base", args.preset if args.preset in PRESETS
+                                   else BENCH_PRESETS[args.preset], args.seed)
+    else:
+        base = build_pipeline(work / "base", args.preset, args.seed)
     sizes = write_pictures(work / "pictures", args.pictures, picture_sizes(args.size, SHAPES[:args.buckets]),
                            args.seed)
     print(f"built the {args.preset} pipeline and {len(sizes)} pictures in {time.perf_counter() - t0:.0f} s",
@@ -297,11 +309,12 @@ def measure(args, work: Path) -> dict:
     out = work / "out"
     overrides = job_overrides(base, work / "pictures", out, args.steps, args.batch, args.size, args.targets,
                               min(min(s) for s in sizes), args.job)
-    wall, stamped = run_job(overrides, args.device, work / "job.log", args.job)
+    wall, stamped = run_job(overrides, args.device, work / "job.log", args.job, SDXL_RECIPE if sdxl else None)
     steady = steady_rate(read_loss_log(out / "loss.jsonl"), args.batch, args.warmup_fraction)
-    latent = args.size // latent_scale(args.preset)
+    latent = args.size // (8 if sdxl and args.preset == "sdxl" else 2 if sdxl else latent_scale(args.preset))
     variant, step_img_s = step_benchmark(args.preset, args.device, args.batch, latent, args.targets,
-                                         args.step_iters, args.step_warmup, work / "step.json", args.job)
+                                         args.step_iters, args.step_warmup, work / "step.json", args.job,
+                                         checkpointing=sdxl)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     warmup = warmup_breakdown(stamped, args.job) | {"first_step_s": steady["first_step_s"]}
     return {"job": args.job, "torch": torch.__version__, "gpu": gpu, "preset": args.preset, "size": args.size,
@@ -315,6 +328,10 @@ def measure(args, work: Path) -> dict:
             "warmup_step_s": steady["warmup_step_s"], "warmup": warmup,
             "graphs": graph_lines(stamped),
             "overrides": [o for o in overrides if o.split("=")[0] not in PATH_KEYS]}
+
+
+def is_sdxl(preset: str) -> bool:
+    return preset.startswith("sdxl")
 
 
 def print_table(r: dict) -> None:
@@ -339,7 +356,8 @@ def print_table(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="sd15", choices=list(PRESETS))
+    ap.add_argument("--preset", default="sd15", choices=[*PRESETS, "sdxl-tiny"],
+                    help="sdxl / sdxl-tiny: the SDXL pipeline, 1024 px and configs/sdxl_lora.yaml (see SDXL_RECIPE)")
     ap.add_argument("--size", type=int, default=512, help="data.resolution; the pictures are made around it")
     ap.add_argument("--pictures", type=int, default=320)
     ap.add_argument("--buckets", type=int, default=len(SHAPES), choices=range(1, len(SHAPES) + 1),
@@ -361,7 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "job_e2e.json"))
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    args.batch = args.batch or BATCH[args.job]
+    if is_sdxl(args.preset) and args.job != "lora":
+        ap.error("--preset sdxl measures the LoRA job (configs/sdxl_lora.yaml)")
+    args.batch = args.batch or (SDXL_BATCH if is_sdxl(args.preset) else BATCH[args.job])
     args.step_iters = args.step_iters or (10 if cuda else 2)
     args.step_warmup = args.step_warmup if args.step_warmup is not None else (3 if cuda else 1)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="job_e2e-"))
