@@ -113,6 +113,10 @@ RANGES: dict[str, Range] = {
     "ema_decay": _FRACTION, "guidance": Range(0), "conditioning_scale": _POSITIVE,
     "canny_low": Range(0), "canny_high": Range(0), "alpha_background": Range(0, 255),
     "lora_scales": _FINITE, "control_scales": _FINITE,
+    # timestep sampling (train/pipeline/schedule.py TimestepSampling)
+    "min_timestep": Range(0), "max_timestep": Range(1, note="exclusive; None = the schedule's T"),
+    "logit_mean": _FINITE, "logit_std": _POSITIVE,
+    "mode_scale": Range(-1, 2 / (math.pi - 2), note="where f_mode is monotone"),
 }
 
 # Fields that name a file inside a folder the program chooses; they must not lead out of it.

@@ -273,7 +273,8 @@ def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: Contr
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = forward(b.noisy, b.t, b.cond, hint)
-            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
+            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma,
+                                  cfg.train.debiased_estimation)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum
     check_controlnet_gradients(cn, step, hinted)

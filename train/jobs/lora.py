@@ -192,7 +192,8 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.cond)
-            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
+            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma,
+                                  cfg.train.debiased_estimation)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         total += loss.detach() / cfg.train.grad_accum
     check_adapter_gradients(base.unet, step)

@@ -11,6 +11,7 @@ import torch
 
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.folder import DataConfig
+from adapterkit.train.pipeline.schedule import TimestepSampling
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -45,6 +46,16 @@ class LoopConfig:
     grad_accum: int = 1
     seed: int = 0
     min_snr_gamma: float | None = 5.0               # Hang et al. 2023; None = plain MSE
+    debiased_estimation: bool = False               # weight the loss by 1/sqrt(SNR) (kohya's flag), x min-SNR
+    # Which timesteps a batch draws (train/pipeline/schedule.py TimestepSampling): uniform (today), the
+    # SD3 paper's logit_normal (logit_mean, logit_std) or mode (mode_scale), inside
+    # [min_timestep, max_timestep) (None: the schedule's num_train_timesteps).
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     # The adapter branch computes in the base's dtype with fp32 master weights in the optimizer
@@ -55,6 +66,16 @@ class LoopConfig:
     # the same kernels without their launch cost (1.7x the peer's ControlNet step at sd15 batch 8, where
     # the eager step is host-bound, README); off, with the reason printed, where it cannot apply.
     cuda_graphs: bool = True
+
+    def __post_init__(self):
+        self.timesteps()                                 # the sampling's own checks, with this path
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep ({self.min_timestep}) must be below max_timestep "
+                             f"({self.max_timestep}): the range is [min_timestep, max_timestep)")
+
+    def timesteps(self) -> TimestepSampling:
+        return TimestepSampling(self.timestep_sampling, self.min_timestep, self.max_timestep,
+                                self.logit_mean, self.logit_std, self.mode_scale)
 
 
 @dataclass(frozen=True)
