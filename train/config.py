@@ -106,7 +106,8 @@ RANGES: dict[str, Range] = {
     "seed": _SEED, "seeds": _SEED, "factor": Range(-1, note="-1 = LoKr's near-square split"),
     "min_bucket_area": Range(0, 1, low_open=True, note="a fraction of resolution**2"),
     # rates, weights and scales
-    "lr": Range(0), "weight_decay": Range(0), "eps": _POSITIVE, "betas": _FRACTION,
+    "lr": Range(0), "lr_end": Range(0), "power": _POSITIVE, "restarts": _COUNT,
+    "weight_decay": Range(0), "eps": _POSITIVE, "betas": _FRACTION,
     "max_grad_norm": Range(0, note="0 = no clipping"), "min_snr_gamma": _POSITIVE, "noise_offset": Range(0),
     "alpha": _POSITIVE, "conv_alpha": _POSITIVE, "dropout": _FRACTION, "caption_dropout": Range(0, 1),
     "tag_dropout": Range(0, 1), "keep_tokens": Range(0, note="0 = every tag may move"),

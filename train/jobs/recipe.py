@@ -30,13 +30,30 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4
+    """The optimizer and LR schedule (train/jobs/optimizer.py says what each choice is)."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    lr: float = 1e-4                                # Prodigy: a multiplier of its own estimate, ~1.0
     weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)       # adamw, adamw8bit, prodigy
+    eps: float = 1e-8                               # adamw, adamw8bit, prodigy
+    schedule: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial",
+                      "linear"] = "constant"
+    warmup_steps: int = 0                           # every schedule, constant too
+    restarts: int = 1                               # cosine_with_restarts: the number of cosine cycles
+    power: float = 1.0                              # polynomial
+    lr_end: float = 1e-7                            # polynomial: the LR at the last step
     max_grad_norm: float = 1.0                      # 0 disables clipping
+
+    def __post_init__(self):
+        defaults = OptimConfig.__dataclass_fields__
+        if self.optimizer == "adafactor":
+            extra = [f for f in ("betas", "eps") if getattr(self, f) != defaults[f].default]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} do not apply to optimizer adafactor (its moments are "
+                                 "factored, with transformers' own eps): remove them")
+        if self.schedule == "polynomial" and self.lr_end > self.lr:
+            raise ValueError(f"lr_end ({self.lr_end:g}) must not exceed lr ({self.lr:g}) for the "
+                             "polynomial schedule")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The noise schedule of SD-style models (read from a diffusers `scheduler_config.json`) and the loss.
 
     schedule = NoiseSchedule.from_config(json.loads(Path(".../scheduler/scheduler_config.json").read_text()))
-    t = schedule.sample_timesteps(len(x0), generator, device=x0.device)      # or sampling=TimestepSampling(...)
+    t = schedule.sample_timesteps(len(x0), generator, device=x0.device)   # sampling=TimestepSampling(..)
     noise = offset_noise(x0.shape, 0.05, generator, device=x0.device)
     model_out = unet(schedule.add_noise(x0, noise, t), t, context)
     loss = diffusion_loss(model_out, x0, noise, t, schedule, min_snr_gamma=5.0)   # debiased=True: 1/sqrt(SNR)

@@ -68,7 +68,7 @@ def test_mode_sampling_matches_the_papers_map(scale):
     T = 1000
     cdf = empirical_cdf(draw(TimestepSampling("mode", mode_scale=scale)), T)
     ks = list(range(0, T - 1, 41))
-    want = [1 - optimize.brentq(lambda v: f_mode(v, scale) - (k + 1) / T, 0, 1, xtol=1e-12) for k in ks]
+    want = [1 - optimize.brentq(lambda v, k=k: f_mode(v, scale) - (k + 1) / T, 0, 1, xtol=1e-12) for k in ks]
     assert (cdf[ks] - torch.tensor(want, dtype=torch.float64)).abs().max() < KS
     uniform = empirical_cdf(draw(TimestepSampling()), T)[ks]
     assert (uniform - torch.tensor(want, dtype=torch.float64)).abs().max() > 5 * KS
