@@ -114,6 +114,7 @@ RANGES: dict[str, Range] = {
     "ema_decay": _FRACTION, "guidance": Range(0), "conditioning_scale": _POSITIVE,
     "canny_low": Range(0), "canny_high": Range(0), "alpha_background": Range(0, 255),
     "lora_scales": _FINITE, "control_scales": _FINITE,
+    "decay": Range(0, 1, high_open=True, note="the EMA's; 0.999 averages over ~1000 steps"),
     # timestep sampling (train/pipeline/schedule.py TimestepSampling)
     "min_timestep": Range(0), "max_timestep": Range(1, note="exclusive; None = the schedule's T"),
     "logit_mean": _FINITE, "logit_std": _POSITIVE,

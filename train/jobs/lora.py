@@ -37,10 +37,18 @@ from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
+from adapterkit.train.jobs.ema import EMA, EmaConfig, averaged
 from adapterkit.train.jobs.graphs import GraphedStep, channels_last
 from adapterkit.train.jobs.lock import one_run_per_output
-from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, prepare_training, run_steps
+from adapterkit.train.jobs.loop import (
+    Training,
+    load_frozen_base,
+    make_accelerator,
+    prepare_training,
+    run_steps,
+)
 from adapterkit.train.jobs.optimizer import (
+    full_precision_state,
     scale_loss,
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
@@ -123,6 +131,7 @@ class LoraRecipe(JobRecipe):
     lora: AdapterConfig = field(default_factory=AdapterConfig)
     output: LoraOutputConfig = field(default_factory=LoraOutputConfig)
     sample: LoraSampleConfig = field(default_factory=LoraSampleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
     def __post_init__(self):
         wrong = [f for f in self.output.formats if f not in self.lora.layouts()]
@@ -158,6 +167,7 @@ def main(cfg: LoraRecipe) -> Path:
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
     training = prepare_training(accelerator, cfg, adapter, unet.conv_in.weight.dtype)
+    ema = adapter_ema(cfg.ema, adapter.trainable(), training)
     forward = GraphedStep.for_job(training.model, cfg.train, accelerator)
 
     start = resume(training.state, out, cfg)
@@ -170,10 +180,11 @@ def main(cfg: LoraRecipe) -> Path:
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
                                            schedule, step, forward, scaler=training.state.scaler),
-              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master),
-              sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
+              training=training, export=Exporter(cfg, unet, fingerprint, training.state.master, ema),
+              sample=(lambda step, path: sample_grid(cfg, base, path, ema if cfg.ema.samples else None,
+                                                     training.state.master)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
-              name="lora", what="adapter")
+              name="lora", what="adapter", after_step=ema.update if ema else None)
     return out
 
 
@@ -228,32 +239,56 @@ def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
 ZERO_INIT = ("lora_B", "hada_w2_b", "lokr_w1", "lokr_w1_a")     # the factor each kind starts at zero
 
 
-def adapter_files(output: OutputConfig, folder: Path) -> dict[str, Path]:
+def adapter_ema(cfg: EmaConfig, trainable: dict[str, torch.nn.Parameter], training: Training) -> EMA | None:
+    """The EMA of the trained tensors at full precision (the fp32 masters where there are some), or None
+    without `ema.decay`; its average joins the checkpoint's tensors as "ema.<name>", so a resumed run
+    continues it exactly. Built before resume, which loads the saved average into it."""
+    if cfg.decay is None:
+        return None
+    ema = EMA(full_precision_state(trainable, training.state.master), cfg.decay, cfg.warmup)
+    own = training.state.tensors
+    training.state.tensors = lambda: own() | ema.state()
+    return ema
+
+
+def adapter_files(output: OutputConfig, folder: Path, ema: bool = False) -> dict[str, Path]:
     """{format: path} of the adapter files a run writes into `folder`: <name>.safetensors (kohya),
-    <name>.<format>.safetensors otherwise."""
-    return {fmt: Path(folder) / f"{output.name}{'' if fmt == 'kohya' else '.' + fmt}.safetensors"
+    <name>.<format>.safetensors otherwise; with `ema`, the EMA's: <name>_ema.safetensors, ..."""
+    stem = output.name + ("_ema" if ema else "")
+    return {fmt: Path(folder) / f"{stem}{'' if fmt == 'kohya' else '.' + fmt}.safetensors"
             for fmt in output.formats}
 
 
 def exported_files(cfg: LoraRecipe, folder: Path) -> list[Path]:
-    """What `Exporter` writes into `folder`: one adapter file per output format."""
-    return list(adapter_files(cfg.output, folder).values())
+    """What `Exporter` writes into `folder`: one adapter file per output format (and per format the
+    EMA's, with ema.decay set)."""
+    files = list(adapter_files(cfg.output, folder).values())
+    return files + (list(adapter_files(cfg.output, folder, ema=True).values()) if cfg.ema.decay else [])
 
 
 class Exporter:
     """Writes the adapter in each configured format with the training config in its metadata."""
 
     def __init__(self, cfg: LoraRecipe, unet: torch.nn.Module, fingerprint: str,
-                 master: MasterWeights | None):
-        self.cfg, self.unet, self.master = cfg, unet, master
+                 master: MasterWeights | None, ema: EMA | None = None):
+        self.cfg, self.unet, self.master, self.ema = cfg, unet, master, ema
         self.metadata = {"adapterkit.training_config": json.dumps(public_recipe(cfg), sort_keys=True),
                          "adapterkit.base_fingerprint": fingerprint,
                          "ss_training_comment": "trained with adapterkit"}
 
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
+        written = self._write(folder, step, ema=False)
+        if self.ema:
+            with averaged(self.ema, self.master):
+                written += self._write(folder, step, ema=True)
+        return written
+
+    def _write(self, folder: Path, step: int | None, ema: bool) -> list[Path]:
         written = []
-        for fmt, path in adapter_files(self.cfg.output, folder).items():
+        for fmt, path in adapter_files(self.cfg.output, folder, ema).items():
             meta = self.metadata | ({"ss_steps": str(step)} if step is not None else {})
+            if ema:
+                meta |= {"adapterkit.ema": json.dumps({"decay": self.ema.decay, "warmup": self.ema.warmup})}
             save = save_lora if self.cfg.lora.kind in ("lora", "locon") else save_lycoris
             with self.master.full_precision() if self.master else nullcontext():
                 save(self.unet, path, fmt=fmt, title=self.cfg.output.name, extra_metadata=meta)
@@ -262,9 +297,10 @@ class Exporter:
 
 
 @torch.no_grad()
-def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
+def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path, ema: EMA | None = None,
+                master: MasterWeights | None = None) -> Path:
     """Prompts x seeds (rows) by LoRA scales (columns), fixed seeds: the same noise in every cell
-    (`train.generate.generate_columns`)."""
+    (`train.generate.generate_columns`); with `ema`, drawn with the EMA's weights (`averaged`)."""
     from adapterkit.train.images import save_grid
     from adapterkit.train.pipeline.generate import generate_columns
     unet = base.unet
@@ -272,7 +308,7 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
     unet.eval()
     rows = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
     f = base.latent_scale
-    with encoders_on(base, unet.conv_in.weight.device):
+    with encoders_on(base, unet.conv_in.weight.device), averaged(ema, master):
         cells = generate_columns(base, rows, [{"default": s} for s in cfg.sample.lora_scales],
                                  steps=cfg.sample.steps, guidance=cfg.sample.guidance,
                                  sampler=cfg.sample.sampler, size=cfg.data.resolution // f * f,
