@@ -114,6 +114,8 @@ RANGES: dict[str, Range] = {
     "ema_decay": _FRACTION, "guidance": Range(0), "conditioning_scale": _POSITIVE,
     "canny_low": Range(0), "canny_high": Range(0), "alpha_background": Range(0, 255),
     "lora_scales": _FINITE, "control_scales": _FINITE,
+    "fraction": Range(0, 1, high_open=True, note="0 = no held-out share"), "timesteps": Range(0),
+    "patience": Range(0, note="0 = never stop early"), "min_delta": Range(0),
     "decay": Range(0, 1, high_open=True, note="the EMA's; 0.999 averages over ~1000 steps"),
     # timestep sampling (train/pipeline/schedule.py TimestepSampling)
     "min_timestep": Range(0), "max_timestep": Range(1, note="exclusive; None = the schedule's T"),

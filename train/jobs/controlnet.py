@@ -168,6 +168,11 @@ class ControlNetRecipe(JobRecipe):
     output: ControlNetOutputConfig = field(default_factory=ControlNetOutputConfig)
     sample: ControlNetSampleConfig = field(default_factory=ControlNetSampleConfig)
 
+    def __post_init__(self):
+        if self.data.validation.enabled:
+            raise ValueError("data.validation: the ControlNet job has no validation loss yet (the LoRA job "
+                             "has): remove it")
+
 
 @one_run_per_output
 def main(cfg: ControlNetRecipe) -> Path:

@@ -118,7 +118,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
               sample: Callable[[int, Path], Any] | None,
               images_per_step: int, name: str, what: str,
               explain_oom: Callable[[Any, int, Path], AbstractContextManager] = out_of_memory_explained,
-              after_step: Callable[[int], Any] | None = None) -> int:
+              after_step: Callable[[int], Any] | None = None,
+              stop_early: Callable[[int], bool] | None = None) -> int:
     """Train from step `start` to `cfg.train.steps`; returns the last step done.
 
     Each step: `step(s)` (forward + backward of step s, 0-based; returns the loss averaged over the
@@ -138,6 +139,10 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     end (out/samples/final.png). The last step is sampled only as final.png (not twice), and a run
     stopped by a signal writes no final samples.
 
+    `stop_early(done)`, if given, is asked before each step and once after the last (e.g. the
+    validation loss, train/jobs/validation.py); True ends the run there as if it had reached its last
+    step (export, plot, final samples).
+
     At the end (main process, not after a signal): `export(out)`, out/loss.png, the final samples.
     SIGINT/SIGTERM (`StopSignals`) finish the current step, write a checkpoint and raise
     `TrainingInterrupted` naming `what`; a second signal stops at once. `name` labels the progress bar.
@@ -154,7 +159,7 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     losses = LossLog(out / "loss.jsonl", start, accelerator.is_main_process)
     done = start
     with StopSignals() as stop, ProgressBar(accelerator, start, steps, name) as bar:
-        while done < steps and not stop.requested:
+        while not stop.requested and not (stop_early and stop_early(done)) and done < steps:
             t0 = time.perf_counter()
             while True:
                 with explain_oom(cfg, done, out):

@@ -35,6 +35,7 @@ from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
+from adapterkit.train.data.holdout import describe_split, split_validation
 from adapterkit.train.jobs.batches import BatchPlan, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
 from adapterkit.train.jobs.ema import EMA, EmaConfig, averaged
@@ -59,6 +60,7 @@ from adapterkit.train.jobs.recipe import (
     flat_dict,
     public_recipe,
 )
+from adapterkit.train.jobs.validation import ValidationConfig, Validator
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
 
@@ -132,8 +134,12 @@ class LoraRecipe(JobRecipe):
     output: LoraOutputConfig = field(default_factory=LoraOutputConfig)
     sample: LoraSampleConfig = field(default_factory=LoraSampleConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
+        if self.validation != ValidationConfig() and not self.data.validation.enabled:
+            raise ValueError("validation: settings need held-out pictures: set data.validation.fraction "
+                             "or data.validation.folder")
         wrong = [f for f in self.output.formats if f not in self.lora.layouts()]
         if wrong:
             raise ValueError(f"output.formats {list(wrong)} cannot hold a {self.lora.kind} adapter "
@@ -150,12 +156,14 @@ def main(cfg: LoraRecipe) -> Path:
     check_cacheable(cfg.data)
     accelerator = make_accelerator(out)
     base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
-    dataset = CaptionedImageFolder.scan(cfg.data)
+    dataset, held_out = split_validation(CaptionedImageFolder.scan(cfg.data))
     if accelerator.is_main_process:
-        print(dataset.summary(), flush=True)
+        print(dataset.summary() + (f"\n{describe_split(dataset, held_out)}" if held_out else ""), flush=True)
     cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)
     if accelerator.is_main_process:
         cache.build(dataset, base)
+        if held_out:
+            cache.build(held_out, base)
     accelerator.wait_for_everyone()
     if not cfg.data.varies_captions:        # every latent and caption is cached: the GPU holds the U-Net
         move_encoders(base, "cpu")          # (shuffled/dropped tags are encoded each step: they stay)
@@ -176,6 +184,8 @@ def main(cfg: LoraRecipe) -> Path:
                      accelerator.num_processes, accelerator.process_index)
     if accelerator.is_main_process:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
+    validator = Validator(cfg.validation, cfg.train, held_out, cache, base, schedule, accelerator, out, start,
+                          cfg.train.steps) if held_out else None
 
     run_steps(accelerator, cfg, out, start,
               step=lambda step: train_step(cfg, accelerator, training.model, base, cache, dataset, plan,
@@ -184,7 +194,7 @@ def main(cfg: LoraRecipe) -> Path:
               sample=(lambda step, path: sample_grid(cfg, base, path, ema if cfg.ema.samples else None,
                                                      training.state.master)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
-              name="lora", what="adapter", after_step=ema.update if ema else None)
+              name="lora", what="adapter", after_step=ema.update if ema else None, stop_early=validator)
     return out
 
 

@@ -125,7 +125,8 @@ class JobRecipe:
     train: LoopConfig = field(default_factory=LoopConfig)
 
 
-PRIVATE_PATHS = ("data.root", "model.base", "model.tokenizer", "model.config_dir", "output.dir")
+PRIVATE_PATHS = ("data.root", "data.validation.folder", "model.base", "model.tokenizer", "model.config_dir",
+                 "output.dir")
 
 
 def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:
