@@ -33,3 +33,42 @@ def test_timestep_options_are_checked_in_the_recipe(pipeline, images, tmp_path):
         recipe(pipeline, images, tmp_path, **{"train.min_timestep": 300, "train.max_timestep": 200})
     with pytest.raises(ConfigError, match=r"train\.mode_scale"):
         recipe(pipeline, images, tmp_path, **{"train.timestep_sampling": "mode", "train.mode_scale": 3})
+
+
+def test_resume_equals_the_uninterrupted_run_with_every_new_option_on(pipeline, images, tmp_path,
+                                                                       monkeypatch):
+    """Logit-normal timesteps in a range, debiased weighting, Prodigy (Adafactor where prodigyopt is
+    missing) with cosine restarts, the EMA and the validation loss, all at once."""
+    import importlib.util
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    prodigy = importlib.util.find_spec("prodigyopt") is not None
+    options = {"train.timestep_sampling": "logit_normal", "train.min_timestep": 20, "train.max_timestep": 980,
+               "train.debiased_estimation": True, "optim.optimizer": "prodigy" if prodigy else "adafactor",
+               "optim.lr": 1.0 if prodigy else 1e-3, "optim.schedule": "cosine_with_restarts",
+               "optim.restarts": 2, "ema.decay": 0.7, "data.validation.fraction": 0.25, "validation.every": 1,
+               "validation.timesteps": "[100, 800]"}
+    straight = main(recipe(pipeline, images, tmp_path / "straight", **options))
+    real_step, calls = lt.train_step, []
+
+    def crash_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(lt, "train_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(recipe(pipeline, images, tmp_path / "resumed", **options))
+    monkeypatch.setattr(lt, "train_step", real_step)
+    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **options))
+    for name in ("lora.safetensors", "lora_ema.safetensors", "lora_ema.peft.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for log in ("loss.jsonl", "validation.jsonl"):
+        rows = [[{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in
+                 (out / log).read_text().splitlines()] for out in (straight, resumed)]
+        assert rows[0] == rows[1] and len(rows[0]) >= 4, log
