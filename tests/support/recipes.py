@@ -38,3 +38,24 @@ def controlnet_recipe(pipeline, images, out, **overrides) -> ControlNetRecipe:
 def last_adapter_state(out: Path) -> dict:
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     return load_file(str(ckpt / "adapter_state.safetensors"))
+
+
+def crash_then_resume(job, cfg, monkeypatch, crash_at: int) -> Path:
+    """Run the job module's `main(cfg)` with its `train_step` raising KeyboardInterrupt at call
+    `crash_at` (a crash after the checkpoints before it), then `main(cfg)` again, which resumes to the
+    end; returns the output folder."""
+    import pytest
+
+    real_step, calls = job.train_step, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(job, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        job.main(cfg)
+    monkeypatch.setattr(job, "train_step", real_step)
+    return job.main(cfg)

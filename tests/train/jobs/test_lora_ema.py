@@ -12,6 +12,7 @@ import adapterkit.train.pipeline.generate as generate
 from adapterkit.train.jobs.ema import EMA
 from adapterkit.train.jobs.lora import main
 from support.fixtures import alias
+from support.recipes import crash_then_resume
 from support.recipes import lora_recipe as recipe
 
 pipeline = alias("pipeline", "lora_pipeline")
@@ -72,19 +73,8 @@ def test_the_warmup_switch():
 
 
 def test_resume_with_ema_equals_the_uninterrupted_run(ema_run, pipeline, images, tmp_path, monkeypatch):
-    real_step, calls = lt.train_step, []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(lt, "train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(recipe(pipeline, images, tmp_path / "resumed", **EMA_RUN))
-    monkeypatch.setattr(lt, "train_step", real_step)
-    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **EMA_RUN))
+    resumed = crash_then_resume(lt, recipe(pipeline, images, tmp_path / "resumed", **EMA_RUN),
+                                monkeypatch, crash_at=3)
     for name in ("lora_ema.safetensors", "lora.safetensors"):
         a, b = load_file(str(ema_run / name)), load_file(str(resumed / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -5,6 +5,7 @@ import adapterkit.train.jobs.lora as lt
 from adapterkit.train.config import ConfigError
 from adapterkit.train.jobs.lora import main
 from support.fixtures import alias
+from support.recipes import crash_then_resume
 from support.recipes import lora_recipe as recipe
 
 pipeline = alias("pipeline", "lora_pipeline")
@@ -52,19 +53,8 @@ def test_resume_equals_the_uninterrupted_run_with_every_new_option_on(pipeline, 
                "optim.restarts": 2, "ema.decay": 0.7, "data.validation.fraction": 0.25, "validation.every": 1,
                "validation.timesteps": "[100, 800]"}
     straight = main(recipe(pipeline, images, tmp_path / "straight", **options))
-    real_step, calls = lt.train_step, []
-
-    def crash_at_step_4(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(lt, "train_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        main(recipe(pipeline, images, tmp_path / "resumed", **options))
-    monkeypatch.setattr(lt, "train_step", real_step)
-    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **options))
+    resumed = crash_then_resume(lt, recipe(pipeline, images, tmp_path / "resumed", **options),
+                                monkeypatch, crash_at=4)
     for name in ("lora.safetensors", "lora_ema.safetensors", "lora_ema.peft.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

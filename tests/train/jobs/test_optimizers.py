@@ -17,7 +17,7 @@ from adapterkit.train.jobs.optimizer import lr_lambda, make_optimizer
 from adapterkit.train.jobs.recipe import OptimConfig
 from adapterkit.train.jobs.state import TrainingState
 from support.fixtures import alias
-from support.recipes import last_adapter_state
+from support.recipes import crash_then_resume, last_adapter_state
 from support.recipes import lora_recipe as recipe
 
 pipeline = alias("pipeline", "lora_pipeline")
@@ -190,19 +190,8 @@ def test_a_lora_trained_with_adafactor_resumes_to_the_uninterrupted_run(pipeline
     options = {"optim.optimizer": "adafactor", "optim.schedule": "cosine_with_restarts",
                "optim.restarts": 2, "optim.warmup_steps": 1}
     straight = main(recipe(pipeline, images, tmp_path / "straight", **options))
-    real_step, calls = lt.train_step, []
-
-    def crash_at_step_4(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:                        # steps 1-3 done and step 2's checkpoint written
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(lt, "train_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        main(recipe(pipeline, images, tmp_path / "resumed", **options))
-    monkeypatch.setattr(lt, "train_step", real_step)
-    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **options))
+    resumed = crash_then_resume(lt, recipe(pipeline, images, tmp_path / "resumed", **options),
+                                monkeypatch, crash_at=4)
     a, b = last_adapter_state(straight), last_adapter_state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = lambda out: [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]  # noqa: E731

@@ -16,6 +16,7 @@ from adapterkit.train.jobs.lora import main
 from adapterkit.train.jobs.validation import Validator
 from support.fixtures import alias
 from support.pictures import shape_image
+from support.recipes import crash_then_resume
 from support.recipes import lora_recipe as recipe
 
 pipeline = alias("pipeline", "lora_pipeline")
@@ -124,19 +125,8 @@ def test_no_improvement_stops_early_and_exports(pipeline, images, tmp_path, caps
 
 def test_resume_repeats_the_validation_curve(pipeline, images, tmp_path, monkeypatch):
     straight = main(recipe(pipeline, images, tmp_path / "straight", **VALIDATED))
-    real_step, calls = lt.train_step, []
-
-    def crash_at_step_4(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:                          # steps 1-3 done, step 2's checkpoint and evaluation
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(lt, "train_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        main(recipe(pipeline, images, tmp_path / "resumed", **VALIDATED))
-    monkeypatch.setattr(lt, "train_step", real_step)
-    resumed = main(recipe(pipeline, images, tmp_path / "resumed", **VALIDATED))
+    resumed = crash_then_resume(lt, recipe(pipeline, images, tmp_path / "resumed", **VALIDATED),
+                                monkeypatch, crash_at=4)
     assert rows(straight / "validation.jsonl") == rows(resumed / "validation.jsonl")
     assert [r["step"] for r in rows(resumed / "validation.jsonl")] == [0, 2, 4]
 
