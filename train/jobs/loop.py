@@ -6,7 +6,8 @@ pieces around them each have their module in train/jobs/:
 
     recipe.py       the model/optim/train recipe sections; the recipe as shared files record it
     batches.py      BatchPlan, noisy_batch: which pictures a micro-batch gets, and their noised latents
-    optimizer.py    AdamW + LR schedule, fp32 masters for a bf16/fp16 adapter, the fp16 loss scale,
+    optimizer.py    AdamW/8-bit AdamW/Prodigy/Adafactor + LR schedule, fp32 masters for a bf16/fp16
+                    adapter, the fp16 loss scale,
                     optimizer_step: (unscale ->) clip -> step -> schedule
     guards.py       the NaN guard, the loss scale's floor, device OOM, signals: what stops a run and why
     checkpoints.py  atomic checksummed rotated checkpoints, resume from the newest intact one
@@ -14,6 +15,7 @@ pieces around them each have their module in train/jobs/:
     lock.py         one run per output folder
     progress.py     loss.jsonl, the progress bar, SIGINT/SIGTERM
     precision.py, graphs.py, ema.py   master weights and loss scaling, CUDA graphs, EMA
+    validation.py   the validation loss on held-out pictures, early stop (run_steps' `stop_early`)
 
 Here: make_accelerator (devices, `accelerate launch`, TensorBoard under out/), open_base /
 load_frozen_base (the base in fp32, then the U-Net in its training dtype, frozen) and run_steps.

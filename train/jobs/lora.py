@@ -4,8 +4,9 @@ The adapter (section `lora:`) is `kind: lora | locon | loha | lokr | dora`: LoRA
 convs (targets full), or the LyCORIS kinds through peft's layers (adapters.lycoris; DoRA column-wise
 for the clients by default, `dora_axis: output` for peft's own).
 
-    main(cfg) = load the base -> scan the folder -> cache latents and captions -> inject the LoRA
-                -> (resume) -> loop: step, guard, log, checkpoint, sample -> export the adapter files
+    main(cfg) = load the base -> scan the folder (hold out data.validation) -> cache latents and
+                captions -> inject the LoRA (and its EMA, section `ema:`) -> (resume) -> loop: validate
+                (section `validation:`), step, guard, log, checkpoint, sample -> export the adapter files
 
 The loop trains only the adapter: the base U-Net is frozen (bf16 on a GPU, fp32 on a CPU) and its
 LoRA weights, gradients and Adam state are fp32. Every random draw of step s (noise, timesteps,
