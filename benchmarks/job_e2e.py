@@ -357,7 +357,7 @@ def print_table(r: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="sd15", choices=[*PRESETS, "sdxl-tiny"],
-                    help="sdxl / sdxl-tiny: the SDXL pipeline, 1024 px and configs/sdxl_lora.yaml (see SDXL_RECIPE)")
+                    help="sdxl / sdxl-tiny: the SDXL pipeline and configs/sdxl_lora.yaml (see SDXL_RECIPE)")
     ap.add_argument("--size", type=int, default=512, help="data.resolution; the pictures are made around it")
     ap.add_argument("--pictures", type=int, default=320)
     ap.add_argument("--buckets", type=int, default=len(SHAPES), choices=range(1, len(SHAPES) + 1),

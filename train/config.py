@@ -107,13 +107,21 @@ RANGES: dict[str, Range] = {
     "seed": _SEED, "seeds": _SEED, "factor": Range(-1, note="-1 = LoKr's near-square split"),
     "min_bucket_area": Range(0, 1, low_open=True, note="a fraction of resolution**2"),
     # rates, weights and scales
-    "lr": Range(0), "weight_decay": Range(0), "eps": _POSITIVE, "betas": _FRACTION,
+    "lr": Range(0), "lr_end": Range(0), "power": _POSITIVE, "restarts": _COUNT,
+    "weight_decay": Range(0), "eps": _POSITIVE, "betas": _FRACTION,
     "max_grad_norm": Range(0, note="0 = no clipping"), "min_snr_gamma": _POSITIVE, "noise_offset": Range(0),
     "alpha": _POSITIVE, "conv_alpha": _POSITIVE, "dropout": _FRACTION, "caption_dropout": Range(0, 1),
     "tag_dropout": Range(0, 1), "keep_tokens": Range(0, note="0 = every tag may move"),
     "ema_decay": _FRACTION, "guidance": Range(0), "conditioning_scale": _POSITIVE,
     "canny_low": Range(0), "canny_high": Range(0), "alpha_background": Range(0, 255),
     "lora_scales": _FINITE, "control_scales": _FINITE,
+    "fraction": Range(0, 1, high_open=True, note="0 = no held-out share"), "timesteps": Range(0),
+    "patience": Range(0, note="0 = never stop early"), "min_delta": Range(0),
+    "decay": Range(0, 1, high_open=True, note="the EMA's; 0.999 averages over ~1000 steps"),
+    # timestep sampling (train/pipeline/schedule.py TimestepSampling)
+    "min_timestep": Range(0), "max_timestep": Range(1, note="exclusive; None = the schedule's T"),
+    "logit_mean": _FINITE, "logit_std": _POSITIVE,
+    "mode_scale": Range(-1, 2 / (math.pi - 2), note="where f_mode is monotone"),
 }
 
 # Fields that name a file inside a folder the program chooses; they must not lead out of it.
@@ -124,8 +132,8 @@ FILE_NAMES = {"name": "the file name of the outputs", "scheduler": "a file in co
 # from the working directory is looked for beside the recipe, then (`assets/...`, `configs/...`) in the
 # bundled data folders, so a recipe works from any directory. Outputs (`output.dir`) stay relative to
 # the working directory; command-line overrides are taken as given.
-INPUT_PATHS = ("model.base", "model.tokenizer", "model.config_dir", "data.root", "control.folder",
-               "control.lora")
+INPUT_PATHS = ("model.base", "model.tokenizer", "model.config_dir", "data.root", "data.validation.folder",
+               "control.folder", "control.lora")
 BUNDLED = ("assets", "configs")
 
 
@@ -150,8 +158,10 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], cls: type[T],
 
 def _resolve_inputs(data: dict, recipe_dir: Path) -> None:
     for key in INPUT_PATHS:
-        section, _, name = key.partition(".")
-        values = data.get(section)
+        *sections, name = key.split(".")
+        values = data
+        for section in sections:
+            values = values.get(section) if isinstance(values, dict) else None
         if isinstance(values, dict) and isinstance(values.get(name), str):
             values[name] = resolve_input(values[name], recipe_dir)
 

@@ -82,6 +82,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from adapterkit.train.data.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, plan_crop
 from adapterkit.train.data.captions import build_caption, clean_caption, decode_caption, read_metadata
+from adapterkit.train.data.split import ValidationSplit
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ class DataConfig:
     # Cache entries (latent moments, text conditioning) kept in memory once read and checked, so that
     # a step reads no file (train/data/cache.py); 0 = read every entry from disk each time.
     cache_memory_mb: int = 2048
+    # Held-out pictures for the validation loss (train/data/split.py): a fraction or a folder.
+    validation: ValidationSplit = field(default_factory=ValidationSplit)
 
     @property
     def varies_captions(self) -> bool:

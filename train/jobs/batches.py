@@ -83,7 +83,7 @@ def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCac
             cache.text(base, batch["caption"], device=device, store=not dataset.cfg.varies_captions))
     cond = picture_conditioning(base, text, samples).to(dtype)
     noise = offset_noise(latents.shape, loop.noise_offset, g, device)
-    t = schedule.sample_timesteps(len(latents), g, device)
+    t = schedule.sample_timesteps(len(latents), g, device, loop.timesteps())
     noisy = schedule.add_noise(latents, noise, t).to(dtype)
     return MicroBatch(keys, samples, latents, cond, noise, t, noisy)
 

@@ -175,6 +175,11 @@ class ControlNetRecipe(JobRecipe):
     output: ControlNetOutputConfig = field(default_factory=ControlNetOutputConfig)
     sample: ControlNetSampleConfig = field(default_factory=ControlNetSampleConfig)
 
+    def __post_init__(self):
+        if self.data.validation.enabled:
+            raise ValueError("data.validation: the ControlNet job has no validation loss yet (the LoRA job "
+                             "has): remove it")
+
 
 @one_run_per_output
 def main(cfg: ControlNetRecipe) -> Path:
@@ -293,7 +298,8 @@ def train_step(cfg: ControlNetRecipe, accelerator: Accelerator, model, cn: Contr
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = forward(b.noisy, b.t, b.cond, hint)
-            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
+            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma,
+                                  cfg.train.debiased_estimation)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         if batches:
             batches.prefetch(step, micro)                     # the next one, while the GPU works on this

@@ -6,7 +6,8 @@ pieces around them each have their module in train/jobs/:
 
     recipe.py       the model/optim/train recipe sections; the recipe as shared files record it
     batches.py      BatchPlan, noisy_batch: which pictures a micro-batch gets, and their noised latents
-    optimizer.py    AdamW + LR schedule, fp32 masters for a bf16/fp16 adapter, the fp16 loss scale,
+    optimizer.py    AdamW/8-bit AdamW/Prodigy/Adafactor + LR schedule, fp32 masters for a bf16/fp16
+                    adapter, the fp16 loss scale,
                     optimizer_step: (unscale ->) clip -> step -> schedule
     guards.py       the NaN guard, the loss scale's floor, device OOM, signals: what stops a run and why
     checkpoints.py  atomic checksummed rotated checkpoints, resume from the newest intact one
@@ -14,6 +15,7 @@ pieces around them each have their module in train/jobs/:
     lock.py         one run per output folder
     progress.py     loss.jsonl, the progress bar, SIGINT/SIGTERM
     precision.py, graphs.py, ema.py   master weights and loss scaling, CUDA graphs, EMA
+    validation.py   the validation loss on held-out pictures, early stop (run_steps' `stop_early`)
 
 Here: make_accelerator (devices, `accelerate launch`, TensorBoard under out/), open_base /
 load_frozen_base (the base in fp32, then the U-Net in its training dtype, frozen) and run_steps.
@@ -156,7 +158,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
               sample: Callable[[int, Path], Any] | None,
               images_per_step: int, name: str, what: str,
               explain_oom: Callable[[Any, int, Path], AbstractContextManager] = out_of_memory_explained,
-              after_step: Callable[[int], Any] | None = None) -> int:
+              after_step: Callable[[int], Any] | None = None,
+              stop_early: Callable[[int], bool] | None = None) -> int:
     """Train from step `start` to `cfg.train.steps`; returns the last step done.
 
     Each step: `step(s)` (forward + backward of step s, 0-based; returns the loss averaged over the
@@ -182,6 +185,10 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     on a diverged model, and nothing of theirs is saved. (With an fp16 base each attempt's loss is
     checked at once, before the optimizer: its overflow test reads the gradients every step anyway.)
 
+    `stop_early(done)`, if given, is asked before each step and once after the last (e.g. the
+    validation loss, train/jobs/validation.py); True ends the run there as if it had reached its last
+    step (export, plot, final samples).
+
     At the end (main process, not after a signal): `export(out)`, out/loss.png, the final samples.
     SIGINT/SIGTERM (`StopSignals`) finish the current step, write a checkpoint and raise
     `TrainingInterrupted` naming `what`; a second signal stops at once. `name` labels the progress bar.
@@ -200,7 +207,7 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     every_log, every_sample = cfg.output.log_every, cfg.sample.every if sample else 0
     done = start
     with StopSignals() as stop, ProgressBar(accelerator, start, steps, name) as bar:
-        while done < steps and not stop.requested:
+        while not stop.requested and not (stop_early and stop_early(done)) and done < steps:
             t0 = time.perf_counter()
             while True:
                 with explain_oom(cfg, done, out):

@@ -4,8 +4,9 @@ The adapter (section `lora:`) is `kind: lora | locon | loha | lokr | dora`: LoRA
 convs (targets full), or the LyCORIS kinds through peft's layers (adapters.lycoris; DoRA column-wise
 for the clients by default, `dora_axis: output` for peft's own).
 
-    main(cfg) = load the base -> scan the folder -> cache latents and captions -> inject the LoRA
-                -> (resume) -> loop: step, guard, log, checkpoint, sample -> export the adapter files
+    main(cfg) = load the base -> scan the folder (hold out data.validation) -> cache latents and
+                captions -> inject the LoRA (and its EMA, section `ema:`) -> (resume) -> loop: validate
+                (section `validation:`), step, guard, log, checkpoint, sample -> export the adapter files
 
 The loop trains only the adapter: the base U-Net is frozen (bf16 on a GPU, fp32 on a CPU) and its
 LoRA weights, gradients and Adam state are fp32. Every random draw of step s (noise, timesteps,
@@ -36,12 +37,21 @@ from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.data.hf_datasets import open_data
+from adapterkit.train.data.holdout import describe_split, split_validation
 from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
+from adapterkit.train.jobs.ema import EMA, EmaConfig, averaged
 from adapterkit.train.jobs.graphs import GraphedStep
 from adapterkit.train.jobs.lock import one_run_per_output
-from adapterkit.train.jobs.loop import load_frozen_base, make_accelerator, prepare_training, run_steps
+from adapterkit.train.jobs.loop import (
+    Training,
+    load_frozen_base,
+    make_accelerator,
+    prepare_training,
+    run_steps,
+)
 from adapterkit.train.jobs.optimizer import (
+    full_precision_state,
     scale_loss,
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
@@ -55,6 +65,7 @@ from adapterkit.train.jobs.recipe import (
 )
 from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.jobs.text_encoder import TextEncoderConfig, TextEncoderTraining
+from adapterkit.train.jobs.validation import ValidationConfig, Validator
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
 from adapterkit.train.pipeline.graphed import channels_last
 from adapterkit.train.pipeline.loras import set_base_lora_weights
@@ -135,8 +146,13 @@ class LoraRecipe(JobRecipe):
     lora: AdapterConfig = field(default_factory=AdapterConfig)
     output: LoraOutputConfig = field(default_factory=LoraOutputConfig)
     sample: LoraSampleConfig = field(default_factory=LoraSampleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
+        if self.validation != ValidationConfig() and not self.data.validation.enabled:
+            raise ValueError("validation: settings need held-out pictures: set data.validation.fraction "
+                             "or data.validation.folder")
         wrong = [f for f in self.output.formats if f not in self.lora.layouts()]
         if wrong:
             raise ValueError(f"output.formats {list(wrong)} cannot hold a {self.lora.kind} adapter "
@@ -153,12 +169,14 @@ def main(cfg: LoraRecipe) -> Path:
     check_cacheable(cfg.data)
     accelerator = make_accelerator(out, cfg)
     base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
-    dataset = open_data(cfg.data, out / "cache" / "datasets")
+    dataset, held_out = split_validation(open_data(cfg.data, out / "cache" / "datasets"))
     if accelerator.is_main_process:
-        print(dataset.summary(), flush=True)
+        print(dataset.summary() + (f"\n{describe_split(dataset, held_out)}" if held_out else ""), flush=True)
     cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)
     if accelerator.is_main_process:
         cache.build(dataset, base)
+        if held_out:
+            cache.build(held_out, base)
     accelerator.wait_for_everyone()
     te_on = cfg.lora.text_encoder.enabled
     # every latent and caption is cached: the GPU holds the U-Net (shuffled/dropped tags are encoded
@@ -177,6 +195,7 @@ def main(cfg: LoraRecipe) -> Path:
     dtype = unet.conv_in.weight.dtype
     training = (prepare_training(accelerator, cfg, text.adapter(adapter), dtype, text.lr_of) if text
                 else prepare_training(accelerator, cfg, adapter, dtype))
+    ema = adapter_ema(cfg.ema, adapter.trainable(), training)     # the U-Net's LoRA
     # a captured U-Net step takes no gradient for its conditioning: no CUDA graph while an encoder trains
     forward = None if text else GraphedStep.for_job(training.model, cfg.train, accelerator)
 
@@ -186,6 +205,8 @@ def main(cfg: LoraRecipe) -> Path:
                      accelerator.num_processes, accelerator.process_index)
     if accelerator.is_main_process:
         accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
+    validator = Validator(cfg.validation, cfg.train, held_out, cache, base, schedule, accelerator, out, start,
+                          cfg.train.steps) if held_out else None
 
     run = run_metadata(cfg, dataset, batches_per_epoch=plan.per_epoch, world=accelerator.num_processes,
                        base_dtype=dtype_name(unet.conv_in.weight.dtype), prediction_type=base.prediction_type,
@@ -200,10 +221,11 @@ def main(cfg: LoraRecipe) -> Path:
                                            schedule, step, forward, scaler=training.state.scaler, text=text,
                                            batches=batches),
               training=training, export=Exporter(cfg, unet, fingerprint, training.state.master, run,
-                                                 text.encoders if text else None),
-              sample=(lambda step, path: sample_grid(cfg, base, path)) if cfg.sample.prompts else None,
+                                                 text.encoders if text else None, ema),
+              sample=(lambda step, path: sample_grid(cfg, base, path, ema if cfg.ema.samples else None,
+                                                     training.state.master)) if cfg.sample.prompts else None,
               images_per_step=cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
-              name="lora", what="adapter")
+              name="lora", what="adapter", after_step=ema.update if ema else None, stop_early=validator)
     return out
 
 
@@ -227,7 +249,8 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.cond)
-            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma)
+            loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma,
+                                  cfg.train.debiased_estimation)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         if batches:
             batches.prefetch(step, micro)                     # the next one, while the GPU works on this
@@ -266,16 +289,31 @@ def check_adapter_gradients(unet: torch.nn.Module, step: int) -> None:
 ZERO_INIT = ("lora_B", "hada_w2_b", "lokr_w1", "lokr_w1_a")     # the factor each kind starts at zero
 
 
-def adapter_files(output: OutputConfig, folder: Path) -> dict[str, Path]:
+def adapter_ema(cfg: EmaConfig, trainable: dict[str, torch.nn.Parameter], training: Training) -> EMA | None:
+    """The EMA of the trained tensors at full precision (the fp32 masters where there are some), or None
+    without `ema.decay`; its average joins the checkpoint's tensors as "ema.<name>", so a resumed run
+    continues it exactly. Built before resume, which loads the saved average into it."""
+    if cfg.decay is None:
+        return None
+    ema = EMA(full_precision_state(trainable, training.state.master), cfg.decay, cfg.warmup)
+    own = training.state.tensors
+    training.state.tensors = lambda: own() | ema.state()
+    return ema
+
+
+def adapter_files(output: OutputConfig, folder: Path, ema: bool = False) -> dict[str, Path]:
     """{format: path} of the adapter files a run writes into `folder`: <name>.safetensors (kohya),
-    <name>.<format>.safetensors otherwise."""
-    return {fmt: Path(folder) / f"{output.name}{'' if fmt == 'kohya' else '.' + fmt}.safetensors"
+    <name>.<format>.safetensors otherwise; with `ema`, the EMA's: <name>_ema.safetensors, ..."""
+    stem = output.name + ("_ema" if ema else "")
+    return {fmt: Path(folder) / f"{stem}{'' if fmt == 'kohya' else '.' + fmt}.safetensors"
             for fmt in output.formats}
 
 
 def exported_files(cfg: LoraRecipe, folder: Path) -> list[Path]:
-    """What `Exporter` writes into `folder`: one adapter file per output format."""
-    return list(adapter_files(cfg.output, folder).values())
+    """What `Exporter` writes into `folder`: one adapter file per output format (and per format the
+    EMA's, with ema.decay set)."""
+    files = list(adapter_files(cfg.output, folder).values())
+    return files + (list(adapter_files(cfg.output, folder, ema=True).values()) if cfg.ema.decay else [])
 
 
 class Exporter:
@@ -283,18 +321,27 @@ class Exporter:
 
     def __init__(self, cfg: LoraRecipe, unet: torch.nn.Module, fingerprint: str,
                  master: MasterWeights | None, run: RunMetadata | None = None,
-                 text_encoders: dict[str, torch.nn.Module] | None = None):
+                 text_encoders: dict[str, torch.nn.Module] | None = None, ema: EMA | None = None):
         self.cfg, self.unet, self.master, self.run = cfg, unet, master, run
-        self.text_encoders = text_encoders
+        self.text_encoders, self.ema = text_encoders, ema
         self.metadata = {"adapterkit.training_config": json.dumps(public_recipe(cfg), sort_keys=True),
                          "adapterkit.base_fingerprint": fingerprint,
                          "ss_training_comment": "trained with adapterkit"}
 
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
+        written = self._write(folder, step, ema=False)
+        if self.ema:
+            with averaged(self.ema, self.master):
+                written += self._write(folder, step, ema=True)
+        return written
+
+    def _write(self, folder: Path, step: int | None, ema: bool) -> list[Path]:
         written = []
-        for fmt, path in adapter_files(self.cfg.output, folder).items():
+        for fmt, path in adapter_files(self.cfg.output, folder, ema).items():
             meta = self.metadata | (self.run.at(step) if self.run else
                                     {"ss_steps": str(step)} if step is not None else {})
+            if ema:
+                meta |= {"adapterkit.ema": json.dumps({"decay": self.ema.decay, "warmup": self.ema.warmup})}
             save = save_lora if self.cfg.lora.kind in ("lora", "locon") else save_lycoris
             text = {"text_encoders": self.text_encoders} if self.text_encoders else {}
             with self.master.full_precision() if self.master else nullcontext():
@@ -304,9 +351,10 @@ class Exporter:
 
 
 @torch.no_grad()
-def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
+def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path, ema: EMA | None = None,
+                master: MasterWeights | None = None) -> Path:
     """Prompts x seeds (rows) by LoRA scales (columns), fixed seeds: the same noise in every cell
-    (`train.generate.generate_columns`)."""
+    (`train.generate.generate_columns`); with `ema`, drawn with the EMA's weights (`averaged`)."""
     from adapterkit.train.images import save_grid
     from adapterkit.train.infotext import PARAMETERS, infotext
     from adapterkit.train.pipeline.generate import generate_columns
@@ -315,7 +363,7 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path) -> Path:
     unet.eval()
     rows = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
     f = base.latent_scale
-    with encoders_on(base, unet.conv_in.weight.device):
+    with encoders_on(base, unet.conv_in.weight.device), averaged(ema, master):
         cells = generate_columns(base, rows, [{"default": s} for s in cfg.sample.lora_scales],
                                  steps=cfg.sample.steps, guidance=cfg.sample.guidance,
                                  sampler=cfg.sample.sampler, size=cfg.data.resolution // f * f,

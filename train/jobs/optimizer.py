@@ -1,7 +1,31 @@
-"""The optimizer side of a step: AdamW and its LR schedule, fp32 master weights for a bf16/fp16
-adapter, the fp16 loss scale, clipping, and `optimizer_step` (unscale -> clip -> step -> schedule)."""
+"""The optimizer side of a step: the optimizer and its LR schedule, fp32 master weights for a
+bf16/fp16 adapter, the fp16 loss scale, clipping, and `optimizer_step` (unscale -> clip -> step -> schedule).
+
+Optimizers (`optim.optimizer`), the ones LoRA trainers offer (kohya sd-scripts `--optimizer_type`):
+
+    adamw       torch.optim.AdamW; the fused kernel when the parameters are on CUDA (one launch for all
+                tensors), the for-loop/foreach default elsewhere (the CPU runs of today, bit for bit)
+    adamw8bit   bitsandbytes.optim.AdamW8bit: block-wise 8-bit moments (Dettmers et al. 2022), the
+                `[bnb]` extra; the same hyper-parameters as adamw
+    prodigy     prodigyopt.Prodigy: AdamW that estimates its own step size d (Mishchenko & Defazio 2023);
+                optim.lr is a multiplier of d and should stay near 1.0 (the authors' advice); the
+                `[prodigy]` extra
+    adafactor   transformers.optimization.Adafactor (Shazeer & Stern 2018) with factored second moments,
+                at optim.lr (relative_step, scale_parameter and warmup_init off: the LR schedule here is
+                the recipe's, as kohya's docs advise for LoRAs); betas/eps are AdamW's and do not apply
+
+Schedules (`optim.schedule`), each a factor of optim.lr per step, transformers' `get_scheduler`
+formulas (transformers/optimization.py) after the warm-up: constant, cosine (half a cosine to 0),
+cosine_with_restarts (`restarts` hard restarts), polynomial (to lr_end with `power`; 1 = linear),
+linear. The warm-up is this project's since its first version: (step + 1) / warmup_steps, so step 0
+trains at lr / warmup_steps (transformers starts at 0, a step that changes nothing), and it applies to
+every schedule, constant too (transformers' "constant" ignores warm-up; "constant_with_warmup" is here
+the same as "constant", for the name people look for).
+"""
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 from collections.abc import Sequence
 
@@ -11,6 +35,8 @@ from torch import Tensor
 
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
 from adapterkit.train.jobs.recipe import OptimConfig
+
+logger = logging.getLogger(__name__)
 
 
 def lr_lambda(cfg: OptimConfig, total: int):
@@ -22,14 +48,59 @@ def lr_lambda(cfg: OptimConfig, total: int):
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if cfg.schedule == "linear":
             return max(0.0, 1 - progress)
-        return 1.0
+        if cfg.schedule == "cosine_with_restarts":
+            # transformers' get_cosine_with_hard_restarts_schedule_with_warmup: 0 once the run is over
+            if progress >= 1.0:
+                return 0.0
+            return 0.5 * (1 + math.cos(math.pi * ((cfg.restarts * progress) % 1.0)))
+        if cfg.schedule == "polynomial":
+            # transformers' get_polynomial_decay_schedule_with_warmup: from lr to lr_end as (1 - p)^power
+            if cfg.lr == 0:
+                return 1.0
+            if step > total:
+                return cfg.lr_end / cfg.lr
+            remaining = 1 - (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+            return ((cfg.lr - cfg.lr_end) * remaining ** cfg.power + cfg.lr_end) / cfg.lr
+        return 1.0                                   # constant, constant_with_warmup
     return factor
 
 
+# The optional optimizers: (module, class, the pyproject extra that installs it).
+OPTIONAL = {"adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bnb"),
+            "prodigy": ("prodigyopt", "Prodigy", "prodigy")}
+
+
+def optional_optimizer(name: str):
+    """The class of an optional optimizer, or an ImportError naming the extra that installs it."""
+    module, cls, extra = OPTIONAL[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise ImportError(f"optim.optimizer={name} needs the {module.split('.')[0]} package ({e}): install "
+                          f"it with `pip install \"adapterkit[{extra}]\"` (or `pip install "
+                          f"{module.split('.')[0]}`), or choose optim.optimizer=adamw") from None
+
+
 def make_optimizer(cfg: OptimConfig, params: Sequence[torch.nn.Parameter], steps: int):
-    """AdamW over `params` and its LR schedule (warmup, then constant / cosine / linear)."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
+    """`cfg.optimizer` over `params` and its LR schedule (warm-up, then `cfg.schedule`)."""
+    params = list(params)
+    if cfg.optimizer == "adamw":
+        fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay, **fused)
+    elif cfg.optimizer == "adamw8bit":
+        optimizer = optional_optimizer("adamw8bit")(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                                     weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "prodigy":
+        if not 0.1 <= cfg.lr <= 10:
+            logger.warning("optim.lr=%g with Prodigy: it multiplies Prodigy's own step-size estimate and "
+                           "is meant to stay near 1.0", cfg.lr)
+        optimizer = optional_optimizer("prodigy")(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                                   weight_decay=cfg.weight_decay)
+    else:
+        from transformers.optimization import Adafactor
+        optimizer = Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
+                              relative_step=False, warmup_init=False)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
 
 

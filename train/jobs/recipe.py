@@ -12,6 +12,7 @@ import torch
 
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.folder import DataConfig
+from adapterkit.train.pipeline.schedule import TimestepSampling
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,13 +36,30 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4
+    """The optimizer and LR schedule (train/jobs/optimizer.py says what each choice is)."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    lr: float = 1e-4                                # Prodigy: a multiplier of its own estimate, ~1.0
     weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)       # adamw, adamw8bit, prodigy
+    eps: float = 1e-8                               # adamw, adamw8bit, prodigy
+    schedule: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial",
+                      "linear"] = "constant"
+    warmup_steps: int = 0                           # every schedule, constant too
+    restarts: int = 1                               # cosine_with_restarts: the number of cosine cycles
+    power: float = 1.0                              # polynomial
+    lr_end: float = 1e-7                            # polynomial: the LR at the last step
     max_grad_norm: float = 1.0                      # 0 disables clipping
+
+    def __post_init__(self):
+        defaults = OptimConfig.__dataclass_fields__
+        if self.optimizer == "adafactor":
+            extra = [f for f in ("betas", "eps") if getattr(self, f) != defaults[f].default]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} do not apply to optimizer adafactor (its moments are "
+                                 "factored, with transformers' own eps): remove them")
+        if self.schedule == "polynomial" and self.lr_end > self.lr:
+            raise ValueError(f"lr_end ({self.lr_end:g}) must not exceed lr ({self.lr:g}) for the "
+                             "polynomial schedule")
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,16 @@ class LoopConfig:
     grad_accum: int = 1
     seed: int = 0
     min_snr_gamma: float | None = 5.0               # Hang et al. 2023; None = plain MSE
+    debiased_estimation: bool = False               # weight the loss by 1/sqrt(SNR) (kohya's flag), x min-SNR
+    # Which timesteps a batch draws (train/pipeline/schedule.py TimestepSampling): uniform (today), the
+    # SD3 paper's logit_normal (logit_mean, logit_std) or mode (mode_scale), inside
+    # [min_timestep, max_timestep) (None: the schedule's num_train_timesteps).
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     # The adapter branch computes in the base's dtype with fp32 master weights in the optimizer
@@ -61,6 +89,16 @@ class LoopConfig:
     # the same kernels without their launch cost (1.7x the peer's ControlNet step at sd15 batch 8, where
     # the eager step is host-bound, README); off, with the reason printed, where it cannot apply.
     cuda_graphs: bool = True
+
+    def __post_init__(self):
+        self.timesteps()                                 # the sampling's own checks, with this path
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep ({self.min_timestep}) must be below max_timestep "
+                             f"({self.max_timestep}): the range is [min_timestep, max_timestep)")
+
+    def timesteps(self) -> TimestepSampling:
+        return TimestepSampling(self.timestep_sampling, self.min_timestep, self.max_timestep,
+                                self.logit_mean, self.logit_std, self.mode_scale)
 
 
 @dataclass(frozen=True)
@@ -93,7 +131,8 @@ class JobRecipe:
     train: LoopConfig = field(default_factory=LoopConfig)
 
 
-PRIVATE_PATHS = ("data.root", "model.base", "model.tokenizer", "model.config_dir", "output.dir")
+PRIVATE_PATHS = ("data.root", "data.validation.folder", "model.base", "model.tokenizer", "model.config_dir",
+                 "output.dir")
 
 
 def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:

@@ -8,9 +8,12 @@ machines, a colleague's folder). So a job writes its own state, and resuming nev
                                     EMA as "ema.<name>", train/jobs/ema.py)
     optimizer.safetensors           every tensor of the optimizer's per-parameter state as "<index>.<name>"
                                     (AdamW: exp_avg, exp_avg_sq and its 0-d `step` counter, whichever of the
-                                    for-loop, foreach or fused kernels made them)
-    optimizer.json                  param_groups (hyper-parameters as of this step, parameter indices) and any
-                                    non-tensor per-parameter value
+                                    for-loop, foreach or fused kernels made them; Adafactor's factored row
+                                    and column moments; Prodigy's s and p0; bitsandbytes' uint8 moments,
+                                    block maxima and quantile maps: `state_tensor_fits` says which shapes)
+    optimizer.json                  param_groups (hyper-parameters as of this step, parameter indices;
+                                    Prodigy's step-size estimate d and its sums live here too) and any
+                                    non-tensor per-parameter value (Adafactor's and Prodigy's int `step`)
     lr_schedule.json                the LambdaLR counters (last_epoch, _step_count, base_lrs, _last_lr, ...);
                                     the lambda itself is rebuilt from the recipe
     loss_scaler.json                fp16 only: LossScaler.state_dict()
@@ -29,6 +32,7 @@ process reads all processes' RNG files, so all of them judge a checkpoint alike.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +53,8 @@ OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 SCHEDULE_FILE, SCALER_FILE = "lr_schedule.json", "loss_scaler.json"
 # What the saved JSON must hold: the values that change as a run trains (the others are flags the
 # optimizer and schedule are built with, the same in every run of the recipe).
-GROUP_KEYS = frozenset({"params", "lr", "initial_lr", "betas", "eps", "weight_decay"})
+GROUP_KEYS = frozenset({"params", "lr", "initial_lr", "betas", "eps", "weight_decay",
+                        "d", "d_max", "d_numerator", "d_hat", "d_denom", "k"})   # prodigyopt's estimate
 SCHEDULE_KEYS = frozenset({"last_epoch", "_step_count", "base_lrs", "_last_lr"})
 
 
@@ -235,7 +240,7 @@ class TrainingState:
         if len(groups) != len(live["param_groups"]):
             raise StateFileError(OPTIMIZER_JSON, f"holds {len(groups)} parameter groups, this run has "
                                                  f"{len(live['param_groups'])}")
-        groups = [_like(g, lg, OPTIMIZER_JSON, f"param_groups[{i}]", GROUP_KEYS)
+        groups = [_like(g, lg, OPTIMIZER_JSON, f"param_groups[{i}]", GROUP_KEYS & lg.keys())
                   for i, (g, lg) in enumerate(zip(groups, live["param_groups"]))]
         for i, (group, lg) in enumerate(zip(groups, live["param_groups"])):
             if group["params"] != lg["params"]:
@@ -250,7 +255,7 @@ class TrainingState:
                 raise StateFileError(OPTIMIZER_TENSORS, f"holds {key!r}, not '<parameter index>.<name>' of "
                                                         f"one of this run's {len(shapes)} parameters")
             shape = shapes[int(index)]
-            if not value.is_floating_point() or (value.dim() and value.shape != shape):
+            if not state_tensor_fits(name, value, shape):
                 raise StateFileError(OPTIMIZER_TENSORS, f"holds {key} as {value.dtype} {list(value.shape)} "
                                                         f"for a parameter of shape {list(shape)}")
             state.setdefault(int(index), {})[name] = value
@@ -259,10 +264,8 @@ class TrainingState:
                 raise StateFileError(OPTIMIZER_JSON, f"holds state for {index!r}, not one of this run's "
                                                      f"{len(shapes)} parameters")
             state.setdefault(int(index), {}).update(values)
-        kinds = {tuple(sorted(values)) for values in state.values()}
-        if len(kinds) > 1:                 # AdamW keeps the same values for each parameter
-            raise StateFileError(OPTIMIZER_TENSORS, f"holds per-parameter states of {len(kinds)} kinds: "
-                                                    + " / ".join(", ".join(k) for k in sorted(kinds)[:3]))
+        # (Adafactor keeps other moments for a matrix than for a vector, and bitsandbytes 32-bit ones for
+        # small tensors: the parameters' states need not be of one kind.)
         return {"state": state, "param_groups": groups}
 
     def _read_schedule(self, folder: Path) -> dict:
@@ -309,6 +312,26 @@ class TrainingState:
         if loaded.random:                                   # last: nothing may draw after it
             notes += loaded.random.restore()
         return notes
+
+
+def state_tensor_fits(name: str, value: Tensor, shape: torch.Size) -> bool:
+    """Whether `value` can be the optimizer state `name` of a parameter of `shape`: a float tensor of
+    the parameter's shape or 0-d (AdamW's moments and step), or one of the optimizers' own layouts."""
+    if value.dtype == torch.uint8:          # bitsandbytes' 8-bit moments (bitsandbytes/optim/optimizer.py)
+        return name in ("state1", "state2") and value.shape == shape
+    if not value.is_floating_point():
+        return False
+    if value.dim() == 0 or value.shape == shape:
+        return True
+    if name == "exp_avg_sq_row":                 # transformers Adafactor: the factored second moment
+        return tuple(value.shape) == tuple(shape[:-1])
+    if name == "exp_avg_sq_col":
+        return tuple(value.shape) == tuple(shape[:-2]) + tuple(shape[-1:])
+    if name in ("s", "p0"):                      # prodigyopt: the flattened parameter, every slice_p-th value
+        return value.dim() == 1 and value.numel() <= math.prod(shape)
+    if name in ("absmax1", "absmax2", "qmap1", "qmap2"):   # bitsandbytes: block maxima, quantile maps
+        return value.dim() == 1
+    return False
 
 
 def optimizer_files(state_dict: dict) -> tuple[dict[str, Tensor], dict]:

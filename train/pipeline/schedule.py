@@ -1,10 +1,10 @@
 """The noise schedule of SD-style models (read from a diffusers `scheduler_config.json`) and the loss.
 
     schedule = NoiseSchedule.from_config(json.loads(Path(".../scheduler/scheduler_config.json").read_text()))
-    t = schedule.sample_timesteps(len(x0), generator, device=x0.device)
+    t = schedule.sample_timesteps(len(x0), generator, device=x0.device)   # sampling=TimestepSampling(..)
     noise = offset_noise(x0.shape, 0.05, generator, device=x0.device)
     model_out = unet(schedule.add_noise(x0, noise, t), t, context)
-    loss = diffusion_loss(model_out, x0, noise, t, schedule, min_snr_gamma=5.0)
+    loss = diffusion_loss(model_out, x0, noise, t, schedule, min_snr_gamma=5.0)   # debiased=True: 1/sqrt(SNR)
 
 Notation (Ho et al. 2020, "DDPM"): betas b_t for t = 0..T-1, a_t = prod_{s<=t} (1 - b_s) (`alphas_cumprod`),
 x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, SNR(t) = a_t / (1 - a_t) (Kingma et al. 2021, "Variational Diffusion
@@ -31,6 +31,66 @@ from torch import Tensor
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
+DEBIASED_SNR_CAP = 1000.0     # kohya sd-scripts library/custom_train_functions.py apply_debiased_estimation
+# The mode-weighted density is a density only while f_mode is monotone: -1 <= s <= 2 / (pi - 2).
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))
+
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    """Which training timesteps t in [min_timestep, max_timestep) a batch draws (max None: T).
+
+    uniform       t ~ U{min, ..., max-1}, today's draw (`torch.randint`, as diffusers' and kohya's
+                  scripts; kohya's `--min_timestep/--max_timestep` mean the same half-open range).
+    logit_normal  u = sigmoid(m + s n), n ~ N(0, 1): the density pi_ln(u; m, s) = 1 / (s sqrt(2 pi))
+                  1 / (u (1 - u)) exp(-(logit(u) - m)^2 / (2 s^2)) of Esser et al. 2024 ("Scaling
+                  Rectified Flow Transformers", SD3, eq. 19), which puts the middle timesteps first.
+    mode          u = f_mode(v; s) = 1 - v - s (cos^2(pi v / 2) - 1 + v), v ~ U(0, 1) (ibid. eq. 20):
+                  s > 0 favours the middle, s < 0 the ends, s = 0 is uniform.
+    The continuous u in [0, 1) is mapped to the discrete DDPM timesteps as diffusers' SD3 scripts do
+    (train_dreambooth_lora_sd3.py: `indices = (u * num_train_timesteps).long()`), inside the range:
+    t = min + floor(u (max - min)). Larger t is noisier in both the paper's convention and DDPM's.
+    """
+    kind: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29             # diffusers' compute_density_for_timestep_sampling default
+
+    def __post_init__(self):
+        _check_choice("timestep_sampling", self.kind, TIMESTEP_SAMPLINGS)
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+        low, high = MODE_SCALE_RANGE
+        if not low <= self.mode_scale <= high:
+            raise ValueError(f"mode_scale must be in [{low:g}, {high:.4f}] (where f_mode is monotone), "
+                             f"got {self.mode_scale}")
+
+    def bounds(self, num_train_timesteps: int) -> tuple[int, int]:
+        """The half-open range [low, high) of timesteps, checked against the schedule's T."""
+        high = num_train_timesteps if self.max_timestep is None else self.max_timestep
+        if not 0 <= self.min_timestep < high <= num_train_timesteps:
+            raise ValueError(f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps} (the "
+                             f"schedule's num_train_timesteps), got min_timestep={self.min_timestep}, "
+                             f"max_timestep={self.max_timestep}")
+        return self.min_timestep, high
+
+    def draw(self, batch: int, num_train_timesteps: int, generator: torch.Generator | None,
+             device: torch.device | str) -> Tensor:
+        """`batch` int64 timesteps on `device` (the generator's)."""
+        low, high = self.bounds(num_train_timesteps)
+        if self.kind == "uniform":
+            return torch.randint(low, high, (batch,), generator=generator, device=device)
+        if self.kind == "logit_normal":
+            n = torch.randn((batch,), generator=generator, device=device, dtype=torch.float64)
+            u = torch.sigmoid(self.logit_mean + self.logit_std * n)
+        else:
+            v = torch.rand((batch,), generator=generator, device=device, dtype=torch.float64)
+            u = 1 - v - self.mode_scale * (torch.cos(math.pi / 2 * v) ** 2 - 1 + v)
+        t = low + torch.floor(u * (high - low)).long()
+        return t.clamp_(low, high - 1)        # u rounds to 1.0 in float64 for n > ~37
 
 
 @dataclass(frozen=True)
@@ -132,11 +192,33 @@ class NoiseSchedule:
             w = torch.clamp(snr, max=gamma) / (snr + 1)
         return torch.where(snr == 0, torch.ones_like(w), w)
 
+    def debiased_weights(self, t: Tensor) -> Tensor:
+        """Per-sample loss weights of debiased estimation (Yu et al. 2024, "Unmasking Bias in Diffusion
+        Model Training", arXiv:2310.08442), float32: the eps-loss weighted by 1/sqrt(SNR), as kohya
+        sd-scripts' `--debiased_estimation_loss` (library/custom_train_functions.py,
+        apply_debiased_estimation, with SNR capped at 1000 there: SD's t=0 has SNR ~1170).
+
+        In x0 terms that is sqrt(SNR) ||x0 - x0'||^2 (the eps-loss is SNR times the x0-loss). A v-loss is
+        (SNR + 1) times the x0-loss, so the same objective weights it by sqrt(SNR) / (SNR + 1). (kohya's
+        newer code weights v by 1 / (SNR + 1), which is the plain x0-loss, not this objective.) At SNR = 0
+        (the last step of a zero-terminal-SNR schedule) the weight is 1, as min_snr_weights does: the
+        eps weight is infinite there and the v weight 0.
+        """
+        snr = self.snr(t)
+        capped = snr.clamp(max=DEBIASED_SNR_CAP)
+        if self.prediction_type == "epsilon":
+            w = 1 / capped.sqrt()
+        else:
+            w = capped.sqrt() / (snr + 1)
+        return torch.where(snr == 0, torch.ones_like(w), w)
+
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None) -> Tensor:
-        """`batch` timesteps uniform in 0..T-1 (int64), drawn on the generator's device, then moved."""
+                         device: torch.device | str | None = None,
+                         sampling: TimestepSampling | None = None) -> Tensor:
+        """`batch` timesteps (int64) as `sampling` says (None: uniform in 0..T-1), drawn on the
+        generator's device, then moved."""
         gen_device = generator.device if generator is not None else "cpu"
-        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=gen_device)
+        t = (sampling or TimestepSampling()).draw(batch, self.num_train_timesteps, generator, gen_device)
         return t.to(device) if device is not None else t
 
     def _table(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -188,8 +270,9 @@ def offset_noise(shape: Sequence[int], strength: float, generator: torch.Generat
 
 
 def diffusion_loss(model_out: Tensor, x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule,
-                   min_snr_gamma: float | None = None) -> Tensor:
-    """Mean over the batch of each sample's MSE to `schedule.target`, optionally Min-SNR weighted; fp32.
+                   min_snr_gamma: float | None = None, debiased: bool = False) -> Tensor:
+    """Mean over the batch of each sample's MSE to `schedule.target`, optionally Min-SNR weighted and/or
+    debiased (`NoiseSchedule.debiased_weights`; both: the product, as kohya's scripts apply both); fp32.
 
     The MSE is computed in float32 whatever the model's dtype (a bf16/fp16 square loses the small
     errors that late training is about).
@@ -201,6 +284,8 @@ def diffusion_loss(model_out: Tensor, x0: Tensor, noise: Tensor, t: Tensor, sche
     per_sample = F.mse_loss(model_out.float(), target, reduction="none").flatten(1).mean(1)   # (B,)
     if min_snr_gamma is not None:
         per_sample = per_sample * schedule.min_snr_weights(t, min_snr_gamma).to(per_sample.device)
+    if debiased:
+        per_sample = per_sample * schedule.debiased_weights(t).to(per_sample.device)
     return per_sample.mean()
 
 

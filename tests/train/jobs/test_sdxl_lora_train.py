@@ -75,8 +75,8 @@ def test_a_v_prediction_base_trains_with_the_v_target(vpred_dir, images, tmp_pat
     schedule), and far from the MSE to the noise: a job that used the eps target fails here."""
     real, seen = lt.diffusion_loss, []
 
-    def spy(model_out, x0, noise, t, schedule, min_snr_gamma=None):
-        loss = real(model_out, x0, noise, t, schedule, min_snr_gamma)
+    def spy(model_out, x0, noise, t, schedule, *weighting):
+        loss = real(model_out, x0, noise, t, schedule, *weighting)
         seen.append((model_out.detach().float(), x0, noise, t, schedule, loss.detach()))
         return loss
 
