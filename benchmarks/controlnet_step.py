@@ -10,7 +10,8 @@ into the ControlNet only, AdamW. sd15, batch 8, 64x64 latents, 77x768 context, b
   `adapterkit train controlnet` does on a bf16 base. Both run channels-last with the Triton kernels
   of unet/kernels.py; `ours-bf16-cn-nchw` is `ours-bf16-cn` in NCHW without them (the code before);
   `ours-bf16-cn-graphs` is the training job's step (train.controlnet_train.ControlledUNet through
-  train.graphs.GraphedStep: forward and backward replayed from CUDA graphs).
+  train.graphs.GraphedStep: forward and backward replayed from CUDA graphs); `ours-bf16-cl128` is
+  `ours-bf16-cn` trained as a rank-128 Control-LoRA (control.train_rank: 128).
 
     python benchmarks/controlnet_step.py [--compile]
 
@@ -74,16 +75,20 @@ def peer(cfg, state, device):
     return forward, opt, True
 
 
-def ours(cfg, state, device, bf16_cn: bool, channels_last: bool = True, graphs: bool = False):
+def ours(cfg, state, device, bf16_cn: bool, channels_last: bool = True, graphs: bool = False,
+         rank: int | None = None):
     from adapterkit.adapters.controlnet import ControlNet
     unet = UNet(cfg)
     unet.load_state_dict(state)
     cn = ControlNet.from_unet(unet).to(device).train()
+    if rank:                                # Control-LoRA training (control.train_rank): factors train
+        from adapterkit.adapters.control_lora import train_as_low_rank
+        train_as_low_rank(cn, rank)
     unet.to(device, torch.bfloat16).requires_grad_(False)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         cn.to(memory_format=torch.channels_last)
-    params = list(cn.parameters())
+    params = [p for p in cn.parameters() if p.requires_grad]
     if bf16_cn:
         from adapterkit.train.jobs.precision import MasterWeights
         cn.to(torch.bfloat16)
@@ -156,7 +161,8 @@ def main():
     builders = {"peer": lambda: peer(cfg, state, device), "ours": lambda: ours(cfg, state, device, False),
                 "ours-bf16-cn": lambda: ours(cfg, state, device, True),
                 "ours-bf16-cn-nchw": lambda: ours(cfg, state, device, True, channels_last=False),
-                "ours-bf16-cn-graphs": lambda: ours(cfg, state, device, True, graphs=True)}
+                "ours-bf16-cn-graphs": lambda: ours(cfg, state, device, True, graphs=True),
+                "ours-bf16-cl128": lambda: ours(cfg, state, device, True, rank=128)}
     names = args.variants.split(",")
     built = {n: builders[n]() for n in names}
     make = {n: (lambda compiled, fn=fn, opt=opt, autocast=autocast, n=n:
