@@ -10,6 +10,17 @@ ControlNet names without `control_model.`:
     <name>                                   every 1-D encoder tensor (biases, norms), in full
     input_hint_block.*, zero_convs.*, middle_block_out.*   the layers a ControlNet adds, in full
 
+SDXL files are the same with SDXL's LDM names: `label_emb.0.{0,2}` (the text_time added embedding) is
+factorised like any other Linear, and there are 9 zero convs. ComfyUI's rules (comfy/controlnet.py,
+`ControlLora.pre_run` and `ControlLoraOps`): the control model is built from the base's own U-Net
+config, every base weight is copied in under its LDM name, then each file key but the marker is set by
+its attribute path, `.up`/`.down` onto a Linear/Conv2d whose forward adds
+(up.flatten(1) @ down.flatten(1)).reshape(weight.shape); layers the base lacks get no weight unless the
+file has it. tests/adapters/test_sdxl_controlnet_files.py rebuilds our SDXL file by these rules.
+A file without our metadata (Stability's) is checked against the U-Net by what its keys show
+(`_check_layout`: label_emb, the cross-attention width, conv or linear proj_in): an SD1.x file on an
+SDXL base fails naming both families.
+
 Reading follows ComfyUI (the reference consumer): start from the base U-Net's encoder, then
 W = W_base + (up.flatten(1) @ down.flatten(1)).reshape(W.shape), and full tensors replace the
 base's. (diffusers drops the biases of LoRA-adapted layers, formats.md §4.5 [V] deviation.)
@@ -179,7 +190,8 @@ def control_lora_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, st
                                   f"{e}") from e
         if not same_architecture(made_for, cfg):
             raise CheckpointError(f"{label} is a Control-LoRA for {describe_config(made_for)}, but the U-Net "
-                                  f"is {describe_config(cfg)}{family_mismatch(made_for, cfg, 'Control-LoRA')}")
+                                  f"is {describe_config(cfg)}"
+                                  f"{family_mismatch(made_for, cfg, 'Control-LoRA')}")
     else:
         _check_layout(tensors, cfg, label)
     hint_channels, widths = hint_geometry(tensors, "lllyasviel", label)

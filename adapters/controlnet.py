@@ -387,8 +387,8 @@ def family_mismatch(made_for: UNetConfig, unet: UNetConfig, what: str) -> str:
     if a == b:
         return ""
     first = _a(a)
-    return (f". {first[0].upper()}{first[1:]} {what} cannot steer {_a(b)} U-Net: use a {what} made for {b} (or the "
-            f"{a} base it was made for)")
+    return (f". {first[0].upper()}{first[1:]} {what} cannot steer {_a(b)} U-Net: use a {what} made for "
+            f"{b} (or the {a} base it was made for)")
 
 
 def _a(title: str) -> str:

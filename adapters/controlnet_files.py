@@ -3,7 +3,9 @@
 Key contract (formats.md §4.1-4.2; both tested bit-exact both ways, and against diffusers'
 `convert_controlnet_checkpoint`):
 
-    diffusers   folder: config.json (a `ControlNetModel` config derived from the UNetConfig) +
+    diffusers   folder: config.json (a `ControlNetModel` config derived from the UNetConfig; for SDXL
+                with addition_embed_type "text_time", addition_time_embed_dim and
+                projection_class_embeddings_input_dim, as diffusers' from_unet writes) +
                 diffusion_pytorch_model.safetensors; or one .safetensors. Names = `ControlNet` module
                 names (`controlnet_cond_embedding.*`, `controlnet_down_blocks.N`, ...).
     lllyasviel  one .safetensors, every key under `control_model.`:

@@ -136,7 +136,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="sd15", choices=list(BENCH_PRESETS))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--size", type=int, default=None, help="latent side; the hint is 8x (default 64; sdxl 128)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="latent side; the hint is 8x (default 64; sdxl 128)")
     ap.add_argument("--batch", type=int, default=None, help="default 8; sdxl 4")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

@@ -16,7 +16,7 @@ from adapterkit.adapters.control_lora import (
 from adapterkit.adapters.controlnet import ControlNet
 from adapterkit.adapters.controlnet_files import load_controlnet
 from adapterkit.adapters.controlnet_keys import controlnet_key_map
-from adapterkit.unet import CheckpointError, UNet, unet_fingerprint
+from adapterkit.unet import CheckpointError, unet_fingerprint
 from support.unets import SD15ISH, TINY, inputs, lowrank_trained
 from support.unets import random_unet as base
 

@@ -148,3 +148,14 @@ def test_an_sd1_controlnet_on_an_sdxl_unet_and_back_is_refused_naming_both_famil
         check_base(ControlNet.from_unet(sd1), xl)
     with pytest.raises(ValueError, match=r"An SDXL ControlNet cannot steer an SD1\.x U-Net"):
         check_base(ControlNet.from_unet(xl), sd1)
+
+
+def test_a_hint_of_the_wrong_size_or_range_is_refused():
+    cn = ControlNet.from_unet(random_unet(SDXL_TINY)).eval()
+    x, t, cond, hint = xl_inputs()
+    with pytest.raises(ValueError, match=r"the hint must be \(B=2 or 1, 3, 128, 128\).*latent size"):
+        cn(x, t, cond, hint[..., ::8, ::8])
+    with pytest.raises(ValueError, match="divide by 255"):
+        cn(x, t, cond, hint * 255)
+    with pytest.raises(ValueError, match="pooled"):                   # SDXL conditioning is required
+        cn(x, t, cond.context, hint)

@@ -35,7 +35,8 @@ def xl_inputs(batch=2, h=8, w=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     cond = Conditioning(torch.randn(batch, 7, SDXL_TINY.context_dim, generator=g),
                         pooled=torch.randn(batch, SDXL_TINY.pooled_dim, generator=g),
-                        time_ids=torch.tensor([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 32, 64, 832, 1216]]))
+                        time_ids=torch.tensor([[1024, 1024, 0, 0, 1024, 1024],
+                                               [768, 1344, 32, 64, 832, 1216]]))
     return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([5, 900]), cond,
             torch.rand(batch, 3, 8 * h, 8 * w, generator=g))
 
@@ -56,8 +57,8 @@ def same_weights(a, b) -> bool:
 
 def test_config_json_is_what_diffusers_from_unet_writes_for_sdxl():
     d_unet = UNet2DConditionModel(**{k: v for k, v in SDXL_TINY.to_diffusers().items() if k[0] != "_"})
-    theirs = {k: list(v) if isinstance(v, tuple) else v for k, v in ControlNetModel.from_unet(d_unet).config.items()
-              if not k.startswith("_")}
+    written = ControlNetModel.from_unet(d_unet).config
+    theirs = {k: list(v) if isinstance(v, tuple) else v for k, v in written.items() if not k.startswith("_")}
     with torch.device("meta"):
         ours = diffusers_config(ControlNet(SDXL_TINY))
     assert {k: v for k, v in ours.items() if k != "_class_name"} == theirs      # every key, both ways
@@ -118,7 +119,8 @@ def comfy_control_lora(tensors: dict, unet) -> dict:
     whose forward uses weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape). Layers the base
     lacks (hint encoder, zero convs) have no weight unless the file sets one."""
     cn_names = set(controlnet_key_map(unet.config).values())
-    weights = {ldm: unet.state_dict()[ours] for ours, ldm in ldm_key_map(unet.config).items() if ldm in cn_names}
+    base = unet.state_dict()
+    weights = {ldm: base[ours] for ours, ldm in ldm_key_map(unet.config).items() if ldm in cn_names}
     ups = {}
     for key, t in tensors.items():
         if key == MARKER:

@@ -59,3 +59,20 @@ def lowrank_trained(unet: UNet, rank: int, seed: int = 1, biases: bool = True) -
             elif biases:
                 p.add_(torch.randn(p.shape, generator=g) * 0.01)
     return cn
+
+
+def write_sdxl_lora(path, cfg=SDXL_TINY):
+    """A kohya-layout SDXL LoRA named "style" at `path`, as after training: rank 4 on attention and
+    feed-forward of a `random_unet(cfg)`, lora_up random. Returns `path`."""
+    from adapterkit.adapters.lora import LoraSpec, add_lora, lora_layers
+    from adapterkit.adapters.lora_files import save_lora
+
+    unet = random_unet(cfg)
+    add_lora(unet, LoraSpec(rank=4, alpha=2, targets="attn-ff"), "style")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            w = layer.lora_B["style"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+    save_lora(unet, path, name="style", fmt="kohya")
+    return path

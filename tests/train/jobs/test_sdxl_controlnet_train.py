@@ -74,7 +74,8 @@ def test_the_sdxl_recipe_trains_a_controlnet_end_to_end(pipe_dir, images, tmp_pa
     # the files: diffusers' SDXL ControlNetModel folder, the ComfyUI file, the Control-LoRA
     folder = out / "sdxl-canny"
     config = json.loads((folder / "config.json").read_text())
-    assert config["addition_embed_type"] == "text_time" and config["projection_class_embeddings_input_dim"] == 80
+    assert config["addition_embed_type"] == "text_time"
+    assert config["projection_class_embeddings_input_dim"] == 80
     base = load_base(pipe_dir)
     cn = load_controlnet(folder, base.unet)
     assert cn.hint == HintSpec("canny", "like-target", 100, 200)
