@@ -10,6 +10,17 @@ ControlNet names without `control_model.`:
     <name>                                   every 1-D encoder tensor (biases, norms), in full
     input_hint_block.*, zero_convs.*, middle_block_out.*   the layers a ControlNet adds, in full
 
+SDXL files are the same with SDXL's LDM names: `label_emb.0.{0,2}` (the text_time added embedding) is
+factorised like any other Linear, and there are 9 zero convs. ComfyUI's rules (comfy/controlnet.py,
+`ControlLora.pre_run` and `ControlLoraOps`): the control model is built from the base's own U-Net
+config, every base weight is copied in under its LDM name, then each file key but the marker is set by
+its attribute path, `.up`/`.down` onto a Linear/Conv2d whose forward adds
+(up.flatten(1) @ down.flatten(1)).reshape(weight.shape); layers the base lacks get no weight unless the
+file has it. tests/adapters/test_sdxl_controlnet_files.py rebuilds our SDXL file by these rules.
+A file without our metadata (Stability's) is checked against the U-Net by what its keys show
+(`_check_layout`: label_emb, the cross-attention width, conv or linear proj_in): an SD1.x file on an
+SDXL base fails naming both families.
+
 Reading follows ComfyUI (the reference consumer): start from the base U-Net's encoder, then
 W = W_base + (up.flatten(1) @ down.flatten(1)).reshape(W.shape), and full tensors replace the
 base's. (diffusers drops the biases of LoRA-adapted layers, formats.md §4.5 [V] deviation.)
@@ -40,13 +51,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from adapterkit.unet import CheckpointError, UNetConfig, read_weights, write_safetensors
+from adapterkit.unet import FAMILIES, PRESETS, CheckpointError, UNetConfig, read_weights, write_safetensors
 
 from .controlnet import (
     _ENCODER_PARTS,
     ControlNet,
     base_encoder_state,
     check_base,
+    family_mismatch,
     same_architecture,
 )
 from .controlnet_keys import attach_metadata, controlnet_key_map, controlnet_metadata, hint_geometry
@@ -178,7 +190,10 @@ def control_lora_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, st
                                   f"{e}") from e
         if not same_architecture(made_for, cfg):
             raise CheckpointError(f"{label} is a Control-LoRA for {describe_config(made_for)}, but the U-Net "
-                                  f"is {describe_config(cfg)}")
+                                  f"is {describe_config(cfg)}"
+                                  f"{family_mismatch(made_for, cfg, 'Control-LoRA')}")
+    else:
+        _check_layout(tensors, cfg, label)
     hint_channels, widths = hint_geometry(tensors, "lllyasviel", label)
     cn = ControlNet.from_unet(unet, hint_channels, widths)
     attach_metadata(cn, metadata, label)             # hint contract, recorded base, carried keys
@@ -231,6 +246,32 @@ def control_lora_from_tensors(tensors: dict[str, Tensor], metadata: dict[str, st
         raise CheckpointError(f"{label} gives NaN/inf weights in {len(bad)} tensors: {', '.join(bad[:5])}")
     cn.load_state_dict(state, strict=True)
     return cn
+
+
+def _check_layout(tensors: dict[str, Tensor], cfg: UNetConfig, label: Path | str) -> None:
+    """For a file without our metadata (Stability's own): refuse it, naming both families, when its keys
+    show another family's layout than `cfg`'s. What the keys show: SDXL's added embedding
+    (`label_emb.*`), the cross-attention's context width (attn2.to_k's input) and whether proj_in is a
+    1x1 conv (SD1.x: a 4-D weight or factor) or a linear layer (SD2.x, SDXL)."""
+    added = any(k.startswith("label_emb.") for k in tensors)
+    width = next((t.shape[1] for k, t in tensors.items()
+                  if k.endswith(("attn2.to_k.down", "attn2.to_k.weight")) and t.ndim == 2), None)
+    proj = next((t.ndim for k, t in tensors.items() if k.endswith(("proj_in.down", "proj_in.weight"))), None)
+    shown = []
+    if added != (cfg.addition_embed is not None):
+        shown.append("an added embedding (label_emb.*)" if added else "no added embedding (label_emb.*)")
+    if width is not None and width != cfg.context_dim:
+        shown.append(f"cross-attention over {width}-wide text (the U-Net's: {cfg.context_dim})")
+    if not shown:
+        return
+    if added:
+        made_for = FAMILIES["sdxl"]
+    else:
+        made_for = FAMILIES["sd1"] if proj == 4 else FAMILIES["sd2"]
+    raise CheckpointError(
+        f"{label} is a Control-LoRA whose keys show {' and '.join(shown)}: it was made for another base "
+        f"than this U-Net, {describe_config(cfg)}"
+        f"{family_mismatch(PRESETS[made_for.unet_preset], cfg, 'Control-LoRA')}")
 
 
 # --- training the encoder as a low-rank difference from the base --------------------------------------

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.unet import Conditioning, Encoder, UNet, UNetConfig, as_conditioning
+from adapterkit.unet.families import family_like
 from adapterkit.unet.model import ENCODER_PARTS
 
 from .lora_files import base_fingerprint
@@ -366,7 +367,7 @@ def check_base(cn: ControlNet, unet: nn.Module, allow_other_base: bool = False) 
     if not same_architecture(cn.config, cfg):
         raise ValueError(f"this ControlNet was made for {describe_config(cn.config)} "
                          f"{_arch_summary(cn.config)}, but the U-Net is {describe_config(cfg)} "
-                         f"{_arch_summary(cfg)}")
+                         f"{_arch_summary(cfg)}{family_mismatch(cn.config, cfg, 'ControlNet')}")
     if cn.base_fingerprint is None:
         return
     found = base_fingerprint(unet)
@@ -377,6 +378,22 @@ def check_base(cn: ControlNet, unet: nn.Module, allow_other_base: bool = False) 
             raise ValueError(message + "; pass allow_other_base=True to apply it anyway (e.g. to a "
                              "fine-tune of its base)")
         warnings.warn(message, stacklevel=2)
+
+
+def family_mismatch(made_for: UNetConfig, unet: UNetConfig, what: str) -> str:
+    """'' if both configs have one family's layout (`family_like`: a reduced SDXL counts as SDXL), else
+    a sentence naming both families, e.g. '. An SD1.x ControlNet cannot steer an SDXL U-Net: ...'."""
+    a, b = family_like(made_for).title, family_like(unet).title
+    if a == b:
+        return ""
+    first = _a(a)
+    return (f". {first[0].upper()}{first[1:]} {what} cannot steer {_a(b)} U-Net: use a {what} made for "
+            f"{b} (or the {a} base it was made for)")
+
+
+def _a(title: str) -> str:
+    """'an SDXL', 'an SD1.x', 'a tiny ...': the article as the title is spoken."""
+    return f"{'an' if title[0] in 'AEFHILMNORSX' else 'a'} {title}"
 
 
 def same_architecture(a: UNetConfig, b: UNetConfig) -> bool:

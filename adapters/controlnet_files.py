@@ -3,7 +3,9 @@
 Key contract (formats.md §4.1-4.2; both tested bit-exact both ways, and against diffusers'
 `convert_controlnet_checkpoint`):
 
-    diffusers   folder: config.json (a `ControlNetModel` config derived from the UNetConfig) +
+    diffusers   folder: config.json (a `ControlNetModel` config derived from the UNetConfig; for SDXL
+                with addition_embed_type "text_time", addition_time_embed_dim and
+                projection_class_embeddings_input_dim, as diffusers' from_unet writes) +
                 diffusion_pytorch_model.safetensors; or one .safetensors. Names = `ControlNet` module
                 names (`controlnet_cond_embedding.*`, `controlnet_down_blocks.N`, ...).
     lllyasviel  one .safetensors, every key under `control_model.`:
@@ -47,7 +49,7 @@ from adapterkit.unet.checkpoint import CONFIG_ERRORS
 from adapterkit.unet.weights import error_phrase
 
 from .control_lora import control_lora_from_tensors
-from .controlnet import HINT_WIDTHS, ControlNet, check_base, same_architecture
+from .controlnet import HINT_WIDTHS, ControlNet, check_base, family_mismatch, same_architecture
 from .controlnet_keys import (
     LDM_CONTROL_PREFIX,
     attach_metadata,
@@ -82,15 +84,26 @@ _CONFIG_KEYS = ("in_channels", "down_block_types", "mid_block_type", "block_out_
                 "mid_block_scale_factor")
 
 
+# What diffusers' ControlNetModel.from_unet writes for a text_time U-Net (SDXL), beside the keys above:
+# the added embedding's geometry and the defaults its SDXL config.json files carry
+# (diffusers/controlnet-canny-sdxl-1.0: addition_embed_type_num_heads 64, encoder_hid_dim null).
+_TEXT_TIME_KEYS = ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+
+
 def diffusers_config(cn: ControlNet) -> dict:
     """The `config.json` of the equivalent diffusers `ControlNetModel` (what its `from_unet` writes)."""
     unet_cfg = cn.config.to_diffusers()
-    return {"_class_name": "ControlNetModel", **{k: unet_cfg[k] for k in _CONFIG_KEYS},
-            "only_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-            "num_attention_heads": None, "resnet_time_scale_shift": "default",
-            "conditioning_channels": cn.hint_channels,
-            "conditioning_embedding_out_channels": list(cn.hint_widths),
-            "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
+    config = {"_class_name": "ControlNetModel", **{k: unet_cfg[k] for k in _CONFIG_KEYS},
+              "only_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+              "num_attention_heads": None, "resnet_time_scale_shift": "default",
+              "conditioning_channels": cn.hint_channels,
+              "conditioning_embedding_out_channels": list(cn.hint_widths),
+              "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
+    if cn.config.addition_embed:        # SDXL; SD1.x/2.x files keep exactly the keys above
+        config |= {k: unet_cfg[k] for k in _TEXT_TIME_KEYS}
+        config |= {"addition_embed_type_num_heads": 64, "encoder_hid_dim": None,
+                   "encoder_hid_dim_type": None, "num_class_embeds": None}
+    return config
 
 
 def config_from_diffusers(d: dict) -> tuple[UNetConfig, int, tuple[int, ...]]:
@@ -294,12 +307,20 @@ def _resolve_config(state, layout, metadata, config_json, unet, label) -> tuple[
         except (OSError, *CONFIG_ERRORS) as e:
             raise CheckpointError(f"{config_json} is not a usable ControlNet config ({error_phrase(e)}); "
                                   "fix it or download it again") from None
-    inferred = _infer(state, layout, label)
+    try:
+        inferred = _infer(state, layout, label)
+    except CheckpointError:
+        if unet is None:
+            raise
+        # e.g. a reduced SDXL geometry, whose added embedding's split into pooled text and ids the
+        # shapes do not tell: take the U-Net's config; _check_and_rename then checks every shape.
+        return unet.config, "the config of the U-Net passed as unet="
     if unet is not None:
         if _visible(inferred) != _visible(unet.config):
             raise CheckpointError(
                 f"{label} holds a ControlNet for {describe_config(inferred)} {_visible(inferred)}, but the "
-                f"U-Net is {describe_config(unet.config)} {_visible(unet.config)}")
+                f"U-Net is {describe_config(unet.config)} {_visible(unet.config)}"
+                f"{family_mismatch(inferred, unet.config, 'ControlNet')}")
         return unet.config, "the config of the U-Net passed as unet="
     return inferred, "the config inferred from the tensor shapes"
 

@@ -16,30 +16,11 @@ from adapterkit.adapters.control_lora import (
 from adapterkit.adapters.controlnet import ControlNet
 from adapterkit.adapters.controlnet_files import load_controlnet
 from adapterkit.adapters.controlnet_keys import controlnet_key_map
-from adapterkit.unet import CheckpointError, UNet, unet_fingerprint
-from support.unets import SD15ISH, TINY, inputs
+from adapterkit.unet import CheckpointError, unet_fingerprint
+from support.unets import SD15ISH, TINY, inputs, lowrank_trained
 from support.unets import random_unet as base
 
 TOL = 1e-5
-
-
-def lowrank_trained(unet: UNet, rank: int, seed: int = 1, biases: bool = True) -> ControlNet:
-    """A ControlNet whose encoder moved from the base by rank-`rank` steps per weight (biases and norms
-    moved too unless not `biases`); the new layers are random."""
-    cn = ControlNet.from_unet(unet).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in cn.named_parameters():
-            if name.startswith("controlnet_"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-            elif p.ndim >= 2:
-                flat = p.flatten(1)
-                up = torch.randn(flat.shape[0], rank, generator=g) * 0.05
-                down = torch.randn(rank, flat.shape[1], generator=g) * 0.05
-                p.add_((up @ down).reshape(p.shape))
-            elif biases:
-                p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    return cn
 
 
 def residual_diff(a: ControlNet, b: ControlNet, cfg=TINY) -> float:

@@ -121,14 +121,15 @@ def sdxl_scheduler_config(prediction_type: str = "epsilon", **changes) -> dict:
 
 
 def build_tiny_sdxl_pipeline(dir: str | os.PathLike, unet_cfg=None, seed: int = 0,
-                             scheduler: dict | None = None) -> Path:
+                             scheduler: dict | None = None, vae_scale: int = 2) -> Path:
     """Save a reduced random StableDiffusionXLPipeline under `dir`/sdxl and return that path.
 
     U-Net: `unet_cfg` (default support.unets.SDXL_TINY: SDXL's block structure at small widths) with
     random_unet's weights; text encoders: a 2-layer CLIPTextModel (16 wide, quick_gelu) and a 2-layer
     CLIPTextModelWithProjection (48 wide, gelu, projection 32), as SDXL's ViT-L and bigG; tokenizers: the
     character-level one, the second padding with "!" as SDXL's tokenizer_2 does; a 2x VAE with SDXL's
-    scaling factor; `scheduler` (a config dict, default `sdxl_scheduler_config()`).
+    scaling factor (`vae_scale` 8: a 4-level VAE, SDXL's 8x, for the ControlNet tests: an SDXL
+    ControlNet's hint encoder downsamples 8x); `scheduler` (a config dict, default `sdxl_scheduler_config()`).
     """
     from diffusers import (
         AutoencoderKL,
@@ -152,15 +153,16 @@ def build_tiny_sdxl_pipeline(dir: str | os.PathLike, unet_cfg=None, seed: int = 
                               hidden_act=act, projection_dim=projection, bos_token_id=0, eos_token_id=1,
                               pad_token_id=1)
 
+    levels = {2: 2, 8: 4}[vae_scale]
     w1, w2 = SDXL_TEXT_WIDTHS
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(config(w1, "quick_gelu", w1))
     text_encoder_2 = CLIPTextModelWithProjection(config(w2, "gelu", cfg.pooled_dim))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=32,
-        scaling_factor=0.13025, force_upcast=True)
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8, 16) if levels == 2 else (8,) * levels, layers_per_block=1, norm_num_groups=8,
+        sample_size=32, scaling_factor=0.13025, force_upcast=True)
     unet = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
     unet.load_state_dict(random_unet(cfg, seed).state_dict(), strict=True)
     pipe = StableDiffusionXLPipeline(

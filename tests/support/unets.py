@@ -40,3 +40,39 @@ def controlnet_for(base, seed: int = 0, zero: bool = True) -> ControlNet:
             for conv in [*cn.zero_convs(), cn.controlnet_cond_embedding.conv_out]:
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
     return cn.eval()
+
+
+def lowrank_trained(unet: UNet, rank: int, seed: int = 1, biases: bool = True) -> ControlNet:
+    """A ControlNet whose encoder moved from the base by rank-`rank` steps per weight (biases and norms
+    moved too unless not `biases`); the new layers are random."""
+    cn = ControlNet.from_unet(unet).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith("controlnet_"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+            elif p.ndim >= 2:
+                flat = p.flatten(1)
+                up = torch.randn(flat.shape[0], rank, generator=g) * 0.05
+                down = torch.randn(rank, flat.shape[1], generator=g) * 0.05
+                p.add_((up @ down).reshape(p.shape))
+            elif biases:
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return cn
+
+
+def write_sdxl_lora(path, cfg=SDXL_TINY):
+    """A kohya-layout SDXL LoRA named "style" at `path`, as after training: rank 4 on attention and
+    feed-forward of a `random_unet(cfg)`, lora_up random. Returns `path`."""
+    from adapterkit.adapters.lora import LoraSpec, add_lora, lora_layers
+    from adapterkit.adapters.lora_files import save_lora
+
+    unet = random_unet(cfg)
+    add_lora(unet, LoraSpec(rank=4, alpha=2, targets="attn-ff"), "style")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            w = layer.lora_B["style"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+    save_lora(unet, path, name="style", fmt="kohya")
+    return path

@@ -8,8 +8,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 import adapterkit.train.cli.main as cli
-from adapterkit.adapters.lora import LoraSpec, add_lora, lora_layers
-from adapterkit.adapters.lora_files import load_lora_file, save_lora
+from adapterkit.adapters.lora_files import load_lora_file
 from adapterkit.train.pipeline.base import load_base
 from adapterkit.train.pipeline.generate import (
     generate,
@@ -21,7 +20,7 @@ from adapterkit.train.pipeline.generate import (
 from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from support.pipelines import build_tiny_sdxl_pipeline
-from support.unets import SDXL_TINY, random_unet
+from support.unets import SDXL_TINY, write_sdxl_lora
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 SEEDS = [3, 7]
@@ -49,17 +48,8 @@ def diffusers_pipe(pipe_dir, sampler="ddim"):
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
-    """A kohya-layout SDXL LoRA as after training: rank 4 on attention and feed-forward, lora_up random."""
-    unet = random_unet(SDXL_TINY)
-    add_lora(unet, LoraSpec(rank=4, alpha=2, targets="attn-ff"), "style")
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in lora_layers(unet).values():
-            w = layer.lora_B["style"].weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
-    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    save_lora(unet, path, name="style", fmt="kohya")
-    return path
+    """A kohya-layout SDXL LoRA as after training (support.unets.write_sdxl_lora)."""
+    return write_sdxl_lora(tmp_path_factory.mktemp("lora") / "style.safetensors")
 
 
 def theirs(pipe, size, guidance, output_type="latent"):
