@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from adapterkit.unet import UNet  # noqa: E402
-from benchmarks.lora_step import BENCH_PRESETS, TARGETS, conditioning, make_step  # noqa: E402
+from benchmarks.lora_step import BENCH_PRESETS, TARGETS, conditioning, make_step, ours, peer  # noqa: E402
 from benchmarks.unet_speed import compare_steps, json_writer, print_step_table  # noqa: E402
 
 KINDS = ("lora", "loha", "lokr", "dora")
@@ -45,42 +45,13 @@ def peer_config(kind: str):
     return LoraConfig(lora_alpha=RANK, init_lora_weights="gaussian", use_dora=kind == "dora", **common)
 
 
-def peer(cfg, state, device, kind: str):
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})
-    unet.load_state_dict(state)
-    unet.to(device, torch.bfloat16).requires_grad_(False)
-    unet.add_adapter(peer_config(kind))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def forward(x, t, c):
-        added = None if c.pooled is None else {"text_embeds": c.pooled, "time_ids": c.time_ids}
-        return unet(x, t, c.context, added_cond_kwargs=added).sample
-    return forward, opt, params, True
-
-
-def ours(cfg, state, device, kind: str):
-    from adapterkit.adapters.adapter import attach_layers
+def ours_spec(kind: str):
     from adapterkit.adapters.lora import LoraSpec
     from adapterkit.adapters.lycoris import LycorisSpec
-    from adapterkit.train.jobs.optimizer import adapter_master_weights
-    unet = UNet(cfg)
-    unet.load_state_dict(state)
-    unet.to(device, torch.bfloat16).requires_grad_(False)
-    unet.to(memory_format=torch.channels_last)
-    torch.manual_seed(0)
     if kind == "lora":
-        spec = LoraSpec(rank=RANK, alpha=RANK, targets="attn")
-    else:
-        spec = LycorisSpec(kind="dora" if kind.startswith("dora") else kind, rank=RANK, alpha=RANK,
-                           targets="attn", dora_axis="output" if kind == "dora-row" else "input")
-    attach_layers(unet, spec)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    master = adapter_master_weights(params, torch.bfloat16, "base")
-    return unet, master.wrap(torch.optim.AdamW(master.params, lr=1e-4)), params, False
+        return LoraSpec(rank=RANK, alpha=RANK, targets="attn")
+    return LycorisSpec(kind="dora" if kind.startswith("dora") else kind, rank=RANK, alpha=RANK,
+                       targets="attn", dora_axis="output" if kind == "dora-row" else "input")
 
 
 def main():
@@ -116,9 +87,9 @@ def main():
     for kind in kinds:             # one kind at a time: two models resident, not ten
         make = {}
         if kind != "dora-row":
-            fn, opt, _, autocast = peer(cfg, state, device, kind)
+            _, fn, opt, _, autocast = peer(cfg, state, device, adapter=peer_config(kind))
             make[f"peer-{kind}"] = lambda compiled, fn=fn, opt=opt, a=autocast: make_step(fn, opt, a, data)
-        fn, opt, _, autocast = ours(cfg, state, device, kind)
+        _, fn, opt, _, autocast = ours(cfg, state, device, True, spec=ours_spec(kind))
         make[f"ours-{kind}"] = lambda compiled, fn=fn, opt=opt, a=autocast: make_step(fn, opt, a, data)
         row = compare_steps(make, ["eager"], B, device, args.iters, args.warmup)[0]
         rows.append(row)

@@ -62,13 +62,16 @@ SWITCHES = {
 NCHW = {"ours-bf16-lora-nchw"}         # built without channels_last: the U-Net as before unet/kernels.py
 
 
-def peer(cfg, state, device, checkpointing: bool = False):
+def peer(cfg, state, device, checkpointing: bool = False, adapter=None):
+    """diffusers' U-Net in bf16 + `adapter` (a peft config; default LoRA r16 on TARGETS), fp32 adapter
+    tensors, AdamW: the peer scripts' setup."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     unet = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})
     unet.load_state_dict(state)
     unet.to(device, torch.bfloat16).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=TARGETS))
+    unet.add_adapter(adapter or LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                           target_modules=TARGETS))
     if checkpointing:
         unet.enable_gradient_checkpointing()
     lora = [p for p in unet.parameters() if p.requires_grad]
@@ -83,15 +86,18 @@ def peer(cfg, state, device, checkpointing: bool = False):
 
 
 def ours(cfg, state, device, bf16_lora: bool, channels_last: bool = True, targets: str = "attn",
-         checkpointing: bool = False):
-    from adapterkit.adapters.lora import LoraSpec, add_lora
+         checkpointing: bool = False, spec=None):
+    """Our U-Net in bf16 (channels-last) + `spec` (any adapter spec; default LoRA r16 on `targets`)
+    through adapters.adapter.attach_layers, the adapter in bf16 with fp32 masters if `bf16_lora`."""
+    from adapterkit.adapters.adapter import attach_layers
+    from adapterkit.adapters.lora import LoraSpec
     unet = UNet(cfg)
     unet.load_state_dict(state)
     unet.to(device, torch.bfloat16).requires_grad_(False)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    add_lora(unet, LoraSpec(rank=16, alpha=16, targets=targets))
+    attach_layers(unet, spec or LoraSpec(rank=16, alpha=16, targets=targets))
     unet.set_gradient_checkpointing(checkpointing)
     lora = [p for p in unet.parameters() if p.requires_grad]
     if bf16_lora:
