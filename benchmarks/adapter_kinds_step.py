@@ -27,8 +27,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from adapterkit.unet import UNet  # noqa: E402
-from benchmarks.lora_step import BENCH_PRESETS, TARGETS, conditioning, make_step, ours, peer  # noqa: E402
+from benchmarks.lora_step import (  # noqa: E402
+    BENCH_PRESETS,
+    TARGETS,
+    add_step_arguments,
+    make_step,
+    ours,
+    peer,
+    step_setup,
+)
 from benchmarks.unet_speed import compare_steps, json_writer, print_step_table  # noqa: E402
 
 KINDS = ("lora", "loha", "lokr", "dora")
@@ -56,29 +63,14 @@ def ours_spec(kind: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="sd15", choices=list(BENCH_PRESETS))
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(ap, iters=8)
     ap.add_argument("--kinds", default=",".join(KINDS + ("dora-row",)),
                     help="comma-separated: lora, loha, lokr, dora (ours column-wise, the peer peft's "
                          "row-wise DoRA), dora-row (ours with peft's row-wise DoRA, against peer-dora)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "adapter_kinds_step.json"))
     args = ap.parse_args()
     device, cfg, H, B = args.device, BENCH_PRESETS[args.preset], args.size, args.batch
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        state = UNet(cfg).state_dict()
-    g = torch.Generator(device).manual_seed(0)
-    data = (torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16),
-            torch.randint(0, 1000, (B,), device=device, generator=g),
-            conditioning(cfg, B, device, g, side=8 * H),
-            torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
+    state, data = step_setup(cfg, B, H, device)
     kinds = args.kinds.split(",")
     unknown = [k for k in kinds if k not in KINDS + ("dora-row",)]
     if unknown:

@@ -122,6 +122,33 @@ def conditioning(cfg, B: int, device, g: torch.Generator, side: int) -> Conditio
                                              dtype=torch.bfloat16), ids)
 
 
+def add_step_arguments(ap: argparse.ArgumentParser, iters: int) -> None:
+    """The geometry and timing arguments every step benchmark here takes."""
+    ap.add_argument("--preset", default="sd15", choices=list(BENCH_PRESETS))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=64, help="latent side (64: 512 px; 128: 1024 px)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--warmup", type=int, default=3)
+
+
+def step_setup(cfg, B: int, H: int, device) -> tuple[dict, tuple]:
+    """TF32 and cuDNN autotuning on; the U-Net weights every variant loads (seed 0, on the CPU) and one
+    batch: noisy latents, timesteps, conditioning, target noise (seeded on `device`)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        state = UNet(cfg).state_dict()
+    g = torch.Generator(device).manual_seed(0)
+    data = (torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16),
+            torch.randint(0, 1000, (B,), device=device, generator=g),
+            conditioning(cfg, B, device, g, side=8 * H),
+            torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
+    return state, data
+
+
 def make_step(model_fn, opt, autocast: bool, data, switches=(), sdpa: str = "default"):
     """One training step; `switches` (module, attribute, value) and the SDPA backend choice
     (torch.nn.attention.SDPBackend name, or "default") hold only while it runs."""
@@ -178,12 +205,7 @@ def profile(name: str, step) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="sd15", choices=list(BENCH_PRESETS))
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(ap, iters=10)
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
     ap.add_argument("--only-compile", action="store_true", help="only the torch.compile rows")
     ap.add_argument("--variants", default="peer,ours-bf16-lora-before,ours-bf16-lora",
@@ -199,20 +221,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print each variant's top CUDA kernels, then stop")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "lora_step.json"))
     args = ap.parse_args()
-    device, cfg, H = args.device, BENCH_PRESETS[args.preset], args.size
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        state = UNet(cfg).state_dict()
-    g = torch.Generator(device).manual_seed(0)
-    B = args.batch
-    data = (torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16),
-            torch.randint(0, 1000, (B,), device=device, generator=g),
-            conditioning(cfg, B, device, g, side=8 * H),
-            torch.randn(B, 4, H, H, device=device, generator=g, dtype=torch.bfloat16))
+    device, cfg, H, B = args.device, BENCH_PRESETS[args.preset], args.size, args.batch
+    state, data = step_setup(cfg, B, H, device)
     tg, ck = args.targets, args.gradient_checkpointing
     builders = {"peer": lambda: peer(cfg, state, device, ck),
                 "ours": lambda: ours(cfg, state, device, False, targets=tg, checkpointing=ck),
