@@ -21,6 +21,7 @@ import json
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -329,17 +330,19 @@ class Exporter:
                          "ss_training_comment": "trained with adapterkit"}
 
     def __call__(self, folder: Path, step: int | None = None) -> list[Path]:
-        written = self._write(folder, step, ema=False)
+        # one record for every file of this export (the run's times are read once)
+        meta = self.metadata | (self.run.at(step) if self.run else
+                                {"ss_steps": str(step)} if step is not None else {})
+        meta.setdefault("modelspec.date", datetime.now(timezone.utc).replace(microsecond=0).isoformat())
+        written = self._write(folder, meta, ema=False)
         if self.ema:
             with averaged(self.ema, self.master):
-                written += self._write(folder, step, ema=True)
+                written += self._write(folder, meta, ema=True)
         return written
 
-    def _write(self, folder: Path, step: int | None, ema: bool) -> list[Path]:
+    def _write(self, folder: Path, meta: dict[str, str], ema: bool) -> list[Path]:
         written = []
         for fmt, path in adapter_files(self.cfg.output, folder, ema).items():
-            meta = self.metadata | (self.run.at(step) if self.run else
-                                    {"ss_steps": str(step)} if step is not None else {})
             if ema:
                 meta |= {"adapterkit.ema": json.dumps({"decay": self.ema.decay, "warmup": self.ema.warmup})}
             save = save_lora if self.cfg.lora.kind in ("lora", "locon") else save_lycoris

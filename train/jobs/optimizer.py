@@ -81,11 +81,13 @@ def optional_optimizer(name: str):
                           f"{module.split('.')[0]}`), or choose optim.optimizer=adamw") from None
 
 
-def make_optimizer(cfg: OptimConfig, params: Sequence[torch.nn.Parameter], steps: int):
-    """`cfg.optimizer` over `params` and its LR schedule (warm-up, then `cfg.schedule`)."""
+def make_optimizer(cfg: OptimConfig, params: Sequence[torch.nn.Parameter | dict], steps: int):
+    """`cfg.optimizer` over `params` (tensors, or parameter groups: dicts with "params") and its LR
+    schedule (warm-up, then `cfg.schedule`)."""
     params = list(params)
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
     if cfg.optimizer == "adamw":
-        fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+        fused = {"fused": True} if tensors and all(t.is_cuda for t in tensors) else {}
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                       weight_decay=cfg.weight_decay, **fused)
     elif cfg.optimizer == "adamw8bit":

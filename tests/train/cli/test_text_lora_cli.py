@@ -61,10 +61,12 @@ def test_merge_into_a_pipeline_folder_merges_the_text_encoder(pipeline, te_lora,
 
 
 def test_merge_that_cannot_hold_the_text_part_says_what_to_do(pipeline, te_lora, tmp_path, capsys):
-    code, _, err = run(["merge", "--base", pipeline, te_lora, "--layout", "ldm", "-o",
+    """A U-Net-only output has no place for the text part: refused, saying what to do (a whole
+    checkpoint, --layout ldm without --unet-only, holds it: tests/adapters/test_checkpoint_merge.py)."""
+    code, _, err = run(["merge", "--base", pipeline, te_lora, "--layout", "ldm", "--unet-only", "-o",
                         tmp_path / "m.safetensors"], capsys)
     assert code == 2 and "text-encoder modules" in err and "--allow-unmatched" in err
     assert not (tmp_path / "m.safetensors").exists()
-    code, _, _ = run(["merge", "--base", pipeline, te_lora, "--layout", "ldm", "--allow-unmatched", "-o",
-                      tmp_path / "m.safetensors"], capsys)
+    code, _, _ = run(["merge", "--base", pipeline, te_lora, "--layout", "ldm", "--unet-only",
+                      "--allow-unmatched", "-o", tmp_path / "m.safetensors"], capsys)
     assert code == 0 and (tmp_path / "m.safetensors").is_file()                # the U-Net part alone

@@ -271,20 +271,14 @@ def two_loras(pipeline, images, tmp_path_factory):
 
 def sample_cells(pipeline, tmp_path, name, *args, compare=False) -> list[np.ndarray]:
     """Run `adapterkit sample` for one 32 px image (seed 0); the grid's cells, left to right, as the
-    8-bit pictures written (taken where the grid is drawn: the PNG also holds labels and a footer)."""
-    import adapterkit.train.images as images_module
+    8-bit pictures written (support.cli.drawn_grids: the PNG also holds labels and a footer)."""
     from adapterkit.train.cli.main import main as cli
-    grid, drawn, save_grid = tmp_path / f"{name}.png", {}, images_module.save_grid
-
-    def recording(cells, rows, cols, path, **labels):
-        drawn["cells"] = cells
-        return save_grid(cells, rows, cols, path, **labels)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(images_module, "save_grid", recording)
+    from support.cli import drawn_grids
+    with drawn_grids() as drawn:
         assert cli(["sample", "--base", str(pipeline), "--prompt", "a red shape", "--seed", "0",
                     "--steps", "3", "--size", "32", *(["--compare"] if compare else []), *args,
-                    "-o", str(grid)]) == 0
-    cells = [np.asarray(images_module.tensor_to_pil(c)) for c in drawn["cells"]]
+                    "-o", str(tmp_path / f"{name}.png")]) == 0
+    cells = drawn[-1]["cells"]
     assert len(cells) == (2 if compare else 1) and all(c.shape == (32, 32, 3) for c in cells)
     return cells
 

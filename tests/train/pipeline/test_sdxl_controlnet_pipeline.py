@@ -19,6 +19,7 @@ from adapterkit.train.data.canny import edge_map_tensor
 from adapterkit.train.images import tensor_to_pil
 from adapterkit.train.pipeline.base import load_base
 from adapterkit.train.pipeline.generate import generate, start_noise
+from support.cli import drawn_grids
 from support.pictures import shape_image
 from support.pipelines import build_tiny_pipeline_8x_vae, build_tiny_sdxl_pipeline
 from support.unets import controlnet_for, write_sdxl_lora
@@ -143,8 +144,11 @@ def test_adapterkit_sample_with_sdxl_controlnets_and_a_lora(pipe_dir, files, tmp
               "--device", "cpu", "--controlnet", str(files / "cn0"), "--hint", str(edges)]
 
     def grid(name, *extra):
-        assert cli([*common, *extra, "-o", str(tmp_path / name)]) == 0
-        return np.asarray(Image.open(tmp_path / name)).astype(int)
+        """The sampled picture of one run (the grid's last cell; the first shows the hint)."""
+        with drawn_grids() as drawn:
+            assert cli([*common, *extra, "-o", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).is_file()
+        return drawn[-1]["cells"][-1].astype(int)
     one = grid("one.png")
     two = grid("two.png", "--controlnet", str(files / "cn1"), "--hint", str(edges), "--guess-mode")
     styled = grid("lora.png", "--lora", f"{files / 'style.safetensors'}:0.8")
