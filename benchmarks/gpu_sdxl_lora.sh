@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15 benchmark on one GPU (H200: the peer at b16 needs ~124 GB): the SDXL LoRA step at 1024 px, ours vs
 # diffusers + peft (shared/bench/diffusers_peft_sdxl_baseline.py), batch 4 (eager and graphed), the 12 GB recipe's
-# step (gradient checkpointing, attn-ff) beside the peer with checkpointing, batch 16; then the -m gpu suite.
+# step (gradient checkpointing, attn-ff) beside the peer with checkpointing, the -m gpu suite, then batch 16.
 # Wheels (diffusers, peft, datasets, ...) carried in .whl. JSONs under $OUT.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
