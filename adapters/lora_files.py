@@ -77,6 +77,7 @@ from .lora import (
 )
 from .lora_keys import (
     KOHYA_PREFIX,
+    check_claims,
     claimed_family,
     guess_base,
     is_ldm_name,
@@ -259,6 +260,10 @@ def read_lora(path: str | os.PathLike, base: UNetConfig | None = None,
                 "when others have one; pass missing_alpha='rank' (--missing-alpha rank) to read them as "
                 "alpha = rank")
         lora.notes.append(f"alpha read as rank for {len(missing)} modules without one: {_list(missing, 4)}")
+    try:
+        check_claims(lora.shapes(), metadata, lora.source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return lora
 
 

@@ -263,6 +263,25 @@ def claimed_family(shapes: dict[str, tuple[torch.Size, torch.Size]], metadata: d
     return next((f for f in claims if f is not None and f is not TINY), None)
 
 
+def check_claims(shapes: dict[str, tuple[torch.Size, torch.Size]], metadata: dict[str, str],
+                 source: str) -> None:
+    """A file whose metadata names one released family while its tensors show another is refused,
+    citing both (reliability.md B6): its `modelspec.architecture` / `ss_base_model_version` (what A1111
+    and civitai file it under) against the cross-attention input width its attn2 K/V layers take."""
+    width = context_width(shapes)
+    shown = family_of_width(width)
+    if shown is None or shown is TINY:
+        return
+    for key, family_of_claim in (("modelspec.architecture", family_of_modelspec),
+                                 ("ss_base_model_version", family_of_ss_version)):
+        claimed = family_of_claim(metadata.get(key, ""))
+        if claimed is not None and claimed is not TINY and claimed is not shown:
+            raise ValueError(
+                f"{source}: its metadata says {claimed.title} ({key}={metadata[key]}) but its tensors are "
+                f"{shown.title}'s (cross-attention input dim {width}); the file is mislabelled or damaged. "
+                f"Use it with a {shown.title} base only after correcting its {key}, or get a good copy")
+
+
 @functools.cache
 def _own_text_prefixes(name: str) -> tuple[str, ...]:
     """How keys of the text encoders only family `name` has begin, "_"-joined: their kohya prefixes

@@ -61,6 +61,7 @@ from .lora_files import (
 )
 from .lora_keys import (
     KOHYA_PREFIX,
+    check_claims,
     claimed_family,
     guess_base,
     is_ldm_name,
@@ -167,6 +168,7 @@ def read_lycoris(path: str | os.PathLike, base: UNetConfig | None = None,
                              "scale 1 but alpha 0 as no effect; pass missing_alpha='rank' "
                              "(--missing-alpha rank) to read both as scale 1")
         lyco.notes.append(f"scale 1 for {len(missing)} modules without alpha: {_list(missing, 4)}")
+    check_claims(lyco.shapes(), metadata, lyco.source)
     return lyco
 
 

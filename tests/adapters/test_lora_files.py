@@ -453,3 +453,26 @@ def test_kohya_export_folds_odd_attention_alphas(trained, tmp_path):
     attn = {p: m.alpha for p, m in back.modules.items() if p.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
     assert set(attn.values()) == {2.0}
     torch.testing.assert_close(back.modules[TO_Q].delta(), lora.modules[TO_Q].delta())
+
+
+@pytest.mark.parametrize("key, claim", [("ss_base_model_version", "sdxl_base_v1-0"),
+                                        ("modelspec.architecture", "stable-diffusion-xl-v1-base/lora"),
+                                        ("ss_base_model_version", "sd_v1")])
+def test_metadata_that_contradicts_the_tensors_is_refused_citing_both(tmp_path, key, claim):
+    """reliability.md B6: an SD1.x-shaped LoRA (attn2.to_k takes 768-wide text) whose metadata files
+    it under SDXL is mislabelled or damaged; the same tensors labelled SD1.x read as before."""
+    from adapterkit.adapters.lycoris_files import read_adapter
+    from adapterkit.unet.weights import CheckpointError
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{stem}.lora_down.weight": torch.randn(4, 768, generator=g),
+               f"{stem}.lora_up.weight": torch.randn(320, 4, generator=g), f"{stem}.alpha": torch.tensor(4.0)}
+    path = tmp_path / "style.safetensors"
+    save_file(tensors, str(path), metadata={key: claim})
+    if claim == "sd_v1":
+        assert read_adapter(path).modules                               # consistent: read as before
+        return
+    with pytest.raises(CheckpointError) as e:
+        read_adapter(path)
+    text = str(e.value)
+    assert "SDXL" in text and "SD1" in text and f"{key}={claim}" in text and "768" in text
