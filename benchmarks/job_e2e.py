@@ -138,7 +138,14 @@ def build_pipeline(folder: Path, preset: str, seed: int = 0) -> Path:
 
 
 def latent_scale(preset: str) -> int:
-    return 2 ** (len(part_configs(preset)[0]["block_out_channels"]) - 1)
+    """Pixels per latent pixel of the VAE the benchmark builds for `preset`."""
+    if is_sdxl(preset):
+        from benchmarks.lora_step import BENCH_PRESETS
+        from benchmarks.sdxl_base import part_configs as sdxl_part_configs
+        vae = sdxl_part_configs(preset if preset in PRESETS else BENCH_PRESETS[preset])[0]
+    else:
+        vae = part_configs(preset)[0]
+    return 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 # --- the pictures ------------------------------------------------------------------------------------
@@ -311,7 +318,7 @@ def measure(args, work: Path) -> dict:
                               min(min(s) for s in sizes), args.job)
     wall, stamped = run_job(overrides, args.device, work / "job.log", args.job, SDXL_RECIPE if sdxl else None)
     steady = steady_rate(read_loss_log(out / "loss.jsonl"), args.batch, args.warmup_fraction)
-    latent = args.size // (8 if sdxl and args.preset == "sdxl" else 2 if sdxl else latent_scale(args.preset))
+    latent = args.size // latent_scale(args.preset)
     variant, step_img_s = step_benchmark(args.preset, args.device, args.batch, latent, args.targets,
                                          args.step_iters, args.step_warmup, work / "step.json", args.job,
                                          checkpointing=sdxl)
