@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from adapterkit.train.config import to_dict
+from adapterkit.train.config import ConfigError, load_config, to_dict
 from adapterkit.train.jobs.recipe import flat_dict
 from adapterkit.train.jobs.state import STATE_FILE, StateFileError, TrainingState  # noqa: F401 (STATE_FILE: named here too)
 
@@ -225,8 +225,9 @@ def resume(state: TrainingState, out: Path, cfg: Any, mutable: Sequence[str] = M
 
 
 def check_same_run(out: Path, ckpt: Path, saved: dict, cfg: Any, mutable: Sequence[str]) -> None:
-    """Refuse a checkpoint whose recipe differs from `cfg` in more than the `mutable` keys."""
-    before, now = flat_dict(saved), flat_dict(to_dict(cfg))
+    """Refuse a checkpoint whose recipe differs from `cfg` in more than the `mutable` keys. A key the
+    saved recipe lacks (added to the recipe since that checkpoint was written) counts as its default."""
+    before, now = flat_dict(with_defaults(saved, type(cfg))), flat_dict(to_dict(cfg))
     exact = {m for m in mutable if not m.endswith(".")}
     prefixes = tuple(m for m in mutable if m.endswith("."))
     changed = sorted(k for k in before.keys() | now.keys()
@@ -235,6 +236,16 @@ def check_same_run(out: Path, ckpt: Path, saved: dict, cfg: Any, mutable: Sequen
         raise ValueError(f"{out} holds a checkpoint of a different run ({ckpt.name}): "
                          + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
                          + ". Use another output.dir, or delete its checkpoints/ to start over.")
+
+
+def with_defaults(saved: dict, cls: type) -> dict:
+    """`saved` (a recipe as to_dict wrote it) read back through today's `cls`, so the keys it lacks take
+    their defaults; as written when today's recipe no longer reads it (a key since removed: that
+    difference is reported by the caller)."""
+    try:
+        return to_dict(load_config(saved, cls))
+    except ConfigError:
+        return saved
 
 
 def save_checkpoint(state: TrainingState, out: Path, step: int, cfg: Any,

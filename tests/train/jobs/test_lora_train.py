@@ -323,3 +323,17 @@ def test_only_the_lora_reaches_the_optimizer_and_gradient_checkpointing_changes_
     la, lb = ([json.loads(r)["loss"] for r in (out / "loss.jsonl").read_text().splitlines()]
               for out in (plain, checkpointed))
     assert la == pytest.approx(lb, abs=1e-6)
+
+
+def test_a_checkpoint_without_a_key_added_since_resumes_as_its_default(pipeline, images, tmp_path):
+    """A recipe key added after a checkpoint was written reads as its default there: an older run whose
+    recipe only lacks it is the same run; the key set to another value is a different run."""
+    from adapterkit.train.config import to_dict
+    from adapterkit.train.jobs.checkpoints import check_same_run
+    cfg = recipe(pipeline, images, tmp_path / "run")
+    older = to_dict(cfg)
+    del older["train"]["timestep_sampling"], older["train"]["noise_offset"]
+    check_same_run(tmp_path, tmp_path / "checkpoint-2", older, cfg, mutable=("train.steps",))
+    newer = recipe(pipeline, images, tmp_path / "run", **{"train.noise_offset": 0.1})
+    with pytest.raises(ValueError, match=r"different run.*train\.noise_offset: 0\.0 -> 0\.1"):
+        check_same_run(tmp_path, tmp_path / "checkpoint-2", older, newer, mutable=("train.steps",))
