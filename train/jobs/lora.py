@@ -194,9 +194,9 @@ def main(cfg: LoraRecipe) -> Path:
     unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     unet.train()
     dtype = unet.conv_in.weight.dtype
-    training = (prepare_training(accelerator, cfg, text.adapter(adapter), dtype, text.lr_of) if text
-                else prepare_training(accelerator, cfg, adapter, dtype))
-    ema = adapter_ema(cfg.ema, adapter.trainable(), training)     # the U-Net's LoRA
+    trained = text.adapter(adapter) if text else adapter          # the U-Net's LoRA, and the encoders'
+    training = prepare_training(accelerator, cfg, trained, dtype, text.lr_of if text else None)
+    ema = adapter_ema(cfg.ema, trained.trainable(), training)
     # a captured U-Net step takes no gradient for its conditioning: no CUDA graph while an encoder trains
     forward = None if text else GraphedStep.for_job(training.model, cfg.train, accelerator)
 

@@ -117,3 +117,15 @@ def test_with_fp32_masters_the_ema_averages_the_masters_and_the_model_keeps_its_
         assert torch.equal(value.float(), last["ema." + own]), name
         assert torch.equal(raw[name].float(), last[own]), name
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+
+
+def test_the_average_covers_the_text_encoders_lora_too(pipeline, images, tmp_path):
+    """With the encoder's LoRA training, its tensors are averaged as the U-Net's are: kept as "ema.*" in
+    the checkpoint and written averaged into the EMA file (kohya's lora_te_* keys there)."""
+    out = main(recipe(pipeline, images, tmp_path / "run", **EMA_RUN, **{"lora.text_encoder.enabled": True}))
+    last = states(out)[-1]
+    text = [k for k in last if k.startswith("text_encoder.")]
+    assert text and all("ema." + k in last for k in text)
+    raw, avg = load_file(str(out / "lora.safetensors")), load_file(str(out / "lora_ema.safetensors"))
+    te = [k for k in raw if k.startswith("lora_te_")]
+    assert te and any(not torch.equal(raw[k], avg[k]) for k in te if "lora_up" in k)

@@ -39,7 +39,8 @@ def test_timestep_options_are_checked_in_the_recipe(pipeline, images, tmp_path):
 def test_resume_equals_the_uninterrupted_run_with_every_new_option_on(pipeline, images, tmp_path,
                                                                        monkeypatch):
     """Logit-normal timesteps in a range, debiased weighting, Prodigy (Adafactor where prodigyopt is
-    missing) with cosine restarts, the EMA and the validation loss, all at once."""
+    missing) with cosine restarts, the text encoder's LoRA, the EMA (of both LoRAs) and the validation
+    loss, all at once."""
     import importlib.util
     import json
 
@@ -51,7 +52,7 @@ def test_resume_equals_the_uninterrupted_run_with_every_new_option_on(pipeline, 
                "train.debiased_estimation": True, "optim.optimizer": "prodigy" if prodigy else "adafactor",
                "optim.lr": 1.0 if prodigy else 1e-3, "optim.schedule": "cosine_with_restarts",
                "optim.restarts": 2, "ema.decay": 0.7, "data.validation.fraction": 0.25, "validation.every": 1,
-               "validation.timesteps": "[100, 800]"}
+               "validation.timesteps": "[100, 800]", "lora.text_encoder.enabled": True}
     straight = main(recipe(pipeline, images, tmp_path / "straight", **options))
     resumed = crash_then_resume(
         monkeypatch, lt, lambda: lt.main(recipe(pipeline, images, tmp_path / "resumed", **options)),
