@@ -147,6 +147,8 @@ def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:
             d = d.get(p) or {}
         if d.get(key) is not None:
             d[key] = Path(str(d[key])).name
+    for entry in (recipe.get("data") or {}).get("datasets") or ():      # data.datasets[i].root too
+        entry["root"] = Path(str(entry["root"])).name
     return _names_only(recipe)
 
 
