@@ -178,8 +178,10 @@ class DataConfig:
     def varies_captions(self) -> bool:
         """Whether a picture's caption changes from draw to draw beyond dropout (shuffled or dropped
         tags): such captions are encoded each step, not cached."""
-        if self.datasets:
-            return any(part.varies_captions for part in self.parts())
+        if self.datasets:                  # an entry's own keys, else this section's (no parts() per step)
+            return any((self.shuffle_tags if e.shuffle_tags is None else e.shuffle_tags)
+                       or (self.tag_dropout if e.tag_dropout is None else e.tag_dropout) > 0
+                       for e in self.datasets)
         return self.shuffle_tags or self.tag_dropout > 0
 
     def parts(self) -> tuple[DataConfig, ...]:

@@ -223,3 +223,20 @@ def test_entry_roots_resolve_beside_the_recipe_and_stay_private(tmp_path):
     cfg = load_config(path, LoraRecipe)
     assert Path(cfg.data.datasets[0].root) == tmp_path / "pics" / "a"
     assert public_recipe(cfg)["data"]["datasets"][0]["root"] == "a"
+
+
+def test_the_recipe_round_trips_and_caption_keys_follow_the_entries():
+    from adapterkit.train.config import to_dict
+    cfg = recipe({"shuffle_tags": True, "datasets": [{"root": "y", "shuffle_tags": False, "weight": 2},
+                                                     {"root": "z", "weight": 1, "trigger": "t"}]})
+    assert load_config(to_dict(cfg), LoraRecipe) == cfg
+    assert [p.shuffle_tags for p in cfg.data.parts()] == [False, True]
+    assert [p.trigger for p in cfg.data.parts()] == ["", "t"] and cfg.data.varies_captions
+    only_off = recipe({"shuffle_tags": True, "datasets": [{"root": "y", "shuffle_tags": False}]})
+    assert not only_off.data.varies_captions
+
+
+def test_the_controlnet_job_refuses_several_datasets():
+    from adapterkit.train.jobs.controlnet import ControlNetRecipe
+    with pytest.raises(ConfigError, match="ControlNet job trains on one folder of pairs"):
+        load_config({"model": {"base": "x"}, "data": {**BASE, "datasets": [{"root": "y"}]}}, ControlNetRecipe)
