@@ -1,6 +1,6 @@
 """Several datasets served as one (`data.datasets`, train/data/entries.py says what the keys mean).
 
-    dataset = open_datasets(cfg.data, cache_dir)      # hf_datasets.open_data does this for data.datasets
+    dataset = open_data(cfg.data, cache_dir)          # root: hf_datasets.open_data; datasets: a DatasetList
     dataset.summary()                                 # per dataset: pictures, repeats/weight, reg, samples
 
 Each entry is scanned on its own (folder.py's policy, or a `datasets` source through hf_datasets.py)
@@ -40,13 +40,16 @@ import torch
 from adapterkit.train.data.buckets import BucketBatchSampler
 from adapterkit.train.data.entries import DatasetEntry, entry_name
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, sample_key
+from adapterkit.train.data.hf_datasets import open_data as open_one
+from adapterkit.train.data.hf_datasets import scan_data
 
 
 class DatasetList(torch.utils.data.Dataset):
     """The entries of data.datasets as one dataset (module docstring). `scanned`: each entry's
     pictures (after any validation split); only those with a sample per epoch become `records`."""
 
-    def __init__(self, cfg: DataConfig, scanned: list[CaptionedImageFolder], held_out: list[int] | None = None):
+    def __init__(self, cfg: DataConfig, scanned: list[CaptionedImageFolder],
+                 held_out: list[int] | None = None):
         if len(scanned) != len(cfg.datasets):
             raise ValueError(f"{len(scanned)} scanned datasets for {len(cfg.datasets)} entries")
         self.cfg, self.entries, self.scanned = cfg, cfg.datasets, scanned
@@ -71,7 +74,8 @@ class DatasetList(torch.utils.data.Dataset):
         entries = [dataclasses.replace(e, repeats=None, weight=None, regularization=False,
                                        prior_loss_weight=None) for e in cfg.datasets]
         keep = [k for k, p in enumerate(parts) if p is not None and len(p)]
-        return cls(dataclasses.replace(cfg, datasets=tuple(entries[k] for k in keep)), [parts[k] for k in keep])
+        return cls(dataclasses.replace(cfg, datasets=tuple(entries[k] for k in keep)),
+                   [parts[k] for k in keep])
 
     # -- the dataset interface of CaptionedImageFolder ---------------------------------------------
 
@@ -186,7 +190,8 @@ def epoch_counts(entries: tuple[DatasetEntry, ...], repeats: list[list[int]], se
     if all(w is not None for w in weights):
         units = {k: sum(repeats[k]) for k in train}
         shares = {k: entries[k].weight / sum(weights) for k in train}
-        n = math.ceil(max(units[k] / shares[k] for k in train if units[k]) - 1e-9) if any(units.values()) else 0
+        n = (math.ceil(max(units[k] / shares[k] for k in train if units[k]) - 1e-9)     # 1e-9: 10 / 0.1
+             if any(units.values()) else 0)
         for k in train:
             out[k] = units_to_pictures(k, round(shares[k] * n) if units[k] else 0)
     else:
@@ -198,18 +203,23 @@ def epoch_counts(entries: tuple[DatasetEntry, ...], repeats: list[list[int]], se
     for k in reg:
         out[k] = [0] * len(repeats[k])
     if owner:
-        for (k, j), c in zip(owner, spread(total, len(owner), np.random.default_rng([seed, 6, len(entries)]))):
+        rng = np.random.default_rng([seed, 6, len(entries)])
+        for (k, j), c in zip(owner, spread(total, len(owner), rng)):
             out[k][j] += c
     return out
 
 
 # -- opening ------------------------------------------------------------------------------------------
 
+def open_data(cfg: DataConfig, cache_dir: str | os.PathLike | None = None
+              ) -> CaptionedImageFolder | DatasetList:
+    """The training pictures of a data: section: its root (hf_datasets.open_data), or its datasets."""
+    return open_datasets(cfg, cache_dir) if cfg.datasets else open_one(cfg, cache_dir)
+
+
 def open_datasets(cfg: DataConfig, cache_dir: str | os.PathLike | None = None) -> DatasetList:
     """Scan every entry of cfg.datasets with its own settings and put them together; ValueError when
     entries overlap (a root inside another's, or the same picture in two)."""
-    from adapterkit.train.data.hf_datasets import scan_data
-
     roots = [Path(os.path.abspath(e.root)) for e in cfg.datasets]
     for a in range(len(roots)):
         for b in range(a + 1, len(roots)):

@@ -69,7 +69,8 @@ class DatasetEntry:
         if self.repeats is not None and self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.weight is not None and not self.weight > 0:
-            raise ValueError(f"weight must be > 0, got {self.weight:g} (leave the entry out to not train on it)")
+            raise ValueError(f"weight must be > 0, got {self.weight:g} (leave the entry out to not train "
+                             "on it)")
         if self.regularization and (self.repeats is not None or self.weight is not None):
             raise ValueError("a regularization entry takes no repeats or weight: its pictures fill as many "
                              "samples per epoch as the training entries together (kohya's balance); remove "
@@ -97,7 +98,8 @@ def check_entries(entries: tuple[DatasetEntry, ...]) -> None:
     """What holds between the entries of data.datasets: some training pictures, weights all or none."""
     train = [e for e in entries if not e.regularization]
     if not train:
-        raise ValueError("data.datasets has only regularization entries: add one with the pictures to train on")
+        raise ValueError("data.datasets has only regularization entries: add one with the pictures to "
+                         "train on")
     weighted = [i for i, e in enumerate(entries) if e.weight is not None]
     if weighted and len(weighted) != len(train):
         plain = [i for i, e in enumerate(entries) if not e.regularization and e.weight is None]

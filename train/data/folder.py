@@ -295,7 +295,8 @@ class ScanReport:
                   for name, (n, r) in sorted(self.folders.items())]
         images = sum(n for n, _ in self.folders.values())
         lines.append(f"  epoch: {self.epoch_samples} samples from {images} images"
-                     + (f" ({self.held_out} more held out for validation, not counted)" if self.held_out else ""))
+                     + (f" ({self.held_out} more held out for validation, not counted)"
+                        if self.held_out else ""))
         return lines
 
     __str__ = summary

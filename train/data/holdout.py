@@ -76,8 +76,8 @@ def split_datasets(dataset: DatasetList) -> tuple[DatasetList, DatasetList]:
             counts.append(0)
             continue
         try:
-            train, out = split_validation(type(part)(part.records, dataclasses.replace(part.cfg, validation=split),
-                                                     part.report, part.rows))
+            with_split = dataclasses.replace(part.cfg, validation=split)
+            train, out = split_validation(type(part)(part.records, with_split, part.report, part.rows))
         except ValueError as e:
             raise ValueError(f"data.datasets[{k}] ({entry.root}): {e}") from None
         kept.append(type(part)(train.records, part.cfg, train.report, part.rows))

@@ -12,8 +12,9 @@ bytes is skipped as a duplicate), so no held-out picture is also trained on. A f
 overlap the training folder (neither inside the other) nor share a picture's content with it.
 With several datasets (`data.datasets`) a fraction holds out that share of each training entry (never
 of a regularisation one), served with its entry's trigger and resolution; a folder is scanned with the
-`data:` section's settings. Validation pictures are served deterministically: no caption dropout, no shuffled or dropped tags, no
-flip, no random crop, so the same picture gives the same latent and caption at every evaluation.
+`data:` section's settings. Validation pictures are served deterministically: no caption dropout, no
+shuffled or dropped tags, no flip, no random crop, so the same picture gives the same latent and
+caption at every evaluation.
 """
 from __future__ import annotations
 

@@ -36,8 +36,8 @@ from adapterkit.adapters.lycoris import LycorisSpec
 from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
+from adapterkit.train.data.datasets_list import open_data
 from adapterkit.train.data.folder import CaptionedImageFolder
-from adapterkit.train.data.hf_datasets import open_data
 from adapterkit.train.data.holdout import describe_split, split_validation
 from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume

@@ -11,10 +11,9 @@ import pytest
 from PIL import Image
 
 from adapterkit.train.config import ConfigError, load_config
-from adapterkit.train.data.datasets_list import DatasetList, epoch_counts
+from adapterkit.train.data.datasets_list import DatasetList, epoch_counts, open_data
 from adapterkit.train.data.entries import DatasetEntry
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig
-from adapterkit.train.data.hf_datasets import open_data
 from adapterkit.train.data.holdout import split_validation
 from adapterkit.train.jobs.batches import BatchPlan
 from adapterkit.train.jobs.lora import LoraRecipe
@@ -95,7 +94,8 @@ def test_weights_give_each_dataset_its_share_of_the_draws(tmp_path, weights, siz
 
 
 def test_the_samples_of_a_share_are_spread_evenly():
-    counts = epoch_counts((DatasetEntry("a", weight=1.0), DatasetEntry("b", weight=3.0)), [[1] * 4, [1] * 5], 0)
+    entries = (DatasetEntry("a", weight=1.0), DatasetEntry("b", weight=3.0))
+    counts = epoch_counts(entries, [[1] * 4, [1] * 5], 0)
     # n = ceil(max(4 / 0.25, 5 / 0.75)) = 16: a gets 4 (once each), b 12 over 5 pictures (2 or 3 each)
     assert counts[0] == [1, 1, 1, 1] and sum(counts[1]) == 12 and set(counts[1]) == {2, 3}
 
@@ -186,14 +186,17 @@ def test_several_datasets_hold_out_from_training_entries_only(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"root": "x", "datasets": [{"root": "y"}]}, "give root .* or datasets .*, not both"),
     ({}, r"root is missing \(a required key\)"),
-    ({"datasets": [{"root": "y", "repeats": 2, "weight": 1.0}]}, r"datasets\[0\]: give repeats \(2\) or weight"),
-    ({"datasets": [{"root": "y", "repats": 2}]}, r"datasets\[0\]\.repats: unknown key; did you mean 'repeats'"),
+    ({"datasets": [{"root": "y", "repeats": 2, "weight": 1.0}]},
+     r"datasets\[0\]: give repeats \(2\) or weight"),
+    ({"datasets": [{"root": "y", "repats": 2}]},
+     r"datasets\[0\]\.repats: unknown key; did you mean 'repeats'"),
     ({"datasets": [{"root": "y", "repeats": 0}]}, r"datasets\[0\]\.repeats: must be >= 1"),
     ({"datasets": [{"root": "y", "weight": 0}]}, r"datasets\[0\]\.weight: must be > 0"),
     ({"datasets": [{"root": "y"}, {"root": "r", "regularization": True, "repeats": 2}]},
      "regularization entry takes no repeats or weight"),
     ({"datasets": [{"root": "y", "prior_loss_weight": 0.5}]}, "prior_loss_weight applies to regularization"),
-    ({"datasets": [{"root": "y", "weight": 1}, {"root": "z"}]}, r"datasets \[0\] have a weight and datasets \[1\]"),
+    ({"datasets": [{"root": "y", "weight": 1}, {"root": "z"}]},
+     r"datasets \[0\] have a weight and datasets \[1\]"),
     ({"datasets": [{"root": "r", "regularization": True}]}, "has only regularization entries"),
     ({"datasets": [{"root": "a/y"}, {"root": "b/y"}]}, "two datasets are named 'y'"),
     ({"datasets": [{"root": "y"}, {"root": "z", "resolution": 36}]}, r"datasets\[1\] \(z\): resolution 36"),

@@ -70,7 +70,8 @@ def folders(images, tmp_path_factory):
             "reg_inverted": subset(images, root / "reg_inverted", range(8, 12), invert=True)}
 
 
-def test_a_prior_loss_weight_of_0_makes_reg_pictures_give_no_gradient(pipeline, folders, tmp_path, monkeypatch):
+def test_a_prior_loss_weight_of_0_makes_reg_pictures_give_no_gradient(pipeline, folders, tmp_path,
+                                                                       monkeypatch):
     real, weights = lt.diffusion_loss, []
 
     def spy(*args, **kwargs):
@@ -83,7 +84,8 @@ def test_a_prior_loss_weight_of_0_makes_reg_pictures_give_no_gradient(pipeline, 
         entries = [{"root": str(folders["a"])}, {"root": str(folders["b"]), "trigger": "zzz"},
                    {"root": str(folders[reg]), "name": "reg", "regularization": True,
                     "prior_loss_weight": prior, "trigger": ""}]
-        return load_file(str(main(recipe(pipeline, tmp_path / f"{reg}-{prior}", entries)) / "lora.safetensors"))
+        out = main(recipe(pipeline, tmp_path / f"{reg}-{prior}", entries))
+        return load_file(str(out / "lora.safetensors"))
 
     ignored, ignored_inverted = run("reg", 0.0), run("reg_inverted", 0.0)
     seen = [w for w in weights if w is not None]
@@ -95,7 +97,8 @@ def test_a_prior_loss_weight_of_0_makes_reg_pictures_give_no_gradient(pipeline, 
     assert max((counted[k] - ignored[k]).abs().max() for k in counted) > 1e-5
 
 
-def test_resume_equals_uninterrupted_with_two_datasets_and_a_reg_set(pipeline, folders, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_with_two_datasets_and_a_reg_set(pipeline, folders, tmp_path,
+                                                                      monkeypatch):
     entries = [{"root": str(folders["a"]), "repeats": 2, "trigger": "aaa"},
                {"root": str(folders["b"]), "shuffle_tags": True},
                {"root": str(folders["reg"]), "regularization": True, "prior_loss_weight": 0.5}]
