@@ -18,6 +18,7 @@ from adapterkit.train.data.holdout import split_validation
 from adapterkit.train.jobs.batches import BatchPlan
 from adapterkit.train.jobs.lora import LoraRecipe
 from adapterkit.train.jobs.recipe import public_recipe
+from adapterkit.train.jobs.run_metadata import train_samples
 
 BASE = {"resolution": 32, "bucket_step": 8, "min_side": 16}
 
@@ -165,6 +166,7 @@ def test_held_out_pictures_are_not_counted_in_the_epoch(tmp_path):
     assert train.report.epoch_samples == want == sum(r.repeats for r in train.records)
     assert f"epoch: {want} samples from 6 images (2 more held out for validation, not counted)" \
         in train.summary()
+    assert train_samples(train) == want                       # the files' ss_num_train_images
 
 
 def test_several_datasets_hold_out_from_training_entries_only(tmp_path):
@@ -174,7 +176,7 @@ def test_several_datasets_hold_out_from_training_entries_only(tmp_path):
                     {"root": str(reg), "regularization": True}], validation={"fraction": 0.25})
     train, held = split_validation(open_data(cfg))
     assert [len(p) for p in held.parts] == [1, 2] and len(held) == 3
-    assert train.train_samples == 3 * 2 + 6 and train.reg_samples == 12
+    assert train.train_samples == 3 * 2 + 6 == train_samples(train) and train.reg_samples == 12
     assert "a: 3 x 2 = 6 (1 held out for validation, not counted)" in train.summary()
     assert held.describe(0)["caption"] == "aaa, a cat"             # served with its entry's settings
     trained = {r.sha256 for r in train.records}
