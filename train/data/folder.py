@@ -59,7 +59,9 @@ through `datasets` and puts each row through this policy and report (`accept_ima
 
 Repeats (`data.kohya_repeats`, off by default): a top-level subfolder named `N_name` (kohya
 sd-scripts' convention, `10_mystyle/`) puts each of its images N times in every epoch; the summary
-then lists each folder's images, repeats and samples, and the epoch's length.
+then lists each folder's images, repeats and samples, and the epoch's length (held-out validation
+pictures not counted). Several datasets in one recipe (`data.datasets`, each with its own repeats or
+weight, trigger, resolution, regularisation pictures): train/data/entries.py and datasets_list.py.
 """
 from __future__ import annotations
 
