@@ -115,6 +115,9 @@ RANGES: dict[str, Range] = {
     "ema_decay": _FRACTION, "guidance": Range(0), "conditioning_scale": _POSITIVE,
     "canny_low": Range(0), "canny_high": Range(0), "alpha_background": Range(0, 255),
     "lora_scales": _FINITE, "control_scales": _FINITE,
+    # data.datasets entries (train/data/entries.py)
+    "repeats": _COUNT, "weight": Range(0, low_open=True, note="the entry's share: weight / sum of weights"),
+    "prior_loss_weight": Range(0, note="0 = regularisation pictures give no gradient"),
     "fraction": Range(0, 1, high_open=True, note="0 = no held-out share"), "timesteps": Range(0),
     "patience": Range(0, note="0 = never stop early"), "min_delta": Range(0),
     "decay": Range(0, 1, high_open=True, note="the EMA's; 0.999 averages over ~1000 steps"),
@@ -133,7 +136,7 @@ FILE_NAMES = {"name": "the file name of the outputs", "scheduler": "a file in co
 # bundled data folders, so a recipe works from any directory. Outputs (`output.dir`) stay relative to
 # the working directory; command-line overrides are taken as given.
 INPUT_PATHS = ("model.base", "model.tokenizer", "model.config_dir", "data.root", "data.validation.folder",
-               "control.folder", "control.lora")
+               "control.folder", "control.lora")          # and each data.datasets[i].root
 BUNDLED = ("assets", "configs")
 
 
@@ -164,6 +167,11 @@ def _resolve_inputs(data: dict, recipe_dir: Path) -> None:
             values = values.get(section) if isinstance(values, dict) else None
         if isinstance(values, dict) and isinstance(values.get(name), str):
             values[name] = resolve_input(values[name], recipe_dir)
+    data_section = data.get("data")
+    entries = data_section.get("datasets") if isinstance(data_section, dict) else None
+    for entry in entries if isinstance(entries, list) else ():     # data.datasets[i].root
+        if isinstance(entry, dict) and isinstance(entry.get("root"), str):
+            entry["root"] = resolve_input(entry["root"], recipe_dir)
 
 
 def resolve_input(value: str, recipe_dir: Path) -> str:

@@ -202,6 +202,13 @@ class LatentCache:
         image_encoded, text_hits, text_encoded, corrupt (found and re-encoded).
         Raises ValueError naming the image when the VAE gives NaN/inf latents (reliability.md C7).
         """
+        parts = getattr(dataset, "parts", None)        # several datasets (datasets_list.DatasetList)
+        if parts is not None:
+            totals: dict[str, int] = {}
+            for part in parts:
+                for k, v in self.build(part, base, batch_size=batch_size, progress=progress).items():
+                    totals[k] = totals.get(k, 0) + v
+            return totals
         self._check_base(base)
         cfg = dataset.cfg
         data_root = Path(dataset.report.root if dataset.report else cfg.root).resolve()

@@ -59,10 +59,13 @@ through `datasets` and puts each row through this policy and report (`accept_ima
 
 Repeats (`data.kohya_repeats`, off by default): a top-level subfolder named `N_name` (kohya
 sd-scripts' convention, `10_mystyle/`) puts each of its images N times in every epoch; the summary
-then lists each folder's images, repeats and samples, and the epoch's length.
+then lists each folder's images, repeats and samples, and the epoch's length (held-out validation
+pictures not counted). Several datasets in one recipe (`data.datasets`, each with its own repeats or
+weight, trigger, resolution, regularisation pictures): train/data/entries.py and datasets_list.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -82,6 +85,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from adapterkit.train.data.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, plan_crop
 from adapterkit.train.data.captions import build_caption, clean_caption, decode_caption, read_metadata
+from adapterkit.train.data.entries import DatasetEntry, check_entries
 from adapterkit.train.data.split import ValidationSplit
 
 logger = logging.getLogger(__name__)
@@ -129,8 +133,8 @@ POLICY: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The `data:` section of a training recipe."""
-    root: str                                   # the image folder or dataset (read-only to us)
+    """The `data:` section of a training recipe: one `root`, or several `datasets` (entries.py)."""
+    root: str = ""                              # the image folder or dataset (read-only to us)
     # What root is (train/data/hf_datasets.py): auto = detected; folder = images + .txt/metadata.jsonl
     # (this module); imagefolder / saved / parquet = read through the `datasets` library.
     source: Literal["auto", "folder", "imagefolder", "saved", "parquet"] = "auto"
@@ -168,14 +172,40 @@ class DataConfig:
     cache_memory_mb: int = 2048
     # Held-out pictures for the validation loss (train/data/split.py): a fraction or a folder.
     validation: ValidationSplit = field(default_factory=ValidationSplit)
+    # Several datasets instead of `root` (train/data/entries.py): each a folder or `datasets` source
+    # with its own repeats or weight, trigger, resolution and caption settings; regularisation pictures.
+    datasets: tuple[DatasetEntry, ...] = ()
 
     @property
     def varies_captions(self) -> bool:
         """Whether a picture's caption changes from draw to draw beyond dropout (shuffled or dropped
         tags): such captions are encoded each step, not cached."""
+        if self.datasets:                  # an entry's own keys, else this section's (no parts() per step)
+            return any((self.shuffle_tags if e.shuffle_tags is None else e.shuffle_tags)
+                       or (self.tag_dropout if e.tag_dropout is None else e.tag_dropout) > 0
+                       for e in self.datasets)
         return self.shuffle_tags or self.tag_dropout > 0
 
+    def parts(self) -> tuple[DataConfig, ...]:
+        """The settings each dataset is read and served with: (self,) for `root`; for `datasets`, per
+        entry this section with the entry's root and own keys (its trigger, resolution, ...)."""
+        if not self.datasets:
+            return (self,)
+        return tuple(dataclasses.replace(self, root=e.root, datasets=(), validation=ValidationSplit(),
+                                         **e.overrides()) for e in self.datasets)
+
     def __post_init__(self):
+        if bool(self.root) == bool(self.datasets):
+            raise ValueError("give root (one folder or dataset) or datasets (a list of them), not both"
+                             if self.root else "root is missing (a required key): name the image folder "
+                             "(root: path/to/images), or list several under datasets")
+        if self.datasets:
+            check_entries(self.datasets)
+            for i, entry in enumerate(self.datasets):     # each entry's settings through these checks
+                try:
+                    dataclasses.replace(self, root=entry.root, datasets=(), **entry.overrides())
+                except ValueError as e:
+                    raise ValueError(f"datasets[{i}] ({entry.root}): {e}") from None
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not 0.0 <= self.tag_dropout <= 1.0:
@@ -217,10 +247,12 @@ class ScanReport:
     entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     # top-level folder ("." for the root itself) -> [accepted images, repeats of each]
     folders: dict[str, list[int]] = field(default_factory=dict)
+    held_out: int = 0                    # of the accepted images, held out for validation (holdout.py)
 
     @property
     def epoch_samples(self) -> int:
-        """Samples per epoch: every accepted image times its folder's repeats."""
+        """Samples per epoch: every image trained on (held-out ones are not in `folders`) times its
+        folder's repeats."""
         return sum(n * repeats for n, repeats in self.folders.values())
 
     def add(self, key: str, rel: str, detail: str = "") -> None:
@@ -263,7 +295,10 @@ class ScanReport:
         lines = ["  folders: images x repeats = samples per epoch"]
         lines += [f"    {name + '/' if name != '.' else './'}: {n} x {r} = {n * r}"
                   for name, (n, r) in sorted(self.folders.items())]
-        lines.append(f"  epoch: {self.epoch_samples} samples from {self.accepted} images")
+        images = sum(n for n, _ in self.folders.values())
+        lines.append(f"  epoch: {self.epoch_samples} samples from {images} images"
+                     + (f" ({self.held_out} more held out for validation, not counted)"
+                        if self.held_out else ""))
         return lines
 
     __str__ = summary

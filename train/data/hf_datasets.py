@@ -88,7 +88,11 @@ def scan_data(cfg: DataConfig, cache_dir: str | os.PathLike | None = None
 
 
 def open_data(cfg: DataConfig, cache_dir: str | os.PathLike | None = None) -> CaptionedImageFolder:
-    """The training pictures of cfg.root, whatever it is (scan_data)."""
+    """The training pictures of cfg.root, whatever it is (scan_data). Several (data.datasets):
+    datasets_list.open_data."""
+    if cfg.datasets:
+        raise ValueError("data.datasets lists several datasets: open them with "
+                         "train.data.datasets_list.open_data")
     records, report, rows = scan_data(cfg, cache_dir)
     return CaptionedImageFolder(records, cfg, report, rows)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig
+from adapterkit.train.data.datasets_list import DatasetList
+from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, ImageRecord, ScanReport
 from adapterkit.train.data.split import ValidationSplit
 
 
@@ -25,6 +26,8 @@ def split_validation(dataset: CaptionedImageFolder
     split = dataset.cfg.validation
     if not split.enabled:
         return dataset, None
+    if isinstance(dataset, DatasetList):
+        return split_datasets(dataset)
     cls, cfg = type(dataset), dataset.cfg
     if split.folder:
         held = cls.scan(dataclasses.replace(evaluation_config(cfg), root=split.folder))
@@ -38,7 +41,49 @@ def split_validation(dataset: CaptionedImageFolder
         raise ValueError(f"data.validation.fraction={split.fraction} holds out all {len(order)} pictures: "
                          "lower it, or give a validation folder")
     held = [dataset.records[i] for i in sorted(chosen)]
-    return cls(kept, cfg, dataset.report), cls(held, evaluation_config(cfg), None)
+    return cls(kept, cfg, trained_report(dataset.report, kept, len(held)), dataset.rows), \
+        cls(held, evaluation_config(cfg), None, dataset.rows)
+
+
+def trained_report(report: ScanReport | None, kept: list[ImageRecord], held: int) -> ScanReport | None:
+    """The scan report with its per-folder counts (and so the epoch's samples) of the pictures left to
+    train on: held-out pictures are not part of an epoch."""
+    if report is None:
+        return None
+    folders: dict[str, list[int]] = {}
+    for rec in kept:
+        parts = PurePosixPath(rec.rel).parts
+        folders.setdefault(parts[0] if len(parts) > 1 else ".", [0, rec.repeats])[0] += 1
+    return dataclasses.replace(report, folders=folders, held_out=held)
+
+
+def split_datasets(dataset: DatasetList) -> tuple[DatasetList, DatasetList]:
+    """data.validation for several datasets: a fraction holds out that share of each training entry
+    (never of a regularisation one); a folder is scanned with the data: section's settings. The
+    epoch's samples (repeats, weights, reg balance) are counted on the pictures left to train on."""
+    cfg, split = dataset.cfg, dataset.cfg.validation
+    if split.folder:
+        top = evaluation_config(dataclasses.replace(cfg, root=split.folder, datasets=()))
+        held = CaptionedImageFolder.scan(top)
+        for part in dataset.scanned:
+            check_apart(part, held)
+        return dataset, held
+    kept, held, counts = [], [], []
+    for k, (entry, part) in enumerate(zip(cfg.datasets, dataset.scanned)):
+        if entry.regularization:
+            kept.append(part)
+            held.append(None)
+            counts.append(0)
+            continue
+        try:
+            with_split = dataclasses.replace(part.cfg, validation=split)
+            train, out = split_validation(type(part)(part.records, with_split, part.report, part.rows))
+        except ValueError as e:
+            raise ValueError(f"data.datasets[{k}] ({entry.root}): {e}") from None
+        kept.append(type(part)(train.records, part.cfg, train.report, part.rows))
+        held.append(type(part)(out.records, evaluation_config(part.cfg), None, part.rows))
+        counts.append(len(out))
+    return DatasetList(cfg, kept, counts), DatasetList.evaluation(cfg, held)
 
 
 def check_apart(train: CaptionedImageFolder, held: CaptionedImageFolder) -> None:

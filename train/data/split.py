@@ -10,8 +10,11 @@ A fraction is drawn from the records ordered by their relative path (so it does 
 order the filesystem lists them in); the scan keeps one file per content (a second file of the same
 bytes is skipped as a duplicate), so no held-out picture is also trained on. A folder must not
 overlap the training folder (neither inside the other) nor share a picture's content with it.
-Validation pictures are served deterministically: no caption dropout, no shuffled or dropped tags, no
-flip, no random crop, so the same picture gives the same latent and caption at every evaluation.
+With several datasets (`data.datasets`) a fraction holds out that share of each training entry (never
+of a regularisation one), served with its entry's trigger and resolution; a folder is scanned with the
+`data:` section's settings. Validation pictures are served deterministically: no caption dropout, no
+shuffled or dropped tags, no flip, no random crop, so the same picture gives the same latent and
+caption at every evaluation.
 """
 from __future__ import annotations
 

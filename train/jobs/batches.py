@@ -64,6 +64,7 @@ class MicroBatch:
     noise: Tensor
     t: Tensor                          # (B,) int64
     noisy: Tensor
+    weights: Tensor | None = None      # (B,) fp32 per-sample loss factors (reg pictures); None: all 1
 
 
 def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCache, base: BaseModel,
@@ -85,7 +86,14 @@ def noisy_batch(dataset: CaptionedImageFolder, plan: BatchPlan, cache: LatentCac
     noise = offset_noise(latents.shape, loop.noise_offset, g, device)
     t = schedule.sample_timesteps(len(latents), g, device, loop.timesteps())
     noisy = schedule.add_noise(latents, noise, t).to(dtype)
-    return MicroBatch(keys, samples, latents, cond, noise, t, noisy)
+    return MicroBatch(keys, samples, latents, cond, noise, t, noisy, loss_weights(samples, device))
+
+
+def loss_weights(samples: list[dict], device: torch.device) -> Tensor | None:
+    """The samples' loss factors (`loss_weight`: regularisation pictures of data.datasets, their
+    prior_loss_weight), or None when every one is 1 (one dataset, or a batch without reg pictures)."""
+    w = [float(s.get("loss_weight", 1.0)) for s in samples]
+    return None if all(x == 1.0 for x in w) else to_device(torch.tensor(w, dtype=torch.float32), device)
 
 
 

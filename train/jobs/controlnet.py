@@ -179,6 +179,9 @@ class ControlNetRecipe(JobRecipe):
         if self.data.validation.enabled:
             raise ValueError("data.validation: the ControlNet job has no validation loss yet (the LoRA job "
                              "has): remove it")
+        if self.data.datasets:
+            raise ValueError("data.datasets: the ControlNet job trains on one folder of pairs (the LoRA job "
+                             "takes several datasets): give data.root and control.folder")
 
 
 @one_run_per_output

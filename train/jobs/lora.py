@@ -36,8 +36,8 @@ from adapterkit.adapters.lycoris import LycorisSpec
 from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.cache import LatentCache, check_cacheable
+from adapterkit.train.data.datasets_list import open_data
 from adapterkit.train.data.folder import CaptionedImageFolder
-from adapterkit.train.data.hf_datasets import open_data
 from adapterkit.train.data.holdout import describe_split, split_validation
 from adapterkit.train.jobs.batches import BatchPlan, BatchPrefetch, noisy_batch
 from adapterkit.train.jobs.checkpoints import resume
@@ -250,8 +250,9 @@ def train_step(cfg: LoraRecipe, accelerator: Accelerator, model, base: BaseModel
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             pred = (forward or model)(b.noisy, b.t, b.cond)
+            reg = {} if b.weights is None else {"weights": b.weights}     # reg pictures' prior_loss_weight
             loss = diffusion_loss(pred, b.latents, b.noise, b.t, schedule, cfg.train.min_snr_gamma,
-                                  cfg.train.debiased_estimation)
+                                  cfg.train.debiased_estimation, **reg)
             accelerator.backward(scale_loss(scaler, loss) / cfg.train.grad_accum)
         if batches:
             batches.prefetch(step, micro)                     # the next one, while the GPU works on this

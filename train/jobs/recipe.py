@@ -147,6 +147,8 @@ def public_recipe(cfg: Any, paths: Sequence[str] = PRIVATE_PATHS) -> dict:
             d = d.get(p) or {}
         if d.get(key) is not None:
             d[key] = Path(str(d[key])).name
+    for entry in (recipe.get("data") or {}).get("datasets") or ():      # data.datasets[i].root too
+        entry["root"] = Path(str(entry["root"])).name
     return _names_only(recipe)
 
 
@@ -161,12 +163,15 @@ def _names_only(value: Any) -> Any:
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
-    """Nested dicts -> {"a.b": value}; non-scalars as strings (TensorBoard's hparams take scalars and
-    strings only)."""
+    """Nested dicts -> {"a.b": value}, a list of dicts by index ("data.datasets.0.root"); non-scalars
+    as strings (TensorBoard's hparams take scalars and strings only)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out |= flat_dict(v, f"{prefix}{k}.")
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):   # data.datasets
+            for i, x in enumerate(v):
+                out |= flat_dict(x, f"{prefix}{k}.{i}.")
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out

@@ -60,10 +60,17 @@ def file_hashes(path: Path) -> dict[str, str]:
 
 def tag_frequency(dataset: CaptionedImageFolder, trigger: str) -> dict[str, dict[str, int]]:
     """{folder: {tag: count}} over the training captions (trigger included, tags lower-cased and
-    stripped, as kohya's BaseDataset.set_tag_frequency counts them); folders as ss_dataset_dirs."""
+    stripped, as kohya's BaseDataset.set_tag_frequency counts them); folders as ss_dataset_dirs
+    (several datasets: by entry name, each with its own trigger)."""
     out: dict[str, Counter] = {}
-    for rec in dataset.records:
-        folder = folder_name(dataset, rec.rel)
+    several = getattr(dataset, "kohya_dirs", None) is not None      # datasets_list.DatasetList
+    names = [r["name"] for r in dataset.rows_of()] if several else []
+    for i, rec in enumerate(dataset.records):
+        if several:
+            k = dataset.index[i][0]
+            folder, trigger = names[k], dataset.parts[k].cfg.trigger
+        else:
+            folder = folder_name(dataset, rec.rel)
         caption = build_caption(rec.caption, trigger, 0.0, None)
         tags = (t.strip().lower() for t in caption.split(","))
         out.setdefault(folder, Counter()).update(t for t in tags if t)
@@ -77,11 +84,22 @@ def folder_name(dataset: CaptionedImageFolder, rel: str) -> str:
         else Path(dataset.cfg.root).name
 
 
-def dataset_dirs(dataset: CaptionedImageFolder) -> dict[str, dict[str, int]]:
+def dataset_dirs(dataset: CaptionedImageFolder, regularization: bool = False) -> dict[str, dict[str, int]]:
+    if getattr(dataset, "kohya_dirs", None) is not None:              # several datasets
+        return dataset.kohya_dirs(regularization)
+    if regularization:
+        return {}
     folders = dataset.report.folders if dataset.report else {".": [len(dataset.records), 1]}
     root = Path(dataset.cfg.root).name
     return {(root if name == "." else name): {"n_repeats": r, "img_count": n}
             for name, (n, r) in folders.items()}
+
+
+def train_samples(dataset: CaptionedImageFolder) -> int:
+    """Training samples per epoch, repeats counted, held-out and regularisation pictures not."""
+    if getattr(dataset, "kohya_dirs", None) is not None:
+        return dataset.train_samples
+    return dataset.report.epoch_samples if dataset.report else len(dataset.records)
 
 
 def bucket_info(dataset: CaptionedImageFolder) -> dict:
@@ -141,8 +159,8 @@ def run_metadata(cfg: Any, dataset: CaptionedImageFolder, *, batches_per_epoch: 
         "ss_gradient_checkpointing": train.gradient_checkpointing,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_num_epochs": math.ceil(train.steps * micro / max(batches_per_epoch, 1)),
-        "ss_num_train_images": dataset.report.epoch_samples if dataset.report else len(dataset.records),
-        "ss_num_reg_images": 0,
+        "ss_num_train_images": train_samples(dataset),
+        "ss_num_reg_images": getattr(dataset, "reg_samples", 0),
         "ss_noise_offset": train.noise_offset, "ss_min_snr_gamma": train.min_snr_gamma,
         "ss_mixed_precision": "no" if base_dtype == "fp32" else base_dtype, "ss_full_fp16": False,
         "ss_cache_latents": True, "ss_enable_bucket": True, "ss_bucket_no_upscale": False,
@@ -152,7 +170,8 @@ def run_metadata(cfg: Any, dataset: CaptionedImageFolder, *, batches_per_epoch: 
         "ss_caption_dropout_rate": data.caption_dropout, "ss_caption_tag_dropout_rate": data.tag_dropout,
         "ss_shuffle_caption": data.shuffle_tags, "ss_keep_tokens": data.keep_tokens,
         "ss_flip_aug": data.flip, "ss_random_crop": data.random_crop, "ss_color_aug": False,
-        "ss_dataset_dirs": dataset_dirs(dataset), "ss_reg_dataset_dirs": {},
+        "ss_dataset_dirs": dataset_dirs(dataset),
+        "ss_reg_dataset_dirs": dataset_dirs(dataset, regularization=True),
         "ss_tag_frequency": tag_frequency(dataset, data.trigger),
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",

@@ -270,9 +270,12 @@ def offset_noise(shape: Sequence[int], strength: float, generator: torch.Generat
 
 
 def diffusion_loss(model_out: Tensor, x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule,
-                   min_snr_gamma: float | None = None, debiased: bool = False) -> Tensor:
+                   min_snr_gamma: float | None = None, debiased: bool = False,
+                   weights: Tensor | None = None) -> Tensor:
     """Mean over the batch of each sample's MSE to `schedule.target`, optionally Min-SNR weighted and/or
     debiased (`NoiseSchedule.debiased_weights`; both: the product, as kohya's scripts apply both); fp32.
+    `weights` (B,): each sample's own factor (regularisation pictures' prior_loss_weight), applied
+    before the mean over the batch, as kohya's `loss * loss_weights` is.
 
     The MSE is computed in float32 whatever the model's dtype (a bf16/fp16 square loses the small
     errors that late training is about).
@@ -286,6 +289,8 @@ def diffusion_loss(model_out: Tensor, x0: Tensor, noise: Tensor, t: Tensor, sche
         per_sample = per_sample * schedule.min_snr_weights(t, min_snr_gamma).to(per_sample.device)
     if debiased:
         per_sample = per_sample * schedule.debiased_weights(t).to(per_sample.device)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, torch.float32)
     return per_sample.mean()
 
 
