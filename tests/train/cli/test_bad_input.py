@@ -480,6 +480,13 @@ def to_loha(t):
     return out
 
 
+def last_module_too_wide(t):
+    """The module last in key order with a lora_down one input column too wide: it fails its layer after
+    every other module was placed (B9: nothing of the file may stay on the model)."""
+    down = sorted(k for k in t if k.endswith("lora_down.weight"))[-1]
+    return t | {down: torch.zeros(t[down].shape[0], t[down].shape[1] + 1)}
+
+
 def to_int64(t):
     return {k: v.long() for k, v in t.items()}
 
@@ -601,6 +608,11 @@ CASES = [
     Case("merge: LoRA with one foreign module (B3)", merge_lora(lora_with(with_foreign_module)),
          "--allow-unmatched"),
     Case("merge: LoRA made for another base (B4)", merge_lora(lambda k, t: k.tiny_lora), "preset tiny"),
+    Case("merge: LoRA whose last module does not fit its layer (B9)",
+         merge_lora(lora_with(last_module_too_wide)), "1 shape mismatches"),
+    Case("sample: LoRA whose last module does not fit its layer (B9)",
+         sample_lora(lambda k, t: lora_file(k.tiny_lora, t / "l.safetensors", last_module_too_wide)),
+         "1 shape mismatches"),
     Case("convert: a LyCORIS LoHa file to the peft layout", convert(lora_with(to_loha)),
          "LoHa/LoKr layers have no diffusers file form"),
     Case("convert: rank mismatch (B5)",
