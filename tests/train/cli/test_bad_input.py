@@ -529,6 +529,33 @@ def picture(kind: str) -> bytes:
     return buf.getvalue()
 
 
+def no_model(monkeypatch):
+    """Loading the base is a bug here: the command must stop at the pictures, before any model loads."""
+    def load(*a, **kw):
+        raise AssertionError("a model was loaded before the pictures were checked")
+    monkeypatch.setattr("adapterkit.train.jobs.lora.load_frozen_base", load)
+
+
+def train_on(make: Callable[[Kit, Path], None]):
+    """`train lora` on the picture folder t/imgs that `make` writes."""
+    def argv(k, t):
+        make(k, t)
+        return train("data.root={t}/imgs")(k, t)
+    return argv
+
+
+def all_filtered(k, t):
+    write(t / "imgs" / "a.png", b"")
+    write(t / "imgs" / "b.jpg", picture("jpg")[:300])
+    write(t / "imgs" / "b.txt", "a broken picture")
+    write(t / "imgs" / ".DS_Store", b"\0" * 8)
+
+
+def one_uncaptioned(k, t):
+    shutil.copytree(k.images, t / "imgs")
+    next(iter(sorted((t / "imgs").glob("*.txt")))).unlink()
+
+
 def read_only_out(argv_of: Callable[[Kit, Path, Path], list]):
     def argv(k, t):
         (t / "ro").mkdir()
@@ -740,6 +767,11 @@ CASES = [
          fault=lambda mp, t: (t / "ro").mkdir() or deny_writes(mp, t / "ro")),
     Case("train: data.root missing", train("data.root={t}/nope"), "data.root"),
     Case("train: model.base missing", train("model.base={t}/nope"), "model.base"),
+    Case("train: every picture filtered out (D17), before any model loads", train_on(all_filtered),
+         "none of the 2 image files", fault=no_model, may_create=("out",)),
+    Case("train: an uncaptioned picture and no trigger word (D12), before any model loads",
+         train_on(one_uncaptioned), "would train on an empty caption: img00.png", fault=no_model,
+         may_create=("out",)),
     Case("train: disk full during the run", train(), "no space left on device", fault=full_disk_job),
     Case("train: one of our bugs", train(), "internal error, a bug in adapterkit", code=1,
          fault=job_raises(KeyError("oops"))),
