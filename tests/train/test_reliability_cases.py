@@ -6,7 +6,8 @@ WHERE maps every case to the tests that fail without its behaviour: `file::test_
 checks that all 50 cases are mapped and that every pointer names a test that exists, so a renamed or
 deleted test shows here. Policies as built (where they differ from the wording of reliability.md):
 A13 content-equal rather than byte-equal (safetensors writes its metadata map in hash order); C3 a
-stale checkpoint of another run stops the resume (C9's check) instead of being rotated around; C9 an
+stale checkpoint of another run stops the resume (C9's check), and rotation counts only checkpoints
+below the one just written; C9 an
 unreadable RNG state is an error, not a warning; D13 a caption that is not UTF-8 is decoded as
 cp1252/latin-1 and reported with its byte offset (a fix, not an error); D7 a bad fit to the buckets
 is a note, not a skip (pictures under data.min_side are skipped).
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from adapterkit.adapters.lora import LoraSpec, add_lora
 from adapterkit.adapters.lora_files import read_lora, save_lora, write_lora
+from adapterkit.train.jobs.checkpoints import MARKER, checkpoint_dirs, write_checkpoint
 from adapterkit.train.jobs.progress import StopSignals
 from adapterkit.unet import PRESETS, UNet, load_unet, save_unet
 
@@ -82,6 +84,7 @@ WHERE: dict[str, list[str]] = {
     "C2": [f"{SAFETY}::test_a_checkpoint_without_its_marker_is_skipped_and_the_resume_repeats_the_run",
            f"{CKPT}::test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_repeats_it"],
     "C3": [f"{SAFETY}::test_an_export_failing_mid_checkpoint_leaves_the_previous_checkpoint_as_it_was",
+           f"{HERE}::test_rotation_keeps_the_checkpoint_just_written_beside_a_higher_numbered_one",
            f"{SAFETY}::test_only_the_newest_checkpoints_are_kept",
            f"{JOB}::test_a_checkpoint_of_another_run_is_not_resumed"],
     "C4": [f"{JOB}::test_sigint_writes_a_final_checkpoint_and_the_run_resumes_from_it",
@@ -192,3 +195,19 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
             os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == "SIGTERM"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+# --- C3: rotation never deletes the checkpoint just written --------------------------------------------
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_rotation_keeps_the_checkpoint_just_written_beside_a_higher_numbered_one(keep, tmp_path):
+    """C3: a checkpoint numbered above this run's step (the damaged newest a resume passed over, or
+    another run's) is neither counted nor deleted by rotation; the new one and `keep - 1` before it stay."""
+    def fill(folder):
+        (folder / "weights.bin").write_bytes(b"w")
+    for step in (1, 2, 9):
+        write_checkpoint(tmp_path, step, fill, {"step": step}, keep=0)
+    write_checkpoint(tmp_path, 3, fill, {"step": 3}, keep=keep)
+    kept = [d.name for d in checkpoint_dirs(tmp_path)]
+    assert kept == ["step-000002", "step-000003", "step-000009"][2 - keep:]
+    assert (tmp_path / "step-000003" / MARKER).is_file()
