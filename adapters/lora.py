@@ -300,7 +300,10 @@ def all_or_nothing(model: nn.Module, name: str):
     deleted from every layer, its peft config dropped, every peft wrapper the block added is replaced
     by the layer it wrapped (peft's delete_adapter leaves empty wrappers, so the state dict would read
     `to_q.base_layer.weight`), and the active adapters and grad flags are put back: the model's
-    modules, state dict keys and tensors are the ones it had before. Nestable (undoing twice is a no-op)."""
+    modules, state dict keys and tensors are the ones it had before. Nestable (undoing twice is a no-op).
+    A name the model already has is refused on entry: undoing would delete that adapter."""
+    if name in lora_names(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; adapters: {lora_names(model)}")
     before = {id(m) for m in _tuner_layers(model)}
     grads = {p: p.requires_grad for p in model.parameters()}
     active = [n for n in lora_names(model) if n in _active(model)]

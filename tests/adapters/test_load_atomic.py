@@ -243,3 +243,14 @@ def test_a_base_whose_text_encoder_part_fails_keeps_no_unet_part(lora_pipeline, 
     assert_untouched(target.unet, before["unet"], "s")
     assert_untouched(target.text_encoder, before["text"], "s")
     assert target.fingerprint == fingerprint
+
+
+def test_a_name_already_taken_leaves_that_adapter_in_place(lora_path):
+    """The guard refuses a name the model has before anything runs: undoing would delete that adapter."""
+    encoders = {"text_encoder": tiny_clip(0)}
+    add_text_lora(encoders["text_encoder"], TextLoraSpec(rank=2, alpha=2), "s")
+    before = state(encoders["text_encoder"])
+    lora = Lora(text_lora_from_model("text_encoder", encoders["text_encoder"], "s"))
+    with pytest.raises(ValueError, match="already has"):
+        load_text_lora(encoders, lora, "s")
+    assert state(encoders["text_encoder"]) == before and lora_names(encoders["text_encoder"]) == ["s"]
