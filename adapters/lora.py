@@ -285,15 +285,47 @@ def _inject(model: nn.Module, config: LoraConfig, name: str, trainable: bool) ->
     grads = {p: p.requires_grad for p in model.parameters()}
     active = [n for n in lora_names(model) if n in _active(model)]
     lora_fused.register(config)             # nn.Linear targets become FusedLinear (lora_fused.py)
-    try:
+    with all_or_nothing(model, name):
         with _quiet_peft():
             inject_adapter_in_model(config, model, adapter_name=name)
         cast_adapter_dtype(model, name)
-    except Exception:
-        _drop(model, name)
-        raise
     set_adapter(model, active + [name])
     _restore_grads(model, grads, new=name, trainable=trainable)
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, name: str):
+    """Adapter `name` goes into `model` whole or not at all (reliability.md B9): if the block raises
+    (peft fails on a layer half-way through injection, a tensor copy fails, Ctrl-C), the adapter is
+    deleted from every layer, its peft config dropped, every peft wrapper the block added is replaced
+    by the layer it wrapped (peft's delete_adapter leaves empty wrappers, so the state dict would read
+    `to_q.base_layer.weight`), and the active adapters and grad flags are put back: the model's
+    modules, state dict keys and tensors are the ones it had before. Nestable (undoing twice is a no-op).
+    A name the model already has is refused on entry: undoing would delete that adapter."""
+    if name in lora_names(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; adapters: {lora_names(model)}")
+    before = {id(m) for m in _tuner_layers(model)}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    active = [n for n in lora_names(model) if n in _active(model)]
+    had_config = hasattr(model, "peft_config")
+    try:
+        yield
+    except BaseException:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # peft warns when it picks a new active adapter
+            _drop(model, name)
+        added = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, BaseTunerLayer) and id(m) not in before and not m._get_available_adapters()]
+        for path, wrapper in added:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, wrapper.base_layer)
+        if not had_config and not getattr(model, "peft_config", None) and hasattr(model, "peft_config"):
+            del model.peft_config
+        if _tuner_layers(model):
+            set_adapter(model, active)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        raise
 
 
 def _restore_grads(model: nn.Module, before: dict, new: str | None = None, trainable: bool = False) -> None:
@@ -395,8 +427,9 @@ def load_lora(model: nn.Module, lora: Lora, name: str = "default", weight: float
               trainable: bool = False, allow_unmatched: bool = False) -> None:
     """Inject `lora` as adapter `name` with its own per-module ranks and alphas.
 
-    Everything is checked first (placement, shapes, finite values); on any failure the model is
-    left as it was. Loaded adapters are frozen unless `trainable` (e.g. to continue training).
+    Everything is checked first (placement, shapes, finite values); on any failure, also one half-way
+    through injection, the model is left as it was (`all_or_nothing`). Loaded adapters are frozen
+    unless `trainable` (e.g. to continue training).
     """
     if name in lora_names(model):
         raise ValueError(f"the model already has a LoRA named {name!r}; adapters: {lora_names(model)}")
@@ -409,8 +442,8 @@ def load_lora(model: nn.Module, lora: Lora, name: str = "default", weight: float
         r=r, lora_alpha=a, target_modules=sorted(placed), init_lora_weights=False,
         rank_pattern={_exact(p): lora.modules[p].rank for p in placed if lora.modules[p].rank != r},
         alpha_pattern={_exact(p): lora.modules[p].alpha for p in placed if lora.modules[p].alpha != a})
-    _inject(model, config, name, trainable)
-    try:
+    with all_or_nothing(model, name):
+        _inject(model, config, name, trainable)
         layers = lora_layers(model)
         with torch.no_grad():
             for path in placed:
@@ -419,8 +452,5 @@ def load_lora(model: nn.Module, lora: Lora, name: str = "default", weight: float
                 layer.lora_B[name].weight.copy_(m.up)
                 if abs(layer.scaling[name] - m.scale) > 1e-12 * max(1.0, m.scale):
                     raise RuntimeError(f"{path}: peft scaling {layer.scaling[name]} != alpha/rank {m.scale}")
-    except Exception:
-        _drop(model, name)
-        raise
-    if weight != 1.0:
-        set_lora_weights(model, {**lora_weights(model), name: weight})
+        if weight != 1.0:
+            set_lora_weights(model, {**lora_weights(model), name: weight})

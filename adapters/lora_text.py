@@ -19,6 +19,7 @@ projection head of SDXL's second encoder (`text_projection`) is never targeted (
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Literal
@@ -26,7 +27,7 @@ from typing import Literal
 from peft import LoraConfig
 from torch import nn
 
-from .lora import Lora, _inject, load_lora, lora_from_model, lora_names
+from .lora import Lora, _inject, all_or_nothing, load_lora, lora_from_model, lora_names
 from .lora_keys import is_text_path, layer_paths, text_path
 
 TEXT_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -92,15 +93,18 @@ def load_text_lora(encoders: dict[str, nn.Module], lora: Lora, name: str, weight
                    trainable: bool = False) -> dict[str, int]:
     """Inject each encoder's part of `lora` as adapter `name` (its own ranks and alphas, `load_lora`);
     returns {component: modules loaded}. The caller checks placement first (`fit` with
-    `text_encoders=`): a part that does not fit raises here too, but an earlier part stays loaded."""
+    `text_encoders=`); a part that still fails (it does not fit, or peft fails half-way) takes the
+    parts loaded before it out again (`all_or_nothing`): every encoder is left as it was."""
     counts = {}
-    for folder in text_folders(lora):
-        if folder not in encoders:
-            raise ValueError(f"{lora.source} has modules for {folder}, which this base does not have "
-                             f"(it has {', '.join(sorted(encoders)) or 'no text encoders'})")
-        part = text_part(lora, folder, encoders[folder])
-        load_lora(encoders[folder], part, name, weight=weight, trainable=trainable)
-        counts[folder] = len(part.modules)
+    with contextlib.ExitStack() as undo:          # closed by an exception: each loaded part is undone
+        for folder in text_folders(lora):
+            if folder not in encoders:
+                raise ValueError(f"{lora.source} has modules for {folder}, which this base does not have "
+                                 f"(it has {', '.join(sorted(encoders)) or 'no text encoders'})")
+            part = text_part(lora, folder, encoders[folder])
+            undo.enter_context(all_or_nothing(encoders[folder], name))
+            load_lora(encoders[folder], part, name, weight=weight, trainable=trainable)
+            counts[folder] = len(part.modules)
     return counts
 
 

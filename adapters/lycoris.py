@@ -63,6 +63,7 @@ from .lora import (
     _exact,
     _list,
     _restore_grads,
+    all_or_nothing,
     check_shape_settings,
     load_lora,
     lora_names,
@@ -361,15 +362,12 @@ def _inject(model: nn.Module, config, name: str, trainable: bool, column_dora: b
     active = [n for n in lora_names(model) if n in _active(model)]
     if isinstance(config, LoraConfig):
         (lycoris_dora if column_dora else lora_fused).register(config)
-    try:
+    with all_or_nothing(model, name):             # B9: half-way failures leave the model as it was
         with _quiet_peft():
             inject_adapter_in_model(config, model, adapter_name=name)
         cast_adapter_dtype(model, name)
         if column_dora:
             _check_column(model, name)
-    except Exception:
-        remove_lycoris(model, name, strict=False)
-        raise
     set_adapter(model, active + [name])
     _restore_grads(model, grads, new=name, trainable=trainable)
 
@@ -489,7 +487,7 @@ def load_lycoris(model: nn.Module, lyco: Lycoris, name: str = "default", weight:
     """Inject `lyco` as adapter `name` with exactly its tensors (each module its own rank and alpha).
 
     All modules must be of one kind (several kinds: merge instead). Everything is checked first;
-    on any failure the model is left as it was.
+    on any failure, also one half-way through injection, the model is left as it was.
     """
     kinds = lyco.kinds()
     if len(kinds) != 1:
@@ -507,15 +505,12 @@ def load_lycoris(model: nn.Module, lyco: Lycoris, name: str = "default", weight:
         raise ValueError(f"{lyco.source}: {label} has no peft layer (peft's LoHa/LoKr have no weight "
                          "decomposition); merge it into the base instead")
     modules = {p: lyco.modules[p] for p in placed}
-    _inject(model, _load_config(label, modules), name, trainable, column_dora=label == "dora")
-    try:
+    with all_or_nothing(model, name):
+        _inject(model, _load_config(label, modules), name, trainable, column_dora=label == "dora")
         _copy_tensors(model, modules, name, trainable)
-    except Exception:
-        remove_lycoris(model, name)
-        raise
-    if weight != 1.0:
-        for layer in tuner_layers(model, name).values():
-            layer.set_scale(name, float(weight))
+        if weight != 1.0:
+            for layer in tuner_layers(model, name).values():
+                layer.set_scale(name, float(weight))
 
 
 def _load_config(label: str, modules: dict[str, LycorisModule]):

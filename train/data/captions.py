@@ -59,6 +59,12 @@ def decode_caption(raw: bytes) -> tuple[str, str]:
     return text, note
 
 
+def control_characters(text: str) -> int:
+    """How many control characters other than tab, newline and carriage return `text` holds (a NUL
+    from a broken tool, an ESC from a terminal): `clean_caption` replaces them, the scan reports them."""
+    return sum(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text)
+
+
 def clean_caption(text: str) -> str:
     """Control characters become spaces, whitespace runs (newlines too) one space, ends stripped."""
     text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
@@ -126,6 +132,10 @@ def read_metadata(path: Path, root: Path, report: Report, image_extensions: Coll
                 or PureWindowsPath(name).is_absolute() or not target.is_relative_to(root)):
             report.add("metadata", where, f"unsafe file_name {name!r}: must be relative, inside the folder")
             continue
+        if not target.is_file():                     # the name in the other Unicode form (NFC/NFD)?
+            target = next((target.with_name(n) for n in (unicodedata.normalize("NFC", target.name),
+                                                          unicodedata.normalize("NFD", target.name))
+                           if target.with_name(n).is_file()), target)
         if not target.is_file() or target.suffix.lower() not in image_extensions:
             report.add("metadata", where, f"file_name {name!r} is not an image file in the folder")
             continue

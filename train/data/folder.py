@@ -24,9 +24,12 @@ counted in the `ScanReport`, whose `summary()` the trainer prints before it star
 | same bytes (SHA-256) as an earlier file in path order        | skip   | duplicate        |
 | float image (mode F), or a mode Pillow cannot turn into RGB  | skip   | unsupported      |
 | no caption: no `.txt`, no metadata entry, or only whitespace | policy | missing_caption  |
-|   `missing_caption`: "empty" (default: trigger word only),   |        |                  |
-|   "skip", or "error" (stop and list the files)               |        |                  |
-| CMYK: Pillow's conversion (an ICC profile is not applied)    | fix    | cmyk             |
+|   `missing_caption`: "empty" (default: trigger word only;    |        |                  |
+|   without a `data.trigger` an error listing the files, never |        |                  |
+|   an empty caption), "skip", or "error" (stop, list them)    |        |                  |
+| symlink whose target lies outside `data.root`               | skip   | outside_root     |
+| CMYK: through its ICC profile when it has one (to sRGB),     | fix    | cmyk             |
+|   else Pillow's conversion (Adobe-inverted JPEGs undone)     |        |                  |
 | 16-bit grey (`I;16*`, `I`): scaled v/257, not clipped at 255 | fix    | 16bit            |
 | alpha with any transparent pixel (RGBA, LA, PA, P or RGB     | fix    | alpha            |
 |   with `transparency`): composited on `alpha_background`,    |        |                  |
@@ -35,9 +38,13 @@ counted in the `ScanReport`, whose `summary()` the trainer prints before it star
 | animated / multi-picture (GIF, APNG, MPO): first frame       | fix    | multi_frame      |
 | caption not UTF-8: read as cp1252 (else latin-1), warned     | fix    | caption_encoding |
 |   with the file name; UTF-8 BOM stripped; UTF-16 by its BOM  |        |                  |
+| caption with control characters (NUL, ESC, ...): spaces      | fix    | caption_control  |
 | content format differs from the extension: decoded anyway    | note   | wrong_extension  |
 | `.txt` and metadata both caption an image: the `.txt` wins   | note   | caption_conflict |
 | `.txt` with no image of the same name (a typo?)              | note   | orphan_caption   |
+| one `.txt` captions several images (`a.png`, `a.jpg`)        | note   | shared_caption   |
+| crop keeps < half the picture (aspect far outside the        | note   | bucket_fit       |
+|   buckets'), or the picture is upscaled > 2x to its bucket   |        |                  |
 | `metadata.jsonl` line not JSON, without text/caption, with   | note   | metadata         |
 |   an unsafe `file_name` (absolute, `..`, URL) or a missing   |        |                  |
 |   file: that line is ignored                                 |        |                  |
@@ -45,7 +52,9 @@ counted in the `ScanReport`, whose `summary()` the trainer prints before it star
 |   because its metadata does not list it (hf_datasets.py)     |        |                  |
 
 Captions are cleaned (control characters and whitespace runs become one space). Symlinked files are
-read; symlinked folders are not followed.
+read when they point inside the root; symlinked folders are not followed. A caption is paired with its
+image by name, also when one name is Unicode-NFC and the other NFD (macOS writes NFD). Names that are
+not printable (a newline, bytes that are not UTF-8) are shown as their repr in every message.
 
 An empty folder, or one where nothing survives, raises ValueError with the counts per reason and
 what to do. Randomness at sample time (crop, flip, caption dropout, tag shuffle and dropout:
@@ -71,20 +80,27 @@ import io
 import logging
 import os
 import re
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from adapterkit.train.data.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, plan_crop
-from adapterkit.train.data.captions import build_caption, clean_caption, decode_caption, read_metadata
+from adapterkit.train.data.captions import (
+    build_caption,
+    clean_caption,
+    control_characters,
+    decode_caption,
+    read_metadata,
+)
 from adapterkit.train.data.entries import DatasetEntry, check_entries
 from adapterkit.train.data.split import ValidationSplit
 
@@ -116,15 +132,19 @@ POLICY: dict[str, tuple[str, str]] = {
     "too_small": ("skip", "shorter side below data.min_side"),
     "duplicate": ("skip", "same bytes as an earlier file; the first is kept"),
     "missing_caption": ("policy", "no caption (.txt or metadata.jsonl), or an empty one"),
-    "cmyk": ("fix", "CMYK converted to RGB"),
+    "outside_root": ("skip", "symlink to a file outside data.root"),
+    "cmyk": ("fix", "CMYK converted to RGB (through its ICC profile when it has one)"),
     "16bit": ("fix", "16-bit grey scaled to 8 bits (not clipped)"),
     "alpha": ("fix", "transparent pixels composited onto data.alpha_background"),
     "exif_rotated": ("fix", "EXIF orientation applied"),
     "multi_frame": ("fix", "animated/multi-picture: first frame used"),
     "caption_encoding": ("fix", "caption not UTF-8, decoded as cp1252/latin-1: check the text"),
+    "caption_control": ("fix", "control characters in the caption replaced by spaces"),
     "wrong_extension": ("note", "content format differs from the extension; decoded by content"),
     "caption_conflict": ("note", ".txt and metadata.jsonl disagree; the .txt is used"),
     "orphan_caption": ("note", "caption file with no image of the same name"),
+    "shared_caption": ("note", "one caption file for several images of the same name; each gets it"),
+    "bucket_fit": ("note", "the crop to its bucket loses most of the picture, or upscales it > 2x"),
     "metadata": ("note", "metadata.jsonl line ignored"),
     "unlisted": ("skip", "image file the dataset's metadata does not list (datasets leaves it out)"),
     "hidden": ("ignore", "hidden/system files and folders"),
@@ -304,9 +324,17 @@ class ScanReport:
     __str__ = summary
 
 
+def show_name(rel: str) -> str:
+    """A file name as messages print it: as it is, or its repr when it holds a newline, a control
+    character or bytes that are not UTF-8 (os.walk's surrogate escapes), so that every name in a
+    report is one line that says exactly which file it is (reliability.md D16)."""
+    return rel if rel.isprintable() else repr(rel)
+
+
 def file_lines(found: list[tuple[str, str]], names: int) -> list[str]:
     """The first `names` (file, detail) entries of a report row, indented, and a count of the rest."""
-    lines = [f"                 {rel}" + (f": {detail}" if detail else "") for rel, detail in found[:names]]
+    lines = [f"                 {show_name(rel)}" + (f": {detail}" if detail else "")
+             for rel, detail in found[:names]]
     if len(found) > names:
         lines.append(f"                 ... and {len(found) - names} more")
     return lines
@@ -379,7 +407,7 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int], fixes: list[str])
         raise BadImage("unsupported", "32-bit float image (mode F): its value range is unknown")
     if im.mode == "CMYK":
         fixes.append("cmyk")
-        return im.convert("RGB")
+        return _cmyk_to_rgb(im)
     if im.has_transparency_data:
         # convert("RGB") would expose whatever colour hides under transparent pixels
         # (kohya-ss/sd-scripts#1269); composite onto the background instead.
@@ -390,6 +418,43 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int], fixes: list[str])
             return Image.alpha_composite(bg, rgba).convert("RGB")
         return rgba.convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    """CMYK through the picture's own ICC profile to sRGB (reliability.md D9: CMYK numbers mean nothing
+    without the press profile they were separated for); without a usable profile, Pillow's naive
+    formula. Pillow's JPEG decoder has already undone Adobe's inverted CMYK (APP14)."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            logger.warning("a CMYK picture's ICC profile is unusable; Pillow's conversion used instead")
+    return im.convert("RGB")
+
+
+@lru_cache(maxsize=8)
+def _buckets_of(resolution: int, step: int, min_side: int | None, max_side: int | None,
+                min_area: float | None) -> tuple[Size, ...]:
+    return tuple(make_buckets(resolution, step, min_side, max_side, min_area))
+
+
+def bucket_fit(size: Size, cfg: DataConfig) -> str:
+    """Why a picture of `size` fits its bucket badly ("" if it fits): the centre crop keeps less than
+    half of it (an aspect far outside the buckets', e.g. 64 x 20000), or it is upscaled more than 2x
+    to fill the bucket (a thumbnail trained as a blurred picture). reliability.md D7."""
+    bucket = assign_bucket(size, _buckets_of(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side,
+                                             cfg.max_bucket_side, cfg.min_bucket_area))
+    (w, h), (bw, bh) = size, bucket
+    scale = max(bw / w, bh / h)                               # resize to cover the bucket, then crop
+    kept = (bw * bh) / (scale * scale * w * h)
+    if kept < 0.5:
+        return (f"{w}x{h} into bucket {bw}x{bh}: the crop keeps {kept:.0%} of the picture (aspect "
+                f"{max(w, h) / min(w, h):.1f}:1, the buckets' widest {max(bw, bh) / min(bw, bh):.1f}:1)")
+    if scale > 2:
+        return f"{w}x{h} is upscaled {scale:.1f}x to its bucket {bw}x{bh}"
+    return ""
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -405,6 +470,17 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
+def _nfc(path: Path) -> Path:
+    """`path` with its name in Unicode NFC: `café.png` (NFC) and `café.txt` (NFD, as macOS writes
+    it) are one name to the pairing."""
+    return path.with_name(unicodedata.normalize("NFC", path.name))
+
+
+def _inside(path: Path, real_root: Path) -> bool:
+    """Whether `path`, its symlinks resolved, lies under the (resolved) root."""
+    return Path(os.path.realpath(path)).is_relative_to(real_root)
+
+
 def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
     """Find, decode and caption every image under cfg.root by the module's policy. Read-only."""
     root = Path(os.path.normpath(os.path.abspath(cfg.root)))
@@ -413,6 +489,7 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
                                 ("" if root.exists() else " (it does not exist)"))
     report = ScanReport(root, cfg.missing_caption)
     images, unsupported, captions, metadata = [], [], set(), []
+    real_root = Path(os.path.realpath(root))
     for dirpath, dirnames, filenames in os.walk(root):       # symlinked folders are not followed
         for d in [d for d in dirnames if _hidden(d)]:
             report.add("hidden", Path(dirpath, d).relative_to(root).as_posix() + "/")
@@ -422,6 +499,10 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
             ext = p.suffix.lower()
             if _hidden(name):
                 report.add("hidden", p.relative_to(root).as_posix())
+            elif p.is_symlink() and not _inside(p, real_root):
+                report.add("outside_root", p.relative_to(root).as_posix(),
+                           f"links to {show_name(os.path.realpath(p))}; copy the file into the folder")
+                report.image_files += ext in IMAGE_EXTENSIONS or ext in UNSUPPORTED_EXTENSIONS
             elif name == METADATA_NAME:
                 metadata.append(p)
             elif ext in IMAGE_EXTENSIONS:
@@ -436,13 +517,23 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
     repeats = {p: folder_repeats(p.relative_to(root), cfg.kohya_repeats) for p in images}
     for p in sorted(unsupported):
         report.add("unsupported", p.relative_to(root).as_posix(), f"no {p.suffix} decoder; convert to PNG")
-    report.image_files = len(images) + len(unsupported)
+    report.image_files += len(images) + len(unsupported)
     meta_captions: dict[Path, str] = {}
     for m in sorted(metadata):
         for target, caption in read_metadata(m, root, report, IMAGE_EXTENSIONS).items():
             meta_captions.setdefault(target, caption)
-    for orphan in sorted(captions - {p.with_suffix(cfg.caption_ext) for p in images + unsupported}):
+    paired = {_nfc(p.with_suffix(cfg.caption_ext)) for p in images + unsupported}
+    for orphan in sorted(c for c in captions if _nfc(c) not in paired):
         report.add("orphan_caption", orphan.relative_to(root).as_posix())
+    by_caption: dict[Path, list[Path]] = {}
+    for p in images:
+        by_caption.setdefault(_nfc(p.with_suffix(cfg.caption_ext)), []).append(p)
+    for txt, sharing in sorted(by_caption.items()):
+        if len(sharing) > 1 and any(_nfc(c) == txt for c in captions):      # D14: an ambiguous pairing
+            names = [q.relative_to(root).as_posix() for q in sharing]
+            for rel in names:
+                report.add("shared_caption", rel, f"{show_name(txt.name)} also captions "
+                           + ", ".join(show_name(n) for n in names if n != rel))
 
     records, seen = [], {}
     for path in images:
@@ -482,6 +573,8 @@ def accept_image(data: bytes, rel: str, path: Path, caption: Callable[[], str | 
         return None
     for fix in fixes:
         report.add(fix, rel)
+    if fit := bucket_fit(image.size, cfg):
+        report.add("bucket_fit", rel, fit)
     seen[digest] = rel
     folder, n = repeats
     report.folders.setdefault(folder, [0, n])[0] += 1
@@ -512,23 +605,38 @@ def folder_repeats(rel: Path, kohya: bool) -> tuple[str, int]:
 def _caption_for(path: Path, rel: str, cfg: DataConfig, meta: dict[Path, str],
                  report: ScanReport) -> str | None:
     """The image's caption ("" when missing under the "empty" policy; None: skip it)."""
-    txt = path.with_suffix(cfg.caption_ext)
+    txt = _caption_file(path.with_suffix(cfg.caption_ext))
     caption = meta.get(path)
-    if txt.is_file():
-        text, note = decode_caption(txt.read_bytes())
+    if txt is not None and txt.is_symlink() and not _inside(txt, Path(os.path.realpath(report.root))):
+        report.add("outside_root", txt.relative_to(report.root).as_posix(),
+                   f"caption links to {show_name(os.path.realpath(txt))}; not read")
+    elif txt is not None:
+        raw, note = decode_caption(txt.read_bytes())
         if note:
             report.add("caption_encoding", txt.relative_to(report.root).as_posix(), note)
-            logger.warning("caption %s: %s", txt, note)
-        text = clean_caption(text)
+            logger.warning("caption %s: %s", show_name(str(txt)), note)
+        text = clean_caption(raw)
         if caption is not None and clean_caption(caption) != text:
             report.add("caption_conflict", rel,
                        f"{cfg.caption_ext} {text[:30]!r} vs metadata {caption[:30]!r}")
-        caption = text
+        caption = raw
     return settle_caption(caption, rel, cfg, report)
+
+
+def _caption_file(txt: Path) -> Path | None:
+    """The caption file `txt`, or the one whose name is `txt`'s in the other Unicode form (NFC/NFD);
+    None when there is none."""
+    for name in dict.fromkeys((txt.name, unicodedata.normalize("NFC", txt.name),
+                               unicodedata.normalize("NFD", txt.name))):
+        if txt.with_name(name).is_file():
+            return txt.with_name(name)
+    return None
 
 
 def settle_caption(caption: str | None, rel: str, cfg: DataConfig, report: ScanReport) -> str | None:
     """A found caption (None: none) cleaned, and the missing-caption policy: "" (empty) or None (skip)."""
+    if n := control_characters(caption or ""):
+        report.add("caption_control", rel, f"{n} control characters (NUL, ESC, ...) replaced by spaces")
     caption = clean_caption(caption or "")
     if not caption:
         report.add("missing_caption", rel)
@@ -538,12 +646,19 @@ def settle_caption(caption: str | None, rel: str, cfg: DataConfig, report: ScanR
 
 
 def check_usable(records: list[ImageRecord], report: ScanReport, cfg: DataConfig) -> None:
-    missing = report.entries.get("missing_caption", [])
+    missing = [rel for rel, _ in report.entries.get("missing_caption", [])]
+    names = ", ".join(show_name(rel) for rel in missing[:20]) + (" ..." if len(missing) > 20 else "")
     if missing and cfg.missing_caption == "error":
-        names = ", ".join(rel for rel, _ in missing[:20]) + (" ..." if len(missing) > 20 else "")
         raise ValueError(f"{len(missing)} images under {report.root} have no caption: {names}. Write a "
                          f"same-name {cfg.caption_ext} file or a metadata.jsonl entry for each, or set "
                          "data.missing_caption=empty (train on the trigger word) or =skip.")
+    if missing and cfg.missing_caption == "empty" and not cfg.trigger.strip() and cfg.caption_dropout < 1:
+        # "empty" falls back to the trigger word; without one these would train on an empty caption,
+        # silently (reliability.md D12). Caption dropout 1 uses no caption anyway.
+        raise ValueError(f"{len(missing)} images under {report.root} have no caption and data.trigger is "
+                         f"empty, so they would train on an empty caption: {names}. Write a same-name "
+                         f"{cfg.caption_ext} file or a metadata.jsonl entry for each, set data.trigger (the "
+                         "caption of uncaptioned images), or set data.missing_caption=skip.")
     if report.image_files == 0:
         other = sum(report.ignored.values())
         raise ValueError(
@@ -594,9 +709,14 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
     def load_image(self, index: int) -> Image.Image:
         """The upright RGB image of record `index`, re-checked against its scan-time hash."""
         rec = self.records[index]
-        data = rec.path.read_bytes() if rec.row is None else self.rows.image_bytes(rec.row)
+        try:
+            data = rec.path.read_bytes() if rec.row is None else self.rows.image_bytes(rec.row)
+        except OSError as e:
+            raise ValueError(f"{show_name(str(rec.path))} was removed or cannot be read since the folder "
+                             f"was scanned ({e.strerror or e}); restore it, or restart to rescan") from None
         if hashlib.sha256(data).hexdigest() != rec.sha256:
-            raise ValueError(f"{rec.path} changed since the folder was scanned; restart to rescan it")
+            raise ValueError(f"{show_name(str(rec.path))} changed since the folder was scanned; restart "
+                             "to rescan it")
         image, _ = decode_image(data, max_pixels=self.cfg.max_pixels, min_side=self.cfg.min_side,
                                 background=self.cfg.alpha_background)
         return image

@@ -71,7 +71,10 @@ def write_checkpoint(root: str | os.PathLike, step: int, fill: Callable[[Path], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+    # Rotation counts only the checkpoints before this one: a higher-numbered one (a damaged newest the
+    # resume passed over, or another run's) never pushes out the checkpoint just written (reliability.md C3).
+    older = [d for d in checkpoint_dirs(root) if int(_NAME.match(d.name).group(1)) < step]
+    for old in older[:max(len(older) - (keep - 1), 0)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-write
         if not stale.name.endswith(f"-{os.getpid()}"):

@@ -191,6 +191,8 @@ def main(cfg: ControlNetRecipe) -> Path:
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
     accelerator = make_accelerator(out, cfg)
+    # the pictures first: a folder with nothing usable stops before any model loads (reliability.md D17)
+    dataset = PairedFolder.scan(cfg.data, cfg.control.hints, out / "cache" / "datasets")
     base = open_base(cfg.model, accelerator.device)
     unet = base.unet
     set_seed(cfg.train.seed)                 # the hint encoder's random init: the same in every run
@@ -198,7 +200,6 @@ def main(cfg: ControlNetRecipe) -> Path:
     check_controlnet(base, cn)
     if cfg.control.train_rank:
         train_as_low_rank(cn, cfg.control.train_rank)
-    dataset = PairedFolder.scan(cfg.data, cfg.control.hints, out / "cache" / "datasets")
     cn.hint = dataset.hint_spec
     if accelerator.is_main_process:
         print(dataset.summary(), flush=True)

@@ -169,8 +169,9 @@ def main(cfg: LoraRecipe) -> Path:
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
     accelerator = make_accelerator(out, cfg)
-    base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
+    # the pictures first: a folder with nothing usable stops before any model loads (reliability.md D17)
     dataset, held_out = split_validation(open_data(cfg.data, out / "cache" / "datasets"))
+    base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
     if accelerator.is_main_process:
         print(dataset.summary() + (f"\n{describe_split(dataset, held_out)}" if held_out else ""), flush=True)
     cache = LatentCache(out / "cache", base.fingerprint, memory_mb=cfg.data.cache_memory_mb)

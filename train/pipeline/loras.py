@@ -30,6 +30,7 @@ import torch
 
 from adapterkit.adapters.lora import (
     Lora,
+    all_or_nothing,
     check_finite,
     fit,
     load_lora,
@@ -78,9 +79,10 @@ def load_lora_on_base(base: BaseModel, path: str | os.PathLike, name: str, weigh
     check_finite(adapter)
     fit(adapter, base.unet, text_encoders=encoders)       # all of it, before anything changes
     unet = unet_part(adapter)
-    if unet.modules:
-        load_lora(base.unet, unet, name, weight=weight)
-    text = load_text_lora(encoders, adapter, name, weight=weight)
+    with all_or_nothing(base.unet, name):         # a text part that fails takes the U-Net part out (B9)
+        if unet.modules:
+            load_lora(base.unet, unet, name, weight=weight)
+        text = load_text_lora(encoders, adapter, name, weight=weight)
     if text:
         _fold_into_text_fingerprint(base, adapter, name, weight)
     return AppliedLora(name, file, weight, len(unet.modules), text)

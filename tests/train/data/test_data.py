@@ -39,8 +39,10 @@ from adapterkit.train.data.folder import (
 
 
 def cfg(root, **kw) -> DataConfig:
-    """Tiny buckets (area 64^2, 16 px grid) and a 16 px minimum side keep every test fast."""
-    return DataConfig(root=str(root), **{"resolution": 64, "bucket_step": 16, "min_side": 16, **kw})
+    """Tiny buckets (area 64^2, 16 px grid) and a 16 px minimum side keep every test fast; the trigger
+    word "sks" is the caption of uncaptioned pictures (without one they are an error, D12)."""
+    return DataConfig(root=str(root), **{"resolution": 64, "bucket_step": 16, "min_side": 16,
+                                         "trigger": "sks", **kw})
 
 
 def noise(w: int, h: int, seed: int = 0) -> Image.Image:

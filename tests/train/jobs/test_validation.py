@@ -30,7 +30,7 @@ def rows(path):
 
 
 def scan(root, **split):
-    cfg = DataConfig(root=str(root), resolution=32, bucket_step=8, min_side=32,
+    cfg = DataConfig(root=str(root), resolution=32, bucket_step=8, min_side=32, trigger="sks",
                      validation=ValidationSplit(**split))
     return CaptionedImageFolder.scan(cfg)
 
