@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from adapterkit.train.console import bar
 from adapterkit.train.data.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, plan_crop
 from adapterkit.train.data.captions import build_caption, clean_caption, decode_caption, read_metadata
 from adapterkit.train.data.split import ValidationSplit
@@ -410,7 +411,7 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
         report.add("orphan_caption", orphan.relative_to(root).as_posix())
 
     records, seen = [], {}
-    for path in images:
+    for path in bar(images, desc="scan", unit="img"):        # hash + decode each: the slow part
         rel = path.relative_to(root).as_posix()
         try:
             data = path.read_bytes()
