@@ -18,7 +18,6 @@ import logging
 import re
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from accelerate.tracking import WandBTracker
@@ -191,7 +190,8 @@ def test_a_run_logs_loss_and_grids_to_both_trackers_and_shows_plan_and_bars(pipe
     for desc, total in (("scan", 16), ("cache images", 16), ("cache texts", 4), ("samples", 2), ("lora", 3)):
         assert re.search(rf"{desc}: 100%\|[^\r\n]*\| {total}/{total} ", err), (desc, err[-3000:])
     # the cache's INFO record: logging configured by the job
-    assert re.search(r"latent cache .*: 0 images and 0 captions cached, 16 \+ 4 encoded now", err), err[-3000:]
+    cached = r"latent cache .*: 0 images and 0 captions cached, 16 \+ 4 encoded now"
+    assert re.search(cached, err), err[-3000:]
 
 
 # --- -q / -v and the bars -------------------------------------------------------------------------
