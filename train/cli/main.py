@@ -4,6 +4,9 @@ Each command module exposes `register(subparsers)`, which adds its subcommand(s)
 `func=<callable(args) -> int | None>` as the parser default. The list below is the only place
 that knows them all; a subcommand that is not there does not exist.
 
+Before or after the subcommand, -q (warnings only, no progress bars) and -v (debug records) set the
+level of the adapterkit loggers (train/console.py); they print INFO records and bars otherwise.
+
 Exit status: 0 done; 2 bad input or environment (a file, recipe or argument that cannot be used, a
 full disk, a folder we may not write), with one message saying what and what to do; 1 a bug in
 adapterkit, with a one-line summary (set ADAPTERKIT_TRACEBACK=1 for the traceback); a training
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import logging
 import os
 import sys
 
@@ -71,11 +75,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    add_verbosity(parser, None)
+    for p in subcommand_parsers(parser):            # `adapterkit -q train ...` and `... train lora R -q`
+        add_verbosity(p, argparse.SUPPRESS)
     return parser
+
+
+# -q / -v: the adapterkit loggers' level (train/console.py); INFO when neither is given.
+VERBOSITY = {"quiet": logging.WARNING, "verbose": logging.DEBUG}
+
+
+def add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    """-q / -v on `parser`; the subcommands' have `default` SUPPRESS, so that an option given before
+    the subcommand is not reset by the subcommand's default."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet",
+                       default=default, help="no progress bars and no log notes, warnings and errors "
+                                             "only (results and summaries are still printed)")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const="verbose",
+                       default=default, help="debug records too, each with the module that wrote it")
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser` (subcommands, and their subcommands: train lora), each once."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in dict.fromkeys(action.choices.values()):
+                found += [p, *subcommand_parsers(p)]
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from adapterkit.train.console import configure_logging
+    configure_logging(VERBOSITY.get(args.verbosity, logging.INFO))
     from adapterkit.adapters.lora_fused import FusedLoraOptions, use_fused_lora  # torch, peft: after --help
     from adapterkit.unet.ops import OpsOptions, use_ops
     try:

@@ -4,9 +4,10 @@ JOB names a recipe dataclass and its `main(cfg)`; CONFIG is a YAML file loaded i
 (unknown keys fail with the closest valid name) and each `key=value` overrides one dotted key, typed
 by the field it sets (`optim.lr=5e-5 train.steps=200 data.trigger="sks style"`).
 
-A finished run ends with a summary (`summary`): the files the job exported (names and sizes), the
-loss over the first and last steps of out/loss.jsonl, the steps, the wall time and how to sample
-with the result. A run that fails leaves no empty folder behind it: when output.dir (or a folder
+A finished run ends with a summary (`summary`): the files the job exported (names and sizes), what
+else is in the output folder (loss.png, samples/, checkpoints/, the trackers' folders), the loss
+over the first and last steps of out/loss.jsonl, the steps, the wall time and how to sample with
+the result. A run that fails leaves no empty folder behind it: when output.dir (or a folder
 above it) did not exist before and the run wrote no file in it, the folders it made are removed
 (`remove_if_empty`); a folder that existed before is never touched.
 """
@@ -75,6 +76,10 @@ def summary(job: str, module: Any, cfg: Any, out: Path, seconds: float) -> str:
     files = [f for f in getattr(module, "exported_files", lambda c, o: [])(cfg, out) if f.exists()]
     lines = [f"done: {out} ({_duration(seconds)})"]
     lines += [f"  {f.name}{'/' if f.is_dir() else ''}  {_size(f)}" for f in files]
+    beside = sorted(f"{p.name}{'/' if p.is_dir() else ''}" for p in out.iterdir()
+                    if p not in files and not p.name.startswith(".") and p.name != "cache")
+    if beside:
+        lines.append(f"  also: {', '.join(beside)}")
     lines.append(f"  {loss_line(out / 'loss.jsonl')}")
     if files and job in USAGE:
         use = USAGE[job].format(file=_quoted(files[0]))

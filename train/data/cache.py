@@ -43,6 +43,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from adapterkit.train.console import bar
 from adapterkit.train.data.buckets import Crop, plan_crop
 from adapterkit.train.data.captions import build_caption
 from adapterkit.train.data.folder import CaptionedImageFolder, DataConfig, to_tensor
@@ -58,7 +59,7 @@ _KEY_META = "adapterkit.cache_key"
 _ENTRY_META = "adapterkit.cache_entry"
 _CHECKSUM_META = "adapterkit.checksum"
 
-Progress = Callable[[str, int, int], None]      # (kind "images"|"texts", done, total)
+Progress = Callable[[str, int, int], None]      # (kind "images"|"texts", done, total): 0, then per batch
 
 
 def check_cacheable(data) -> None:
@@ -217,7 +218,7 @@ class LatentCache:
                              "under the output folder (the image folder is only ever read)")
         check_cacheable(cfg)
         corrupt_before = self.corrupt
-        report = progress or _Log()
+        report = progress or _Bars()
 
         # images: (index, crop) -> key; one entry per distinct key
         dtype, jobs = self._image_dtype(base), {}
@@ -232,6 +233,8 @@ class LatentCache:
         image_hits = len(jobs) - len(missing)
         missing.sort(key=lambda m: (m[2].bucket, m[1]))       # batches of one bucket, images in order
         done = 0
+        if missing:
+            report("images", 0, len(missing))
         for batch in _batches(missing, batch_size, lambda m: m[2].bucket):
             self._encode_images(base, dataset, batch)
             done += len(batch)
@@ -270,6 +273,8 @@ class LatentCache:
         """Encode the captions that are not cached; returns (hits, encoded)."""
         cached = self._texts(base, captions)
         missing = [c for c in captions if cached[c] is None]
+        if missing:
+            report("texts", 0, len(missing))
         for start in range(0, len(missing), batch_size):
             self._encode_texts(base, missing[start:start + batch_size])
             report("texts", min(start + batch_size, len(missing)), len(missing))
@@ -390,14 +395,19 @@ def _batches(items: list, size: int, group: Callable) -> list[list]:
     return out
 
 
-class _Log:
-    """The default progress report: a log line at every tenth of the work and at the end."""
+class _Bars:
+    """The default progress report: a bar per kind with the time left ("cache images", "cache texts",
+    train/console.py), from the first report (0 done) to the last."""
+
+    UNITS = {"images": "img", "texts": "caption"}
 
     def __init__(self):
-        self.last: dict[str, int] = {}
+        self.bars: dict = {}
 
     def __call__(self, kind: str, done: int, total: int) -> None:
-        tenth = done * 10 // max(total, 1)
-        if done == total or tenth != self.last.get(kind, 0):
-            logger.info("latent cache: %s %d/%d encoded", kind, done, total)
-        self.last[kind] = tenth
+        if kind not in self.bars:
+            self.bars[kind] = bar(total=total, desc=f"cache {kind}", unit=self.UNITS.get(kind, "it"))
+        b = self.bars[kind]
+        b.update(done - b.n)
+        if done >= total:
+            b.close()

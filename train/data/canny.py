@@ -267,8 +267,8 @@ def canny_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, low: flo
     claimed: dict[str, str] = {}                            # output rel -> the input that has it
     text = {SETTINGS_KEY: json.dumps(settings)}
     if progress:
-        from tqdm import tqdm
-        images = tqdm(images, desc="canny", unit="img")
+        from adapterkit.train.console import bar
+        images = bar(images, desc="canny", unit="img")
     for path in images:
         rel = path.relative_to(src).as_posix()
         out_rel = Path(rel).with_suffix(".png").as_posix()

@@ -93,6 +93,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from adapterkit.train.console import bar
 from adapterkit.train.data.buckets import BucketBatchSampler, Size, assign_bucket, make_buckets, plan_crop
 from adapterkit.train.data.captions import (
     build_caption,
@@ -536,7 +537,7 @@ def scan_folder(cfg: DataConfig) -> tuple[list[ImageRecord], ScanReport]:
                            + ", ".join(show_name(n) for n in names if n != rel))
 
     records, seen = [], {}
-    for path in images:
+    for path in bar(images, desc="scan", unit="img"):        # hash + decode each: the slow part
         rel = path.relative_to(root).as_posix()
         try:
             data = path.read_bytes()

@@ -32,6 +32,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+from adapterkit.train.console import bar
 from adapterkit.train.data.folder import (
     IMAGE_EXTENSIONS,
     METADATA_NAME,
@@ -190,7 +191,7 @@ def scan_dataset(cfg: DataConfig, source: str, cache_dir: str | os.PathLike | No
     report = ScanReport(root, cfg.missing_caption, source=source)
     report.image_files = len(rows)
     records, seen, listed = [], {}, set()
-    for i in range(len(rows)):
+    for i in bar(range(len(rows)), desc="scan", unit="img"):
         raw, file = rows.cell(i, image_col)
         inside = file is not None and file.is_relative_to(root)
         rel = file.relative_to(root).as_posix() if inside else f"{cfg.split}[{i}]"

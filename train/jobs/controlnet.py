@@ -22,7 +22,7 @@ policy) and the base fingerprint in the metadata; optionally `<name>.control-lor
 `control.train_rank`: the encoder trains as that low-rank difference, and the file is exact);
 samples/*.png (control image | sample per control scale, rows per hint, prompt, seed and LoRA scale),
 edge_fidelity.jsonl (Canny of each sample against its hint, `train.canny.edge_fidelity`), loss.jsonl,
-loss.png and TensorBoard logs.
+loss.png and the trackers' logs (TensorBoard under controlnet/).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ from adapterkit.adapters.controlnet import ControlNet, base_encoder_state, hint_
 from adapterkit.adapters.controlnet_files import save_controlnet
 from adapterkit.adapters.lora_files import split_lora_spec
 from adapterkit.train.config import to_dict
+from adapterkit.train.console import bar
 from adapterkit.train.data.buckets import assign_bucket, plan_crop
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.canny import edge_fidelity
@@ -70,7 +71,7 @@ from adapterkit.train.jobs.optimizer import (
     scale_loss,
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
-from adapterkit.train.jobs.progress import JsonlLog
+from adapterkit.train.jobs.progress import JsonlLog, run_plan
 from adapterkit.train.jobs.recipe import (
     DTYPES,
     PRIVATE_PATHS,
@@ -82,6 +83,7 @@ from adapterkit.train.jobs.recipe import (
     public_recipe,
 )
 from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
+from adapterkit.train.jobs.trackers import start_trackers
 from adapterkit.train.pipeline.base import BaseModel
 from adapterkit.train.pipeline.generate import check_controlnet, controlled_prediction, generate, to_images
 from adapterkit.train.pipeline.graphed import channels_last
@@ -190,7 +192,7 @@ def main(cfg: ControlNetRecipe) -> Path:
     checkpoint."""
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
-    accelerator = make_accelerator(out, cfg)
+    accelerator = make_accelerator(out, cfg, "controlnet")
     # the pictures first: a folder with nothing usable stops before any model loads (reliability.md D17)
     dataset = PairedFolder.scan(cfg.data, cfg.control.hints, out / "cache" / "datasets")
     base = open_base(cfg.model, accelerator.device)
@@ -232,7 +234,10 @@ def main(cfg: ControlNetRecipe) -> Path:
     plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
                      accelerator.num_processes, accelerator.process_index)
     if accelerator.is_main_process:
-        accelerator.init_trackers("tensorboard", config=flat_dict(to_dict(cfg)))
+        trackers = start_trackers(accelerator, cfg.output.trackers, "tensorboard", out,
+                                  flat_dict(to_dict(cfg)))
+        print(run_plan(cfg, start, plan.per_epoch, accelerator.num_processes, exported_files(cfg, out),
+                       trackers), flush=True)
     fidelity = JsonlLog(out / "edge_fidelity.jsonl", start, accelerator.is_main_process)
 
     def sample_and_score(step: int, path: Path) -> None:
@@ -462,6 +467,8 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
     lora_scales = cfg.sample.lora_scales if lora_weight is not None else (None,)
     pairs = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
     cells, rows, scores = [], [], {s: [] for s in cfg.sample.control_scales}
+    counted = bar(total=len(hints) * len(lora_scales) * len(cfg.sample.control_scales) * len(pairs),
+                  desc="samples", leave=None)                        # one bar for the grid's pictures
     for label, hint in hints:
         images = {}                                       # (LoRA scale, control scale) -> one per pair
         for lora_scale in lora_scales:
@@ -472,7 +479,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
                     base, [p for p, _ in pairs], [s for _, s in pairs], steps=cfg.sample.steps,
                     guidance=cfg.sample.guidance, sampler=cfg.sample.sampler, size=tuple(hint.shape[1:]),
                     controlnet=cn, hints=hint.expand(len(pairs), -1, -1, -1), control_scale=scale,
-                    batch_size=SAMPLE_BATCH))
+                    batch_size=SAMPLE_BATCH, progress=counted))
         hint_image = tensor_to_pil(hint, (0.0, 1.0))
         for i, (prompt, seed) in enumerate(pairs):
             for lora_scale in lora_scales:
@@ -483,6 +490,7 @@ def sample_grid(cfg: ControlNetRecipe, cn: ControlNet, base: BaseModel, hints: S
                     image = images[lora_scale, scale][i]
                     scores[scale].append(edge_fidelity(image, hint, low, high)["f1"])
                     cells.append(image)
+    counted.close()
     if lora_weight is not None:
         set_base_lora_weights(base, {LORA_NAME: lora_weight})
     cols = ["hint"] + [f"control x{s:g}" for s in cfg.sample.control_scales]

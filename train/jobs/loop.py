@@ -13,11 +13,12 @@ pieces around them each have their module in train/jobs/:
     checkpoints.py  atomic checksummed rotated checkpoints, resume from the newest intact one
     state.py        what a checkpoint holds, in safetensors and JSON (never a pickle)
     lock.py         one run per output folder
-    progress.py     loss.jsonl, the progress bar, SIGINT/SIGTERM
+    progress.py     loss.jsonl, the progress bar, SIGINT/SIGTERM, the plan a run starts with
+    trackers.py     TensorBoard / W&B (output.trackers): the loss, the recipe and the sample grids
     precision.py, graphs.py, ema.py   master weights and loss scaling, CUDA graphs, EMA
     validation.py   the validation loss on held-out pictures, early stop (run_steps' `stop_early`)
 
-Here: make_accelerator (devices, `accelerate launch`, TensorBoard under out/), open_base /
+Here: make_accelerator (devices, `accelerate launch`, the trackers of output.trackers, logging), open_base /
 load_frozen_base (the base in fp32, then the U-Net in its training dtype, frozen) and run_steps.
 
 Exact resume rests on three rules the pieces keep: the batch order is a pure function of
@@ -27,6 +28,7 @@ the LR schedule, every RNG and (fp16) the loss scaler.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -40,6 +42,7 @@ from accelerate.utils import ProjectConfiguration
 from torch import nn
 
 from adapterkit.adapters.adapter import Adapter
+from adapterkit.train.console import configure_logging
 from adapterkit.train.jobs.checkpoints import save_checkpoint
 from adapterkit.train.jobs.guards import (
     TrainingInterrupted,
@@ -59,21 +62,29 @@ from adapterkit.train.jobs.precision import check_outside_precision
 from adapterkit.train.jobs.progress import LossLog, PendingSteps, ProgressBar, StopSignals
 from adapterkit.train.jobs.recipe import DTYPES, ModelConfig
 from adapterkit.train.jobs.state import TrainingState
+from adapterkit.train.jobs.trackers import check_kept, log_grid, log_with
 from adapterkit.train.pipeline.base import BaseModel, load_base
 
 
-def make_accelerator(out: Path, cfg: Any = None) -> Accelerator:
+def make_accelerator(out: Path, cfg: Any = None, job: str = "adapterkit") -> Accelerator:
     """The run's Accelerator. Its mixed_precision is always "no": the precision is the recipe's
-    (precision.settle_precision), and an outside request `cfg` does not follow is refused here."""
+    (precision.settle_precision), and an outside request `cfg` does not follow is refused here. Its
+    trackers are `cfg.output.trackers` (train/jobs/trackers.py; started by `start_trackers`; `job`
+    names the W&B project). Logging is configured here (train/console.py): INFO records and bars on
+    each machine's first process, warnings only on the others."""
     check_writable(out)
     if cfg is not None:
         check_outside_precision(cfg)
-    return Accelerator(
+    trackers = cfg.output.trackers if cfg is not None else ("tensorboard",)
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),      # CPU processes of `accelerate launch --multi_gpu`: gloo
         mixed_precision="no",                   # not ACCELERATE_MIXED_PRECISION: the recipe decides
         gradient_accumulation_steps=1,          # accumulation is explicit in each job's step (exact resume)
-        log_with="tensorboard",
+        log_with=log_with(trackers, job, out) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)))
+    check_kept(accelerator, trackers)
+    configure_logging(None if accelerator.is_local_main_process else logging.WARNING)
+    return accelerator
 
 
 def open_base(cfg: ModelConfig, device: torch.device) -> BaseModel:
@@ -175,7 +186,8 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
     Samples: `sample(step, path)` (None: no samples) runs on the main process only, at every step
     s < cfg.train.steps that `cfg.sample.every` divides (to out/samples/step-<s>.png), and once at the
     end (out/samples/final.png). The last step is sampled only as final.png (not twice), and a run
-    stopped by a signal writes no final samples.
+    stopped by a signal writes no final samples. Each grid also goes to the trackers ("samples" at
+    its step, `log_grid`).
 
     The host never waits for the GPU within a step (train/jobs/progress.py PendingSteps): the losses
     stay on the device until a log, checkpoint or sample step, or READ_EVERY steps, whichever comes
@@ -239,11 +251,13 @@ def run_steps(accelerator: Accelerator, cfg: Any, out: Path, start: int, *,
                 save_checkpoint(state, out, done, cfg, export)
             if samples and accelerator.is_main_process:
                 sample(done, out / "samples" / f"step-{done:06d}.png")
+                log_grid(accelerator, out / "samples" / f"step-{done:06d}.png", done)
     if not stop.requested and accelerator.is_main_process:
         export(out)
         losses.plot(out / "loss.png")
         if sample:
             sample(done, out / "samples" / "final.png")
+            log_grid(accelerator, out / "samples" / "final.png", done)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if stop.requested:

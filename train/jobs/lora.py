@@ -12,8 +12,9 @@ The loop trains only the adapter: the base U-Net is frozen (bf16 on a GPU, fp32 
 LoRA weights, gradients and Adam state are fp32. Every random draw of step s (noise, timesteps,
 latent sample) comes from a generator seeded by (seed, s, micro-batch, process), and the batch order
 is a pure function of (seed, epoch), so a resumed run repeats the uninterrupted one exactly.
-Accelerate places the model, wraps it for several processes (`accelerate launch`) and writes
-TensorBoard logs; the checkpoints hold the job's own state (train/jobs/state.py: no pickles).
+Accelerate places the model, wraps it for several processes (`accelerate launch`) and logs to the
+trackers (`output.trackers`: TensorBoard, W&B); the checkpoints hold the job's own state
+(train/jobs/state.py: no pickles).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from adapterkit.adapters.lora_files import save_lora
 from adapterkit.adapters.lycoris import LycorisSpec
 from adapterkit.adapters.lycoris_files import save_lycoris
 from adapterkit.train.config import to_dict
+from adapterkit.train.console import bar
 from adapterkit.train.data.cache import LatentCache, check_cacheable
 from adapterkit.train.data.datasets_list import open_data
 from adapterkit.train.data.folder import CaptionedImageFolder
@@ -56,6 +58,7 @@ from adapterkit.train.jobs.optimizer import (
     scale_loss,
 )
 from adapterkit.train.jobs.precision import LossScaler, MasterWeights
+from adapterkit.train.jobs.progress import run_plan
 from adapterkit.train.jobs.recipe import (
     JobRecipe,
     OutputConfig,
@@ -66,6 +69,7 @@ from adapterkit.train.jobs.recipe import (
 )
 from adapterkit.train.jobs.run_metadata import RunMetadata, run_metadata
 from adapterkit.train.jobs.text_encoder import TextEncoderConfig, TextEncoderTraining
+from adapterkit.train.jobs.trackers import start_trackers
 from adapterkit.train.jobs.validation import ValidationConfig, Validator
 from adapterkit.train.pipeline.base import BaseModel, encoders_on, move_encoders
 from adapterkit.train.pipeline.graphed import channels_last
@@ -168,7 +172,7 @@ def main(cfg: LoraRecipe) -> Path:
     """Train the LoRA described by `cfg`; returns the output folder. Resumes from its last checkpoint."""
     out = Path(cfg.output.dir)
     check_cacheable(cfg.data)
-    accelerator = make_accelerator(out, cfg)
+    accelerator = make_accelerator(out, cfg, "lora")
     # the pictures first: a folder with nothing usable stops before any model loads (reliability.md D17)
     dataset, held_out = split_validation(open_data(cfg.data, out / "cache" / "datasets"))
     base, fingerprint = load_frozen_base(cfg.model, accelerator.device)
@@ -206,7 +210,9 @@ def main(cfg: LoraRecipe) -> Path:
     plan = BatchPlan(dataset, cfg.train.batch_size, cfg.train.grad_accum,
                      accelerator.num_processes, accelerator.process_index)
     if accelerator.is_main_process:
-        accelerator.init_trackers("lora", config=flat_dict(to_dict(cfg)))
+        trackers = start_trackers(accelerator, cfg.output.trackers, "lora", out, flat_dict(to_dict(cfg)))
+        print(run_plan(cfg, start, plan.per_epoch, accelerator.num_processes, exported_files(cfg, out),
+                       trackers), flush=True)
     validator = Validator(cfg.validation, cfg.train, held_out, cache, base, schedule, accelerator, out, start,
                           cfg.train.steps) if held_out else None
 
@@ -369,10 +375,11 @@ def sample_grid(cfg: LoraRecipe, base: BaseModel, path: Path, ema: EMA | None = 
     rows = [(prompt, seed) for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
     f = base.latent_scale
     with encoders_on(base, unet.conv_in.weight.device), averaged(ema, master):
-        cells = generate_columns(base, rows, [{"default": s} for s in cfg.sample.lora_scales],
-                                 steps=cfg.sample.steps, guidance=cfg.sample.guidance,
-                                 sampler=cfg.sample.sampler, size=cfg.data.resolution // f * f,
-                                 batch_size=SAMPLE_BATCH)
+        with bar(total=len(rows) * len(cfg.sample.lora_scales), desc="samples", leave=None) as counted:
+            cells = generate_columns(base, rows, [{"default": s} for s in cfg.sample.lora_scales],
+                                     steps=cfg.sample.steps, guidance=cfg.sample.guidance,
+                                     sampler=cfg.sample.sampler, size=cfg.data.resolution // f * f,
+                                     batch_size=SAMPLE_BATCH, progress=counted)
     set_base_lora_weights(base, {"default": 1.0})
     unet.train(was_training)
     # A1111's infotext of the first cell (train/infotext.py); the LoRA unhashed: no file holds it yet

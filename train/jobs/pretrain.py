@@ -52,6 +52,7 @@ from adapterkit.train.jobs.loop import Training, make_accelerator, run_steps
 from adapterkit.train.jobs.optimizer import full_precision_state, make_optimizer
 from adapterkit.train.jobs.recipe import OptimConfig, OutputConfig, SampleConfig, flat_dict
 from adapterkit.train.jobs.state import TrainingState
+from adapterkit.train.jobs.trackers import start_trackers
 from adapterkit.train.pipeline.base import PIXEL_PATCH_KEY, BaseModel, Fingerprint, scheduler_config_named
 from adapterkit.train.pipeline.parts import PIXEL_PATCHES, TextPart
 from adapterkit.train.pipeline.schedule import NoiseSchedule, diffusion_loss
@@ -247,7 +248,7 @@ def main(cfg: PretrainRecipe) -> Path:
     out = Path(cfg.output.dir)
     check_writable(out)                      # before the pool is rendered
     data = ShapesData(cfg)
-    accelerator = make_accelerator(out, cfg)
+    accelerator = make_accelerator(out, cfg, "pretrain")
     data.to(accelerator.device)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -283,7 +284,8 @@ def main(cfg: PretrainRecipe) -> Path:
         print(f"pretrain: U-Net {n_unet / 1e6:.2f}M + text encoder {n_text / 1e6:.2f}M parameters, "
               f"{cfg.model.image_size}px, batch {cfg.train.batch_size} x {accelerator.num_processes}",
               flush=True)
-        accelerator.init_trackers("pretrain", config=flat_dict(to_dict(cfg)))
+        print(start_trackers(accelerator, cfg.output.trackers, "pretrain", out, flat_dict(to_dict(cfg))),
+              flush=True)
     base = as_base(cfg, unet, text_encoder, tokenizer, scheduler_config)     # for the samples
 
     def export(folder: Path, step: int | None = None) -> Path:
@@ -349,7 +351,7 @@ def sample_grid(cfg: PretrainRecipe, base: BaseModel, path: Path, weights=nullco
     with weights():
         cells = generate(base, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
                          steps=cfg.sample.steps, guidance=cfg.sample.guidance, sampler=cfg.sample.sampler,
-                         size=cfg.model.image_size)
+                         size=cfg.model.image_size, progress=True)
     for m, training in zip(models, was):
         m.train(training)
     return save_grid(list(cells), len(prompts), len(seeds), path, row_labels=list(prompts),

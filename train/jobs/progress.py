@@ -1,18 +1,21 @@
-"""What a person watches: loss.jsonl (JsonlLog, LossLog), the step losses read back from the GPU in
-batches (PendingSteps), the progress bar, and SIGINT/SIGTERM (StopSignals: finish the step, write a
-checkpoint)."""
+"""What a person watches: the plan a run starts with (`run_plan`), loss.jsonl (JsonlLog, LossLog), the
+step losses read back from the GPU in batches (PendingSteps), the progress bar, and SIGINT/SIGTERM
+(StopSignals: finish the step, write a checkpoint)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor
+
+from adapterkit.train.console import bar
 
 
 class JsonlLog:
@@ -180,12 +183,12 @@ class StopSignals:
 
 
 class ProgressBar:
-    """A tqdm bar with loss and images/s on the main process; nothing elsewhere."""
+    """A tqdm bar with loss and images/s on each machine's first process; nothing elsewhere nor under
+    `adapterkit -q` (train/console.py)."""
 
     def __init__(self, accelerator: Accelerator, start: int, total: int, desc: str):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, initial=start, disable=not accelerator.is_local_main_process,
-                        desc=desc, dynamic_ncols=True)
+        self.bar = bar(total=total, initial=start, desc=desc, unit="step",
+                       show=accelerator.is_local_main_process)
         self.loss: float | None = None
 
     def __enter__(self):
@@ -203,3 +206,31 @@ class ProgressBar:
         self.bar.close()
         return False
 
+
+
+def run_plan(cfg: Any, start: int, batches_per_epoch: int, world: int, files: Sequence[Path],
+             trackers: str) -> str:
+    """The lines a LoRA or ControlNet run starts with, after the data report (pictures, buckets): the
+    steps and the images each takes (batch x accumulation x processes), the epochs that makes, what
+    is written where and when (`files`: the job's exported files), `trackers` (trackers.start_trackers'
+    line), and where the files are after a stop."""
+    t, out = cfg.train, Path(cfg.output.dir)
+    per_step = t.batch_size * t.grad_accum * world
+    epochs = t.steps * t.grad_accum * world / max(batches_per_epoch, 1)
+    every, keep = cfg.output.checkpoint_every, cfg.output.keep_checkpoints
+    processes = f"{world} process{'es' if world > 1 else ''}"
+    resuming = f"; resuming after step {start}" if start else ""
+    names = [f"{f.name}{'' if f.suffix == '.safetensors' else '/'}" for f in files] + ["loss.png"]
+    checkpoints = f"every {every} steps and at the end" if every else "at the end"
+    as_it_goes = ["loss.jsonl", f"checkpoints/step-N/ {checkpoints} (the newest {keep} kept)"]
+    if cfg.sample.prompts:
+        during = f"step-N.png every {cfg.sample.every} steps, " if cfg.sample.every else ""
+        as_it_goes.append(f"samples/ ({during}final.png at the end)")
+    return "\n".join([
+        f"plan: {t.steps} steps of {per_step} images (batch {t.batch_size} x {t.grad_accum} accumulated x "
+        f"{processes}) = {epochs:.3g} epochs of {batches_per_epoch} batches{resuming}",
+        f"  at the end, in {out}/: {', '.join(names)}",
+        f"  as it goes: {', '.join(as_it_goes)}",
+        f"  {trackers}",
+        "  a stop (Ctrl-C, SIGTERM) ends the step and writes checkpoints/step-N/ with the files in it (not "
+        f"in {out}/ itself); the same command resumes from it"])

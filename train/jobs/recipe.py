@@ -12,6 +12,7 @@ import torch
 
 from adapterkit.train.config import to_dict
 from adapterkit.train.data.folder import DataConfig
+from adapterkit.train.jobs.trackers import check_trackers
 from adapterkit.train.pipeline.schedule import TimestepSampling
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -107,7 +108,12 @@ class OutputConfig:
     dir: str = "out"
     checkpoint_every: int = 250                     # 0 = only at the end (and on a signal)
     keep_checkpoints: int = 3
-    log_every: int = 10                             # TensorBoard every N steps (0: the last only)
+    log_every: int = 10                             # the trackers every N steps (0: the last only)
+    # accelerate's trackers (train/jobs/trackers.py): tensorboard, wandb (offline unless WANDB_MODE), none
+    trackers: tuple[Literal["tensorboard", "wandb", "none"], ...] = ("tensorboard",)
+
+    def __post_init__(self):
+        check_trackers(self.trackers)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adapterkit.adapters.controlnet import MultiControlNet, hint_widths_for
+from adapterkit.train.console import bar as console_bar
 from adapterkit.train.images import tensor_to_pil
 from adapterkit.train.pipeline.encoding import decode, encode_text
 from adapterkit.train.pipeline.graphed import GraphedCall
@@ -58,7 +59,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              guidance: float, sampler: str = "ddim", size: int | tuple[int, int] | None = None,
              controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
              hints: Sequence | Tensor | None = None, control_scale: float | Sequence[float] = 1.0,
-             guess_mode: bool = False, batch_size: int = 16, progress: bool = False,
+             guess_mode: bool = False, batch_size: int = 16, progress: bool | tqdm = False,
              cuda_graphs: bool = True) -> Tensor:
     """One image per (prompt, seed), as a float32 CPU tensor (N, 3, H, W) in [-1, 1].
 
@@ -73,7 +74,9 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
         under guidance it steers the conditional half only (diffusers' guess mode: the hint alone
         carries the picture, as with an empty prompt).
     progress: a tqdm bar on stderr counting the images as they are decoded, with the time left (the
-        command line's; off by default, so library calls and tests print nothing).
+        command line's and the training samples'; off by default, so library calls and tests print
+        nothing; off under `adapterkit -q`, train/console.py), or a bar of the caller's to count them
+        on (several calls, one bar: the quality runs).
     cuda_graphs: on CUDA, replay the sampler's model call (U-Net, and ControlNet) from a CUDA graph
         captured at its first call per batch shape (train/pipeline/graphed.py: at batch 2 a U-Net
         call is launch-bound); the settings above and the LoRA weights are fixed for the call, the
@@ -116,7 +119,9 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     call = lambda x, t, c, h: _model_fn(unet, controlnet, h, control_scale, guess_mode)(x, t, c)  # noqa: E731
     graphed = GraphedCall(call, enabled=cuda_graphs)
     out = []
-    bar = tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress, dynamic_ncols=True)
+    own_bar = not hasattr(progress, "update")
+    bar = console_bar(total=len(prompts), desc="sampling", leave=None, show=bool(progress)) if own_bar \
+        else progress
     try:
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
@@ -133,7 +138,8 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
                 out.append(decode(base, z[None]).float().cpu())                   # (1, 3, H, W)
                 bar.update(1)
     finally:
-        bar.close()
+        if own_bar:
+            bar.close()
         if controlnet is not None:
             controlnet.train(cn_was_training)
     return torch.cat(out)

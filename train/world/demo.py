@@ -292,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
     load_adapter_file(base.unet, lora_file, name="style")
     controlnet = load_controlnet(canny_dir, base.unet)
     ev = evaluate(base, scenes, EVAL_SEED, style=args.style, trigger=args.trigger, loras={"style": 1.0},
-                  controlnet=controlnet, steps=steps, guidance=args.guidance, batch_size=args.batch_size)
+                  controlnet=controlnet, steps=steps, guidance=args.guidance, batch_size=args.batch_size,
+                  progress=True)
     clock.lap("sample")
 
     print("\n5. merge the LoRA into the base")

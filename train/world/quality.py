@@ -83,6 +83,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFilter
 
+from adapterkit.train.console import bar
 from adapterkit.train.data.canny import edge_fidelity
 from adapterkit.train.world.shapes import (
     COLOURS,
@@ -507,7 +508,7 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
     `style` only decides how the scenes' targets are drawn (`Evaluation.grid`); the prompts carry
     the trigger, never the style's name. The LoRA weights are restored afterwards. The measures are
     calibrated at 64 px and up (see the module docstring); smaller models get rougher figures.
-    `progress`: a bar per row's sampling (`generate`'s), for the command line.
+    `progress`: one bar counting every row's pictures, with the time left (the command line's).
     """
     from adapterkit.train.pipeline.generate import check_controlnet, generate, to_images
 
@@ -527,7 +528,7 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
     def run(cn) -> list[Image.Image]:
         return to_images(generate(base, prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
                                   size=size, controlnet=cn, hints=hints if cn is not None else None,
-                                  control_scale=control_scale, batch_size=batch_size, progress=progress))
+                                  control_scale=control_scale, batch_size=batch_size, progress=counted))
 
     settings = {"n": n, "seed": seed, "style": style, "trigger": trigger, "loras": loras,
                 "control_scale": control_scale if controlnet is not None else None, "steps": steps,
@@ -539,12 +540,14 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
     if loras:
         from adapterkit.train.pipeline.loras import base_lora_weights, set_base_lora_weights
         before = base_lora_weights(base)
+    counted = bar(total=n * len(rows), desc="quality", show=progress)   # one bar, every row's pictures
     try:
         for label, with_lora, with_cn in sorted(rows, key=lambda r: r[1]):    # LoRAs off, then on
             if loras:
                 set_base_lora_weights(base, loras if with_lora else {k: 0.0 for k in loras})
             samples[label] = run(controlnet if with_cn else None)
     finally:
+        counted.close()
         if loras and before:
             set_base_lora_weights(base, before)
     samples = {label: samples[label] for label, _, _ in rows}

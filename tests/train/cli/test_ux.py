@@ -96,6 +96,8 @@ def test_train_lora_ends_with_files_sizes_and_losses(pipeline, images, tmp_path,
     assert f"steps 3, loss {rows[0]['loss']:.4g} -> {rows[-1]['loss']:.4g} (first/last step)" in tail, tail
     assert re.search(r"done: .* \(\d+\.\d s\)", tail), tail
     assert f"--lora {out / 'style.safetensors'}:1" in tail, tail
+    assert "also: checkpoints/, lora/, loss.jsonl, loss.png\n" in tail, tail     # lora/: TensorBoard's
+    assert "plan: 3 steps of 4 images" in text[:text.index(f"done: {out}")]
 
 
 def test_train_controlnet_ends_with_its_files(controlnet_pipeline, controlnet_images, tmp_path, capsys):

@@ -534,6 +534,7 @@ def test_edge_fidelity_is_logged_at_every_sample_step_during_training(pipeline, 
     assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "final.png").is_file()
     events = b"".join(p.read_bytes() for p in (out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events.count(b"edge_f1/control_x1") >= 2
+    assert events.count(b"samples") >= 2                               # both grids, as images
 
 
 def test_sample_command_steers_with_a_controlnet_and_its_hint(pipeline, tmp_path):
