@@ -373,7 +373,8 @@ def folded_loras(model: nn.Module):
     passes made the demo's `full`-target U-Net 4-6x slower on a CPU). On leaving, peft unmerges and
     the base weights kept before are copied back: restored bit for bit (peft's subtraction alone is
     exact only in real arithmetic). Not for training: the adapters get no gradients while folded."""
-    layers = [m for m in _tuner_layers(model) if m.active_adapters and not m.merged and not m.disable_adapters]
+    layers = [m for m in _tuner_layers(model)
+              if m.active_adapters and not m.merged and not m.disable_adapters]
     kept = []
     try:
         with torch.no_grad():

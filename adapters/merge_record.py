@@ -69,7 +69,8 @@ def adapter_fingerprint(adapter: Lora | Lycoris) -> str:
         m = adapter.modules[path]
         if isinstance(adapter, Lycoris):
             h.update(f"{path}:{m.kind}:{m.alpha!r}\n".encode())
-            tensors = [m.tensors[k] for k in sorted(m.tensors)] + [t for t in (m.dora_scale,) if t is not None]
+            tensors = [m.tensors[k] for k in sorted(m.tensors)]
+            tensors += [m.dora_scale] if m.dora_scale is not None else []
         else:
             tensors = [m.delta()]
         for t in tensors:
@@ -116,7 +117,8 @@ def merged_into(base: str | os.PathLike | None) -> list[MergedAdapter]:
         return [MergedAdapter(str(e["file"]), str(e["sha256"]), str(e["fingerprint"]), float(e["weight"]))
                 for e in json.loads(raw)]
     except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{file}: its metadata {MERGED_KEY} (the adapters merged into it) is not a list "
+        raise CheckpointError(f"{file}: its metadata {MERGED_KEY} (the adapters merged into it) is not a list"
+                              " "
                               f"of {{file, sha256, fingerprint, weight}} ({type(e).__name__}: {e}); the file "
                               "was edited by hand or by a broken tool. Remove the key to use it") from None
 
@@ -131,7 +133,8 @@ def find_merged(entries: list[MergedAdapter], path: str | os.PathLike, adapter: 
 
 
 def check_not_merged(base: str | os.PathLike | None, path: str | os.PathLike, adapter: Lora | Lycoris,
-                     override: str | None, entries: list[MergedAdapter] | None = None) -> MergedAdapter | None:
+                     override: str | None, entries: list[MergedAdapter] | None = None
+                     ) -> MergedAdapter | None:
     """Refuse (AlreadyMergedError) to apply adapter file `path` to `base` when the base's record lists
     it. `override`: how the caller lets it through (e.g. "--allow-merged"), named in the message; None
     when there is no override there. Returns the entry found, or None."""

@@ -354,7 +354,8 @@ def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
     path.mkdir(parents=True, exist_ok=True)
     weights = path / DIFFUSERS_WEIGHTS[0]
     config_text = json.dumps(cfg.to_diffusers(), indent=2) + "\n"
-    atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})),
+    header = {"format": "pt", **(metadata or {})}
+    atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata=header)),
                    (path / "config.json", lambda tmp: tmp.write_text(config_text))])
     return weights
 

@@ -330,8 +330,8 @@ def run(args: argparse.Namespace) -> int:
           + (f"{figures['size_ratio']:.3f}" if figures['size_ratio'] is not None else "-"))
     if figures["outline_continuity_lora"] is not None:
         print(f"   outline continuity (share of each contour a dark band covers): "
-              f"{figures['outline_continuity_lora']:.3f} with the LoRA, {figures['outline_continuity_base']:.3f} "
-              "without")
+              f"{figures['outline_continuity_lora']:.3f} with the LoRA, "
+              f"{figures['outline_continuity_base']:.3f} without")
     print(f"   edge F1: {figures['edge_f1_controlnet']:.3f} with the ControlNet, "
           f"{figures['edge_f1_base']:.3f} without (with the LoRA: {figures['edge_f1_lora_controlnet']:.3f} "
           f"vs {figures['edge_f1_lora']:.3f})")

@@ -49,7 +49,7 @@ def loras(lora_pipeline, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merged(lora_pipeline, loras, tmp_path_factory):
-    """The tiny pipeline with style.safetensors merged at 0.8 (a whole pipeline folder: it has text modules)."""
+    """The tiny pipeline with style.safetensors merged at 0.8 (a pipeline folder: it has text modules)."""
     out = tmp_path_factory.mktemp("merged") / "merged"
     assert cli(["merge", "--base", str(lora_pipeline), f"{loras[0]}:0.8", "-o", str(out)]) == 0
     return out

@@ -9,8 +9,8 @@ import json
 from PIL import Image
 
 from adapterkit.train.config import load_config
-from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.data.captions import build_caption
+from adapterkit.train.data.folder import CaptionedImageFolder
 from adapterkit.train.jobs.lora import LoraRecipe
 from adapterkit.train.paths import data_dir
 from adapterkit.train.world.shapes import caption, render, sample_scenes
@@ -49,7 +49,8 @@ def test_own_pictures_recipe_runs_with_aspect_buckets_and_a_trailing_trigger(tmp
     code, out, err = run(["train", "lora", RECIPE, *overrides], capsys)
     assert code == 0, err
     buckets = next(line for line in out.splitlines() if line.startswith("buckets:"))
-    shapes = [tuple(map(int, part.split(":")[0].split("x"))) for part in buckets[len("buckets: "):].split(", ")]
+    parts = buckets[len("buckets: "):].split(", ")
+    shapes = [tuple(map(int, part.split(":")[0].split("x"))) for part in parts]
     assert any(w != h for w, h in shapes), buckets        # not every picture squashed into 64 x 64
     assert {(48, 80), (80, 48)} <= set(shapes), buckets   # portrait and landscape alike
 

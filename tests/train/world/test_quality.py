@@ -8,16 +8,16 @@ import torch
 from PIL import Image
 
 from adapterkit.train.world.quality import (
+    break_outline,
     calibrate,
     classify,
     degrade,
     edge_f1_score,
     format_report,
     has_style,
+    outline_continuity,
     quality_report,
     shape_colour_accuracy,
-    break_outline,
-    outline_continuity,
     shapes_kept,
     style_score,
 )
@@ -127,7 +127,8 @@ def test_outline_continuity_separates_clean_from_broken_outlines(world):
     rng = np.random.default_rng(0)
     kept = [outline_continuity(im) for key in (("outline", "clean"), ("outline", "degraded"))
             for im in world[key][1][:60]]
-    broken = [outline_continuity(degrade(break_outline(s, rng, share=0.3, specks=20), rng)) for s in scenes[:60]]
+    broken = [outline_continuity(degrade(break_outline(s, rng, share=0.3, specks=20), rng))
+              for s in scenes[:60]]
     plain = [outline_continuity(im) for im in world[None, "clean"][1][:60]]
     assert min(kept) > max(broken), (min(kept), max(broken))
     assert np.mean(kept) >= 0.99 and np.mean(broken) <= 0.85 and max(plain) == 0.0
