@@ -93,10 +93,11 @@ def unmerge(model: nn.Module, record: MergeRecord, text_encoders: dict[str, nn.M
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike, layout: str = "diffusers",
-                dtype: torch.dtype | None = None):
-    """Save a merged (plain) U-Net as a diffusers folder or one LDM-named .safetensors file."""
+                dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None):
+    """Save a merged (plain) U-Net as a diffusers folder or one LDM-named .safetensors file; `metadata`:
+    the record of what was merged (merge_record.record_metadata)."""
     from adapterkit.unet import save_unet
-    return save_unet(model, path, layout=layout, dtype=dtype)
+    return save_unet(model, path, layout=layout, dtype=dtype, metadata=metadata)
 
 
 # Low-rank factorisations ----------------------------------------------------------------------------------

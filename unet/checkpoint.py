@@ -324,13 +324,14 @@ def _check_and_rename(state: dict[str, Tensor], layout: str, prefix: str, cfg: U
 
 
 def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
-              dtype: torch.dtype | None = None) -> Path:
+              dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> Path:
     """Write `model` as a diffusers folder (layout="diffusers") or one LDM-named .safetensors ("ldm").
 
     diffusers: `path/config.json` (from `config.to_diffusers()`) + `path/diffusion_pytorch_model.safetensors`.
     ldm: `path` itself, keys `model.diffusion_model.<LDM name>`, the config as JSON in the
     `adapterkit.unet_config` metadata (so the head count survives). Both carry `format: pt`.
     dtype: cast on the way out (e.g. torch.float16); None keeps the model's.
+    metadata: more header strings for the weights file (e.g. adapters/merge_record.py's record).
 
     Every file is written to a temporary name in the same folder, fsynced and renamed over the target,
     so a failed save leaves the previous file intact. (The two files of a folder are renamed one after
@@ -343,8 +344,8 @@ def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
     if layout == "ldm":
         if path.suffix != ".safetensors":
             raise ValueError(f"an LDM single file must end in .safetensors, got {path.name!r}")
-        tensors, metadata = ldm_tensors(model, dtype)
-        write_safetensors(tensors, path, metadata)
+        tensors, header = ldm_tensors(model, dtype)
+        write_safetensors(tensors, path, header | dict(metadata or {}))
         return path
     cfg, tensors = model.config, _plain_tensors(model, dtype)
     if path.suffix == ".safetensors":
@@ -353,7 +354,8 @@ def save_unet(model: UNet, path: str | os.PathLike, layout: str = "diffusers",
     path.mkdir(parents=True, exist_ok=True)
     weights = path / DIFFUSERS_WEIGHTS[0]
     config_text = json.dumps(cfg.to_diffusers(), indent=2) + "\n"
-    atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+    header = {"format": "pt", **(metadata or {})}
+    atomic_write([(weights, lambda tmp: save_file(tensors, tmp, metadata=header)),
                    (path / "config.json", lambda tmp: tmp.write_text(config_text))])
     return weights
 

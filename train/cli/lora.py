@@ -95,6 +95,9 @@ def register(subparsers) -> None:
                    help="dtype of the merged weights / LoRA (default: the base's own)")
     p.add_argument("--rank", type=int, help="LoRA+LoRA: SVD the combined LoRA to this rank (default: exact)")
     p.add_argument("--format", choices=FORMATS, default="kohya", help="LoRA+LoRA: layout to write")
+    p.add_argument("--allow-merged", action="store_true",
+                   help="merge an adapter that the base's record says is merged into it already (its "
+                        "effect adds up); default: refuse")
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("convert", parents=[common], help="rewrite a LoRA in another layout",
@@ -185,9 +188,10 @@ def _merge(args) -> int:
                  if (n := sum(is_text_path(m) for m in lora.modules))]
     if with_text and not args.allow_unmatched:
         return _merge_with_text_encoders(args, items, loras, with_text, dtype)
+    merged = _merge_record(args, items, loras)
     record = merge_loras(model, loras, allow_unmatched=args.allow_unmatched)
     with writing(args.output, "-o"):
-        out = save_merged(model, args.output, layout=args.layout)
+        out = save_merged(model, args.output, layout=args.layout, metadata=merged)
     print(f"merged {len(loras)} adapters ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
           f"{len(record.originals)} layers of {args.base}; computed in fp32, written as {dtype}: {out}")
     return 0
@@ -205,10 +209,11 @@ def _merge_checkpoint(args, items: list[tuple[str, float]], dtype: torch.dtype) 
         text = text_encoders_of_file(base, dtype, Path(args.config_dir) if args.config_dir else None)
         keep = {k: v for k, v in keep.items() if not k.startswith(tuple(te.ldm_prefix for te, _ in text))}
     encoders = {te.folder: model for te, model in text or ()} if wants_text else None
+    merged = _merge_record(args, items, loras)
     record = merge_loras(unet, loras, allow_unmatched=args.allow_unmatched, text_encoders=encoders)
     with writing(args.output, "-o"):
         out = write_checkpoint(args.output, unet, vae, text or (), dtype=dtype, keep=keep,
-                               prediction_type=prediction)
+                               prediction_type=prediction, metadata=merged)
     touched = sorted({"text encoder" if is_text_path(p) else "U-Net" for p in record.originals})
     has_vae = vae is not None or any(k.startswith(VAE_PREFIX) for k in keep)
     held = ["U-Net", *(["VAE"] if has_vae else []),
@@ -259,18 +264,31 @@ def _merge_with_text_encoders(args, items, loras, with_text, dtype) -> int:
                          "pipeline folder; pass --allow-unmatched to merge the U-Net part alone")
     base = load_base(args.base, dtype=dtype)
     encoders = text_encoders_of(base)
+    merged = _merge_record(args, items, loras)
     record = merge_loras(base.unet, loras, text_encoders=encoders)
     counts = {"unet": 0, **dict.fromkeys(encoders, 0)}
     for path in record.originals:
         first = path.split(".", 1)[0]
         counts[first if first in encoders else "unet"] += 1
     with writing(args.output, "-o"):
-        write_merged_pipeline(base, Path(args.base), Path(args.output), dtype)
+        write_merged_pipeline(base, Path(args.base), Path(args.output), dtype, metadata=merged)
     layers = ", ".join(f"{n} {'U-Net' if c == 'unet' else c} layers" for c, n in counts.items())
     print(f"merged {len(loras)} adapters ({', '.join(f'{Path(p).name}:{r:g}' for p, r in items)}) into "
           f"{layers} of {args.base}; computed in fp32, written as {dtype}: the pipeline folder "
           f"{args.output}")
     return 0
+
+
+def _merge_record(args, items: list[tuple[str, float]], loras: list) -> dict[str, str]:
+    """The record of merged adapters the output carries (adapters/merge_record.py): the base's own,
+    then each adapter merged now. One that the base's record lists already is refused (it would count
+    twice) unless --allow-merged."""
+    from adapterkit.adapters.merge_record import check_not_merged, identify, merged_into, record_metadata
+    before = merged_into(args.base)
+    if not args.allow_merged:
+        for (path, _), (adapter, _) in zip(items, loras):
+            check_not_merged(args.base, path, adapter, "--allow-merged", before)
+    return record_metadata(before + [identify(p, adapter, r) for (p, r), (adapter, _) in zip(items, loras)])
 
 
 def _convert(args) -> int:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     base, _, nets = open_base(args.base, args.device, args.tokenizer,
                               controlnets=[args.controlnet] if args.controlnet else [])
     controlnet = nets[0] if nets else None
-    loras = load_loras(base, args.lora)
+    loras = load_loras(base, args.lora, args.allow_merged)
     result = evaluate(base, args.n, args.seed, style=args.style, trigger=args.trigger, loras=loras,
                       controlnet=controlnet, control_scale=args.control_scale, steps=args.steps,
                       guidance=args.guidance, sampler=args.sampler, batch_size=args.batch_size,

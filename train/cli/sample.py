@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         size = hints[0][1]
         steer = {"controlnet": controlnets if len(nets) > 1 else controlnets[0],
                  "control_scale": scales[0] if len(scales) == 1 else scales, "guess_mode": args.guess_mode}
-    weights = load_loras(base, args.lora)
+    weights = load_loras(base, args.lora, args.allow_merged)
     from adapterkit.adapters.lora_files import split_lora_spec
     files = [split_lora_spec(spec)[0] for spec in args.lora]
     names = {name: Path(f).stem for name, f in zip(weights, files)}
@@ -175,17 +175,19 @@ def hint_tensor(img, path: str, size: int | None, latent_scale: int) -> tuple[to
     return unit_tensor(img), (h, w)
 
 
-def load_loras(base, specs: list[str]) -> dict[str, float]:
+def load_loras(base, specs: list[str], allow_merged: bool = False) -> dict[str, float]:
     """Load each "FILE[:WEIGHT]" onto the base as adapter lora0, lora1, ...: its U-Net part on the U-Net,
     its text-encoder part (kohya lora_te*_, diffusers text_encoder[_2].) on the text encoders; prints
-    what went where. Returns {name: weight}."""
+    what went where. A LoRA the base's merge record lists is refused unless `allow_merged`
+    (--allow-merged). Returns {name: weight}."""
     from adapterkit.adapters.lora_files import split_lora_spec
     from adapterkit.train.pipeline.loras import load_lora_on_base
 
     weights = {}
     for i, spec in enumerate(specs):
         path, w = split_lora_spec(spec)
-        applied = load_lora_on_base(base, path, name=f"lora{i}", weight=w)
+        applied = load_lora_on_base(base, path, name=f"lora{i}", weight=w, allow_merged=allow_merged,
+                                    override="--allow-merged")
         weights[applied.name] = w
         print(applied.line())
     return weights
@@ -196,6 +198,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="local diffusers pipeline folder or single-file checkpoint")
     p.add_argument("--tokenizer", help="tokenizer folder (single-file checkpoints carry none)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    p.add_argument("--allow-merged", action="store_true",
+                   help="apply a --lora that the base's merge record says is merged into it already "
+                        "(its effect adds up); default: refuse")
 
 
 def register(sub) -> None:

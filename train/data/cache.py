@@ -241,7 +241,8 @@ class LatentCache:
             report("images", done, len(missing))
 
         # texts
-        captions = {build_caption(rec.caption, cfg.trigger, 0.0, None) for rec in dataset.records}
+        captions = {build_caption(rec.caption, cfg.trigger, 0.0, None, trigger_at=cfg.trigger_at)
+                    for rec in dataset.records}
         if cfg.caption_dropout > 0:
             captions.add("")
         text_hits, text_encoded = self._ensure_texts(base, sorted(captions), batch_size, report)

@@ -12,7 +12,8 @@ The training caption (`build_caption`) is drawn per sample from a generator seed
    `keep_tokens` tags stay in place and are never dropped; each other tag is dropped with probability
    `tag_dropout`, except a tag equal to the trigger word (dropping it would train the picture without
    its trigger); the remaining ones are shuffled if `shuffle_tags`. Tags are joined with ", ".
-3. the trigger word: prepended unless one of the tags already is it (or the caption starts with it).
+3. the trigger word: prepended ("sks, caption"; `trigger_at="end"`: appended, "caption, sks") unless
+   one of the tags already is it (or the caption starts, or ends, with it).
 
 With tag processing off the caption is used exactly as written, and no random number is drawn for it.
 """
@@ -87,18 +88,23 @@ def process_tags(caption: str, rng: np.random.Generator, *, shuffle: bool = Fals
 
 
 def build_caption(caption: str, trigger: str, dropout: float, rng: np.random.Generator | None, *,
-                  shuffle_tags: bool = False, keep_tokens: int = 0, tag_dropout: float = 0.0) -> str:
+                  shuffle_tags: bool = False, keep_tokens: int = 0, tag_dropout: float = 0.0,
+                  trigger_at: str = "start") -> str:
     """The training caption: "" with probability `dropout`, else the caption through `process_tags`
-    (when shuffling or dropping tags) with the trigger prepended ("trigger, caption"; the caption as it
-    is when one of its comma-separated parts already is the trigger)."""
+    (when shuffling or dropping tags) with the trigger prepended ("trigger, caption") or, `trigger_at`
+    "end", appended ("caption, trigger"); the caption as it is when one of its comma-separated parts
+    already is the trigger."""
     if dropout and rng.random() < dropout:
         return ""
     if shuffle_tags or tag_dropout:
         caption = process_tags(caption, rng, shuffle=shuffle_tags, keep_tokens=keep_tokens,
                                tag_dropout=tag_dropout, trigger=trigger)
-    present = caption.startswith(trigger) or trigger in (part.strip() for part in caption.split(","))
+    present = caption.startswith(trigger) or caption.endswith(trigger) or \
+        trigger in (part.strip() for part in caption.split(","))
     if trigger and not present:
-        return f"{trigger}, {caption}" if caption else trigger
+        if not caption:
+            return trigger
+        return f"{caption}, {trigger}" if trigger_at == "end" else f"{trigger}, {caption}"
     return caption
 
 

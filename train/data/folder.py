@@ -170,6 +170,9 @@ class DataConfig:
     # (0.9 at resolution 1024: SDXL's 41 buckets, train/data/buckets.py SDXL_MIN_AREA)
     min_bucket_area: float | None = None
     trigger: str = ""                           # prepended: "sks, a red circle"
+    # ... or appended ("a red circle, sks"): the bundled tiny base's character-level text encoder
+    # learned absolute positions, and a prefix moves every character of the caption (README)
+    trigger_at: Literal["start", "end"] = "start"
     caption_dropout: float = 0.0                # probability of an empty caption (for CFG)
     # Tags (comma-separated caption parts) at batch time, kohya's shuffle_caption / keep_tokens /
     # caption_tag_dropout_rate (train/data/captions.py): off by default, the caption as written.
@@ -734,7 +737,7 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
         return {
             "caption": build_caption(rec.caption, cfg.trigger, cfg.caption_dropout, rng,
                                      shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                     tag_dropout=cfg.tag_dropout),
+                                     tag_dropout=cfg.tag_dropout, trigger_at=cfg.trigger_at),
             "sha256": rec.sha256,
             "path": str(rec.path),
             "size": rec.size,

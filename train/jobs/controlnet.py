@@ -271,7 +271,7 @@ def attach_lora(base: BaseModel, spec: str | None, report: bool = False) -> floa
     if spec is None:
         return None
     path, weight = split_lora_spec(spec)
-    applied = load_lora_on_base(base, path, name=LORA_NAME, weight=weight)
+    applied = load_lora_on_base(base, path, name=LORA_NAME, weight=weight)   # refused if merged in already
     if report:
         print(f"control.lora {applied.line()}", flush=True)
     return weight

@@ -54,23 +54,25 @@ def checkpoint_tensors(unet: nn.Module, vae: nn.Module | None = None,
 
 def write_checkpoint(path: str | os.PathLike, unet: nn.Module, vae: nn.Module | None = None,
                      text: Sequence[tuple[TextEncoder, nn.Module]] = (), *, dtype: torch.dtype | None = None,
-                     keep: Mapping[str, Tensor] | None = None, prediction_type: str | None = None) -> Path:
+                     keep: Mapping[str, Tensor] | None = None, prediction_type: str | None = None,
+                     metadata: Mapping[str, str] | None = None) -> Path:
     """Write a whole checkpoint atomically (nothing at `path` changes unless the write completes).
 
     keep: tensors already in single-file names to carry over as they are (a single-file base's VAE and
         the text encoders no merge touched, its `v_pred`/`ztsnr` markers); the parts given as modules
         replace any of the same names.
     prediction_type: the base's, recorded as ModelSpec's `modelspec.prediction_type`.
+    metadata: more header strings (the record of merged adapters, adapters/merge_record.py).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"a single-file checkpoint must end in .safetensors, got {path.name!r}")
-    tensors, metadata = checkpoint_tensors(unet, vae, text, dtype)
+    tensors, header = checkpoint_tensors(unet, vae, text, dtype)
     if keep:
         tensors = _cpu(keep, dtype) | tensors
     if prediction_type in _MODELSPEC_PREDICTION:
-        metadata["modelspec.prediction_type"] = _MODELSPEC_PREDICTION[prediction_type]
-    write_safetensors(tensors, path, metadata)
+        header["modelspec.prediction_type"] = _MODELSPEC_PREDICTION[prediction_type]
+    write_safetensors(tensors, path, header | dict(metadata or {}))
     return path
 
 

@@ -182,13 +182,18 @@ def generate_columns(base, rows: Sequence[tuple[str, int]], columns: Sequence[di
     """The cells of a grid, row by row: rows are (prompt, seed), columns LoRA weight settings
     ({adapter name: weight}, set with `train.pipeline.loras.set_base_lora_weights` before the column is
     generated, on the U-Net and the text encoders alike; {} leaves them as they are). Every cell of a
-    row starts from the same noise. The weights of the last column stay set. `kwargs` go to `generate`."""
+    row starts from the same noise. The weights of the last column stay set. `kwargs` go to `generate`.
+    The U-Net's LoRAs are folded into its weights for each column (adapters.lora.folded_loras: the
+    plain U-Net's speed, the weights restored exactly after)."""
+    from adapterkit.adapters.lora import folded_loras
+
     prompts, seeds = [p for p, _ in rows], [s for _, s in rows]
     samples = []                                                   # one (rows, 3, H, W) per column
     for weights in columns:
         if weights:
             set_base_lora_weights(base, weights)
-        samples.append(generate(base, prompts, seeds, **kwargs))
+        with folded_loras(base.unet):
+            samples.append(generate(base, prompts, seeds, **kwargs))
     return [column[r] for r in range(len(rows)) for column in samples]
 
 

@@ -41,6 +41,7 @@ from adapterkit.adapters.lora import (
 from adapterkit.adapters.lora_text import load_text_lora, unet_part
 from adapterkit.adapters.lycoris import Lycoris, load_lycoris
 from adapterkit.adapters.lycoris_files import read_adapter
+from adapterkit.adapters.merge_record import check_not_merged
 from adapterkit.train.pipeline.base import BaseModel
 
 
@@ -65,12 +66,18 @@ def text_encoders_of(base: BaseModel) -> dict[str, torch.nn.Module]:
 
 
 def load_lora_on_base(base: BaseModel, path: str | os.PathLike, name: str, weight: float = 1.0,
-                      missing_alpha: str = "error") -> AppliedLora:
+                      missing_alpha: str = "error", allow_merged: bool = False,
+                      override: str | None = None) -> AppliedLora:
     """Read any adapter file against the base's U-Net and inject it as adapter `name` at `weight`: the
     U-Net part into the U-Net, a LoRA's text-encoder part into the matching text encoders. Everything
     is checked (placement of every key in the U-Net and the encoders, shapes, finite values) before
-    any layer changes; a file with modules for an encoder this base lacks is refused, naming it."""
+    any layer changes; a file with modules for an encoder this base lacks is refused, naming it.
+    An adapter the base's merge record lists (adapters/merge_record.py: it is in the weights already)
+    is refused with AlreadyMergedError unless `allow_merged`; `override`: how the user asks for that
+    ("--allow-merged"), named in the message."""
     adapter = read_adapter(path, base=base.unet.config, missing_alpha=missing_alpha)
+    if not allow_merged:
+        check_not_merged(base.source, path, adapter, override)
     file = Path(path).name
     if isinstance(adapter, Lycoris):
         load_lycoris(base.unet, adapter, name, weight=weight)
@@ -123,7 +130,8 @@ def _fold_into_text_fingerprint(base: BaseModel, lora: Lora, name: str, weight: 
 
 
 
-def write_merged_pipeline(base: BaseModel, source: Path, out: Path, dtype: torch.dtype) -> list[str]:
+def write_merged_pipeline(base: BaseModel, source: Path, out: Path, dtype: torch.dtype,
+                          metadata: dict[str, str] | None = None) -> list[str]:
     """A whole diffusers pipeline folder at `out`: the base's U-Net and text encoders as they are now
     (LoRAs merged into them) in `dtype`, every other part (VAE, tokenizers, scheduler, model_index.json)
     copied from the pipeline folder `source`. Built in a hidden folder beside `out` and renamed into
@@ -145,7 +153,7 @@ def write_merged_pipeline(base: BaseModel, source: Path, out: Path, dtype: torch
             if item.name in written or item.name.startswith("."):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        save_unet(base.unet, tmp / "unet", dtype=dtype)
+        save_unet(base.unet, tmp / "unet", dtype=dtype, metadata=metadata)   # the merge record
         for folder, encoder in text_encoders_of(base).items():
             encoder.to(dtype).save_pretrained(tmp / folder, safe_serialization=True)
         if out.exists():

@@ -205,6 +205,9 @@ def summary(reports: dict) -> dict[str, float | None]:
             "shape_base": base["shape"], "shape_lora": lora["shape"],
             "colour_base": base["colour"], "colour_lora": lora["colour"],
             "shape_ratio": ratio(lora["shape"], base["shape"]),
+            "outline_continuity_base": base.get("outline_continuity"),
+            "outline_continuity_lora": lora.get("outline_continuity"),
+            "shapes_lost": lora["shapes_lost"], "size_ratio": lora["size_ratio"],
             "colour_ratio": ratio(lora["colour"], base["colour"]),
             "edge_f1_base": base["edge_f1"], "edge_f1_controlnet": reports[ROW_CONTROL]["edge_f1"],
             "edge_f1_lora": lora["edge_f1"], "edge_f1_lora_controlnet": reports[ROW_LORA_CONTROL]["edge_f1"]}
@@ -323,7 +326,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n   style score at the trigger word: {figures['style_with_lora']:.3f} with the LoRA, "
           f"{figures['style_without_lora']:.3f} without")
     print(f"   shape / colour accuracy: base {figures['shape_base']:.3f} / {figures['colour_base']:.3f}, "
-          f"with the LoRA {figures['shape_lora']:.3f} / {figures['colour_lora']:.3f}")
+          f"with the LoRA {figures['shape_lora']:.3f} / {figures['colour_lora']:.3f}; shapes the base draws "
+          f"right and the LoRA loses: {figures['shapes_lost']}, shape size with / without the LoRA: "
+          + (f"{figures['size_ratio']:.3f}" if figures['size_ratio'] is not None else "-"))
+    if figures["outline_continuity_lora"] is not None:
+        print(f"   outline continuity (share of each contour a dark band covers): "
+              f"{figures['outline_continuity_lora']:.3f} with the LoRA, "
+              f"{figures['outline_continuity_base']:.3f} without")
     print(f"   edge F1: {figures['edge_f1_controlnet']:.3f} with the ControlNet, "
           f"{figures['edge_f1_base']:.3f} without (with the LoRA: {figures['edge_f1_lora_controlnet']:.3f} "
           f"vs {figures['edge_f1_lora']:.3f})")

@@ -7,6 +7,9 @@ randomness: the same image always gets the same answer.
   shape and colour both.
 - `has_style(image, style)` / `style_score(images, style)`: does the picture (do what share of them)
   carry the "outline" or "stripes" style.
+- `outline_continuity(image)`: the share of the shape's contour a dark outline band covers (clean
+  outline 1, broken or missing less); `shapes_kept(base_images, images, scenes)`: shapes the base
+  draws right that `images` lose, and their size against the base's.
 - `edge_f1_score(samples, hints)`: mean edge F1 of each sample's Canny map against its hint
   (train.canny.edge_fidelity, 2 px tolerance).
 - `quality_report(...)` gathers these for one set of samples; `format_report` prints one report or a
@@ -66,10 +69,20 @@ change the first and not the second, noise and flat colour change both alike (ra
 stripes, at most 1.4 without). Both diagonals are tried. The constants sit at the geometric middle
 of the gaps, or (outline) toward the blurrier side.
 
+Outline continuity. CONTINUITY_POINTS points spread evenly (by arc length) along the shape's contour;
+a point is covered when a pixel of the outline band (inside the shape, as deep as the world draws the
+outline) darker than OUTLINE_DARKNESS x the darker of shape colour and background lies within
+CONTINUITY_REACH px. The style score says an outline is there; this says whether it goes all the way
+round. `calibrate_outline(200, 0)`, 64 px (mean / min / max): plain 0.000 / 0 / 0; outline clean
+1.000 / 1.000 / 1.000, degraded 1.000 / 0.977 / 1.000, harsh 0.961 / 0.453 / 1.000; outline broken
+over 30% of the way round in 4 gaps with 20 dark specks (`break_outline`) 0.836 / 0.703 / 1.000 clean,
+0.775 / 0.562 / 0.953 degraded; broken over 60%, degraded, 0.560 / 0.359 / 0.820. So on degraded
+pictures every intact outline scores above every broken one.
+
 Inputs are PIL images or uint8 (H, W, 3) arrays; turn sampler tensors into images with
 `train.images.tensor_to_pil` (its value range is an argument there, never guessed here).
 
-One coherent thing over 450 lines: the shapes world's measures (classifier, style detectors,
+One coherent thing over 650 lines: the shapes world's measures (classifier, style detectors,
 scores), each a few lines of one shared picture analysis.
 """
 from __future__ import annotations
@@ -107,6 +120,8 @@ COLOUR_LIGHT = 0.75            # ... from pixels at least this x the inside's 90
 OUTLINE_DARKNESS = 0.6         # rim band lower-quartile L* / darker of colour and background: below = outline
 STRIPE_RATIO = 1.7             # across / along lightness change, and at least
 STRIPE_MIN_DELTA = 3.0         # this many L* units more across than along
+CONTINUITY_POINTS = 128        # outline continuity: points along the contour, evenly by arc length
+CONTINUITY_REACH = 2.0         # ... each covered by a dark band pixel within this many px
 
 _NAMES = list(COLOURS)
 _PALETTE_LAB = cv2.cvtColor(np.array([list(COLOURS.values())], np.float32) / 255,
@@ -271,6 +286,38 @@ def _outline_darkness(a: _Analysis) -> float:
     return float(np.quantile(a.lab[..., 0][band], 0.25)) / max(ref, 1.0)
 
 
+def _dark_band(a: _Analysis) -> np.ndarray:
+    """(H, W) bool: pixels of the outline band (inside the shape, as deep as the world's outline, with
+    half a pixel to spare) darker than OUTLINE_DARKNESS x the darker of shape colour and background."""
+    ref = max(1.0, min(float(a.colour_lab[0]), float(a.bg_lab[0])))
+    width = max(1.5, OUTLINE_WIDTH * min(a.mask.shape)) + 0.5
+    return a.mask & (a.depth <= width) & (a.lab[..., 0] < OUTLINE_DARKNESS * ref)
+
+
+def _outline_continuity(a: _Analysis) -> float:
+    """The share of CONTINUITY_POINTS points, spread evenly along the shape's contour, that have a
+    dark band pixel within CONTINUITY_REACH px: 1 for an outline drawn all the way round, the share
+    of the contour it covers for a broken one, ~0 without one."""
+    if a.contour is None or a.colour_lab is None:
+        return 0.0
+    ys, xs = np.nonzero(_dark_band(a))
+    if len(xs) == 0:
+        return 0.0
+    p = (a.contour[:, 0, :].astype(np.float64) + 0.5) / UPSAMPLE - 0.5     # (k, 2) x, y in image px
+    closed = np.vstack([p, p[:1]])
+    arc = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(closed, axis=0).T))])
+    at = np.linspace(0.0, arc[-1], CONTINUITY_POINTS, endpoint=False)
+    points = np.stack([np.interp(at, arc, closed[:, 0]), np.interp(at, arc, closed[:, 1])], axis=1)
+    d2 = (points[:, None, 0] - xs[None]) ** 2 + (points[:, None, 1] - ys[None]) ** 2   # (points, dark)
+    return float((d2.min(axis=1) <= CONTINUITY_REACH ** 2).mean())
+
+
+def outline_continuity(image) -> float:
+    """How continuous a picture's outline is: the share of its shape's contour that a dark band just
+    inside it covers (module docstring, "Outline continuity"). 0.0 without a shape."""
+    return _outline_continuity(_analyse(image))
+
+
 def _diag_change(light: np.ndarray, inside: np.ndarray, dy: int) -> float:
     """Mean |L(y + dy, x + 2) - L(y, x)| over pairs inside the shape (dy = +-2)."""
     h, w = light.shape
@@ -349,8 +396,9 @@ def edge_f1_score(samples: Sequence, hints: Sequence, tolerance_px: int = 2) -> 
 def quality_report(samples: Sequence, scenes: Sequence[Scene] | None = None,
                    hints: Sequence | None = None, styles: Sequence[str] = STYLES) -> dict[str, float]:
     """One set of samples measured: "n"; "shape", "colour", "background", "both" (accuracy, when
-    the scenes the samples were asked for are given); the share carrying each of `styles`; and
-    "edge_f1" when ControlNet hints are given. Each image is analysed once."""
+    the scenes the samples were asked for are given); the share carrying each of `styles`, and with
+    "outline" among them "outline_continuity" (the mean of `outline_continuity`); and "edge_f1" when
+    ControlNet hints are given. Each image is analysed once."""
     analyses = [_analyse(im) for im in samples]
     report: dict[str, float] = {"n": len(samples)}
     if scenes is not None:
@@ -358,9 +406,30 @@ def quality_report(samples: Sequence, scenes: Sequence[Scene] | None = None,
     for style in styles:
         detect = _detector(style)
         report[style] = float(np.mean([detect(a) for a in analyses])) if analyses else 0.0
+    if "outline" in styles:
+        report["outline_continuity"] = float(np.mean([_outline_continuity(a) for a in analyses])) \
+            if analyses else 0.0
     if hints is not None:
         report["edge_f1"] = edge_f1_score(samples, hints)
     return report
+
+
+def shapes_kept(base_images: Sequence, images: Sequence, scenes: Sequence[Scene]) -> dict[str, float | int]:
+    """`images` against `base_images` of the same scenes (same prompts and noise): "shapes_lost", the
+    number of scenes whose shape the base draws right and `images` does not, and "size_ratio", the
+    median over the scenes both draw right of the shape's radius in `images` over the base's (a LoRA
+    that shrinks the shapes scores below 1 while still drawing them right)."""
+    if not (len(base_images) == len(images) == len(scenes)) or not scenes:
+        raise ValueError(f"need as many base pictures as pictures and scenes: {len(base_images)}, "
+                         f"{len(images)}, {len(scenes)}")
+    lost, ratios = 0, []
+    for b, im, sc in zip(base_images, images, scenes):
+        a, o = _analyse(b), _analyse(im)
+        if a.shape == sc.shape and o.shape != sc.shape:
+            lost += 1
+        elif a.shape == sc.shape == o.shape and a.radius > 0:
+            ratios.append(o.radius / a.radius)
+    return {"shapes_lost": lost, "size_ratio": float(np.median(ratios)) if ratios else None}
 
 
 def format_report(report: Mapping) -> str:
@@ -407,6 +476,50 @@ def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 0.7, shi
         buf = io.BytesIO()
         out.save(buf, format="JPEG", quality=jpeg)
         out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return out
+
+
+def break_outline(scene: Scene, rng: np.random.Generator, size: int = SIZE, share: float = 0.3,
+                  gaps: int = 4, specks: int = 0) -> Image.Image:
+    """An outlined render whose outline is missing over `share` of the way round, in `gaps` sectors
+    (random angles about the centre; the shape colour shows there, as in the plain render), with
+    `specks` dark 1 px dots scattered over the picture: the ragged, speckled outline a poor style
+    LoRA draws, for calibrating `outline_continuity`."""
+    outlined = np.asarray(render(replace(scene, style="outline"), size)).copy()
+    plain = np.asarray(render(replace(scene, style=None), size))
+    yy, xx = np.mgrid[0:size, 0:size]
+    cx, cy = scene.center[0] * size - 0.5, scene.center[1] * size - 0.5
+    angle = np.mod(np.arctan2(yy - cy, xx - cx), 2 * np.pi)                # (H, W)
+    width = 2 * np.pi * share / gaps
+    for start in rng.uniform(0, 2 * np.pi, gaps):
+        gap = np.mod(angle - start, 2 * np.pi) < width
+        outlined[gap] = plain[gap]
+    for y, x in rng.integers(0, size, (specks, 2)):
+        outlined[y, x] = (20, 20, 20)
+    return Image.fromarray(outlined)
+
+
+def calibrate_outline(n: int = 200, seed: int = 0, size: int = SIZE) -> dict[str, dict[str, float]]:
+    """`outline_continuity` on rendered ground truth: n scenes plain, outlined (clean, `degrade`d as
+    DEGRADATIONS says) and with the outline broken (`break_outline`, 30% and 60% of the way round in 4
+    gaps, with 20 specks), clean and degraded. {condition: {"mean", "min", "max"}}."""
+    scenes = sample_scenes(n, seed)
+    rng = np.random.default_rng([seed, 2])
+    conditions = {
+        "plain clean": lambda s: render(replace(s, style=None), size),
+        "outline clean": lambda s: render(replace(s, style="outline"), size),
+        **{f"outline {k}": (lambda s, k=k: degrade(render(replace(s, style="outline"), size), rng,
+                                                   **DEGRADATIONS[k])) for k in DEGRADATIONS},
+        "broken 30% clean": lambda s: break_outline(s, rng, size, 0.3, specks=20),
+        "broken 30% degraded": lambda s: degrade(break_outline(s, rng, size, 0.3, specks=20), rng,
+                                                 **DEGRADATIONS["degraded"]),
+        "broken 60% degraded": lambda s: degrade(break_outline(s, rng, size, 0.6, specks=20), rng,
+                                                 **DEGRADATIONS["degraded"]),
+    }
+    out = {}
+    for name, draw in conditions.items():
+        values = np.array([outline_continuity(draw(s)) for s in scenes])
+        out[name] = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
     return out
 
 
@@ -505,11 +618,14 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
                                    the ControlNet rows "edge_ratio" = edge_f1 / that of the same row
                                    without the ControlNet;
       "base + LoRA + ControlNet"   both.
+    The LoRA rows add `shapes_kept` against the same row without the LoRA ("shapes_lost",
+    "size_ratio").
     `style` only decides how the scenes' targets are drawn (`Evaluation.grid`); the prompts carry
     the trigger, never the style's name. The LoRA weights are restored afterwards. The measures are
     calibrated at 64 px and up (see the module docstring); smaller models get rougher figures.
     `progress`: one bar counting every row's pictures, with the time left (the command line's).
     """
+    from adapterkit.adapters.lora import folded_loras
     from adapterkit.train.pipeline.generate import check_controlnet, generate, to_images
 
     if n < 1:
@@ -545,7 +661,8 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
         for label, with_lora, with_cn in sorted(rows, key=lambda r: r[1]):    # LoRAs off, then on
             if loras:
                 set_base_lora_weights(base, loras if with_lora else {k: 0.0 for k in loras})
-            samples[label] = run(controlnet if with_cn else None)
+            with folded_loras(base.unet):               # the plain U-Net's speed; restored exactly
+                samples[label] = run(controlnet if with_cn else None)
     finally:
         counted.close()
         if loras and before:
@@ -556,6 +673,9 @@ def evaluate(base, n: int = 64, seed: int = 0, *, style: str | None = None, trig
         if label in reports:
             without = reports[plain]["edge_f1"]
             reports[label]["edge_ratio"] = reports[label]["edge_f1"] / without if without > 0 else None
+    for label, plain in ((ROW_LORA, ROW_BASE), (ROW_LORA_CONTROL, ROW_CONTROL)):
+        if label in reports:                    # what the LoRA costs the base's shapes, scene by scene
+            reports[label] |= shapes_kept(samples[plain], samples[label], scenes)
     return Evaluation(scenes, prompts, seeds, hints, reports, samples, settings)
 
 

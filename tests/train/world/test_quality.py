@@ -8,14 +8,17 @@ import torch
 from PIL import Image
 
 from adapterkit.train.world.quality import (
+    break_outline,
     calibrate,
     classify,
     degrade,
     edge_f1_score,
     format_report,
     has_style,
+    outline_continuity,
     quality_report,
     shape_colour_accuracy,
+    shapes_kept,
     style_score,
 )
 from adapterkit.train.world.shapes import COLOURS, STYLES, canny_map, render, sample_scenes
@@ -95,9 +98,11 @@ def test_quality_report_and_table(world):
     scenes, images = world["outline", "degraded"]
     hints = [canny_map(s) for s in scenes[:20]]
     report = quality_report(images[:20], scenes[:20], hints)
-    assert list(report) == ["n", "shape", "colour", "background", "both", "outline", "stripes", "edge_f1"]
+    assert list(report) == ["n", "shape", "colour", "background", "both", "outline", "stripes",
+                            "outline_continuity", "edge_f1"]
     assert report["n"] == 20 and report["outline"] >= 0.95 and report["stripes"] <= 0.05
-    assert quality_report(images[:5]).keys() == {"n", "outline", "stripes"}
+    assert report["outline_continuity"] >= 0.97
+    assert quality_report(images[:5]).keys() == {"n", "outline", "stripes", "outline_continuity"}
     table = format_report({"base": quality_report(world[None, "clean"][1][:20]), "base + LoRA": report})
     lines = table.splitlines()
     assert len(lines) == 3 and lines[2].startswith("base + LoRA") and "edge_f1" in lines[0]
@@ -112,3 +117,31 @@ def test_calibrate_returns_a_row_per_style_and_condition():
     assert table["outline clean"]["outline"] == 1.0 and table["stripes clean"]["stripes"] == 1.0
     with pytest.raises(ValueError, match="unknown conditions"):
         calibrate(n=2, conditions=("blurry",))
+
+
+def test_outline_continuity_separates_clean_from_broken_outlines(world):
+    """Fresh scenes: every outlined render, clean or degraded, scores above every picture whose outline
+    is broken over 30% of the way round (degraded alike); plain pictures score 0 (calibrate_outline
+    has the figures)."""
+    scenes, _ = world["outline", "clean"]
+    rng = np.random.default_rng(0)
+    kept = [outline_continuity(im) for key in (("outline", "clean"), ("outline", "degraded"))
+            for im in world[key][1][:60]]
+    broken = [outline_continuity(degrade(break_outline(s, rng, share=0.3, specks=20), rng))
+              for s in scenes[:60]]
+    plain = [outline_continuity(im) for im in world[None, "clean"][1][:60]]
+    assert min(kept) > max(broken), (min(kept), max(broken))
+    assert np.mean(kept) >= 0.99 and np.mean(broken) <= 0.85 and max(plain) == 0.0
+
+
+def test_shapes_kept_counts_lost_and_shrunk_shapes(world):
+    scenes, images = world["outline", "clean"]
+    scenes, images = scenes[:12], images[:12]
+    same = shapes_kept(images, images, scenes)
+    assert same == {"shapes_lost": 0, "size_ratio": 1.0}
+    other = {"circle": "square", "square": "circle", "triangle": "hexagon", "star": "circle",
+             "hexagon": "triangle", "cross": "circle"}
+    wrong = [render(replace(s, shape=other[s.shape])) for s in scenes[:3]] + images[3:]
+    assert shapes_kept(images, wrong, scenes)["shapes_lost"] == 3
+    small = [render(replace(s, size=s.size * 0.7)) for s in scenes]
+    assert shapes_kept(images, small, scenes)["size_ratio"] < 0.8
