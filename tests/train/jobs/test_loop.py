@@ -29,6 +29,7 @@ class Accelerator:
         self.is_main_process = self.is_local_main_process = main
         self.num_processes, self.process_index = 1, 0
         self.logged: list[int] = []
+        self.trackers: list = []
 
     def log(self, values: dict, step: int) -> None:
         self.logged.append(step)
