@@ -35,7 +35,7 @@ def subset(images, dest, numbers, invert=False):
     return dest
 
 
-def recipe(pipeline, out, datasets, steps=3, sections=None, **data) -> LoraRecipe:
+def recipe(pipeline, out, datasets, steps=3, sections=None, overrides=(), **data) -> LoraRecipe:
     return load_config({**(sections or {}),
         "model": {"base": str(pipeline)},
         "data": {"datasets": datasets, "resolution": 32, "bucket_step": 8, "min_side": 32, "trigger": "sks",
@@ -44,7 +44,7 @@ def recipe(pipeline, out, datasets, steps=3, sections=None, **data) -> LoraRecip
         "optim": {"lr": 1e-3},
         "train": {"steps": steps, "batch_size": 4, "min_snr_gamma": 5.0},
         "output": {"dir": str(out), "checkpoint_every": 2, "log_every": 1},
-    }, LoraRecipe)
+    }, LoraRecipe, list(overrides))
 
 
 def test_sample_weights_scale_each_samples_loss():
@@ -99,18 +99,32 @@ def test_a_prior_loss_weight_of_0_makes_reg_pictures_give_no_gradient(pipeline, 
 
 def test_resume_equals_uninterrupted_with_two_datasets_and_a_reg_set(pipeline, folders, tmp_path,
                                                                       monkeypatch):
+    """Several datasets with repeats and a regularisation set, and with them every other option of the
+    job at once (issue 17's proof): logit-normal timesteps in a range, debiased weighting, Prodigy
+    (Adafactor where prodigyopt is missing) with cosine restarts, the text encoder's LoRA, the EMA and
+    the validation loss."""
+    import importlib.util
+    prodigy = importlib.util.find_spec("prodigyopt") is not None
+    options = {"train.timestep_sampling": "logit_normal", "train.min_timestep": 20, "train.max_timestep": 980,
+               "train.debiased_estimation": True, "optim.optimizer": "prodigy" if prodigy else "adafactor",
+               "optim.lr": 1.0 if prodigy else 1e-3, "optim.schedule": "cosine_with_restarts",
+               "optim.restarts": 2, "ema.decay": 0.7, "lora.text_encoder.enabled": True}
     entries = [{"root": str(folders["a"]), "repeats": 2, "trigger": "aaa"},
                {"root": str(folders["b"]), "shuffle_tags": True},
                {"root": str(folders["reg"]), "regularization": True, "prior_loss_weight": 0.5}]
 
     def run(name):
         return lt.main(recipe(pipeline, tmp_path / name, entries, steps=5,
-                              sections={"validation": {"every": 1}}, validation={"fraction": 0.25}))
+                              sections={"validation": {"every": 1}}, validation={"fraction": 0.25},
+                              overrides=[f"{k}={v}" for k, v in options.items()]))
 
     straight = run("straight")
     resumed = crash_then_resume(monkeypatch, lt, lambda: run("resumed"), at_call=4)
-    a, b = load_file(str(straight / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("lora.safetensors", "lora_ema.safetensors", "lora_ema.peft.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(k.startswith("lora_te_") for k in load_file(str(straight / "lora.safetensors"))), \
+        "the text encoder's LoRA is in the file"
     for log in ("loss.jsonl", "validation.jsonl"):
         rows = [[{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in
                  (out / log).read_text().splitlines()] for out in (straight, resumed)]
