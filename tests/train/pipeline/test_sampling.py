@@ -6,8 +6,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from adapterkit.train.pipeline.sampling import (SAMPLERS, ddim_sample, dpmpp_2m_sample, euler_sample,
-                                                spaced_timesteps)
+from adapterkit.train.pipeline.sampling import (
+    SAMPLERS,
+    ddim_sample,
+    dpmpp_2m_sample,
+    euler_sample,
+    spaced_timesteps,
+)
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from adapterkit.unet import PRESETS, UNet, as_conditioning
 
@@ -283,7 +288,8 @@ def test_dpmpp_2m_matches_diffusers(case, karras, steps, scale):
 @pytest.mark.parametrize("case", [dict(timestep_spacing="leading", steps_offset=1),
                                   dict(timestep_spacing="leading", steps_offset=0),
                                   dict(timestep_spacing="trailing"),
-                                  dict(timestep_spacing="trailing", rescale_betas_zero_snr=True)], ids=case_id)
+                                  dict(timestep_spacing="trailing", rescale_betas_zero_snr=True)],
+                         ids=case_id)
 def test_dpmpp_2m_steps_are_diffusers_set_timesteps(case, karras):
     # The timesteps the model is called at (the toy's log of calls) for many step counts.
     config = {**BASE, **case, "prediction_type": "v_prediction"}
