@@ -26,7 +26,8 @@ from pathlib import Path
 from adapterkit.unet.weights import file_sha256, safetensors_data_sha256
 
 PARAMETERS = "parameters"                          # the PNG text chunk's key
-SAMPLERS = {"ddim": "DDIM", "euler": "Euler"}      # our sampler names as A1111 spells them
+# our sampler names (train.pipeline.sampling.SAMPLERS) as A1111 spells them
+SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
 MODEL_HASH_DIGITS, LORA_HASH_DIGITS = 10, 12
 
 

@@ -2,7 +2,7 @@
 
     adapterkit quality --base BASE [--lora FILE[:WEIGHT] ...] [--controlnet PATH] [--control-scale 1]
                        [--style outline|stripes] [--trigger WORD] [--n 64] [--seed 0] [--steps 30]
-                       [--guidance 3] [--sampler ddim|euler] [--batch-size 16] [--device cuda|cpu]
+                       [--guidance 3] [--sampler ddim|euler|...] [--batch-size 16] [--device cuda|cpu]
                        [--grid out.png] [--json out.json]
 
 Draws n scenes of train.world, prompts the model with their captions (after the trigger word),
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     from adapterkit.train.cli.sample import add_model_arguments
+    from adapterkit.train.pipeline.sampling import SAMPLERS
     from adapterkit.train.world.shapes import STYLES
 
     p = sub.add_parser("quality", help="measure a base (+ LoRAs, ControlNet) on the shapes world",
@@ -86,7 +87,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--sampler", choices=["ddim", "euler"], default="ddim")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--grid", metavar="PNG", help=f"write the first {GRID_ROWS} scenes' pictures here")

@@ -1,7 +1,7 @@
 """`adapterkit sample`: images from a base model plus any LoRAs and a ControlNet, as one PNG grid.
 
     adapterkit sample --base BASE [--lora FILE[:WEIGHT] ...] --prompt "..." [--prompt ...]
-                      [--seed 0 --seed 1] [--steps 25] [--guidance 7.5] [--sampler ddim|euler]
+                      [--seed 0 --seed 1] [--steps 25] [--guidance 7.5] [--sampler ddim|euler|...]
                       [--size 512] [--compare] [--batch-size 4]
                       [--controlnet PATH --hint IMAGE [--control-scale 1.0] ...] [--guess-mode]
                       -o grid.png
@@ -26,6 +26,7 @@ import torch
 from adapterkit.train.cli.checks import check_inputs, check_numbers, check_output, writing
 from adapterkit.train.config import Range
 from adapterkit.train.images import image_format, read_image
+from adapterkit.train.pipeline.sampling import SAMPLERS
 
 # Transparent pixels of a hint mean "no edge", as in training (train.jobs.controlnet.HINT_BACKGROUND).
 HINT_BACKGROUND = (0, 0, 0)
@@ -211,7 +212,7 @@ def register(sub) -> None:
     p.add_argument("--seed", action="append", type=int, default=None)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", choices=["ddim", "euler"], default="ddim")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
     p.add_argument("--compare", action="store_true", help="add a column with the base alone")
     p.add_argument("--batch-size", type=int, default=4, help="images per U-Net batch (default 4)")

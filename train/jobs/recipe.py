@@ -124,7 +124,7 @@ class SampleConfig:
     seeds: tuple[int, ...] = (0,)
     steps: int = 20
     guidance: float = 7.5
-    sampler: Literal["ddim", "euler"] = "ddim"
+    sampler: Literal["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"] = "ddim"   # sampling.SAMPLERS
 
 
 @dataclass(frozen=True)

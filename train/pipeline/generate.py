@@ -13,8 +13,8 @@ shape (1, C, h, w): what `ddim_sample(..., generator=torch.Generator().manual_se
 for one image. The picture of a (prompt, seed) pair is therefore the same whatever the batch size,
 its place in the batch and the device (up to the float rounding of batched kernels; tested to 1e-5),
 and the same noise under every adapter setting, so rows that differ only in a LoRA or a ControlNet
-compare like with like. The DDIM sampler is deterministic (eta = 0), Euler has no churn: the start is
-the only randomness.
+compare like with like. The DDIM sampler is deterministic (eta = 0), Euler has no churn, DPM++ 2M
+solves the ODE: the start is the only randomness.
 
 Batches. `batch_size` prompts at a time; with guidance != 1 every U-Net call sees 2 x batch_size
 rows, unconditional first (train.sampling's layout), and the ControlNet's hints are tiled to match.
@@ -47,11 +47,9 @@ from adapterkit.train.images import tensor_to_pil
 from adapterkit.train.pipeline.encoding import decode, encode_text
 from adapterkit.train.pipeline.graphed import GraphedCall
 from adapterkit.train.pipeline.loras import set_base_lora_weights
-from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
+from adapterkit.train.pipeline.sampling import SAMPLERS
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from adapterkit.unet import Conditioning
-
-SAMPLERS = ("ddim", "euler")
 
 
 @torch.no_grad()
@@ -64,6 +62,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     """One image per (prompt, seed), as a float32 CPU tensor (N, 3, H, W) in [-1, 1].
 
     base: a `train.base.BaseModel`; its U-Net runs in its own dtype (cast it beforehand, e.g. bf16).
+    sampler: a name of `train.pipeline.sampling.SAMPLERS`: ddim, euler, dpmpp_2m, dpmpp_2m_karras.
     size: the image side in pixels (H = W), or (H, W), multiples of `base.latent_scale`; default the
         U-Net's native size (`sample_size` x `latent_scale`).
     controlnet, hints: a ControlNet for this base and one hint per prompt ((3, H, W) float tensors
@@ -110,7 +109,7 @@ def generate(base, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     unet = base.unet
     dtype, device = unet.conv_in.weight.dtype, unet.conv_in.weight.device
     schedule = NoiseSchedule.from_config(base.scheduler_config)
-    sample = ddim_sample if sampler == "ddim" else euler_sample
+    sample = SAMPLERS[sampler]
     uncond = unconditional(base, (height, width)).to(device, dtype) if guidance != 1.0 else None
     cn_was_training = controlnet.training if controlnet is not None else False
     if controlnet is not None:

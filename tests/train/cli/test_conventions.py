@@ -5,6 +5,7 @@ recipe, reloadable), defaults in `--help`, and sample PNGs that carry A1111's in
 import hashlib
 import json
 import re
+import typing
 from importlib.metadata import version
 
 import pytest
@@ -15,10 +16,13 @@ from adapterkit.adapters.lora import LoraSpec, add_lora
 from adapterkit.adapters.lora_files import save_lora
 from adapterkit.train.config import load_config
 from adapterkit.train.infotext import PARAMETERS, infotext
+from adapterkit.train.infotext import SAMPLERS as A1111_SAMPLERS
 from adapterkit.train.jobs.controlnet import ControlNetRecipe
 from adapterkit.train.jobs.lora import LoraRecipe
 from adapterkit.train.jobs.pretrain import PretrainRecipe
+from adapterkit.train.jobs.recipe import SampleConfig
 from adapterkit.train.pipeline.base import load_base
+from adapterkit.train.pipeline.sampling import SAMPLERS
 from support import REPO
 from support.cli import run
 from support.fixtures import alias
@@ -82,10 +86,26 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         run(["sample", "--help"], capsys)
     text = " ".join(capsys.readouterr().out.split())
-    assert "--steps STEPS (default: 25)" in text and "--sampler {ddim,euler} (default: ddim)" in text
+    assert "--steps STEPS (default: 25)" in text
+    assert "--sampler {ddim,euler,dpmpp_2m,dpmpp_2m_karras} (default: ddim)" in text
     with pytest.raises(SystemExit):
         run(["train", "lora", "--help"], capsys)
     assert "--print-config" in capsys.readouterr().out
+
+
+def test_every_sampler_is_a_choice_everywhere(capsys):
+    # sampling.SAMPLERS is the list; the recipes' Literal, A1111's spellings and both CLIs follow it.
+    names = tuple(SAMPLERS)
+    assert typing.get_args(typing.get_type_hints(SampleConfig)["sampler"]) == names
+    assert tuple(A1111_SAMPLERS) == names
+    for command in ("sample", "quality"):
+        with pytest.raises(SystemExit):
+            run([command, "--help"], capsys)
+        assert f"--sampler {{{','.join(names)}}}" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        run(["sample", "--base", "b", "--prompt", "p", "--sampler", "plms", "-o", "x.png"], capsys)
+    err = capsys.readouterr().err
+    assert "invalid choice: 'plms'" in err and "dpmpp_2m_karras" in err
 
 
 def test_infotext_round_trips_through_a1111s_parser():
@@ -101,6 +121,8 @@ def test_infotext_round_trips_through_a1111s_parser():
     assert (got["Model hash"], got["Model"]) == ("0123456789", "sd15")
     assert got["Lora hashes"] == "style: abcdefabcdef, other: 0123456789ab"   # quoted: one field
     assert "Negative prompt" not in infotext("x", steps=1, sampler="ddim", guidance=1, seed=0, size=(8, 8))
+    karras = a1111_parse(infotext("x", steps=25, sampler="dpmpp_2m_karras", guidance=7, seed=0, size=(8, 8)))
+    assert karras["Sampler"] == "DPM++ 2M Karras"        # A1111's name before its separate "Schedule type"
 
 
 def test_sample_png_carries_its_parameters(pipeline, tmp_path, capsys):

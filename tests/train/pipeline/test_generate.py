@@ -12,7 +12,7 @@ from adapterkit.adapters.controlnet import ControlNet
 from adapterkit.train.pipeline.base import load_base
 from adapterkit.train.pipeline.encoding import decode, encode_prompts
 from adapterkit.train.pipeline.generate import generate, start_noise, to_images
-from adapterkit.train.pipeline.sampling import ddim_sample
+from adapterkit.train.pipeline.sampling import SAMPLERS
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from adapterkit.train.world.shapes import canny_map, caption, sample_scenes
 from support.unets import controlnet_for
@@ -46,12 +46,17 @@ def test_an_image_does_not_depend_on_its_batch(base):
     assert (other_seed[0] - whole[0]).abs().max() > 0.05
 
 
-def test_one_image_is_what_the_sampler_gives_for_its_seed(base):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_one_image_is_what_the_sampler_gives_for_its_seed(base, sampler):
     schedule = NoiseSchedule.from_config(base.scheduler_config)
     cond, uncond = encode_prompts(base, PROMPTS[1:2]), encode_prompts(base, [""])
-    latents = ddim_sample(lambda x, t, c: base.unet(x, t, c), schedule, (1, 12, 8, 8), 3,
-                          torch.Generator().manual_seed(7), cond=cond, uncond=uncond, guidance_scale=3.0)
-    assert torch.allclose(generate(base, PROMPTS[1:2], [7], **KW), decode(base, latents), atol=1e-5)
+    latents = SAMPLERS[sampler](lambda x, t, c: base.unet(x, t, c), schedule, (1, 12, 8, 8), 3,
+                                torch.Generator().manual_seed(7), cond=cond, uncond=uncond,
+                                guidance_scale=3.0)
+    image = generate(base, PROMPTS[1:2], [7], sampler=sampler, **KW)
+    assert torch.isfinite(image).all() and torch.allclose(image, decode(base, latents), atol=1e-5)
+    if sampler != "ddim":
+        assert (image - generate(base, PROMPTS[1:2], [7], **KW)).abs().max() > 1e-3
     assert torch.equal(start_noise([7], (12, 8, 8)), torch.randn((1, 12, 8, 8),
                                                                  generator=torch.Generator().manual_seed(7)))
 
@@ -108,7 +113,8 @@ def test_a_non_square_size_with_its_hints(base):
 
 BAD = {                       # name: (keyword arguments given base, what the error says)
     "seeds": (lambda b: {"seeds": [0]}, "one seed per prompt"),
-    "sampler": (lambda b: {"sampler": "plms"}, "unknown sampler"),
+    "sampler": (lambda b: {"sampler": "plms"},
+                "unknown sampler 'plms'; expected one of ddim, euler, dpmpp_2m, dpmpp_2m_karras"),
     "size": (lambda b: {"size": 15}, "not a multiple of the base's latent scale 2"),
     "batch": (lambda b: {"batch_size": 0}, "batch_size must be >= 1"),
     "hints alone": (lambda b: {"hints": hints_for(2)}, "without a ControlNet"),
@@ -125,8 +131,7 @@ BAD = {                       # name: (keyword arguments given base, what the er
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_arguments_fail_before_sampling(base, case, monkeypatch):
-    import adapterkit.train.pipeline.sampling as train_sampling
-    monkeypatch.setattr(train_sampling, "ddim_sample", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setitem(SAMPLERS, "ddim", lambda *a, **k: pytest.fail("sampled"))
     make, message = BAD[case]
     kw = {"seeds": [0, 1], **KW, **make(base)}
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -1,11 +1,18 @@
-"""DDIM and Euler against diffusers' schedulers stepping the same model from the same noise."""
+"""DDIM, Euler and DPM++ 2M against diffusers' schedulers stepping the same model from the same noise."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample, spaced_timesteps
+from adapterkit.train.pipeline.sampling import (
+    SAMPLERS,
+    ddim_sample,
+    dpmpp_2m_sample,
+    euler_sample,
+    spaced_timesteps,
+)
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from adapterkit.unet import PRESETS, UNet, as_conditioning
 
@@ -47,6 +54,10 @@ def contexts(batch=SHAPE[0]):
 def diffusers_loop(scheduler, model, x, cond, uncond, scale, steps, **step_kwargs):
     # The stepping loop of diffusers' StableDiffusionPipeline, minus the VAE and the text encoder.
     scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "set_begin_index"):
+        # txt2img starts at the first step; without this diffusers' lookup takes the second of two equal
+        # first timesteps (its img2img rule), which DPM-Solver's Karras steps under zero-terminal SNR have.
+        scheduler.set_begin_index(0)
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         if scale == 1:
@@ -132,7 +143,11 @@ def tiny_unet():
     return UNet(PRESETS["tiny"]).eval()
 
 
-@pytest.mark.parametrize("sampler", [ddim_sample, euler_sample])
+ORACLES = {ddim_sample: DDIMScheduler, euler_sample: EulerDiscreteScheduler,
+           dpmpp_2m_sample: DPMSolverMultistepScheduler}
+
+
+@pytest.mark.parametrize("sampler", list(ORACLES), ids=lambda f: f.__name__)
 def test_tiny_unet_as_model_fn(sampler, tiny_unet):
     # Our U-Net plugs in as model_fn as it is. Guidance is left at 1 here: a random-init U-Net under
     # guidance 7.5 moves its result by ~3e-5 when its start noise moves by 1e-7 (diffusers' as much as
@@ -142,7 +157,7 @@ def test_tiny_unet_as_model_fn(sampler, tiny_unet):
     cond = torch.randn(1, 6, 64, generator=seeded(2))
     ours = sampler(tiny_unet, NoiseSchedule.from_config(config), shape, 3, seeded(1),
                    cond=cond)
-    scheduler = (DDIMScheduler if sampler is ddim_sample else EulerDiscreteScheduler).from_config(config)
+    scheduler = ORACLES[sampler].from_config(config)
     scheduler.set_timesteps(3)
     start = torch.randn(shape, generator=seeded(1)) * scheduler.init_noise_sigma
     with torch.no_grad():
@@ -182,11 +197,12 @@ def test_timesteps_refuse_what_they_cannot_do():
     ("v_prediction", "leading", 7, False), ("v_prediction", "trailing", 30, False),
     ("v_prediction", "trailing", 10, True),
 ])
-@pytest.mark.parametrize("sampler", [ddim_sample, euler_sample])
+@pytest.mark.parametrize("sampler", list(SAMPLERS.values()), ids=list(SAMPLERS))
 def test_a_model_that_knows_x0_gets_it_back(sampler, prediction, spacing, steps, zero_snr):
-    # With one data point the exact model is known in closed form; both ODE samplers must land on it for
+    # With one data point the exact model is known in closed form; every ODE sampler must land on it for
     # any spacing, including trailing steps that do not divide T (where diffusers' DDIM steps to t - 33
-    # while the next listed timestep is t - 34) and from SNR 0 (Euler starting at sigma = 4096).
+    # while the next listed timestep is t - 34) and from SNR 0 (Euler and DPM++ starting at sigma = 4096),
+    # and at Karras sigmas that are not the called timestep's (the exact x0 does not depend on t).
     schedule = NoiseSchedule(prediction_type=prediction, timestep_spacing=spacing, set_alpha_to_one=True,
                              rescale_betas_zero_snr=zero_snr)
     x0 = torch.randn(SHAPE, generator=seeded(9))
@@ -201,7 +217,7 @@ def test_a_model_that_knows_x0_gets_it_back(sampler, prediction, spacing, steps,
     assert (out - x0).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("sampler", [ddim_sample, euler_sample])
+@pytest.mark.parametrize("sampler", list(SAMPLERS.values()), ids=list(SAMPLERS))
 def test_guidance_is_one_call_on_uncond_then_cond(sampler):
     cond, uncond = contexts()
     toy = Toy()
@@ -216,7 +232,7 @@ def test_guidance_is_one_call_on_uncond_then_cond(sampler):
     assert [(b, c.shape[0]) for b, _, c in toy.calls] == [(SHAPE[0], SHAPE[0])] * 5
 
 
-@pytest.mark.parametrize("sampler", [ddim_sample, euler_sample])
+@pytest.mark.parametrize("sampler", list(SAMPLERS.values()), ids=list(SAMPLERS))
 def test_guidance_with_equal_contexts_changes_nothing(sampler):
     cond, _ = contexts()
     plain = sampler(Toy(), NoiseSchedule(), SHAPE, 5, seeded(0), cond=cond)
@@ -233,5 +249,61 @@ def test_sampler_errors_are_clear():
     with pytest.raises(ValueError, match="cond has batch 1, the latents 2"):
         euler_sample(Toy(), NoiseSchedule(), SHAPE, 5, g, cond=cond[:1])
     zero_snr_eps = NoiseSchedule(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    with pytest.raises(ValueError, match="need v_prediction"):
-        ddim_sample(Toy(), zero_snr_eps, SHAPE, 5, g, cond=cond)
+    for sampler in (ddim_sample, SAMPLERS["dpmpp_2m"], SAMPLERS["dpmpp_2m_karras"]):
+        with pytest.raises(ValueError, match="need v_prediction"):
+            sampler(Toy(), zero_snr_eps, SHAPE, 5, g, cond=cond)
+    with pytest.raises(ValueError, match="past the last trained one"):
+        dpmpp_2m_sample(Toy(), NoiseSchedule(), SHAPE, 999, g, cond=cond)      # 999 x 1 + 1 = 1000
+    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+        dpmpp_2m_sample(Toy(), NoiseSchedule(), SHAPE, 0, g, cond=cond, karras=True)
+
+
+# -- DPM++ 2M against DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) --------
+
+DPM_CASES = CASES[:5]           # eps and v, leading and trailing, v under zero-terminal SNR
+
+
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+@pytest.mark.parametrize("steps", [1, 2, 10, 25])
+@pytest.mark.parametrize("karras", [False, True], ids=["discrete", "karras"])
+@pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
+def test_dpmpp_2m_matches_diffusers(case, karras, steps, scale):
+    config = {**BASE, **case}
+    cond, uncond = contexts()
+    toy = Toy(case["prediction_type"])
+    ours = dpmpp_2m_sample(toy, NoiseSchedule.from_config(config), SHAPE, steps, seeded(0), cond=cond,
+                           uncond=uncond, guidance_scale=scale, karras=karras)
+    scheduler = DPMSolverMultistepScheduler.from_config({**config, "use_karras_sigmas": karras},
+                                                        algorithm_type="dpmsolver++", solver_order=2)
+    assert scheduler.init_noise_sigma == 1.0                 # both start from unit noise
+    theirs = diffusers_loop(scheduler, toy, noise(), cond, uncond, scale, steps)
+    assert torch.isfinite(ours).all()
+    # diffusers computes each step's coefficients in float32 (log alpha - log sigma, exp(-h) - 1), ours
+    # in float64: at 25 eps Karras steps (|x| ~ 4) a float64 run of the same steps is 1.0e-5 from
+    # diffusers' result and 1.4e-6 from ours, so the bound is relative.
+    assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["discrete", "karras"])
+@pytest.mark.parametrize("case", [dict(timestep_spacing="leading", steps_offset=1),
+                                  dict(timestep_spacing="leading", steps_offset=0),
+                                  dict(timestep_spacing="trailing"),
+                                  dict(timestep_spacing="trailing", rescale_betas_zero_snr=True)],
+                         ids=case_id)
+def test_dpmpp_2m_steps_are_diffusers_set_timesteps(case, karras):
+    # The timesteps the model is called at (the toy's log of calls) for many step counts.
+    config = {**BASE, **case, "prediction_type": "v_prediction"}
+    schedule = NoiseSchedule.from_config(config)
+    scheduler = DPMSolverMultistepScheduler.from_config({**config, "use_karras_sigmas": karras})
+    log_sigmas = np.log(np.array(((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5))
+    for steps in [*range(1, 60), 100, 200, 998]:
+        toy = Toy("v_prediction")
+        dpmpp_2m_sample(toy, schedule, SHAPE, steps, seeded(0), cond=torch.zeros(2, 1, 1), karras=karras)
+        ours = [int(t[0]) for _, t, _ in toy.calls]
+        scheduler.set_timesteps(steps)
+        theirs = scheduler.timesteps.tolist()[:steps]
+        assert len(ours) == steps and min(ours) >= 0 and max(ours) <= 999
+        for i in (i for i in range(steps) if ours[i] != theirs[i]):
+            # Only where diffusers' float32 interpolation puts t within 1e-3 of a half (Karras: 18, 35, ...).
+            t = scheduler._sigma_to_t(np.array(float(scheduler.sigmas[i])), log_sigmas)
+            assert karras and abs(t % 1 - 0.5) < 1e-3 and abs(ours[i] - theirs[i]) == 1, (steps, i)

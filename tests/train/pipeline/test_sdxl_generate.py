@@ -5,7 +5,12 @@ without guidance, the decoded pictures, the same with a kohya SDXL LoRA loaded i
 `adapterkit sample` on an SDXL folder."""
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+)
 
 import adapterkit.train.cli.main as cli
 from adapterkit.adapters.lora_files import load_lora_file
@@ -17,7 +22,7 @@ from adapterkit.train.pipeline.generate import (
     start_noise,
     unconditional,
 )
-from adapterkit.train.pipeline.sampling import ddim_sample, euler_sample
+from adapterkit.train.pipeline.sampling import SAMPLERS as OURS
 from adapterkit.train.pipeline.schedule import NoiseSchedule
 from support.pipelines import build_tiny_sdxl_pipeline
 from support.unets import SDXL_TINY, write_sdxl_lora
@@ -26,7 +31,13 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 SEEDS = [3, 7]
 STEPS = 4
 TOL = 1e-5          # two U-Net implementations over 4 guided steps differ by ~1e-6 (relative)
-SAMPLERS = {"ddim": (ddim_sample, DDIMScheduler), "euler": (euler_sample, EulerDiscreteScheduler)}
+SCHEDULERS = {                  # our sampler's name: diffusers' scheduler from the pipeline's config
+    "ddim": DDIMScheduler.from_config,
+    "euler": EulerDiscreteScheduler.from_config,
+    "dpmpp_2m": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+    "dpmpp_2m_karras": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", use_karras_sigmas=True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +52,7 @@ def base(pipe_dir):
 
 def diffusers_pipe(pipe_dir, sampler="ddim"):
     pipe = StableDiffusionXLPipeline.from_pretrained(pipe_dir, local_files_only=True)
-    pipe.scheduler = SAMPLERS[sampler][1].from_config(pipe.scheduler.config)
+    pipe.scheduler = SCHEDULERS[sampler](pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -68,10 +79,10 @@ def test_the_ids_of_a_generated_picture_are_the_pipelines(pipe_dir):
     assert generated_time_ids((32, 48), 3).shape == (3, 6) and generated_time_ids((8, 8)).dtype == torch.int64
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", SCHEDULERS)
 @pytest.mark.parametrize("guidance, size", [(1.0, (32, 32)), (5.0, (32, 48))])
 def test_final_latents_equal_the_pipelines(base, pipe_dir, sampler, guidance, size):
-    sample = SAMPLERS[sampler][0]
+    sample = OURS[sampler]
     shape = (len(PROMPTS), base.latent_channels, size[0] // 2, size[1] // 2)
     uncond = unconditional(base, size).repeat(len(PROMPTS)) if guidance != 1 else None
     schedule = NoiseSchedule.from_config(base.scheduler_config)
@@ -86,7 +97,7 @@ def test_final_latents_equal_the_pipelines(base, pipe_dir, sampler, guidance, si
         assert torch.equal(uncond.time_ids[0], torch.tensor([*size, 0, 0, *size]))
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", SCHEDULERS)
 def test_generate_gives_the_pipelines_pictures(base, pipe_dir, sampler):
     ours = generate(base, PROMPTS, SEEDS, steps=STEPS, guidance=5.0, sampler=sampler, size=(32, 48))
     reference = theirs(diffusers_pipe(pipe_dir, sampler), (32, 48), 5.0, output_type="pt")   # [0, 1]
