@@ -63,7 +63,7 @@ def ours(base, cn, hint, scale, monkeypatch, **extra) -> tuple[torch.Tensor, tor
     """`generate`'s final latents (what it decodes) and its pictures in [0, 1]; scale None: no
     ControlNet. Checks that sampling started from `start_noise([SEED], ...)`."""
     seen = {}
-    real_sample, real_decode = train_generate.ddim_sample, train_generate.decode
+    real_sample, real_decode = train_generate.SAMPLERS["ddim"], train_generate.decode
 
     def sample(*args, **kwargs):
         seen["noise"] = kwargs["noise"]
@@ -73,7 +73,7 @@ def ours(base, cn, hint, scale, monkeypatch, **extra) -> tuple[torch.Tensor, tor
         seen["latents"] = latents
         return real_decode(b, latents)
 
-    monkeypatch.setattr(train_generate, "ddim_sample", sample)
+    monkeypatch.setitem(train_generate.SAMPLERS, "ddim", sample)
     monkeypatch.setattr(train_generate, "decode", decode)
     hints = hint if isinstance(cn, list) else [hint]                  # several: one hint list per ControlNet
     kw = {"controlnet": cn, "hints": hints, "control_scale": scale, **extra} if scale is not None else {}
