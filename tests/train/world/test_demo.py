@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from adapterkit.train.cli.main import main
-from adapterkit.train.world.demo import GRID_NAME, MARKER, REPORT_NAME, prepare_out
+from adapterkit.train.world.demo import (
+    GRID_NAME,
+    MARKER,
+    REPORT_NAME,
+    native_bf16,
+    prepare_out,
+    sampling_dtype,
+)
 from adapterkit.train.world.quality import ROW_BASE, ROW_CONTROL, ROW_LORA, ROW_LORA_CONTROL
 
 ROWS = [ROW_BASE, ROW_LORA, ROW_CONTROL, ROW_LORA_CONTROL]
@@ -50,6 +57,22 @@ def test_quick_demo(tmp_path, capsys):
         assert line in printed
     report = check_outputs(out, printed, images=4, scenes=2)
     assert report["settings"]["recipe"]["train"]["steps"] == 2
+    assert report["settings"]["sample_dtype"] == ("bfloat16" if native_bf16() else "float32")
+
+
+def test_sample_dtype_choices_and_the_auto_rule(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from adapterkit.train.world import demo
+    assert sampling_dtype("fp32") is torch.float32 and sampling_dtype("bf16") is torch.bfloat16
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(demo, "native_bf16", lambda native=native: native)
+        assert sampling_dtype("auto") is dtype
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        sampling_dtype("fp16")
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--sample-dtype", "fp32"]) == 0
+    assert json.loads((out / REPORT_NAME).read_text())["settings"]["sample_dtype"] == "float32"
 
 
 def test_rerun_reuses_the_finished_lora_unless_fresh_or_changed(tmp_path, capsys):
