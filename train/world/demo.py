@@ -324,8 +324,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"   sampling in {str(dtype).removeprefix('torch.')} (--sample-dtype {args.sample_dtype})")
     controlnet = load_controlnet(canny_dir, base.unet, dtype=dtype)   # fingerprinted on the fp32 weights
     ev = evaluate(sampler_base, scenes, EVAL_SEED, style=args.style, trigger=args.trigger,
-                  loras={"style": 1.0}, controlnet=controlnet, steps=steps, guidance=args.guidance, batch_size=args.batch_size,
-                  progress=True)
+                  loras={"style": 1.0}, controlnet=controlnet, steps=steps, guidance=args.guidance,
+                  batch_size=args.batch_size, progress=True)
     clock.lap("sample")
 
     print("\n5. merge the LoRA into the base")
