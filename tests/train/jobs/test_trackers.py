@@ -240,3 +240,29 @@ def test_the_quality_run_has_one_bar_for_every_row(pipeline, capsys):
     assert "sampling" not in err                          # generate counted on the run's bar
     evaluate(base, 2, steps=1, size=32)
     assert capsys.readouterr().err == ""
+
+
+# --- the real wandb, where it is installed (offline: nothing reaches a network) ---------------------
+
+def test_a_run_with_the_real_wandb_logs_every_loss_and_the_recipe_offline_under_out(pipeline, images,
+                                                                                   tmp_path, monkeypatch):
+    """wandb itself (skipped where it is not installed): an offline run under out/wandb/ whose event log
+    holds each step's loss as loss.jsonl has it, and the recipe's keys. wandb 0.2x+ writes its event log
+    from its own service (wandb-core), with no Python reader: the values are read as the JSON text that
+    the log stores for each history item."""
+    pytest.importorskip("wandb")
+    import json
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = main(recipe(pipeline, images, tmp_path / "run", **{"output.trackers": "[wandb]", "train.steps": 3}))
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, sorted(p.name for p in (out / "wandb").iterdir())
+    (events,) = runs[0].glob("run-*.wandb")
+    log = events.read_bytes()
+    losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 3
+    for loss in losses:
+        assert json.dumps(loss).encode() in log, (loss, len(log))
+    assert b"lora.rank" in log and b"train.steps" in log
