@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -98,10 +101,20 @@ class AdapterConfig:
     decompose_both: bool = False
     full_matrix: bool = False
     dora_axis: Literal["input", "output"] = "input"
+    # LoRA+ (Hayou et al. 2024, arXiv:2402.12354; kohya's network_args loraplus_lr_ratio): the up matrices
+    # B learn at this multiple of their module's rate (the paper suggests 16); None: one rate for A and B.
+    loraplus_lr_ratio: float | None = None
     # The text encoders' LoRA (train/jobs/text_encoder.py): off by default.
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
     def __post_init__(self):
+        if self.loraplus_lr_ratio is not None:
+            if not (math.isfinite(self.loraplus_lr_ratio) and self.loraplus_lr_ratio > 0):
+                raise ValueError(f"loraplus_lr_ratio must be a positive number (LoRA+ uses ~16), got "
+                                 f"{self.loraplus_lr_ratio}")
+            if self.kind not in ("lora", "locon", "dora"):
+                raise ValueError(f"loraplus_lr_ratio scales the up matrix B of a LoRA; kind {self.kind} has "
+                                 "none: set kind lora, locon or dora, or remove loraplus_lr_ratio")
         if self.text_encoder.enabled and self.kind not in ("lora", "locon"):
             raise ValueError(f"text_encoder.enabled trains a plain LoRA on the text encoders; kind "
                              f"{self.kind} trains the U-Net only: set kind: lora or locon, or "
@@ -132,6 +145,23 @@ class AdapterConfig:
 
 
 LYCORIS_ONLY = ("tucker", "factor", "decompose_both", "full_matrix", "dora_axis")
+UP_MATRIX = re.compile(r"\.lora_B\.")         # peft's name of a LoRA's (and DoRA's) B
+
+
+def learning_rates(cfg: LoraRecipe, text: TextEncoderTraining | None) -> Callable[[str], float | None] | None:
+    """The learning rate of each trained tensor by name (None: one rate, optim.lr, for all): the text
+    encoders' LoRA at lora.text_encoder.lr, and with LoRA+ every B at lora.loraplus_lr_ratio times the
+    rate of its module (the U-Net's or an encoder's)."""
+    ratio = cfg.lora.loraplus_lr_ratio
+    if text is None and ratio is None:
+        return None
+
+    def lr_of(name: str) -> float | None:
+        lr = text.lr_of(name) if text else None
+        if ratio is not None and UP_MATRIX.search(name):
+            return (cfg.optim.lr if lr is None else lr) * ratio
+        return lr
+    return lr_of
 
 
 @dataclass(frozen=True)
@@ -155,6 +185,14 @@ class LoraRecipe(JobRecipe):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
+        if self.optim.optimizer == "prodigy":        # prodigyopt takes one rate for every group (or 0)
+            te = self.lora.text_encoder
+            other = [lr for lr in te.lr if lr not in (0, self.optim.lr)] if te.enabled else []
+            if self.lora.loraplus_lr_ratio not in (None, 1) or other:
+                what = "lora.loraplus_lr_ratio" if not other else f"lora.text_encoder.lr {list(te.lr)}"
+                raise ValueError(f"{what} gives some tensors another learning rate, and Prodigy estimates "
+                                 "one step size for all of them (prodigyopt refuses groups with other "
+                                 "rates): use optim.optimizer adamw, or drop the setting")
         if self.validation != ValidationConfig() and not self.data.validation.enabled:
             raise ValueError("validation: settings need held-out pictures: set data.validation.fraction "
                              "or data.validation.folder")
@@ -200,7 +238,7 @@ def main(cfg: LoraRecipe) -> Path:
     unet.train()
     dtype = unet.conv_in.weight.dtype
     trained = text.adapter(adapter) if text else adapter          # the U-Net's LoRA, and the encoders'
-    training = prepare_training(accelerator, cfg, trained, dtype, text.lr_of if text else None)
+    training = prepare_training(accelerator, cfg, trained, dtype, learning_rates(cfg, text))
     ema = adapter_ema(cfg.ema, trained.trainable(), training)
     # a captured U-Net step takes no gradient for its conditioning: no CUDA graph while an encoder trains
     forward = None if text else GraphedStep.for_job(training.model, cfg.train, accelerator)

@@ -101,14 +101,16 @@ def test_resume_equals_uninterrupted_with_two_datasets_and_a_reg_set(pipeline, f
                                                                       monkeypatch):
     """Several datasets with repeats and a regularisation set, and with them every other option of the
     job at once (issue 17's proof): logit-normal timesteps in a range, debiased weighting, Prodigy
-    (Adafactor where prodigyopt is missing) with cosine restarts, the text encoder's LoRA, the EMA and
-    the validation loss."""
+    (Adafactor where prodigyopt is missing) with cosine restarts, the text encoder's LoRA, LoRA+, the EMA
+    and the validation loss."""
     import importlib.util
     prodigy = importlib.util.find_spec("prodigyopt") is not None
     options = {"train.timestep_sampling": "logit_normal", "train.min_timestep": 20, "train.max_timestep": 980,
                "train.debiased_estimation": True, "optim.optimizer": "prodigy" if prodigy else "adafactor",
                "optim.lr": 1.0 if prodigy else 1e-3, "optim.schedule": "cosine_with_restarts",
                "optim.restarts": 2, "ema.decay": 0.7, "lora.text_encoder.enabled": True}
+    if not prodigy:                     # LoRA+'s own rate for B: not with Prodigy (one step size for all)
+        options["lora.loraplus_lr_ratio"] = 4
     entries = [{"root": str(folders["a"]), "repeats": 2, "trigger": "aaa"},
                {"root": str(folders["b"]), "shuffle_tags": True},
                {"root": str(folders["reg"]), "regularization": True, "prior_loss_weight": 0.5}]
