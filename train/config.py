@@ -110,7 +110,7 @@ RANGES: dict[str, Range] = {
     "lr": Range(0), "lr_end": Range(0), "power": _POSITIVE, "restarts": _COUNT,
     "weight_decay": Range(0), "eps": _POSITIVE, "betas": _FRACTION,
     "max_grad_norm": Range(0, note="0 = no clipping"), "min_snr_gamma": _POSITIVE, "noise_offset": Range(0),
-    "alpha": _POSITIVE, "conv_alpha": _POSITIVE, "dropout": _FRACTION, "caption_dropout": Range(0, 1),
+    "alpha": _POSITIVE, "conv_alpha": _POSITIVE, "loraplus_lr_ratio": _POSITIVE, "dropout": _FRACTION, "caption_dropout": Range(0, 1),
     "tag_dropout": Range(0, 1), "keep_tokens": Range(0, note="0 = every tag may move"),
     "ema_decay": _FRACTION, "guidance": Range(0), "conditioning_scale": _POSITIVE,
     "canny_low": Range(0), "canny_high": Range(0), "alpha_background": Range(0, 255),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -108,13 +107,9 @@ class AdapterConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
     def __post_init__(self):
-        if self.loraplus_lr_ratio is not None:
-            if not (math.isfinite(self.loraplus_lr_ratio) and self.loraplus_lr_ratio > 0):
-                raise ValueError(f"loraplus_lr_ratio must be a positive number (LoRA+ uses ~16), got "
-                                 f"{self.loraplus_lr_ratio}")
-            if self.kind not in ("lora", "locon", "dora"):
-                raise ValueError(f"loraplus_lr_ratio scales the up matrix B of a LoRA; kind {self.kind} has "
-                                 "none: set kind lora, locon or dora, or remove loraplus_lr_ratio")
+        if self.loraplus_lr_ratio is not None and self.kind not in ("lora", "locon", "dora"):
+            raise ValueError(f"loraplus_lr_ratio scales the up matrix B of a LoRA; kind {self.kind} has "
+                             "none: set kind lora, locon or dora, or remove loraplus_lr_ratio")
         if self.text_encoder.enabled and self.kind not in ("lora", "locon"):
             raise ValueError(f"text_encoder.enabled trains a plain LoRA on the text encoders; kind "
                              f"{self.kind} trains the U-Net only: set kind: lora or locon, or "

@@ -42,7 +42,7 @@ def test_the_up_matrices_step_at_ratio_times_their_modules_rate(pipeline, images
 def test_loraplus_is_checked_in_the_recipe(pipeline, images, tmp_path):
     with pytest.raises(ConfigError, match=r"loraplus_lr_ratio scales the up matrix B of a LoRA; kind loha"):
         recipe(pipeline, images, tmp_path, **{"lora.kind": "loha", "lora.loraplus_lr_ratio": 16})
-    for bad, said in ((0, "must be a positive number"), (-2, "must be a positive number"),
+    for bad, said in ((0, "must be > 0, got 0"), (-2, "must be > 0, got -2"),
                       ("inf", "not a finite number")):
         with pytest.raises(ConfigError, match=f"loraplus_lr_ratio.*{said}"):
             recipe(pipeline, images, tmp_path, **{"lora.loraplus_lr_ratio": bad})
