@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--sample-steps", type=int, help=f"DDIM steps (default {demo.FULL['sample_steps']})")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=32, help="sampling batch")
-    p.add_argument("--sample-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--sample-dtype", default="auto", choices=demo.SAMPLE_DTYPES,
                    help="the sampling dtype: auto = bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else "
                         "fp32; training, checks and the merge comparison are fp32 (default auto)")
     p.add_argument("--seed", type=int, default=0, help="the training pictures' seed")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -140,7 +139,6 @@ class AdapterConfig:
 
 
 LYCORIS_ONLY = ("tucker", "factor", "decompose_both", "full_matrix", "dora_axis")
-UP_MATRIX = re.compile(r"\.lora_B\.")         # peft's name of a LoRA's (and DoRA's) B
 
 
 def learning_rates(cfg: LoraRecipe, text: TextEncoderTraining | None) -> Callable[[str], float | None] | None:
@@ -153,7 +151,7 @@ def learning_rates(cfg: LoraRecipe, text: TextEncoderTraining | None) -> Callabl
 
     def lr_of(name: str) -> float | None:
         lr = text.lr_of(name) if text else None
-        if ratio is not None and UP_MATRIX.search(name):
+        if ratio is not None and (m := ADAPTER_PARAM.search(name)) and m.group(1) == "lora_B":   # a LoRA's B
             return (cfg.optim.lr if lr is None else lr) * ratio
         return lr
     return lr_of

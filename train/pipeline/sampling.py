@@ -43,6 +43,14 @@ ModelFn = Callable[[Tensor, Tensor, Conditioning], Tensor]
 _MIN_ALPHA_CUMPROD = 2.0**-24
 
 
+def check_steps(schedule: NoiseSchedule, steps: int) -> int:
+    """`steps` against the schedule's training timesteps (1..T, what every sampler can visit); returns T."""
+    T = schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T} (num_train_timesteps), got {steps}")
+    return T
+
+
 def spaced_timesteps(schedule: NoiseSchedule, steps: int) -> Tensor:
     """The `steps` training timesteps a sampler visits, noisiest first (int64); diffusers' `set_timesteps`.
 
@@ -51,9 +59,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int) -> Tensor:
     the spacing a zero-terminal-SNR model needs to begin from pure noise (Lin et al. 2024,
     arXiv:2305.08891, §3.3 and Table 2).
     """
-    T = schedule.num_train_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T} (num_train_timesteps), got {steps}")
+    T = check_steps(schedule, steps)
     if schedule.timestep_spacing == "leading":
         t = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (T // steps) + schedule.steps_offset
         if t[0] >= T:
@@ -201,9 +207,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 def _dpm_steps(schedule: NoiseSchedule, steps: int, karras: bool) -> tuple[list[int], list[float]]:
     # (the timesteps the model is called at, their sigmas plus the final 0), as DPMSolverMultistep's
     # set_timesteps with final_sigmas_type="zero".
-    T = schedule.num_train_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T} (num_train_timesteps), got {steps}")
+    T = check_steps(schedule, steps)
     a = schedule.alphas_cumprod.clamp(min=_MIN_ALPHA_CUMPROD)
     table = ((1 - a) / a).sqrt()                                                     # (T,) float64
     if karras:

@@ -44,6 +44,9 @@ GRID_NAME, REPORT_NAME = "demo_grid.png", "report.json"
 EVAL_SEED = 1                 # the measured scenes: not the training pictures (those are seed --seed)
 GRID_ROWS = 8
 
+SAMPLE_DTYPES = ("auto", "fp32", "bf16")      # --sample-dtype
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, read from /proc/cpuinfo's flags; False
     where those cannot be read). Elsewhere oneDNN emulates bf16, which is no faster than fp32."""
@@ -56,16 +59,16 @@ def native_bf16() -> bool:
 
 def sampling_dtype(choice: str):
     """The dtype the demo samples in. "auto": bf16 on a CPU with native bf16, where the 16 scenes sample
-    ~1.7x faster with the same measured figures (issue 22's session: every quality figure equal to 3
-    decimals but outline continuity, 0.919 -> 0.921), else fp32. Training, the checks and the merge
-    comparison stay fp32 whatever this says."""
-    import torch
+    1.6x faster with the same measured figures (issue 22's session, idle: 38.2 -> 24.2 s; every quality
+    figure equal to 3 decimals but outline continuity, 0.919 -> 0.921), else fp32. Training, the checks
+    and the merge comparison stay fp32 whatever this says."""
+    from adapterkit.train.jobs.recipe import DTYPES
 
-    if choice not in ("auto", "fp32", "bf16"):
+    if choice not in SAMPLE_DTYPES:
         raise ValueError(f"--sample-dtype must be auto, fp32 or bf16, got {choice!r}")
     if choice == "auto":
         choice = "bf16" if native_bf16() else "fp32"
-    return torch.bfloat16 if choice == "bf16" else torch.float32
+    return DTYPES[choice]
 
 
 # (full, --quick): pictures to train on, scenes to measure, DDIM steps, and recipe overrides.
@@ -248,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     from adapterkit.train.images import save_grid
     from adapterkit.train.jobs.lora import LoraRecipe, adapter_files
     from adapterkit.train.jobs.lora import main as train_lora
+    from adapterkit.train.jobs.recipe import dtype_name
     from adapterkit.train.pipeline.base import load_base
     from adapterkit.train.world.quality import (
         ROW_BASE,
@@ -318,10 +322,11 @@ def run(args: argparse.Namespace) -> int:
           f"{steps} DDIM steps, guidance {args.guidance:g}", flush=True)
     load_adapter_file(base.unet, lora_file, name="style")      # fp32: the merge check's unmerged side
     dtype = sampling_dtype(args.sample_dtype)
-    sampler_base = base if dtype == torch.float32 else load_base(base_dir, dtype=dtype)
-    if sampler_base is not base:
+    sampler_base = base
+    if dtype != torch.float32:                                  # a copy of the base in the sampling dtype
+        sampler_base = load_base(base_dir, dtype=dtype)
         load_adapter_file(sampler_base.unet, lora_file, name="style")
-    print(f"   sampling in {str(dtype).removeprefix('torch.')} (--sample-dtype {args.sample_dtype})")
+    print(f"   sampling in {dtype_name(dtype)} (--sample-dtype {args.sample_dtype})")
     controlnet = load_controlnet(canny_dir, base.unet, dtype=dtype)   # fingerprinted on the fp32 weights
     ev = evaluate(sampler_base, scenes, EVAL_SEED, style=args.style, trigger=args.trigger,
                   loras={"style": 1.0}, controlnet=controlnet, steps=steps, guidance=args.guidance,
@@ -371,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"settings": {"style": args.style, "trigger": args.trigger, "images": images, "seed": args.seed,
                            "quick": bool(args.quick), "reused_lora": bool(reused),
                            "threads": torch.get_num_threads(),
-                           "sample_dtype": str(dtype).removeprefix("torch."),
+                           "sample_dtype": dtype_name(dtype),
                            "torch": torch.__version__, "evaluation": ev.settings,
                            "recipe": to_dict(cfg)},
               "checks": checks, "adapter_files": {fmt: {"path": str(p), "bytes": sizes[fmt]}

@@ -57,7 +57,7 @@ def test_quick_demo(tmp_path, capsys):
         assert line in printed
     report = check_outputs(out, printed, images=4, scenes=2)
     assert report["settings"]["recipe"]["train"]["steps"] == 2
-    assert report["settings"]["sample_dtype"] == ("bfloat16" if native_bf16() else "float32")
+    assert report["settings"]["sample_dtype"] == ("bf16" if native_bf16() else "fp32")
 
 
 def test_sample_dtype_choices_and_the_auto_rule(monkeypatch, tmp_path, capsys):
@@ -72,7 +72,7 @@ def test_sample_dtype_choices_and_the_auto_rule(monkeypatch, tmp_path, capsys):
         sampling_dtype("fp16")
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--sample-dtype", "fp32"]) == 0
-    assert json.loads((out / REPORT_NAME).read_text())["settings"]["sample_dtype"] == "float32"
+    assert json.loads((out / REPORT_NAME).read_text())["settings"]["sample_dtype"] == "fp32"
 
 
 def test_rerun_reuses_the_finished_lora_unless_fresh_or_changed(tmp_path, capsys):
